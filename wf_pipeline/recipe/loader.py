@@ -1,0 +1,132 @@
+"""Load a recipe file (ours or SparseML's), apply --set overrides, validate, and explain errors in one line."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from wf_pipeline.errors import RecipeError
+from wf_pipeline.recipe.schema import Recipe
+
+# Hints for pydantic's error types: what the user should do about each.
+_HINTS = {
+    "extra_forbidden": "remove it or check its spelling (`wf-pipeline recipe show` prints every valid field)",
+    "missing": "add this field",
+    "literal_error": "use one of the allowed values",
+    "greater_than": "raise the value",
+    "greater_than_equal": "raise the value",
+    "less_than": "lower the value",
+    "less_than_equal": "lower the value",
+    "int_parsing": "give a whole number",
+    "int_from_float": "give a whole number",
+    "float_parsing": "give a number",
+    "bool_parsing": "use true or false",
+    "string_type": "give a string",
+    "list_type": "give a list, e.g. [a, b]",
+    "dict_type": "give a mapping of keys to values",
+    "model_type": "give a mapping of this section's fields",
+    "string_pattern_mismatch": "use only letters, digits, '.', '_' and '-'",
+    "value_error": "fix the value as the message says",
+}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<recipe>"
+
+
+def explain_validation_error(exc: ValidationError, source: str) -> RecipeError:
+    """Turn pydantic's multi-line report into one line that names the field and the fix (first error)."""
+    err = exc.errors(include_url=False)[0]
+    field = _field_path(err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if err["type"] in ("missing", "model_type") or isinstance(value, dict) else f" (got {value!r})"
+    extra = f"; {len(exc.errors()) - 1} more problem(s) after fixing this" if len(exc.errors()) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    return RecipeError(f"{source}: {field}: {message}{shown}{extra}", _HINTS.get(err["type"], "see the recipe reference in README.md"))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'pruning.final_sparsity=0.95' -> (['pruning', 'final_sparsity'], 0.95); the value is read as YAML."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set pruning.final_sparsity=0.95")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {item!r}: empty key", "e.g. --set pruning.final_sparsity=0.95")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML", "quote strings that contain ':' or '#'") from exc
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {part} is not a section", "override a leaf field such as pruning.final_sparsity")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_recipe_text(path: Path) -> str:
+    if not path.exists():
+        raise RecipeError(f"recipe file not found: {path}", "check the path (try `ls recipes/`)")
+    if path.is_dir():
+        raise RecipeError(f"recipe path is a folder: {path}", "give a .yaml recipe file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}", "give a UTF-8 YAML file") from exc
+
+
+def parse_recipe_text(text: str, source: str) -> tuple[dict[str, Any], list[str]]:
+    """YAML text -> raw dict in our format; SparseML recipes are translated (notes say how)."""
+    from wf_pipeline.recipe import sparseml
+
+    if "Modifier" in text:  # SparseML tags (!GMPruningModifier) are not plain YAML
+        raw = sparseml.load_sparseml_text(text)
+        if sparseml.is_sparseml_recipe(raw):
+            return sparseml.convert_sparseml(raw)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+                          "check indentation and quoting") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: the recipe must be a mapping of sections (model, data, pruning, ...)",
+                          "see recipes/ for examples")
+    if sparseml.is_sparseml_recipe(raw):
+        return sparseml.convert_sparseml(raw)
+    return raw, []
+
+
+def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise explain_validation_error(exc, source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[str]]:
+    """Read, translate if needed, override, validate. Returns the recipe and translation notes."""
+    path = Path(path)
+    raw, notes = parse_recipe_text(read_recipe_text(path), str(path))
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, str(path)), notes
