@@ -1,0 +1,20 @@
+"""Fisher statistics: gradients of the selected weights and the block-diagonal inverse Fisher."""
+from wf_pipeline.fisher.inverse import (
+    BlockFisherInverse,
+    BlockGramAccumulator,
+    BlockLayout,
+    DiagonalAccumulator,
+    accumulation_dtype,
+    WoodburyAccumulator,
+    low_rank_inverse,
+)
+
+__all__ = [
+    "BlockFisherInverse",
+    "BlockGramAccumulator",
+    "BlockLayout",
+    "DiagonalAccumulator",
+    "accumulation_dtype",
+    "WoodburyAccumulator",
+    "low_rank_inverse",
+]
