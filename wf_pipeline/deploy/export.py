@@ -1,0 +1,305 @@
+"""Export a (pruned) PyTorch classifier to one self-contained ONNX file, optionally with sparse storage.
+
+The export is checked, not assumed: the dense-storage model passes `onnx.checker` with
+`full_check=True`, ONNX Runtime reproduces the PyTorch logits, the sparse-storage file gives exactly
+the dense file's outputs in ONNX Runtime, and the zero pattern read back from the written file is
+compared with the PyTorch masks.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from wf_pipeline import atomic_io
+from wf_pipeline.deploy.name_mapping import (
+    map_params_to_initializers,
+    readable_initializer_names,
+    rename_initializers,
+)
+from wf_pipeline.deploy.ort_session import create_session, load_onnx, run_logits
+from wf_pipeline.deploy.sparse_storage import (
+    initializer_arrays,
+    to_sparse_storage,
+    weight_zero_fractions,
+)
+from wf_pipeline.errors import WFError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_AXIS = "batch"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    dense_path: Path | None
+    sparse_storage: bool
+    file_bytes: int
+    dense_file_bytes: int
+    per_initializer_sparsity: dict[str, float]
+    torch_per_layer_sparsity: dict[str, float]
+    sparsity_matches: bool
+    opset: int
+    # Evidence behind the verdicts above.
+    onnx_per_layer_sparsity: dict[str, float] = field(default_factory=dict)  # keyed by torch parameter name
+    initializer_for_param: dict[str, str] = field(default_factory=dict)
+    sparse_initializers: list[str] = field(default_factory=list)
+    index_format: str | None = None
+    torch_max_abs_diff: float = float("nan")
+    sparse_vs_dense_max_abs_diff: float | None = None
+    dynamic_batch: bool = True
+    sparsity_notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["dense_path"] = str(self.dense_path) if self.dense_path else None
+        data["size_ratio"] = self.file_bytes / self.dense_file_bytes if self.dense_file_bytes else None
+        return data
+
+
+def _bake_parametrizations(model: nn.Module) -> None:
+    """Replace parametrized tensors (e.g. mask parametrizations) by plain parameters holding their values.
+
+    `parametrize.remove_parametrizations` cannot be used on a deep copy: the copy shares the injected
+    `Parametrized<Module>` class with the caller's model, and removal deletes the property from that
+    shared class, breaking the caller's model. Swapping the copy's class back avoids touching it.
+    """
+    from torch.nn.utils import parametrize
+
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {}
+        for name, plist in module.parametrizations.items():
+            was_parameter = isinstance(getattr(plist, "original", None), nn.Parameter)
+            values[name] = (getattr(module, name).detach().clone(), was_parameter)
+        module.__class__ = module.__class__.__bases__[0]
+        del module.parametrizations
+        for name, (value, was_parameter) in values.items():
+            if was_parameter:
+                module.register_parameter(name, nn.Parameter(value))
+            else:
+                module.register_buffer(name, value)
+
+
+def _prepare_model(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A CPU eval copy with parametrizations baked in and masks squashed to real zeros."""
+    export_model = copy.deepcopy(model).cpu().eval()
+    _bake_parametrizations(export_model)
+    if masks:
+        params = dict(export_model.named_parameters())
+        for name, mask in masks.items():
+            if name not in params:
+                raise WFError(
+                    f"mask for {name!r} has no matching parameter in the model",
+                    hint=f"mask names must be parameter names such as {next(iter(params), 'conv.weight')!r}",
+                )
+            if tuple(mask.shape) != tuple(params[name].shape):
+                raise WFError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].mul_(mask.to(dtype=params[name].dtype, device="cpu"))
+    return export_model
+
+
+def _prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of conv and linear layers, the tensors pruning acts on."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)
+    return {
+        f"{name}.weight" if name else "weight": module.weight.detach()
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+
+
+def _torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, opset: int, dynamic_batch: bool) -> bytes:
+    buffer = io.BytesIO()
+    dynamic_axes = {INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in torch 2.9+, but it is the one that writes a
+            # single self-contained file with folded BatchNorm; the warning is noise for users.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (sample,),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic_axes,
+                training=torch.onnx.TrainingMode.EVAL,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise WFError(
+            f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: {str(exc).strip()[:300]}",
+            hint="try another export.opset, or check that the model runs on the sample input (WF_DEBUG=1 for the traceback)",
+        ) from exc
+    return buffer.getvalue()
+
+
+def _save_onnx(model: onnx.ModelProto, path: Path) -> int:
+    data = model.SerializeToString()
+    try:
+        atomic_io.write_bytes(path, data)
+    except OSError as exc:
+        raise WFError(f"cannot write ONNX file {path}: {exc.strerror or exc}", hint="choose a writable output folder") from exc
+    return len(data)
+
+
+def _check_out_path(out_path: Path) -> None:
+    if out_path.suffix != ".onnx":
+        raise WFError(f"ONNX output path must end in .onnx: {out_path}")
+    if out_path.is_dir():
+        raise WFError(f"ONNX output path is a folder: {out_path}", hint="give a file name such as model.onnx")
+
+
+def _torch_weights(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[str, np.ndarray]:
+    """The tensors whose sparsity is checked: the masked parameters, else every conv/linear weight."""
+    if masks:
+        params = dict(model.named_parameters())
+        return {name: params[name].detach().numpy() for name in masks}
+    return {name: weight.numpy() for name, weight in _prunable_weights(model).items()}
+
+
+@dataclass
+class SparsityCheck:
+    torch_sparsity: dict[str, float]
+    onnx_sparsity: dict[str, float]
+    initializer_for_param: dict[str, str]
+    matches: bool
+    notes: list[str]
+
+
+def compare_sparsity(
+    model_onnx: onnx.ModelProto, weights: dict[str, np.ndarray], masks: dict[str, torch.Tensor] | None
+) -> SparsityCheck:
+    """Every pruned position must be an exact zero in the ONNX file; extra zeros are noted, not failed."""
+    arrays = initializer_arrays(model_onnx)
+    matches = map_params_to_initializers(model_onnx, weights, arrays)
+    check = SparsityCheck({}, {}, {name: m.initializer for name, m in matches.items()}, True, [])
+    for name, weight in weights.items():
+        pruned = ~masks[name].cpu().numpy().astype(bool) if masks else weight == 0
+        check.torch_sparsity[name] = float(pruned.mean()) if pruned.size else 0.0
+        match = matches.get(name)
+        if match is None:
+            check.matches = False
+            check.notes.append(f"{name}: no ONNX initializer found for this parameter")
+            continue
+        onnx_array = arrays[match.initializer]
+        onnx_zero = (onnx_array.T if match.transposed else onnx_array) == 0
+        check.onnx_sparsity[name] = float(onnx_zero.mean()) if onnx_zero.size else 0.0
+        missed = int(np.sum(pruned & ~onnx_zero))
+        if missed:
+            check.matches = False
+            check.notes.append(f"{name}: {missed} pruned weights are non-zero in initializer {match.initializer}")
+        extra = int(np.sum(onnx_zero & ~pruned))
+        if extra:
+            check.notes.append(
+                f"{name}: {extra} kept weights are exactly zero in {match.initializer} (zero in torch or a zero BN scale)"
+            )
+    return check
+
+
+def _opset_of(model: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def export_onnx(
+    model: nn.Module,
+    sample_input: torch.Tensor,
+    out_path: Path,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    sparse_storage: bool = True,
+    sparse_threshold: float = 0.5,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> ExportResult:
+    """Export `model` to `out_path` and verify the result (see module docstring).
+
+    With sparse_storage the dense-storage twin is written as `<stem>.dense.onnx` beside the main file.
+    `masks` maps parameter names to bool tensors (True = kept); without masks, exact zeros in the
+    conv/linear weights are taken as the pruning pattern.
+    """
+    out_path = Path(out_path)
+    _check_out_path(out_path)
+    if not 0.0 <= sparse_threshold <= 1.0:
+        raise WFError(f"sparse_threshold must be within [0, 1], got {sparse_threshold}")
+    export_model = _prepare_model(model, masks)
+    sample = sample_input.detach().to("cpu", torch.float32)
+    weights = _torch_weights(export_model, masks)
+
+    dense_model = onnx.load_from_string(_torch_to_onnx_bytes(export_model, sample, opset, dynamic_batch))
+    # BN folding gives conv weights generated names; give them back their parameter names.
+    matches = map_params_to_initializers(dense_model, weights, initializer_arrays(dense_model))
+    rename_initializers(dense_model, readable_initializer_names(matches))
+    try:
+        onnx.checker.check_model(dense_model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise WFError(f"exported ONNX model fails onnx.checker: {str(exc)[:300]}", hint="try another export.opset") from exc
+
+    dense_path = out_path.with_name(f"{out_path.stem}.dense.onnx") if sparse_storage else out_path
+    dense_bytes = _save_onnx(dense_model, dense_path)
+
+    with torch.no_grad():
+        torch_logits = export_model(sample).numpy()
+    dense_session = create_session(dense_path, threads=1)
+    dense_logits = run_logits(dense_session, sample.numpy())
+    torch_diff = float(np.max(np.abs(dense_logits - torch_logits))) if dense_logits.size else 0.0
+
+    sparse_names: list[str] = []
+    sparse_diff: float | None = None
+    index_format: str | None = None
+    file_bytes = dense_bytes
+    if sparse_storage:
+        sparse_model, conversion = to_sparse_storage(dense_model, sparse_threshold)
+        onnx.checker.check_model(sparse_model)  # structural check; full_check rejects sparse initializers
+        file_bytes = _save_onnx(sparse_model, out_path)
+        sparse_names, index_format = conversion.sparse_names, conversion.index_format
+        sparse_session = create_session(out_path, threads=1)
+        probe = sample.numpy()
+        if dynamic_batch:  # a second batch size proves the batch axis really is dynamic
+            probe = np.concatenate([probe, probe[:1]])
+        sparse_out = run_logits(sparse_session, probe)
+        dense_out = run_logits(dense_session, probe)
+        sparse_diff = float(np.max(np.abs(sparse_out - dense_out))) if dense_out.size else 0.0
+        if not np.array_equal(sparse_out, dense_out):
+            raise WFError(
+                f"sparse-storage ONNX file {out_path} differs from its dense twin in onnxruntime "
+                f"(max |diff| {sparse_diff:.3g})",
+                hint="set export.sparse_storage: false and report this as a bug",
+            )
+
+    written = load_onnx(out_path)  # read back what is on disk, not what is in memory
+    check = compare_sparsity(written, weights, masks)
+    return ExportResult(
+        path=out_path,
+        dense_path=dense_path if sparse_storage else None,
+        sparse_storage=sparse_storage,
+        file_bytes=file_bytes,
+        dense_file_bytes=dense_bytes,
+        per_initializer_sparsity=weight_zero_fractions(written),
+        torch_per_layer_sparsity=check.torch_sparsity,
+        sparsity_matches=check.matches,
+        opset=_opset_of(written),
+        onnx_per_layer_sparsity=check.onnx_sparsity,
+        initializer_for_param=check.initializer_for_param,
+        sparse_initializers=sparse_names,
+        index_format=index_format,
+        torch_max_abs_diff=torch_diff,
+        sparse_vs_dense_max_abs_diff=sparse_diff,
+        dynamic_batch=dynamic_batch,
+        sparsity_notes=check.notes,
+    )

@@ -1,0 +1,140 @@
+"""Map ONNX weight initializers back to the PyTorch parameters they came from.
+
+The TorchScript exporter keeps a parameter's name (`fc.weight`) when it exports it unchanged, but with
+`do_constant_folding=True` in eval mode it folds BatchNorm into the preceding conv and the folded
+weight gets a generated name (`onnx::Conv_27`). The consuming node still carries the module scope in
+its name (`/layer1/layer1.0/conv1/Conv`), which is how such weights are traced back. Folding scales
+each output row by gamma/sqrt(var+eps), so a zero stays a zero and the zero pattern is a second,
+independent check used as the last resort.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+@dataclass(frozen=True)
+class InitializerMatch:
+    initializer: str
+    transposed: bool  # MatMul stores a Linear weight as W^T
+    how: str  # "name" | "scope" | "zero-pattern"
+
+
+def _module_path_from_scope(node_name: str, module_names: set[str]) -> str | None:
+    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1' (segments are either full paths or attribute names)."""
+    segments = [s for s in node_name.strip("/").split("/")[:-1] if s]
+    path = ""
+    for segment in segments:
+        if segment in module_names and (not path or segment.startswith(path + ".")):
+            path = segment
+        else:
+            path = f"{path}.{segment}" if path else segment
+    return path if path in module_names else None
+
+
+def _resolve_identity(name: str, producers: dict[str, onnx.NodeProto]) -> str:
+    """Follow Identity nodes back to the initializer they forward (the exporter deduplicates constants)."""
+    seen = set()
+    while name in producers and producers[name].op_type == "Identity" and name not in seen:
+        seen.add(name)
+        name = producers[name].input[0]
+    return name
+
+
+def _same_shape(param_shape: tuple[int, ...], array: np.ndarray) -> tuple[bool, bool]:
+    """(matches, transposed)."""
+    if tuple(array.shape) == param_shape:
+        return True, False
+    if array.ndim == 2 and tuple(array.shape[::-1]) == param_shape:
+        return True, True
+    return False, False
+
+
+def map_params_to_initializers(
+    model: onnx.ModelProto,
+    params: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray],
+) -> dict[str, InitializerMatch]:
+    """For each torch weight (name -> array) find the ONNX initializer holding it; unmapped names are absent."""
+    matches: dict[str, InitializerMatch] = {}
+    module_names = {name.rsplit(".", 1)[0] for name in params if "." in name}
+
+    for name, value in params.items():
+        if name in arrays:
+            ok, transposed = _same_shape(value.shape, arrays[name])
+            if ok:
+                matches[name] = InitializerMatch(name, transposed, "name")
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        index = _WEIGHT_OPS.get(node.op_type)
+        if index is None or len(node.input) <= index:
+            continue
+        init = _resolve_identity(node.input[index], producers)
+        if init not in arrays:
+            continue
+        module = _module_path_from_scope(node.name, module_names)
+        param = f"{module}.weight" if module else None
+        if param is None or param not in params or param in matches:
+            continue
+        ok, transposed = _same_shape(params[param].shape, arrays[init])
+        if ok:
+            matches[param] = InitializerMatch(init, transposed, "scope")
+
+    used = {m.initializer for m in matches.values()}
+    for name, value in params.items():
+        if name in matches:
+            continue
+        candidates = []
+        for init, array in arrays.items():
+            if init in used:
+                continue
+            ok, transposed = _same_shape(value.shape, array)
+            if ok and np.array_equal((array.T if transposed else array) == 0, value == 0):
+                candidates.append((init, transposed))
+        if len(candidates) == 1:
+            init, transposed = candidates[0]
+            matches[name] = InitializerMatch(init, transposed, "zero-pattern")
+            used.add(init)
+    return matches
+
+
+def rename_initializers(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Rename initializers in place (and every reference to them). Targets already in use are skipped."""
+    graph = model.graph
+    taken = {init.name for init in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    taken |= {value.name for value in graph.input} | {value.name for value in graph.output}
+    taken |= {out for node in graph.node for out in node.output}
+    safe = {old: new for old, new in renames.items() if old != new and new not in taken}
+    if len(set(safe.values())) != len(safe):
+        raise ValueError("rename targets must be unique")
+    for init in graph.initializer:
+        init.name = safe.get(init.name, init.name)
+    for sparse in graph.sparse_initializer:
+        sparse.values.name = safe.get(sparse.values.name, sparse.values.name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in safe:
+                node.input[i] = safe[name]
+    for value in list(graph.input) + list(graph.value_info):
+        value.name = safe.get(value.name, value.name)
+
+
+def readable_initializer_names(matches: dict[str, InitializerMatch]) -> dict[str, str]:
+    """Renames that give generated names (`onnx::Conv_27`) back their parameter's name (`conv1.weight`).
+
+    Only one-to-one matches are renamed: the exporter shares one initializer between parameters
+    with identical values, and such a shared tensor keeps its name.
+    """
+    owners: dict[str, list[str]] = {}
+    for param, match in matches.items():
+        owners.setdefault(match.initializer, []).append(param)
+    return {
+        init: params[0]
+        for init, params in owners.items()
+        if len(params) == 1 and init != params[0] and init.startswith("onnx::")
+    }

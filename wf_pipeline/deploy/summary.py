@@ -1,0 +1,80 @@
+"""Markdown summary of a validation run (validation.md): verdict first, then the numbers behind it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wf_pipeline.deploy.validate import ValidationResult
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "n/a"
+    return f"{num_bytes / 1e6:.3f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:.1f} kB"
+
+
+def gate_table(gates) -> list[str]:
+    lines = ["| gate | status | value | threshold | detail |", "|---|---|---|---|---|"]
+    for gate in gates:
+        value = "n/a" if gate.value is None else f"{gate.value:.6g}"
+        lines.append(f"| `{gate.name}` | **{gate.status.upper()}** | {value} | {gate.threshold:.6g} | {gate.message} |")
+    return lines
+
+
+def validation_markdown(result: "ValidationResult") -> str:
+    failed = [g.name for g in result.failed_gates]
+    verdict = "PASSED: all gates passed" if result.passed else f"FAILED: {', '.join(failed)}"
+    lines = [
+        "# ONNX validation",
+        "",
+        f"**{verdict}**",
+        "",
+        f"- model: `{result.model_path}` ({_size(result.file_bytes)}, "
+        f"{result.sparse_initializers} sparse initializers)",
+    ]
+    if result.baseline_path:
+        lines.append(f"- dense baseline: `{result.baseline_path}` ({_size(result.baseline_file_bytes)})")
+    lines += [
+        f"- weight sparsity (from the file): {_pct(result.sparsity)} "
+        f"({result.sparsity_zeros}/{result.sparsity_total} zeros)",
+        f"- test accuracy in ONNX Runtime: {_pct(result.accuracy)} on {result.test_samples} samples",
+    ]
+    if result.baseline_accuracy is not None:
+        lines.append(f"- baseline accuracy: {_pct(result.baseline_accuracy)} (drop {_pct(result.accuracy_drop)})")
+    if result.parity is not None:
+        p = result.parity
+        lines.append(
+            f"- parity vs PyTorch on {p.samples} samples ({p.source}): max |logit diff| {p.max_abs_diff:.3g}, "
+            f"mean {p.mean_abs_diff:.3g}, top-1 agreement {_pct(p.top1_agreement)}"
+        )
+    lines += ["", "## Gates", "", *gate_table(result.gates), ""]
+    lines += [
+        "## Latency (ONNX Runtime, ms per batch)",
+        "",
+        f"{result.settings.warmup} warm-up and {result.settings.repeats} timed runs per model, "
+        "pruned and dense runs interleaved.",
+        "",
+        "| batch | threads | pruned p50 | p90 | p99 | dense p50 | p90 | p99 | ratio p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lat in result.latency:
+        dense = lat.dense
+        ratio = "n/a" if lat.ratio_p50 is None else f"{lat.ratio_p50:.3f}"
+        lines.append(
+            f"| {lat.batch_size} | {lat.threads} | {_ms(lat.pruned.p50)} | {_ms(lat.pruned.p90)} | {_ms(lat.pruned.p99)} "
+            f"| {_ms(dense.p50 if dense else None)} | {_ms(dense.p90 if dense else None)} "
+            f"| {_ms(dense.p99 if dense else None)} | {ratio} |"
+        )
+    env = result.environment
+    lines += ["", f"onnxruntime {env.get('onnxruntime')} on {env.get('processor')}, {env.get('cpu_count')} CPUs."]
+    if result.notes:
+        lines += ["", "Notes:", *[f"- {note}" for note in result.notes]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,382 @@
+"""Validate an exported ONNX model in ONNX Runtime: parity, accuracy, latency, size, sparsity, gates.
+
+The result feeds `wf-pipeline validate` (exit 0 when every gate passes, 1 when one fails) and the
+run report. Use `write_validation_outputs` for validation.json, junit.xml and validation.md.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from wf_pipeline.deploy.gates import (
+    GateInputs,
+    GateResult,
+    check_gates_evaluable,
+    evaluate_gates,
+    failed,
+)
+from wf_pipeline.deploy.latency import LatencyStats, measure_interleaved
+from wf_pipeline.deploy.ort_session import (
+    create_session,
+    input_sample_shape,
+    load_onnx,
+    run_logits,
+    static_batch_size,
+)
+from wf_pipeline.deploy.sparse_storage import overall_weight_sparsity, weight_zero_fractions
+from wf_pipeline.errors import WFError
+from wf_pipeline.recipe.schema import GatesConfig, ValidateConfig
+
+# progress(stage, done, total); total 0 when unknown (a data loader of unknown length).
+ProgressFn = Callable[[str, int, int], None]
+TestData = Iterable[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ValidationSettings:
+    parity_samples: int = 256
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    threads: int = 1
+    warmup: int = 10
+    repeats: int = 50
+    accuracy_batch_size: int = 256  # only for whole-tensor test data; loaders keep their own batching
+
+    @classmethod
+    def from_config(cls, config: ValidateConfig) -> "ValidationSettings":
+        return cls(
+            parity_samples=config.parity_samples,
+            batch_sizes=list(config.batch_sizes),
+            threads=config.threads,
+            warmup=config.warmup,
+            repeats=config.repeats,
+        )
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise WFError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
+        if self.repeats < 1 or self.warmup < 0 or self.parity_samples < 1 or self.threads < 1:
+            raise WFError("validation needs repeats >= 1, warmup >= 0, parity_samples >= 1, threads >= 1")
+
+
+@dataclass
+class ParityResult:
+    samples: int
+    source: str  # "test data" | "random normal inputs"
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+
+
+@dataclass
+class LatencyResult:
+    batch_size: int
+    threads: int
+    pruned: LatencyStats
+    dense: LatencyStats | None
+    ratio_p50: float | None  # pruned / dense
+
+
+@dataclass
+class ValidationResult:
+    model_path: str
+    baseline_path: str | None
+    file_bytes: int
+    baseline_file_bytes: int | None
+    sparsity: float
+    sparsity_zeros: int
+    sparsity_total: int
+    baseline_sparsity: float | None
+    per_initializer_sparsity: dict[str, float]
+    sparse_initializers: int
+    accuracy: float | None
+    baseline_accuracy: float | None
+    test_samples: int
+    parity: ParityResult | None
+    latency: list[LatencyResult]
+    gates: list[GateResult]
+    settings: ValidationSettings
+    environment: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return failed(self.gates)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_gates
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every gate passed (skipped gates do not fail a build), 1 otherwise."""
+        return 0 if self.passed else 1
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.accuracy is None or self.baseline_accuracy is None:
+            return None
+        return self.baseline_accuracy - self.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gates"] = [g.to_dict() for g in self.gates]
+        data["passed"] = self.passed
+        data["failed_gates"] = [g.name for g in self.failed_gates]
+        data["accuracy_drop"] = self.accuracy_drop
+        return data
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    return {
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "intra_op_threads": threads,
+        "provider": "CPUExecutionProvider",
+    }
+
+
+def _iter_batches(test_data: TestData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Both (X, Y) whole tensors and an iterable of (x, y) batches, e.g. a DataLoader."""
+    if (
+        isinstance(test_data, tuple)
+        and len(test_data) == 2
+        and all(isinstance(t, torch.Tensor) for t in test_data)
+    ):
+        images, labels = test_data
+        if images.shape[0] != labels.shape[0]:
+            raise WFError(f"test data has {images.shape[0]} inputs but {labels.shape[0]} labels")
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start : start + batch_size], labels[start : start + batch_size]
+        return
+    for item in test_data:
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise WFError("test data must yield (inputs, labels) pairs")
+        yield item[0], item[1]
+
+
+def _to_numpy(batch: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+
+
+class _ParityAccumulator:
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        self.model, self.limit = model, limit
+        self.count = 0
+        self.max_diff = 0.0
+        self.sum_diff = 0.0
+        self.elements = 0
+        self.agree = 0
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    def add(self, inputs: np.ndarray, onnx_logits: np.ndarray) -> None:
+        take = min(self.limit - self.count, inputs.shape[0])
+        if take <= 0:
+            return
+        with torch.no_grad():
+            torch_logits = self.model(torch.from_numpy(inputs[:take])).float().numpy()
+        diff = np.abs(torch_logits - onnx_logits[:take])
+        self.max_diff = max(self.max_diff, float(np.max(diff))) if diff.size else self.max_diff
+        if np.isnan(diff).any():
+            self.max_diff = float("nan")
+        self.sum_diff += float(np.sum(diff))
+        self.elements += diff.size
+        self.agree += int(np.sum(torch_logits.argmax(1) == onnx_logits[:take].argmax(1)))
+        self.count += take
+
+    def result(self, source: str) -> ParityResult:
+        return ParityResult(
+            samples=self.count,
+            source=source,
+            max_abs_diff=self.max_diff,
+            mean_abs_diff=self.sum_diff / self.elements if self.elements else 0.0,
+            top1_agreement=self.agree / self.count if self.count else 0.0,
+        )
+
+
+def _latency_input(session, test_data_shape: tuple[int, ...] | None, batch_size: int) -> np.ndarray:
+    shape = input_sample_shape(session) or test_data_shape
+    if shape is None:
+        raise WFError(
+            "the ONNX input has dynamic non-batch dimensions and no test data fixes them",
+            hint="export with a fixed image size or give test data",
+        )
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch_size, *shape)).astype(np.float32)
+
+
+def validate_model(
+    onnx_path: Path,
+    *,
+    torch_model: nn.Module | None,
+    test_data: TestData | None,
+    baseline_path: Path | None,
+    settings: ValidationSettings,
+    gates: GatesConfig,
+    progress: ProgressFn | None = None,
+) -> ValidationResult:
+    """Measure `onnx_path` (against `baseline_path` when given) and evaluate the gates.
+
+    Raises WFError for bad input: missing/corrupt ONNX files, or an explicitly set gate whose input
+    (baseline, PyTorch model, test data) is not provided. Gate failures are in the result, not raised.
+    """
+    available = {"onnx"}
+    if torch_model is not None:
+        available.add("torch_model")
+    if test_data is not None:
+        available.add("test_data")
+    if baseline_path is not None:
+        available.add("baseline")
+    check_gates_evaluable(gates, available)
+
+    onnx_path = Path(onnx_path)
+    model_proto = load_onnx(onnx_path)
+    zero_fraction, zeros, total = overall_weight_sparsity(model_proto)
+    per_init = weight_zero_fractions(model_proto)
+    sparse_count = len(model_proto.graph.sparse_initializer)
+    del model_proto
+    baseline_sparsity = None
+    if baseline_path is not None:
+        baseline_sparsity = overall_weight_sparsity(load_onnx(Path(baseline_path)))[0]
+
+    session = create_session(onnx_path, threads=0)
+    baseline_session = create_session(Path(baseline_path), threads=0) if baseline_path is not None else None
+    notes: list[str] = []
+    fixed = static_batch_size(session)
+    if fixed is not None and any(b != fixed for b in settings.batch_sizes):
+        raise WFError(
+            f"{onnx_path} has a fixed batch size of {fixed}; cannot time batch sizes {settings.batch_sizes}",
+            hint=f"export with dynamic_batch: true or set validate.batch_sizes: [{fixed}]",
+        )
+
+    parity = None
+    if torch_model is not None:  # a CPU eval copy: the caller's model keeps its device and mode
+        parity = _ParityAccumulator(copy.deepcopy(torch_model).cpu().eval(), settings.parity_samples)
+    correct = baseline_correct = seen = 0
+    sample_shape: tuple[int, ...] | None = None
+    if test_data is not None:
+        for batch_index, (inputs, labels) in enumerate(_iter_batches(test_data, settings.accuracy_batch_size)):
+            array = _to_numpy(inputs)
+            sample_shape = tuple(array.shape[1:])
+            label_array = labels.detach().cpu().numpy().reshape(-1)
+            logits = run_logits(session, array)
+            correct += int(np.sum(logits.argmax(1) == label_array))
+            if baseline_session is not None:
+                baseline_correct += int(np.sum(run_logits(baseline_session, array).argmax(1) == label_array))
+            if parity is not None and not parity.full:
+                parity.add(array, logits)
+            seen += array.shape[0]
+            if progress is not None:
+                progress("accuracy", batch_index + 1, 0)
+        if seen == 0:
+            raise WFError("test data is empty", hint="check the data section of the recipe (test_subset?)")
+    parity_result = None
+    if parity is not None:
+        source = "test data"
+        if parity.count == 0:  # no test data: random inputs still prove the graph computes the same function
+            source = "random normal inputs"
+            random_inputs = _latency_input(session, sample_shape, settings.parity_samples)
+            parity.add(random_inputs, run_logits(session, random_inputs))
+        parity_result = parity.result(source)
+
+    latency: list[LatencyResult] = []
+    timed = {"pruned": create_session(onnx_path, threads=settings.threads)}
+    if baseline_path is not None:
+        timed["dense"] = create_session(Path(baseline_path), threads=settings.threads)
+    for batch_size in settings.batch_sizes:
+        stats = measure_interleaved(
+            timed,
+            _latency_input(session, sample_shape, batch_size),
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            progress=progress,
+            label=f"latency batch {batch_size}",
+        )
+        dense = stats.get("dense")
+        latency.append(
+            LatencyResult(
+                batch_size=batch_size,
+                threads=settings.threads,
+                pruned=stats["pruned"],
+                dense=dense,
+                ratio_p50=stats["pruned"].p50 / dense.p50 if dense is not None and dense.p50 > 0 else None,
+            )
+        )
+    if baseline_path is None:
+        notes.append("no dense baseline given: latency ratio and accuracy drop not measured")
+
+    accuracy = correct / seen if seen else None
+    baseline_accuracy = baseline_correct / seen if seen and baseline_session is not None else None
+    first = latency[0]
+    gate_inputs = GateInputs(
+        accuracy=accuracy,
+        baseline_accuracy=baseline_accuracy,
+        latency_p50_ms=first.pruned.p50,
+        latency_ratio=first.ratio_p50,
+        latency_batch_size=first.batch_size,
+        sparsity=zero_fraction,
+        sparsity_zeros=zeros,
+        sparsity_total=total,
+        parity_error=parity_result.max_abs_diff if parity_result else None,
+        top1_agreement=parity_result.top1_agreement if parity_result else None,
+    )
+    return ValidationResult(
+        model_path=str(onnx_path),
+        baseline_path=str(baseline_path) if baseline_path is not None else None,
+        file_bytes=onnx_path.stat().st_size,
+        baseline_file_bytes=Path(baseline_path).stat().st_size if baseline_path is not None else None,
+        sparsity=zero_fraction,
+        sparsity_zeros=zeros,
+        sparsity_total=total,
+        baseline_sparsity=baseline_sparsity,
+        per_initializer_sparsity=per_init,
+        sparse_initializers=sparse_count,
+        accuracy=accuracy,
+        baseline_accuracy=baseline_accuracy,
+        test_samples=seen,
+        parity=parity_result,
+        latency=latency,
+        gates=evaluate_gates(gates, gate_inputs),
+        settings=settings,
+        environment=_environment(settings.threads),
+        notes=notes,
+    )
+
+
+def write_validation_outputs(result: ValidationResult, out_dir: Path) -> dict[str, Path]:
+    """validation.json (raw per-run latencies included), junit.xml (one testcase per gate), validation.md."""
+    from wf_pipeline import atomic_io
+    from wf_pipeline.deploy.junit import gates_to_junit
+    from wf_pipeline.deploy.summary import validation_markdown
+
+    out_dir = Path(out_dir)
+    paths = {
+        "json": out_dir / "validation.json",
+        "junit": out_dir / "junit.xml",
+        "markdown": out_dir / "validation.md",
+    }
+    try:
+        atomic_io.write_json(paths["json"], result.to_dict())
+        atomic_io.write_text(paths["junit"], gates_to_junit(result))
+        atomic_io.write_text(paths["markdown"], validation_markdown(result))
+    except OSError as exc:
+        raise WFError(f"cannot write validation outputs to {out_dir}: {exc.strerror or exc}") from exc
+    return paths
