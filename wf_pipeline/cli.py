@@ -1,0 +1,270 @@
+"""The `wf-pipeline` command line. Thin: parses arguments, renders progress, maps known errors to exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from wf_pipeline.errors import WFError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="WoodFisher pruning -> sparse ONNX -> ONNX Runtime verification.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Check, show and convert recipes.")
+app.add_typer(recipe_app, name="recipe")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field: KEY=VALUE (repeatable)")]
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (ours or SparseML's)")]
+
+
+def _load(path: Path, overrides: list[str] | None):
+    from wf_pipeline.recipe.loader import load_recipe
+
+    recipe, notes = load_recipe(path, overrides or [])
+    for note in notes:
+        err_console.print(f"[dim]note: {note}[/dim]")
+    return recipe
+
+
+@app.command()
+def compress(
+    recipe_path: RecipeArg,
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+) -> None:
+    """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
+    from wf_pipeline.cli_progress import RichReporter
+    from wf_pipeline.pipeline import run_compress
+    from wf_pipeline.recipe.checks import check_recipe
+
+    recipe = _load(recipe_path, overrides)
+    check_recipe(recipe)
+    with RichReporter(console) as reporter:
+        outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
+    m = outcome.metrics
+    if outcome.report is None:  # a non-main rank under torchrun
+        return
+    console.print(f"[bold]dense accuracy[/bold] {m['dense_accuracy']:.4f}  [bold]pruned accuracy[/bold] "
+                  f"{m.get('final_accuracy', float('nan')):.4f}  [bold]sparsity[/bold] {m.get('sparsity', 0):.3f}")
+    console.print(f"run directory: {outcome.run_dir}\nreport: {outcome.report}")
+    if outcome.gates_passed is False:
+        err_console.print(f"[red]deployment gates failed: {', '.join(outcome.failed_gates)}[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    recipe_path: RecipeArg,
+    overrides: SetOption = None,
+    save_to: Annotated[Optional[Path], typer.Option(help="also write the final state_dict here (+ a .json with its accuracy)")] = None,
+    resume: Annotated[bool, typer.Option("--resume")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Train the recipe's model densely (train section), e.g. to make a pretrained checkpoint."""
+    from wf_pipeline.cli_progress import RichReporter
+    from wf_pipeline.rundir import open_run_dir
+    from wf_pipeline.train_dense import run_dense_training
+
+    recipe = _load(recipe_path, overrides)
+    run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
+    with RichReporter(console) as reporter:
+        metrics = run_dense_training(recipe, run, save_to=save_to, reporter=reporter)
+    console.print(f"test accuracy {metrics['final_accuracy']:.4f}; run directory {run.path}")
+
+
+def _split_floats(values: list[str]) -> list[float]:
+    out = []
+    for value in values:
+        for part in value.replace(",", " ").split():
+            try:
+                number = float(part)
+            except ValueError:
+                raise WFError(f"--sparsity: {part!r} is not a number", "e.g. --sparsity 0.5 0.7 0.9") from None
+            if not 0.0 <= number < 1.0:
+                raise WFError(f"--sparsity: {number} is outside [0, 1)", "give fractions such as 0.9")
+            out.append(number)
+    return out
+
+
+@app.command()
+def oneshot(
+    recipe_path: RecipeArg,
+    sparsity: Annotated[list[str], typer.Option(help="target sparsities, e.g. --sparsity 0.5 0.7 0.9")] = ["0.5", "0.7", "0.9"],
+    method: Annotated[list[str], typer.Option(help="methods, e.g. --method woodfisher magnitude")] = ["woodfisher", "magnitude"],
+    recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn", help="re-estimate BatchNorm statistics after pruning")] = False,
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown and a plot."""
+    from wf_pipeline.data import build_data
+    from wf_pipeline.device import resolve_device, seed_everything
+    from wf_pipeline.models import build_model
+    from wf_pipeline.oneshot import METHODS, run_oneshot_sweep, sweep_markdown, write_sweep
+    from wf_pipeline.rundir import open_run_dir
+
+    methods = [m for value in method for m in value.replace(",", " ").split()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise WFError(f"--method: unknown method {unknown[0]!r}", f"choose from {', '.join(METHODS)}")
+    sparsities = _split_floats(sparsity)
+    recipe = _load(recipe_path, overrides)
+    if recipe.output.run_name is None:
+        recipe.output.run_name = f"{recipe.name}-oneshot"
+    run = open_run_dir(recipe, overwrite=overwrite, kind="oneshot")
+    seed_everything(recipe.seed, recipe.deterministic)
+    device = resolve_device(recipe.device)
+    data = build_data(recipe.data, recipe.seed)
+    model = build_model(recipe.model)
+    sweep = run_oneshot_sweep(model, data, recipe.pruning, sparsities, methods, device, recalibrate_bn=recalibrate_bn,
+                              progress=console.print, seed=recipe.seed)
+    paths = write_sweep(sweep, run.file("oneshot"))
+    console.print(sweep_markdown(sweep))
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+@app.command()
+def validate(
+    model_path: Annotated[Path, typer.Argument(help="the ONNX model to verify")],
+    recipe_path: Annotated[Path, typer.Option("--recipe", help="recipe: test data, validation settings and gates")],
+    baseline: Annotated[Optional[Path], typer.Option(help="dense ONNX model to compare against")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="PyTorch state_dict of the same model, for parity checks")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="where to write validation.json, junit.xml, validation.md")] = None,
+    min_accuracy: Annotated[Optional[float], typer.Option()] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option()] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option()] = None,
+    max_latency_ratio: Annotated[Optional[float], typer.Option()] = None,
+    min_sparsity: Annotated[Optional[float], typer.Option()] = None,
+    max_parity_error: Annotated[Optional[float], typer.Option()] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity. Exit 0 pass, 1 gate failed, 2 bad input."""
+    from wf_pipeline.data import build_data
+    from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
+    from wf_pipeline.recipe.loader import apply_overrides, validate_recipe
+
+    recipe = _load(recipe_path, overrides)
+    flags = {"min_accuracy": min_accuracy, "max_accuracy_drop": max_accuracy_drop, "max_latency_ms": max_latency_ms,
+             "max_latency_ratio": max_latency_ratio, "min_sparsity": min_sparsity, "max_parity_error": max_parity_error}
+    gates_raw = {**recipe.validate_.gates.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+    gates = validate_recipe(apply_overrides(recipe.to_dict(), []) | {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw}},
+                            "command-line gates").validate_.gates
+    for path, what in ((model_path, "model"), (baseline, "--baseline"), (checkpoint, "--checkpoint")):
+        if path is not None and not path.is_file():
+            raise WFError(f"{what}: file not found: {path}", "give an existing file")
+    torch_model = None
+    if checkpoint is not None:
+        from wf_pipeline.models import build_model
+
+        torch_model = build_model(recipe.model.model_copy(update={"weights": str(checkpoint)})).eval()
+    data = build_data(recipe.data, recipe.seed)
+    cfg = recipe.validate_
+    settings = ValidationSettings(parity_samples=cfg.parity_samples, batch_sizes=list(cfg.batch_sizes),
+                                  threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats)
+    result = validate_model(model_path, torch_model=torch_model, test_data=data.test_tensors(), baseline_path=baseline,
+                            settings=settings, gates=gates)
+    out_dir = out or model_path.parent / "validation"
+    write_validation_outputs(result, out_dir)
+    for gate in result.gates:
+        status = "[green]PASS[/green]" if gate.passed else ("[yellow]SKIP[/yellow]" if getattr(gate, "skipped", False) else "[red]FAIL[/red]")
+        console.print(f"{status} {gate.message}")
+    console.print(f"wrote {out_dir}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under artifacts/")]) -> None:
+    """Write the HTML report of a run (also done at the end of compress)."""
+    from wf_pipeline.report import write_report
+
+    if not run_dir.is_dir():
+        raise WFError(f"run directory not found: {run_dir}", "give a folder under artifacts/")
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+@recipe_app.command("check")
+def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None) -> None:
+    """Validate a recipe: schema, files, model, layer selection, data."""
+    from wf_pipeline.recipe.checks import check_recipe
+
+    recipe = _load(recipe_path, overrides)
+    for note in check_recipe(recipe):
+        console.print(note)
+    console.print(f"[green]ok[/green]: {recipe_path}")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe_path: RecipeArg, overrides: SetOption = None) -> None:
+    """Print the fully resolved recipe (defaults filled in, overrides applied)."""
+    import yaml
+
+    recipe = _load(recipe_path, overrides)
+    console.print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="", markup=False, highlight=False)
+
+
+@recipe_app.command("convert")
+def recipe_convert(
+    recipe_path: RecipeArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the translated recipe here")] = None,
+    overrides: SetOption = None,
+) -> None:
+    """Translate a SparseML recipe into a wf-pipeline recipe."""
+    import yaml
+
+    from wf_pipeline.atomic_io import write_text
+
+    recipe = _load(recipe_path, overrides)
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    if output:
+        write_text(output, text)
+        console.print(f"wrote {output}")
+    else:
+        console.print(text, end="", markup=False, highlight=False)
+
+
+_MULTI_VALUE_OPTIONS = {"--sparsity", "--method"}
+
+
+def _expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Let `--sparsity 0.5 0.7 0.9` mean three values, as users expect (click takes one per flag)."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg in _MULTI_VALUE_OPTIONS:
+            current = arg
+            continue
+        if current and not arg.startswith("-"):
+            out.extend([current, arg])
+            continue
+        if current and arg.startswith("-") and out[-2:-1] != [current]:
+            out.append(current)  # flag with no values: let click report it
+        current = None
+        out.append(arg)
+    if current and (not out or out[-2:-1] != [current]):
+        out.append(current)
+    return out
+
+
+def main() -> None:
+    argv = _expand_multi_value_options(sys.argv[1:])
+    try:
+        app(args=argv, prog_name="wf-pipeline")
+    except WFError as exc:
+        if os.environ.get("WF_DEBUG"):
+            traceback.print_exc()
+        hint = f" (hint: {exc.hint})" if exc.hint else ""
+        err_console.print(f"error: {exc.message}{hint}", markup=False, highlight=False, soft_wrap=True)
+        if not os.environ.get("WF_DEBUG"):
+            err_console.print("[dim]set WF_DEBUG=1 to see the traceback[/dim]")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
