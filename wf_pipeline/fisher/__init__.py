@@ -1,4 +1,5 @@
 """Fisher statistics: gradients of the selected weights and the block-diagonal inverse Fisher."""
+from wf_pipeline.fisher.gradients import GradientComputer, SampleStream, iter_gradient_chunks
 from wf_pipeline.fisher.inverse import (
     BlockFisherInverse,
     BlockGramAccumulator,
@@ -10,6 +11,9 @@ from wf_pipeline.fisher.inverse import (
 )
 
 __all__ = [
+    "GradientComputer",
+    "SampleStream",
+    "iter_gradient_chunks",
     "BlockFisherInverse",
     "BlockGramAccumulator",
     "BlockLayout",

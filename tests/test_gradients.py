@@ -1,0 +1,129 @@
+"""Per-sample / mini-batch gradients: vmap vs plain autograd, finite differences, masks, streaming."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from wf_pipeline.errors import WFError
+from wf_pipeline.fisher.gradients import SampleStream, iter_gradient_chunks, sample_model_labels
+from wf_pipeline.pruning.selection import select_prunable
+
+
+def tiny_cnn(dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 4),
+    ).to(dtype)
+    with torch.no_grad():
+        model.train()(torch.randn(16, 1, 4, 4, dtype=dtype))  # non-trivial BN running stats
+    return model.eval()
+
+
+def pool(n: int, batch: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, 1, 4, 4, generator=g).to(dtype)
+    ys = torch.randint(0, 4, (n,), generator=g)
+    return xs, ys, (lambda: [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, n, batch)])
+
+
+def autograd_reference(model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain model(x).backward() for one group of samples, flattened over `params`."""
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in params.values()])
+
+
+def collect(*args, **kwargs) -> torch.Tensor:
+    return torch.cat(list(iter_gradient_chunks(*args, **kwargs)))
+
+
+@pytest.mark.parametrize("engine", ["vmap", "loop"])
+def test_per_sample_gradients_equal_plain_autograd(engine: str) -> None:
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    xs, ys, batches = pool(10, batch=3)
+    grads = collect(model, params, batches, num_grads=10, chunk_size=4, engine=engine)
+    assert grads.shape == (10, sum(p.numel() for p in params.values()))
+    for i in range(10):
+        ref = autograd_reference(model, params, xs[i : i + 1], ys[i : i + 1])
+        assert torch.allclose(grads[i], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_minibatch_gradients_are_mean_of_per_sample() -> None:
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    _, _, batches = pool(12, batch=5)
+    per_sample = collect(model, params, batches, num_grads=12, chunk_size=5)
+    grouped = collect(model, params, batches, num_grads=4, grad_batch_size=3, chunk_size=3)
+    assert torch.allclose(grouped, per_sample.reshape(4, 3, -1).mean(1), atol=1e-6)
+
+
+def test_gradient_matches_finite_differences_fp64() -> None:
+    model = tiny_cnn(torch.float64)
+    params = select_prunable(model, [".*"], [])
+    xs, ys, batches = pool(2, batch=2, dtype=torch.float64)
+    grads = collect(model, params, batches, num_grads=1, grad_batch_size=2, dtype=torch.float64)[0]
+    flat_params = list(params.values())
+    eps = 1e-6
+    g = torch.Generator().manual_seed(1)
+    offsets = [0]
+    for p in flat_params:
+        offsets.append(offsets[-1] + p.numel())
+    for _ in range(12):
+        layer = int(torch.randint(0, len(flat_params), (1,), generator=g))
+        j = int(torch.randint(0, flat_params[layer].numel(), (1,), generator=g))
+        p = flat_params[layer].data.view(-1)
+        orig = float(p[j])
+        losses = []
+        for step in (eps, -eps):
+            p[j] = orig + step
+            with torch.no_grad():
+                losses.append(float(nn.functional.cross_entropy(model(xs), ys)))
+        p[j] = orig
+        fd = (losses[0] - losses[1]) / (2 * eps)
+        assert grads[offsets[layer] + j].item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_masks_zero_gradients_and_stream_cycles() -> None:
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) < 0.5 for n, p in params.items()}
+    flat_mask = torch.cat([masks[n].reshape(-1) for n in params])
+    xs, ys, batches = pool(5, batch=2)
+    chunks = list(iter_gradient_chunks(model, params, batches, num_grads=13, chunk_size=4, masks=masks))
+    assert [c.shape[0] for c in chunks] == [4, 4, 4, 1]
+    grads = torch.cat(chunks)
+    assert torch.all(grads[:, ~flat_mask] == 0) and torch.any(grads[:, flat_mask] != 0)
+    assert torch.allclose(grads[5], grads[0]) and torch.allclose(grads[12], grads[2])  # cycled through the pool
+
+
+def test_sample_stream_regroups_and_empty_pool_errors() -> None:
+    xs = torch.arange(7.0)
+    stream = SampleStream(lambda: [(xs[:3], xs[:3]), (xs[3:], xs[3:])], torch.device("cpu"))
+    assert stream.take(2)[0].tolist() == [0, 1]
+    assert stream.take(4)[0].tolist() == [2, 3, 4, 5]
+    assert stream.take(3)[0].tolist() == [6, 0, 1]
+    with pytest.raises(WFError):
+        SampleStream(lambda: [], torch.device("cpu")).take(1)
+
+
+def test_true_fisher_samples_labels_from_the_model() -> None:
+    logits = torch.tensor([[50.0, 0, 0], [0, 0, 50.0], [0.0, 0.0, 0.0]]).repeat(200, 1)
+    labels = sample_model_labels(logits, torch.Generator().manual_seed(0))
+    assert torch.all(labels[0::3] == 0) and torch.all(labels[1::3] == 2)
+    assert set(labels[2::3].tolist()) == {0, 1, 2}
+    again = sample_model_labels(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(labels, again)
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    _, _, batches = pool(6, batch=6)
+    a = collect(model, params, batches, num_grads=6, fisher_type="true", generator=torch.Generator().manual_seed(3))
+    b = collect(model, params, batches, num_grads=6, fisher_type="true", generator=torch.Generator().manual_seed(3))
+    emp = collect(model, params, batches, num_grads=6)
+    assert torch.equal(a, b) and not torch.allclose(a, emp)
