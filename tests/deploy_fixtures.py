@@ -34,10 +34,22 @@ def make_sparse_model(sparsity: float = 0.9, seed: int = 0, in_channels: int = 1
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
+                module.momentum = None  # cumulative average: one pass sets the running statistics
+        # Calibrated BN statistics (not the 0/1 defaults, so folding really changes the weights) and a
+        # head fitted by ridge regression on digits features: predictions vary with the input, so
+        # accuracy and agreement checks are not vacuous (an untrained net predicts one class).
+        model.train()
+        model(torch.cat([digits_images(128, channels=in_channels)[0], random_images(128, channels=in_channels)]))
+        model.eval()
+        images, labels = digits_images(600, channels=in_channels)
+        features = torch.flatten(model.pool(model.block(torch.relu(model.bn1(model.conv1(images))))), 1)
+        features = torch.cat([features, torch.ones(features.shape[0], 1)], 1).double()
+        targets = nn.functional.one_hot(labels, 10).double()
+        solution = torch.linalg.solve(features.T @ features + 1e-3 * torch.eye(features.shape[1]), features.T @ targets)
+        model.fc.weight.copy_(solution[:-1].T.float())
+        model.fc.bias.copy_(solution[-1].float())
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 k = int(round(sparsity * param.numel()))
@@ -50,12 +62,12 @@ def make_sparse_model(sparsity: float = 0.9, seed: int = 0, in_channels: int = 1
     return model.eval(), masks
 
 
-def digits_images(n: int = 64, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real images: scikit-learn's 8x8 digits (shipped in the wheel), scaled to [0, 1], shape n x 1 x 8 x 8."""
+def digits_images(n: int = 64, size: int = 8, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images: scikit-learn's 8x8 digits (shipped in the wheel), scaled to [0, 1], shape n x C x 8 x 8."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = torch.tensor(digits.images[:n] / 16.0, dtype=torch.float32).unsqueeze(1)
+    images = torch.tensor(digits.images[:n] / 16.0, dtype=torch.float32).unsqueeze(1).repeat(1, channels, 1, 1)
     labels = torch.tensor(digits.target[:n], dtype=torch.long)
     if size != 8:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
@@ -65,19 +77,3 @@ def digits_images(n: int = 64, size: int = 8) -> tuple[torch.Tensor, torch.Tenso
 def random_images(n: int, size: int = 8, channels: int = 1, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, channels, size, size, generator=generator)
-
-
-def trained_digits_model(steps: int = 60, seed: int = 0):
-    """A TinyNet briefly fitted on digits so accuracy gates have something real to measure."""
-    images, labels = digits_images(512)
-    torch.manual_seed(seed)
-    model = TinyNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    model.train()
-    for step in range(steps):
-        idx = torch.arange(step * 64, step * 64 + 64) % images.shape[0]
-        loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
