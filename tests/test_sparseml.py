@@ -259,7 +259,7 @@ def test_obs_recipe_maps_to_woodfisher() -> None:
     assert raw["finetune"]["lr_schedule"]["kind"] == "linear"
     assert raw["finetune"]["lr_schedule"]["warmup_epochs"] == 1.0
     assert raw["finetune"]["lr_schedule"]["final_lr"] == pytest.approx(0.0001)
-    assert any("warmup" in note for note in notes)
+    assert not any("warmup" in note for note in notes)  # SparseML's warmup starts at 0 like ours: exact
     recipe = Recipe.model_validate(raw)
     assert recipe.pruning.woodfisher.block_size == 64
 
@@ -560,3 +560,37 @@ def test_sparseml_module_never_calls_python_eval_or_exec() -> None:
         node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
     assert not called & {"eval", "exec", "compile"}
+
+
+@pytest.mark.parametrize("name", ["gmp_cosine.yaml", "obs_split.yaml", "global_magnitude_steps.yaml", "recipe_card.md"])
+def test_recipe_loader_accepts_sparseml_files(name: str) -> None:
+    from wf_pipeline.recipe.loader import load_recipe
+
+    recipe, notes = load_recipe(FIXTURES / name, ["finetune.steps_per_epoch=2"])
+    assert recipe.pruning.method in ("magnitude", "woodfisher")
+    assert recipe.finetune.steps_per_epoch == 2  # --set overrides still apply after translation
+    assert all(isinstance(note, str) for note in notes)
+
+
+def test_warmup_that_does_not_start_at_zero_is_noted() -> None:
+    text = """
+        modifiers:
+          - !LearningRateFunctionModifier
+            start_epoch: 0
+            end_epoch: 2
+            lr_func: linear
+            init_lr: 0.001
+            final_lr: 0.1
+          - !LearningRateFunctionModifier
+            start_epoch: 2
+            end_epoch: 6
+            lr_func: cosine
+            init_lr: 0.1
+            final_lr: 0.0
+    """
+    raw, notes = convert_text(text)
+    assert raw["finetune"]["lr_schedule"]["warmup_epochs"] == 2.0
+    assert raw["finetune"]["lr_schedule"]["kind"] == "cosine"
+    assert any("starts at lr 0.001" in note for note in notes)
+    with pytest.raises(RecipeError, match="warmup must rise"):
+        convert_text(text.replace("final_lr: 0.1", "final_lr: 0.2"))

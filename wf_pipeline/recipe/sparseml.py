@@ -24,7 +24,13 @@ from typing import Any, Iterable
 import yaml
 
 from wf_pipeline.errors import RecipeError
-from wf_pipeline.recipe.safe_eval import ExpressionError, eval_body, evaluate_expression, is_eval_string, resolve_variables
+from wf_pipeline.recipe.safe_eval import (
+    ExpressionError,
+    eval_body,
+    evaluate_expression,
+    is_eval_string,
+    resolve_variables,
+)
 
 MODIFIER_KEY = "__modifier__"
 
@@ -34,7 +40,12 @@ SPARSEML_OBS_DEFAULTS = {"num_grads": 1024, "damp": 1e-7, "fisher_block_size": 5
 
 _EPOCH_TOLERANCE = 1e-6
 _LOGGING_ONLY_FIELDS = frozenset({"log_types", "constant_logging"})
-_PRUNING_TAGS = ("GMPruningModifier", "MagnitudePruningModifier", "GlobalMagnitudePruningModifier", "OBSPruningModifier")
+_PRUNING_TAGS = (
+    "GMPruningModifier",
+    "MagnitudePruningModifier",
+    "GlobalMagnitudePruningModifier",
+    "OBSPruningModifier",
+)
 _SUPPORTED_TAGS = (
     "EpochRangeModifier",
     "SetLearningRateModifier",
@@ -367,7 +378,11 @@ def _parse_lr_function(mod: _Modifier, out: _Parsed) -> None:
     out.lr_functions.append(_LRFunction(func, init_lr, final_lr, max(start, 0.0), end, mod))
 
 
-_LR_CLASS_KWARGS = {"MultiStepLR": ("milestones", "gamma"), "StepLR": ("step_size", "gamma"), "ExponentialLR": ("gamma",)}
+_LR_CLASS_KWARGS = {
+    "MultiStepLR": ("milestones", "gamma"),
+    "StepLR": ("step_size", "gamma"),
+    "ExponentialLR": ("gamma",),
+}
 
 
 def _parse_lr_class(mod: _Modifier, out: _Parsed) -> None:
@@ -419,7 +434,14 @@ def _parse_weight_decay(mod: _Modifier, out: _Parsed) -> None:
 
 _COMMON_PRUNING_REQUIRED = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch", "update_frequency", "params")
 _COMMON_PRUNING_OPTIONAL = ("leave_enabled", "inter_func", "mask_type")
-_OBS_OPTIONAL = ("global_sparsity", "num_grads", "damp", "fisher_block_size", "grad_sampler_kwargs", "num_recomputations")
+_OBS_OPTIONAL = (
+    "global_sparsity",
+    "num_grads",
+    "damp",
+    "fisher_block_size",
+    "grad_sampler_kwargs",
+    "num_recomputations",
+)
 _INTER_FUNCS = {"cubic": "cubic", "linear": "linear"}
 
 
@@ -541,7 +563,7 @@ def _pruning_frequency(mod: _Modifier, start: int, end: int) -> int:
         return int(rounded)
     if start == end:
         return 1
-    steps = math.floor((end - start) / frequency + _EPOCH_TOLERANCE) + 1
+    steps = _pruning_step_count(start, end, frequency)
     if not mod.ctx.allow_rounding:
         raise mod.error(
             "update_frequency",
@@ -550,11 +572,19 @@ def _pruning_frequency(mod: _Modifier, start: int, end: int) -> int:
             hint="set update_frequency to a whole number of epochs (1.0 prunes once per epoch)",
         )
     new = max(1, int(rounded))
-    new_steps = (end - start) // new + 1
+    new_steps = _pruning_step_count(start, end, new)
     mod.ctx.notes.append(
-        f"{mod.label}: rounded update_frequency {frequency} to {new} epoch(s): {new_steps} pruning steps instead of {steps}"
+        f"{mod.label}: rounded update_frequency {frequency} to {new} epoch(s): "
+        f"{new_steps} pruning steps instead of {steps}"
     )
     return new
+
+
+def _pruning_step_count(start: int, end: int, frequency: float) -> int:
+    """Pruning steps at start, start+frequency, ... plus end_epoch itself (both tools always prune there)."""
+    grid = math.floor((end - start) / frequency + _EPOCH_TOLERANCE) + 1
+    last = start + (grid - 1) * frequency
+    return grid if abs(last - end) <= _EPOCH_TOLERANCE else grid + 1
 
 
 def _obs_settings(mod: _Modifier) -> dict[str, Any]:
@@ -594,7 +624,8 @@ def _obs_settings(mod: _Modifier) -> dict[str, Any]:
         )
     for name in ("num_grads", "block_size", "recompute_steps"):
         if woodfisher[name] < 1:
-            raise mod.error(name if name != "block_size" else "fisher_block_size", f"must be >= 1, got {woodfisher[name]}")
+            field_name = "fisher_block_size" if name == "block_size" else name
+            raise mod.error(field_name, f"must be >= 1, got {woodfisher[name]}")
     if woodfisher["damp"] <= 0:
         raise mod.error("damp", f"must be > 0, got {woodfisher['damp']}")
     return woodfisher
@@ -750,12 +781,15 @@ def _compose_lr_functions(parsed: _Parsed, epochs: int | None, ctx: _Context) ->
         )
     if not _same(warmup.final_lr, main.init_lr) or warmup.init_lr > main.init_lr:
         raise _unsupported_lr(
-            parsed, f"the warmup must rise to the decay's init_lr ({main.init_lr}), got {warmup.init_lr} -> {warmup.final_lr}"
+            parsed,
+            f"the warmup must rise to the decay's init_lr ({main.init_lr}), "
+            f"got {warmup.init_lr} -> {warmup.final_lr}",
         )
-    ctx.notes.append(
-        f"{warmup.source.label}: linear warmup over {warmup.end} epoch(s) to lr {main.init_lr} "
-        f"(SparseML starts it at {warmup.init_lr}; wf-pipeline's warmup start is its own)"
-    )
+    if warmup.init_lr > 0:
+        ctx.notes.append(
+            f"{warmup.source.label}: the warmup starts at lr {warmup.init_lr} in SparseML; "
+            "wf-pipeline's linear warmup starts from 0"
+        )
     return main.init_lr, _lr_schedule(main.func, warmup_epochs=float(warmup.end), final_lr=main.final_lr)
 
 
@@ -786,7 +820,9 @@ def _compose_pruning(parsed: _Parsed, ctx: _Context) -> dict[str, Any] | None:
     layers = list(first.layers)
     for other in parsed.prunings[1:]:
         differing = sorted(
-            key for key in set(first.settings) | set(other.settings) if first.settings.get(key) != other.settings.get(key)
+            key
+            for key in set(first.settings) | set(other.settings)
+            if first.settings.get(key) != other.settings.get(key)
         )
         if differing:
             details = "; ".join(
@@ -920,7 +956,9 @@ def convert_sparseml(
     if lr is not None:
         optimizer["lr"] = lr
     else:
-        ctx.notes.append("no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults")
+        ctx.notes.append(
+            "no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults"
+        )
     if parsed.weight_decays:
         optimizer["weight_decay"] = parsed.weight_decays[-1].weight_decay
     if optimizer:
