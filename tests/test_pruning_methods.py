@@ -99,3 +99,128 @@ def test_settings_validation_and_from_config() -> None:
     with pytest.raises(WFError):
         PruneSettings.from_config(PruningConfig(method="none"))
     assert set(METHODS) == {"woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher"}
+
+
+def total_params(params) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def assert_consistent(params, masks: MaskSet, report, target: float) -> None:
+    total = total_params(params)
+    zeros = sum(int((~masks.masks[n]).sum()) for n in params)
+    assert abs(zeros - target * total) <= 1, (zeros, target * total)
+    assert report.achieved_sparsity == pytest.approx(zeros / total)
+    for n, p in params.items():
+        assert torch.all(p[~masks.masks[n]] == 0), f"{n}: pruned weights must be exactly 0"
+
+
+VARIANTS = [
+    PruneSettings(method="woodfisher", num_grads=24, block_size=16, chunk_size=10),
+    PruneSettings(method="woodfisher", num_grads=24, block_size=16, ranking="uniform", update="independent"),
+    PruneSettings(method="woodfisher", num_grads=10, block_size=32, update="none", fisher_type="true"),
+    PruneSettings(method="woodfisher", num_grads=12, block_size=16, recompute_steps=3, grad_batch_size=2),
+    PruneSettings(method="woodfisher", num_grads=8, block_size=8, route="woodbury", dtype="float64"),
+    PruneSettings(method="woodtaylor", num_grads=24, block_size=16),
+    PruneSettings(method="diag_fisher", num_grads=24),
+    PruneSettings(method="magnitude"),
+    PruneSettings(method="magnitude_uniform"),
+]
+
+
+@pytest.mark.parametrize("settings", VARIANTS, ids=lambda s: f"{s.method}-{s.ranking}-{s.update}-{s.route}-r{s.recompute_steps}")
+def test_prune_step_every_method_reaches_target(settings: PruneSettings) -> None:
+    model = tiny_cnn()
+    model.train()
+    params = select_prunable(model, [".*"], [])
+    masks = MaskSet.dense(params)
+    progress_calls: list[tuple[str, int, int]] = []
+    report = prune_step(model, params, masks, 0.4, settings, fisher_pool(), progress=lambda *a: progress_calls.append(a),
+                        generator=torch.Generator().manual_seed(0))
+    assert_consistent(params, masks, report, 0.4)
+    assert model.training and all(m.training for m in model.modules()), "mode must be restored"
+    before = {n: m.clone() for n, m in masks.masks.items()}
+    report = prune_step(model, params, masks, 0.7, settings, fisher_pool())
+    assert_consistent(params, masks, report, 0.7)
+    assert all(torch.all(masks.masks[n] <= before[n]) for n in params), "pruned weights stay pruned"
+    assert set(report.timings) >= {"gradients", "inverse", "obs", "total"}
+    assert report.to_dict()["method"] == settings.method
+    if settings.method in ("woodfisher", "woodtaylor", "diag_fisher"):
+        assert report.num_grads == settings.num_grads * settings.recompute_steps
+        assert any(label == "gradients" for label, _, _ in progress_calls)
+        if settings.method != "diag_fisher":
+            assert any(label == "inverse" for label, _, _ in progress_calls)
+    if settings.method == "woodfisher" and settings.update == "joint":
+        assert report.predicted_loss_increase is not None and report.predicted_loss_increase > 0
+
+
+def test_prune_step_matches_manual_pipeline_fp64() -> None:
+    """prune_step's WoodFisher = gradients → BlockFisherInverse.from_gradients → obs_prune, by hand."""
+    from wf_pipeline.fisher.gradients import iter_gradient_chunks
+    from wf_pipeline.fisher.inverse import BlockFisherInverse
+    from wf_pipeline.pruning.obs import obs_prune
+
+    model = tiny_cnn().double().eval()
+    params = select_prunable(model, [".*"], [])
+    pool = fisher_pool()
+    xs_pool = lambda: [(x.double(), y) for x, y in pool()]
+    settings = PruneSettings(method="woodfisher", num_grads=30, block_size=16, damp=1e-4, dtype="float64")
+    chunks = list(iter_gradient_chunks(model, params, xs_pool, num_grads=30, chunk_size=100))
+    sizes = [p.numel() for p in params.values()]
+    inverse = BlockFisherInverse.from_gradients(chunks, 16, 1e-4, sizes=sizes, dtype=torch.float64)
+    weights = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    expected = obs_prune(weights, inverse, 0.5)
+
+    masks = MaskSet.dense(params)
+    report = prune_step(model, params, masks, 0.5, settings, xs_pool)
+    got = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    kept = torch.cat([masks.masks[n].reshape(-1) for n in params])
+    assert torch.equal(~kept, expected.pruned)
+    assert torch.allclose(got, expected.weights, atol=1e-10)
+    assert report.predicted_loss_increase == pytest.approx(expected.predicted_loss_increase, rel=1e-8)
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "woodtaylor", "diag_fisher"])
+def test_reduce_fn_scaling_all_statistics_gives_identical_masks(method: str) -> None:
+    """A fake all-reduce that doubles every statistic (as if two ranks had identical gradients)."""
+    settings = PruneSettings(method=method, num_grads=16, block_size=16, dtype="float64")
+    results = []
+    for reduce_fn in (None, lambda t: t.mul_(2)):
+        model = tiny_cnn()
+        params = select_prunable(model, [".*"], [])
+        masks = MaskSet.dense(params)
+        prune_step(model, params, masks, 0.5, settings, fisher_pool(), reduce_fn=reduce_fn)
+        results.append((masks, torch.cat([p.detach().reshape(-1) for p in params.values()])))
+    (m0, w0), (m1, w1) = results
+    assert all(torch.equal(m0.masks[n], m1.masks[n]) for n in m0.masks)
+    assert torch.allclose(w0, w1, atol=1e-8)
+
+
+def test_woodbury_route_agrees_with_fast_route_and_refuses_reduce() -> None:
+    weights, masks_seen = [], []
+    for route in ("fast", "woodbury"):
+        model = tiny_cnn()
+        params = select_prunable(model, [".*"], [])
+        masks = MaskSet.dense(params)
+        prune_step(model, params, masks, 0.5, PruneSettings(method="woodfisher", num_grads=20, block_size=16, damp=1e-3,
+                                                            dtype="float64", route=route), fisher_pool())
+        weights.append(torch.cat([p.detach().reshape(-1) for p in params.values()]))
+        masks_seen.append(masks)
+    assert all(torch.equal(masks_seen[0].masks[n], masks_seen[1].masks[n]) for n in masks_seen[0].masks)
+    assert torch.allclose(weights[0], weights[1], atol=1e-8)
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    with pytest.raises(WFError):
+        prune_step(model, params, MaskSet.dense(params), 0.5, PruneSettings(method="woodfisher", route="woodbury"),
+                   fisher_pool(), reduce_fn=lambda t: None)
+
+
+def test_prune_step_below_current_sparsity_changes_nothing() -> None:
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    masks = MaskSet.dense(params)
+    settings = PruneSettings(method="woodfisher", num_grads=8, block_size=16)
+    prune_step(model, params, masks, 0.5, settings, fisher_pool())
+    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    report = prune_step(model, params, masks, 0.3, settings, fisher_pool())
+    assert report.newly_pruned == 0 and report.num_grads == 0
+    assert all(torch.equal(snapshot[n], p) for n, p in params.items())
