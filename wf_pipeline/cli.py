@@ -23,12 +23,17 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="ove
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (ours or SparseML's)")]
 
 
-def _load(path: Path, overrides: list[str] | None):
+BaseOption = Annotated[Optional[Path], typer.Option("--base", help="for a SparseML recipe: our recipe that supplies model, data, export and validate")]
+
+
+def _load(path: Path, overrides: list[str] | None, base: Path | None = None):
+    from rich.markup import escape
+
     from wf_pipeline.recipe.loader import load_recipe
 
-    recipe, notes = load_recipe(path, overrides or [])
+    recipe, notes = load_recipe(path, overrides or [], base)
     for note in notes:
-        err_console.print(f"[dim]note: {note}[/dim]")
+        err_console.print(f"[dim]note: {escape(note)}[/dim]")
     return recipe
 
 
@@ -38,13 +43,14 @@ def compress(
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+    base: BaseOption = None,
 ) -> None:
     """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
     from wf_pipeline.cli_progress import RichReporter
     from wf_pipeline.pipeline import run_compress
     from wf_pipeline.recipe.checks import check_recipe
 
-    recipe = _load(recipe_path, overrides)
+    recipe = _load(recipe_path, overrides, base)
     check_recipe(recipe)
     with RichReporter(console) as reporter:
         outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
@@ -190,22 +196,22 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under a
 
 
 @recipe_app.command("check")
-def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None) -> None:
+def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None, base: BaseOption = None) -> None:
     """Validate a recipe: schema, files, model, layer selection, data."""
     from wf_pipeline.recipe.checks import check_recipe
 
-    recipe = _load(recipe_path, overrides)
+    recipe = _load(recipe_path, overrides, base)
     for note in check_recipe(recipe):
         console.print(note)
     console.print(f"[green]ok[/green]: {recipe_path}")
 
 
 @recipe_app.command("show")
-def recipe_show(recipe_path: RecipeArg, overrides: SetOption = None) -> None:
+def recipe_show(recipe_path: RecipeArg, overrides: SetOption = None, base: BaseOption = None) -> None:
     """Print the fully resolved recipe (defaults filled in, overrides applied)."""
     import yaml
 
-    recipe = _load(recipe_path, overrides)
+    recipe = _load(recipe_path, overrides, base)
     console.print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="", markup=False, highlight=False)
 
 
@@ -214,13 +220,14 @@ def recipe_convert(
     recipe_path: RecipeArg,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the translated recipe here")] = None,
     overrides: SetOption = None,
+    base: BaseOption = None,
 ) -> None:
     """Translate a SparseML recipe into a wf-pipeline recipe."""
     import yaml
 
     from wf_pipeline.atomic_io import write_text
 
-    recipe = _load(recipe_path, overrides)
+    recipe = _load(recipe_path, overrides, base)
     text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if output:
         write_text(output, text)
@@ -260,9 +267,9 @@ def main() -> None:
         if os.environ.get("WF_DEBUG"):
             traceback.print_exc()
         hint = f" (hint: {exc.hint})" if exc.hint else ""
-        err_console.print(f"error: {exc.message}{hint}", markup=False, highlight=False, soft_wrap=True)
-        if not os.environ.get("WF_DEBUG"):
-            err_console.print("[dim]set WF_DEBUG=1 to see the traceback[/dim]")
+        # One line, whatever the terminal width: CI logs and tests grep it. WF_DEBUG=1 adds the traceback.
+        line = f"error: {exc.message}{hint}".replace("\n", " ")
+        sys.stderr.write(line + "\n")
         sys.exit(exc.exit_code)
 
 

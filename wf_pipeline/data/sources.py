@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -60,7 +61,10 @@ def _fashion_raw_folder(cfg: DataConfig) -> Path:
 
 
 def _stage_raw(folder: Path, uncompress: bool) -> Path:
-    root = cache_dir() / "datasets"
+    # One staging folder per source (path, sizes, mtimes), so two sources never share stale files.
+    stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir()) if p.is_file())
+    key = hashlib.sha256(f"{folder.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    root = cache_dir() / "datasets" / f"fashion-mnist-{key}"
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in FASHION_FILES:

@@ -92,14 +92,24 @@ def read_recipe_text(path: Path) -> str:
         raise RecipeError(f"cannot read recipe {path}: {exc}", "give a UTF-8 YAML file") from exc
 
 
-def parse_recipe_text(text: str, source: str) -> tuple[dict[str, Any], list[str]]:
-    """YAML text -> raw dict in our format; SparseML recipes are translated (notes say how)."""
+# What a SparseML recipe (which only says how to prune and train) runs on unless --base names a recipe.
+SPARSEML_DEFAULT_BASE: dict[str, Any] = {
+    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "weights": "builtin:resnet20-fmnist"},
+    "data": {"dataset": "fashion_mnist"},
+}
+
+
+def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """YAML text -> raw dict in our format; SparseML recipes are translated (notes say how).
+
+    `base` supplies the sections a SparseML recipe lacks (model, data, export, validate, ...).
+    """
     from wf_pipeline.recipe import sparseml
 
     if "Modifier" in text:  # SparseML tags (!GMPruningModifier) are not plain YAML
         raw = sparseml.load_sparseml_text(text)
         if sparseml.is_sparseml_recipe(raw):
-            return sparseml.convert_sparseml(raw)
+            return sparseml.convert_sparseml(raw, base=base if base is not None else copy.deepcopy(SPARSEML_DEFAULT_BASE))
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -113,7 +123,7 @@ def parse_recipe_text(text: str, source: str) -> tuple[dict[str, Any], list[str]
         raise RecipeError(f"{source}: the recipe must be a mapping of sections (model, data, pruning, ...)",
                           "see recipes/ for examples")
     if sparseml.is_sparseml_recipe(raw):
-        return sparseml.convert_sparseml(raw)
+        return sparseml.convert_sparseml(raw, base=base if base is not None else copy.deepcopy(SPARSEML_DEFAULT_BASE))
     return raw, []
 
 
@@ -124,9 +134,16 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         raise explain_validation_error(exc, source) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, list[str]]:
-    """Read, translate if needed, override, validate. Returns the recipe and translation notes."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                base_path: str | Path | None = None) -> tuple[Recipe, list[str]]:
+    """Read, translate if needed, override, validate. Returns the recipe and translation notes.
+
+    `base_path` is a wf-pipeline recipe whose sections complete a SparseML recipe.
+    """
     path = Path(path)
-    raw, notes = parse_recipe_text(read_recipe_text(path), str(path))
+    base = None
+    if base_path is not None:
+        base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path))
+    raw, notes = parse_recipe_text(read_recipe_text(path), str(path), base)
     raw = apply_overrides(raw, overrides or [])
     return validate_recipe(raw, str(path)), notes
