@@ -1,0 +1,110 @@
+"""Run report: self-contained HTML with embedded charts and report.md, robust to missing or broken pieces."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy_fixtures import digits_images, make_sparse_model, random_images
+from wf_pipeline.deploy.export import export_onnx
+from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
+from wf_pipeline.errors import WFError
+from wf_pipeline.recipe.schema import GatesConfig
+from wf_pipeline.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """A run directory with every file of the contract, written by the real export and validate code."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"name": "tiny-run", "pruning": {"method": "magnitude", "final_sparsity": 0.9}}))
+    (run / "environment.json").write_text(json.dumps({"wf_pipeline": "0.1.0", "seed": 0, "torch": "2.x", "git_commit": "abc"}))
+    dense_model, _ = make_sparse_model(0.0, seed=3)
+    model, masks = make_sparse_model(0.9, seed=3)
+    pruned = export_onnx(model, random_images(2), run / "export" / "model.onnx", masks=masks)
+    dense = export_onnx(dense_model, random_images(2), run / "export" / "dense_baseline.onnx", sparse_storage=False)
+    (run / "export" / "export.json").write_text(json.dumps({"pruned": pruned.to_dict(), "dense_baseline": dense.to_dict()}))
+    images, labels = digits_images(700)
+    result = validate_model(pruned.path, torch_model=model, test_data=(images[600:], labels[600:]), baseline_path=dense.path,
+                            settings=ValidationSettings(parity_samples=20, batch_sizes=[1, 4], warmup=1, repeats=6),
+                            gates=GatesConfig(min_sparsity=0.8, max_accuracy_drop=0.001))
+    write_validation_outputs(result, run / "validation")
+    per_layer = {name: 1 - mask.float().mean().item() for name, mask in masks.items()}
+    (run / "metrics.json").write_text(json.dumps({
+        "dense_accuracy": 0.94, "final_accuracy": 0.91, "sparsity": 0.9, "per_layer_sparsity": per_layer,
+        "num_params": 5000, "timings": {"prune_s": 1.5, "finetune_s": 20.0}}))
+    history = [
+        {"kind": "epoch", "epoch": 0, "train_loss": 1.2, "test_accuracy": 0.80, "sparsity": 0.0, "lr": 0.1},
+        {"kind": "prune", "epoch": 1, "target_sparsity": 0.5, "achieved_sparsity": 0.5, "test_accuracy_after": 0.7,
+         "timings": {"total": 0.4}},
+        {"kind": "epoch", "epoch": 1, "train_loss": 0.9, "test_accuracy": 0.85, "sparsity": 0.5, "lr": 0.05},
+        {"kind": "prune", "epoch": 2, "target_sparsity": 0.9, "achieved_sparsity": 0.9, "test_accuracy_after": 0.6,
+         "timings": {"total": 0.5}},
+        {"kind": "epoch", "epoch": 2, "train_loss": 0.7, "test_accuracy": 0.91, "sparsity": 0.9, "lr": 0.0},
+    ]
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (run / "oneshot").mkdir()
+    (run / "oneshot" / "oneshot.json").write_text(json.dumps({"dense_accuracy": 0.94, "results": [
+        {"method": m, "sparsity": s, "accuracy": a}
+        for m, pts in (("woodfisher", ((0.5, 0.93), (0.9, 0.7))), ("magnitude", ((0.5, 0.92), (0.9, 0.4))))
+        for s, a in pts]}))
+    return run
+
+
+def _embedded_pngs(html_text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)]
+
+
+def test_full_report_embeds_every_chart_and_section(full_run):
+    html_path = write_report(full_run)
+    assert html_path == full_run / "report.html"
+    text = html_path.read_text()
+    pngs = _embedded_pngs(text)
+    assert len(pngs) == 4 and all(p.startswith(PNG_MAGIC) for p in pngs)
+    for title in ("Key metrics", "Deployment gates", "Per-layer sparsity", "Accuracy vs sparsity",
+                  "Training and pruning", "Latency in ONNX Runtime", "ONNX export", "Environment"):
+        assert f"<h2>{title}" in text
+    assert "tiny-run" in text and "conv1.weight" in text
+    # the failing gate is named, values are escaped, nothing is fetched from outside the file
+    assert "FAILED: max_accuracy_drop" in text and 'class="failed">FAILED' in text
+    assert "&lt;=" in text or "&gt;=" in text
+    assert "http://" not in text and "https://" not in text
+    assert "Left out" not in text
+
+    md = (full_run / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
+    assert len(images) == 4
+    for relative in images:
+        assert (full_run / relative).read_bytes().startswith(PNG_MAGIC)
+    assert "| max_accuracy_drop | FAILED |" in md
+
+
+def test_empty_run_dir_gets_a_report_with_notes(tmp_path):
+    html_path = write_report(tmp_path)
+    text = html_path.read_text()
+    assert _embedded_pngs(text) == []
+    assert "Left out" in text and "oneshot/oneshot.json" in text and "validation/validation.json" in text
+    assert (tmp_path / "report.md").exists()
+
+
+def test_broken_pieces_are_noted_not_fatal(tmp_path):
+    (tmp_path / "metrics.json").write_text("{not json")
+    (tmp_path / "history.jsonl").write_text(
+        json.dumps({"kind": "epoch", "epoch": 0, "train_loss": 1.0, "test_accuracy": 0.5, "sparsity": 0.0}) + "\n{\"kind\": \"ep")
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "validation.json").write_text(json.dumps({"gates": [], "latency": [{"batch_size": 1}]}))
+    text = write_report(tmp_path).read_text()
+    assert "could not read metrics.json" in text
+    assert "skipped 1 unreadable line" in text
+    assert len(_embedded_pngs(text)) == 1  # the training curve from the one good history line
+
+
+def test_missing_run_dir_raises(tmp_path):
+    with pytest.raises(WFError):
+        write_report(tmp_path / "nope")

@@ -1,0 +1,451 @@
+"""The run report: one self-contained HTML file (charts embedded as base64 PNG) plus report.md.
+
+It reads whatever the run directory holds (see the run-directory contract in docs/deploy.md) and
+leaves out, with a note, any piece that is missing or unreadable: a report of a half-finished run is
+still useful. Both formats are rendered from the same list of blocks, so they never disagree.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from wf_pipeline import atomic_io, report_charts
+from wf_pipeline.errors import WFError
+
+ASSETS_DIR = "report_files"
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    name: str  # file name under report_files/ for the Markdown version
+    png: bytes
+    alt: str
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Union[Paragraph, Table, Image]] = field(default_factory=list)
+
+
+@dataclass
+class RunData:
+    """Everything read from a run directory; None where a file is absent or unreadable."""
+
+    path: Path
+    recipe: dict[str, Any] | None = None
+    environment: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    oneshot: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_json(run: RunData, relative: str) -> Any:
+    path = run.path / relative
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        run.notes.append(f"could not read {relative}: {exc}")
+        return None
+
+
+def _read_history(run: RunData) -> list[dict[str, Any]]:
+    path = run.path / "history.jsonl"
+    if not path.is_file():
+        return []
+    records, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += 1  # a run killed mid-write leaves a partial last line
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    if bad:
+        run.notes.append(f"history.jsonl: skipped {bad} unreadable line(s)")
+    return records
+
+
+def load_run(run_dir: Path) -> RunData:
+    run = RunData(Path(run_dir))
+    recipe_path = run.path / "recipe.yaml"
+    if recipe_path.is_file():
+        try:
+            run.recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            run.notes.append(f"could not read recipe.yaml: {exc}")
+    run.environment = _read_json(run, "environment.json")
+    run.metrics = _read_json(run, "metrics.json")
+    run.history = _read_history(run)
+    run.oneshot = _read_json(run, "oneshot/oneshot.json")
+    run.validation = _read_json(run, "validation/validation.json")
+    export = _read_json(run, "export/export.json")
+    if isinstance(export, dict) and isinstance(export.get("pruned"), dict):
+        export = {**export["pruned"], "dense_baseline": export.get("dense_baseline")}
+    run.export = export if isinstance(export, dict) else None
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * float(value):.2f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value) if value is not None else "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _size(num_bytes: Any) -> str:
+    if not isinstance(num_bytes, (int, float)):
+        return "n/a"
+    return f"{num_bytes / 1e6:.3f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:.1f} kB"
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+def _summary_section(run: RunData) -> Section:
+    section = Section("Key metrics")
+    rows: list[list[str]] = []
+    m = run.metrics or {}
+    recipe = run.recipe or {}
+    pruning = recipe.get("pruning") or {}
+    if pruning:
+        rows.append(["pruning method", str(pruning.get("method", "n/a"))])
+        rows.append(["target sparsity", _pct(pruning.get("final_sparsity"))])
+    for key, label in (("dense_accuracy", "dense test accuracy (PyTorch)"), ("final_accuracy", "final test accuracy (PyTorch)")):
+        if key in m:
+            rows.append([label, _pct(m[key])])
+    if "sparsity" in m:
+        rows.append(["achieved sparsity (masks)", _pct(m["sparsity"])])
+    if "num_params" in m:
+        rows.append(["parameters", _num(m["num_params"])])
+    v = run.validation or {}
+    if v:
+        rows.append(["test accuracy in ONNX Runtime", _pct(v.get("accuracy"))])
+        if v.get("baseline_accuracy") is not None:
+            rows.append(["dense baseline accuracy in ONNX Runtime", _pct(v.get("baseline_accuracy"))])
+        rows.append(["weight sparsity read from the ONNX file", _pct(v.get("sparsity"))])
+        rows.append(["ONNX file size", _size(v.get("file_bytes"))])
+        if v.get("baseline_file_bytes"):
+            rows.append(["dense baseline file size", _size(v.get("baseline_file_bytes"))])
+        parity = v.get("parity") or {}
+        if parity:
+            rows.append(["max |logit diff| vs PyTorch", _num(parity.get("max_abs_diff"), 3)])
+            rows.append(["top-1 agreement with PyTorch", _pct(parity.get("top1_agreement"))])
+        for lat in v.get("latency") or []:
+            pruned = (lat.get("pruned") or {}).get("p50")
+            text = f"{pruned:.3f} ms" if isinstance(pruned, (int, float)) else "n/a"
+            if lat.get("ratio_p50") is not None:
+                text += f" (ratio to dense {lat['ratio_p50']:.3f})"
+            rows.append([f"ORT p50 latency, batch {lat.get('batch_size')}", text])
+    timings = m.get("timings")
+    if isinstance(timings, dict):
+        for key, value in timings.items():
+            if isinstance(value, (int, float)):
+                rows.append([f"time: {key}", f"{value:.1f} s"])
+    if "total_seconds" in m:
+        rows.append(["total time", f"{m['total_seconds']:.1f} s"])
+    if rows:
+        section.blocks.append(Table(["metric", "value"], rows))
+    else:
+        section.blocks.append(Paragraph("No metrics.json or validation results in this run directory."))
+    return section
+
+
+def _gates_section(run: RunData) -> Section | None:
+    v = run.validation
+    if not v:
+        return None
+    gates = v.get("gates") or []
+    section = Section("Deployment gates")
+    failed = [g.get("name") for g in gates if g.get("status") == "failed" or g.get("passed") is False]
+    verdict = "all gates passed" if not failed else "FAILED: " + ", ".join(str(n) for n in failed)
+    section.blocks.append(Paragraph(f"Verdict: **{verdict}**"))
+    if gates:
+        rows = [
+            [str(g.get("name")), str(g.get("status", "n/a")).upper(), _num(g.get("value"), 6), _num(g.get("threshold"), 6),
+             str(g.get("message", ""))]
+            for g in gates
+        ]
+        section.blocks.append(Table(["gate", "status", "value", "threshold", "detail"], rows))
+    else:
+        section.blocks.append(Paragraph("No gates were configured."))
+    return section
+
+
+def _sparsity_section(run: RunData) -> Section | None:
+    torch_sparsity = (run.metrics or {}).get("per_layer_sparsity")
+    onnx_sparsity = None
+    if run.export:
+        onnx_sparsity = run.export.get("onnx_per_layer_sparsity") or None
+        torch_sparsity = torch_sparsity or run.export.get("torch_per_layer_sparsity")
+    if not onnx_sparsity and run.validation:
+        onnx_sparsity = run.validation.get("per_initializer_sparsity") or None
+    if not isinstance(torch_sparsity, dict) or not torch_sparsity:
+        if not onnx_sparsity:
+            return None
+        torch_sparsity = {}
+    section = Section("Per-layer sparsity")
+    section.blocks.append(Image("per_layer_sparsity.png", report_charts.per_layer_sparsity_chart(torch_sparsity, onnx_sparsity),
+                                "per-layer sparsity"))
+    if run.export:
+        verdict = "match" if run.export.get("sparsity_matches") else "DO NOT match"
+        section.blocks.append(Paragraph(f"The zeros in the exported ONNX file {verdict} the PyTorch masks."))
+    onnx_sparsity = onnx_sparsity or {}
+    names = list(dict.fromkeys([*torch_sparsity, *onnx_sparsity]))
+    section.blocks.append(Table(["layer", "PyTorch", "ONNX file"],
+                                [[n, _pct(torch_sparsity.get(n)), _pct(onnx_sparsity.get(n))] for n in names]))
+    return section
+
+
+def _oneshot_section(run: RunData) -> Section | None:
+    results = (run.oneshot or {}).get("results")
+    if not results:
+        return None
+    usable = [r for r in results if isinstance(r, dict) and "sparsity" in r and "accuracy" in r]
+    if not usable:
+        run.notes.append("oneshot/oneshot.json has no (sparsity, accuracy) results")
+        return None
+    section = Section("Accuracy vs sparsity (one-shot sweep)")
+    dense = run.oneshot.get("dense_accuracy")
+    section.blocks.append(Image("accuracy_vs_sparsity.png", report_charts.accuracy_vs_sparsity_chart(usable, dense),
+                                "accuracy vs sparsity"))
+    sparsities = sorted({r["sparsity"] for r in usable})
+    methods = list(dict.fromkeys(str(r.get("method", "?")) for r in usable))
+    rows = []
+    for method in methods:
+        cells = {r["sparsity"]: r["accuracy"] for r in usable if str(r.get("method", "?")) == method}
+        rows.append([method, *[_pct(cells.get(s)) for s in sparsities]])
+    section.blocks.append(Table(["method", *[_pct(s) for s in sparsities]], rows))
+    return section
+
+
+def _training_section(run: RunData) -> Section | None:
+    epochs = [r for r in run.history if r.get("kind") == "epoch"]
+    prunes = [r for r in run.history if r.get("kind") == "prune"]
+    if not epochs and not prunes:
+        return None
+    section = Section("Training and pruning")
+    section.blocks.append(Image("training_curves.png", report_charts.training_curves_chart(epochs, prunes),
+                                "training and pruning curves"))
+    if prunes:
+        rows = [
+            [_num(p.get("epoch")), _pct(p.get("target_sparsity")), _pct(p.get("achieved_sparsity")),
+             _pct(p.get("test_accuracy_after")),
+             _num((p.get("timings") or {}).get("total"), 3) if isinstance(p.get("timings"), dict) else "n/a"]
+            for p in prunes
+        ]
+        section.blocks.append(Table(["epoch", "target", "achieved", "accuracy right after", "seconds"], rows))
+    return section
+
+
+def _latency_section(run: RunData) -> Section | None:
+    latency = [lat for lat in (run.validation or {}).get("latency") or [] if (lat.get("pruned") or {}).get("runs_ms")]
+    if not latency:
+        return None
+    section = Section("Latency in ONNX Runtime")
+    settings = run.validation.get("settings") or {}
+    section.blocks.append(Paragraph(
+        f"{settings.get('warmup', '?')} warm-up and {settings.get('repeats', '?')} timed runs per model; "
+        "pruned and dense runs interleaved so machine drift affects both equally."))
+    section.blocks.append(Image("latency.png", report_charts.latency_distribution_chart(latency), "latency distribution"))
+    rows = []
+    for lat in latency:
+        pruned, dense = lat.get("pruned") or {}, lat.get("dense") or {}
+        rows.append([str(lat.get("batch_size")), str(lat.get("threads", "?")),
+                     *[_num(pruned.get(k), 4) for k in ("p50", "p90", "p99")],
+                     *[_num(dense.get(k), 4) for k in ("p50", "p90", "p99")],
+                     _num(lat.get("ratio_p50"), 4)])
+    section.blocks.append(Table(["batch", "threads", "pruned p50 ms", "p90", "p99", "dense p50 ms", "p90", "p99", "ratio"], rows))
+    env = run.validation.get("environment") or {}
+    if env:
+        section.blocks.append(Paragraph(f"onnxruntime {env.get('onnxruntime')} on {env.get('processor')}, "
+                                        f"{env.get('cpu_count')} CPUs."))
+    return section
+
+
+def _export_section(run: RunData) -> Section | None:
+    e = run.export
+    if not e:
+        return None
+    rows = [
+        ["file", str(e.get("path"))],
+        ["opset", _num(e.get("opset"))],
+        ["sparse storage", str(e.get("sparse_storage"))],
+        ["file size", _size(e.get("file_bytes"))],
+        ["dense-storage size", _size(e.get("dense_file_bytes"))],
+        ["sparse initializers", _num(len(e.get("sparse_initializers") or []))],
+        ["index format", str(e.get("index_format") or "n/a")],
+        ["max |diff| ORT vs PyTorch (sample input)", _num(e.get("torch_max_abs_diff"), 3)],
+        ["max |diff| sparse vs dense storage in ORT", _num(e.get("sparse_vs_dense_max_abs_diff"), 3)],
+    ]
+    section = Section("ONNX export")
+    section.blocks.append(Table(["item", "value"], rows))
+    notes = e.get("sparsity_notes") or []
+    if notes:
+        section.blocks.append(Paragraph("Sparsity notes: " + "; ".join(str(n) for n in notes)))
+    return section
+
+
+def _environment_section(run: RunData) -> Section | None:
+    env = run.environment
+    if not env:
+        return None
+    keys = ("wf_pipeline", "git_commit", "seed", "torch", "onnx", "onnxruntime", "python", "platform", "cpu_count")
+    rows = [[key, str(env[key])] for key in keys if key in env]
+    return Section("Environment", [Table(["item", "value"], rows)]) if rows else None
+
+
+def build_sections(run: RunData) -> list[Section]:
+    builders = [
+        ("gates", _gates_section, "validation/validation.json missing: no gate results or latency"),
+        ("sparsity", _sparsity_section, "no per-layer sparsity (metrics.json / export/export.json missing)"),
+        ("oneshot", _oneshot_section, "no oneshot/oneshot.json: accuracy-vs-sparsity chart left out"),
+        ("training", _training_section, "no history.jsonl records: training curves left out"),
+        ("latency", _latency_section, None),
+        ("export", _export_section, "export/export.json missing: export details left out"),
+        ("environment", _environment_section, "environment.json missing"),
+    ]
+    sections = [_summary_section(run)]
+    for _, builder, missing_note in builders:
+        try:
+            section = builder(run)
+        except (KeyError, TypeError, ValueError) as exc:  # a malformed file must not sink the whole report
+            run.notes.append(f"{builder.__name__.strip('_').replace('_section', '')} section left out: {exc!r}")
+            continue
+        if section is not None:
+            sections.append(section)
+        elif missing_note:
+            run.notes.append(missing_note)
+    return sections
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f4f4f4}img{max-width:100%;height:auto}.passed{color:#1a7f37;font-weight:600}
+.failed{color:#cf222e;font-weight:600}.skipped{color:#9a6700;font-weight:600}.notes{color:#555;font-size:.9em}
+"""
+
+
+def _inline_markdown_to_html(text: str) -> str:
+    """Escape, then turn **bold** and `code` into tags (the only markup the blocks use)."""
+    parts = html.escape(text).split("**")
+    text = "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _cell_html(text: str) -> str:
+    cls = {"PASSED": "passed", "FAILED": "failed", "SKIPPED": "skipped"}.get(text)
+    return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
+
+
+def render_html(title: str, sections: list[Section], notes: list[str]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        out.append(f"<h2>{html.escape(section.title)}</h2>")
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                out.append(f"<p>{_inline_markdown_to_html(block.text)}</p>")
+            elif isinstance(block, Table):
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
+                body = "".join("<tr>" + "".join(_cell_html(c) for c in row) + "</tr>" for row in block.rows)
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif isinstance(block, Image):
+                data = base64.b64encode(block.png).decode("ascii")
+                out.append(f'<p><img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}"></p>')
+    if notes:
+        out.append("<h2>Left out</h2><ul class=\"notes\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(title: str, sections: list[Section], notes: list[str]) -> str:
+    out = [f"# {title}", ""]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, Paragraph):
+                out += [block.text, ""]
+            elif isinstance(block, Table):
+                out.append("| " + " | ".join(_md_cell(h) for h in block.headers) + " |")
+                out.append("|" + "---|" * len(block.headers))
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+                out.append("")
+            elif isinstance(block, Image):
+                out += [f"![{block.alt}]({ASSETS_DIR}/{block.name})", ""]
+    if notes:
+        out += ["## Left out", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write <run_dir>/report.html (self-contained) and report.md (+ report_files/*.png); return the HTML path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise WFError(f"run directory not found: {run_dir}", hint="give a folder under artifacts/")
+    run = load_run(run_dir)
+    sections = build_sections(run)
+    name = (run.recipe or {}).get("name") or run_dir.name
+    title = f"wf-pipeline report: {name}"
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    sections[0].blocks.insert(0, Paragraph(f"Run directory `{run_dir}`, report generated {generated}."))
+    html_path = run_dir / "report.html"
+    try:
+        for section in sections:
+            for block in section.blocks:
+                if isinstance(block, Image):
+                    atomic_io.write_bytes(run_dir / ASSETS_DIR / block.name, block.png)
+        atomic_io.write_text(run_dir / "report.md", render_markdown(title, sections, run.notes))
+        atomic_io.write_text(html_path, render_html(title, sections, run.notes))
+    except OSError as exc:
+        raise WFError(f"cannot write the report into {run_dir}: {exc.strerror or exc}",
+                      hint="check that the run directory is writable") from exc
+    return html_path
