@@ -170,3 +170,29 @@ def test_mask_for_unknown_parameter_raises(tmp_path):
     model, masks = make_sparse_model(0.9)
     with pytest.raises(WFError, match="nope.weight"):
         export_onnx(model, random_images(2), tmp_path / "m.onnx", masks={"nope.weight": masks["fc.weight"]})
+
+
+class _TokenModel(torch.nn.Module):
+    """A Linear applied to a 3-D tensor exports as MatMul with a transposed copy of its (square) weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3)
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.head(self.proj(tokens).mean(1))
+
+
+def test_transposed_matmul_weight_is_mapped_with_its_layout(tmp_path):
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    masks = {name: torch.rand(p.shape) > 0.9 for name, p in model.named_parameters() if p.dim() >= 2}
+    result = export_onnx(model, random_images(2), tmp_path / "tok.onnx", masks=masks)
+    assert result.sparsity_matches, result.sparsity_notes
+    # the stored tensor is W^T, so it must not be renamed to the parameter's name
+    assert result.initializer_for_param["proj.weight"] != "proj.weight"
+    stored = initializer_arrays(onnx.load(str(result.path)))[result.initializer_for_param["proj.weight"]]
+    np.testing.assert_array_equal(stored.T == 0, ~masks["proj.weight"].numpy())

@@ -45,13 +45,24 @@ def _resolve_identity(name: str, producers: dict[str, onnx.NodeProto]) -> str:
     return name
 
 
-def _same_shape(param_shape: tuple[int, ...], array: np.ndarray) -> tuple[bool, bool]:
-    """(matches, transposed)."""
-    if tuple(array.shape) == param_shape:
-        return True, False
-    if array.ndim == 2 and tuple(array.shape[::-1]) == param_shape:
-        return True, True
-    return False, False
+def _stored_transposed(node: onnx.NodeProto) -> bool:
+    """Whether the node's weight input holds W^T of a torch Linear weight (out, in)."""
+    if node.op_type == "MatMul":
+        return True  # x @ B with B = (in, out)
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return not trans_b
+    return False
+
+
+def _orientations(param_shape: tuple[int, ...], array: np.ndarray) -> list[bool]:
+    """Layouts (False = as is, True = transposed) in which `array` has the parameter's shape."""
+    found = []
+    if tuple(array.shape) == tuple(param_shape):
+        found.append(False)
+    if array.ndim == 2 and tuple(array.shape[::-1]) == tuple(param_shape):
+        found.append(True)
+    return found
 
 
 def map_params_to_initializers(
@@ -63,11 +74,10 @@ def map_params_to_initializers(
     matches: dict[str, InitializerMatch] = {}
     module_names = {name.rsplit(".", 1)[0] for name in params if "." in name}
 
+    # The exporter keeps a parameter's own name only when it stores the parameter unchanged.
     for name, value in params.items():
-        if name in arrays:
-            ok, transposed = _same_shape(value.shape, arrays[name])
-            if ok:
-                matches[name] = InitializerMatch(name, transposed, "name")
+        if name in arrays and tuple(arrays[name].shape) == tuple(value.shape):
+            matches[name] = InitializerMatch(name, False, "name")
 
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
@@ -81,8 +91,9 @@ def map_params_to_initializers(
         param = f"{module}.weight" if module else None
         if param is None or param not in params or param in matches:
             continue
-        ok, transposed = _same_shape(params[param].shape, arrays[init])
-        if ok:
+        transposed = _stored_transposed(node) and arrays[init].ndim == 2
+        stored_shape = arrays[init].shape[::-1] if transposed else arrays[init].shape
+        if tuple(stored_shape) == tuple(params[param].shape):
             matches[param] = InitializerMatch(init, transposed, "scope")
 
     used = {m.initializer for m in matches.values()}
@@ -93,9 +104,10 @@ def map_params_to_initializers(
         for init, array in arrays.items():
             if init in used:
                 continue
-            ok, transposed = _same_shape(value.shape, array)
-            if ok and np.array_equal((array.T if transposed else array) == 0, value == 0):
-                candidates.append((init, transposed))
+            for transposed in _orientations(value.shape, array):
+                if np.array_equal((array.T if transposed else array) == 0, value == 0):
+                    candidates.append((init, transposed))
+                    break
         if len(candidates) == 1:
             init, transposed = candidates[0]
             matches[name] = InitializerMatch(init, transposed, "zero-pattern")
@@ -128,11 +140,13 @@ def readable_initializer_names(matches: dict[str, InitializerMatch]) -> dict[str
     """Renames that give generated names (`onnx::Conv_27`) back their parameter's name (`conv1.weight`).
 
     Only one-to-one matches are renamed: the exporter shares one initializer between parameters
-    with identical values, and such a shared tensor keeps its name.
+    with identical values, and such a shared tensor keeps its name. A transposed copy (MatMul's W^T)
+    keeps its generated name too: calling it `proj.weight` would misstate its layout.
     """
     owners: dict[str, list[str]] = {}
     for param, match in matches.items():
-        owners.setdefault(match.initializer, []).append(param)
+        if not match.transposed:
+            owners.setdefault(match.initializer, []).append(param)
     return {
         init: params[0]
         for init, params in owners.items()
