@@ -60,7 +60,7 @@ def test_each_gate_fails_and_names_itself(field, threshold):
     results = evaluate_gates(GatesConfig(**{"max_parity_error": None, field: threshold}), inputs)
     assert [r.name for r in failed(results)] == [field]
     assert failed(results)[0].threshold == threshold
-    assert failed(results)[0].message  # says what was compared
+    assert failed(results)[0].message.startswith(f"{field}: ")  # a printed message alone names the gate
 
 
 def test_unmeasured_gates_are_skipped_not_passed():

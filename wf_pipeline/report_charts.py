@@ -94,10 +94,12 @@ def training_curves_chart(epoch_records: list[dict[str, Any]], prune_records: li
     if sparsity:
         twin = ax_acc.twinx()
         # "pre": an epoch's record holds the sparsity it was trained at, reached at the epoch's start
+        # (first x - 1, first value) draws the first epoch's segment too
+        sparsity.insert(0, (sparsity[0][0] - 1, sparsity[0][1]))
         twin.step(*zip(*sparsity), where="pre", color="grey", alpha=0.7, label="sparsity")
         twin.set_ylim(0, 1)
         twin.set_ylabel("sparsity")
-    ax_acc.legend(fontsize=7, loc="lower left")
+    ax_acc.legend(fontsize=7, loc="best")
     ax_acc.set_title("Accuracy and sparsity")
     loss = [(xi, r["train_loss"]) for xi, r in zip(x, epoch_records) if r.get("train_loss") is not None]
     if loss:

@@ -38,7 +38,7 @@ class GateResult:
     passed: bool | None  # None = skipped (could not be evaluated)
     value: float | None
     threshold: float
-    message: str
+    message: str  # starts with the gate's name, so a printed message alone identifies the gate
 
     @property
     def skipped(self) -> bool:
@@ -107,13 +107,13 @@ def _fmt(value: float) -> str:
 def _at_most(name: str, value: float, threshold: float, what: str) -> GateResult:
     passed = value <= threshold
     verb = "<=" if passed else ">"
-    return GateResult(name, passed, value, threshold, f"{what} {_fmt(value)} {verb} {_fmt(threshold)}")
+    return GateResult(name, passed, value, threshold, f"{name}: {what} {_fmt(value)} {verb} {_fmt(threshold)}")
 
 
 def _at_least(name: str, value: float, threshold: float, what: str) -> GateResult:
     passed = value >= threshold
     verb = ">=" if passed else "<"
-    return GateResult(name, passed, value, threshold, f"{what} {_fmt(value)} {verb} {_fmt(threshold)}")
+    return GateResult(name, passed, value, threshold, f"{name}: {what} {_fmt(value)} {verb} {_fmt(threshold)}")
 
 
 def _sparsity_gate(threshold: float, inputs: GateInputs) -> GateResult:
@@ -128,7 +128,7 @@ def _sparsity_gate(threshold: float, inputs: GateInputs) -> GateResult:
                 True,
                 value,
                 threshold,
-                f"weight sparsity {_fmt(value)} = {inputs.sparsity_zeros}/{inputs.sparsity_total} zeros, "
+                f"min_sparsity: weight sparsity {_fmt(value)} = {inputs.sparsity_zeros}/{inputs.sparsity_total} zeros, "
                 f"within rounding of {_fmt(threshold)}",
             )
     return result
@@ -159,7 +159,7 @@ def evaluate_gates(gates: GatesConfig, inputs: GateInputs, unavailable_reasons: 
             reason = reasons.get(name) or (
                 "not measured: needs " + " and ".join(_REQUIREMENT_HINTS[n] for n in needs) if needs else "not measured"
             )
-            results.append(GateResult(name, None, None, threshold, f"skipped: {reason}"))
+            results.append(GateResult(name, None, None, threshold, f"{name}: skipped: {reason}"))
         elif name == "min_accuracy":
             results.append(_at_least(name, value, threshold, "test accuracy"))
         elif name == "max_accuracy_drop":
