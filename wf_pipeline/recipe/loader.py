@@ -47,7 +47,8 @@ def explain_validation_error(exc: ValidationError, source: str) -> RecipeError:
     extra = f"; {len(exc.errors()) - 1} more problem(s) after fixing this" if len(exc.errors()) > 1 else ""
     if err["type"] == "extra_forbidden":
         message = "unknown field"
-    return RecipeError(f"{source}: {field}: {message}{shown}{extra}", _HINTS.get(err["type"], "see the recipe reference in README.md"))
+    where = "" if field == "<recipe>" else f"{field}: "  # whole-recipe checks name their fields in the message
+    return RecipeError(f"{source}: {where}{message}{shown}{extra}", _HINTS.get(err["type"], "see the recipe reference in README.md"))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
