@@ -1,7 +1,6 @@
 """Tiny models and data shared by the deploy/report tests (export, validate, gates, report)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 

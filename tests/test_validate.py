@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch
@@ -125,8 +124,11 @@ def test_wrong_torch_model_fails_parity_gate(models):
 
 
 def test_without_torch_model_parity_gate_is_skipped(models):
+    calls = []
     result = validate_model(models["sparse"], torch_model=None, test_data=None, baseline_path=None,
-                            settings=TINY, gates=GatesConfig(max_latency_ms=1e6))
+                            settings=TINY, gates=GatesConfig(max_latency_ms=1e6),
+                            progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert calls[-1] == ("latency batch 3", TINY.repeats, TINY.repeats)
     statuses = {g.name: g.status for g in result.gates}
     assert statuses == {"max_latency_ms": "passed", "max_parity_error": "skipped"}
     assert result.passed

@@ -212,7 +212,8 @@ class _ParityAccumulator:
         )
 
 
-def _latency_input(session, test_data_shape: tuple[int, ...] | None, batch_size: int) -> np.ndarray:
+def _synthetic_inputs(session, test_data_shape: tuple[int, ...] | None, batch_size: int) -> np.ndarray:
+    """Seeded standard-normal inputs of the model's per-sample shape (latency timing, parity without data)."""
     shape = input_sample_shape(session) or test_data_shape
     if shape is None:
         raise WFError(
@@ -293,7 +294,7 @@ def validate_model(
         source = "test data"
         if parity.count == 0:  # no test data: random inputs still prove the graph computes the same function
             source = "random normal inputs"
-            random_inputs = _latency_input(session, sample_shape, settings.parity_samples)
+            random_inputs = _synthetic_inputs(session, sample_shape, settings.parity_samples)
             parity.add(random_inputs, run_logits(session, random_inputs))
         parity_result = parity.result(source)
 
@@ -304,7 +305,7 @@ def validate_model(
     for batch_size in settings.batch_sizes:
         stats = measure_interleaved(
             timed,
-            _latency_input(session, sample_shape, batch_size),
+            _synthetic_inputs(session, sample_shape, batch_size),
             warmup=settings.warmup,
             repeats=settings.repeats,
             progress=progress,
