@@ -1,0 +1,224 @@
+"""The gradual pruning stage: exact masks through fine-tuning, scheduled sparsities, resume after SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from wf_pipeline.data import build_data
+from wf_pipeline.errors import WFError
+from wf_pipeline.gradual import CHECKPOINT_NAME, plan_num_grads, run_pruning_stage
+from wf_pipeline.models import build_model
+from wf_pipeline.progress import NullReporter
+from wf_pipeline.pruning.selection import select_prunable
+from wf_pipeline.recipe.loader import load_recipe
+from wf_pipeline.rundir import RunDir
+from wf_pipeline.schedule import planned_targets
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny_digits.yaml"
+ENTRY = REPO / "tests" / "gradual_entry.py"
+
+
+def tiny_recipe(root: Path, *overrides: str):
+    recipe, _ = load_recipe(TINY, [f"output.root={root}", *overrides])
+    return recipe
+
+
+def bare_run(recipe) -> RunDir:
+    run = RunDir(Path(recipe.output.root) / recipe.run_name())
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # noqa: ANN201 - a fixture
+    """These tiny models run fastest single-threaded, above all on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ZeroWatcher(NullReporter):
+    """After every fine-tuning step: no weight that was exactly zero (pruned) has come back."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = params
+        self.zeros: dict[str, torch.Tensor] | None = None
+        self.steps = 0
+
+    def advance(self, task: str, completed: int, info: str = "") -> None:
+        if not task.startswith("finetune"):
+            return
+        now = {n: p.detach() == 0 for n, p in self.params.items()}
+        if self.zeros is not None:
+            for name, before in self.zeros.items():
+                revived = before & ~now[name]
+                assert not revived.any(), f"{int(revived.sum())} pruned weights of {name} revived"
+        self.zeros = now
+        self.steps += 1
+
+
+@pytest.fixture(scope="module")
+def woodfisher_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("gradual")
+    recipe = tiny_recipe(root, "finetune.optimizer.momentum=0.9", "finetune.optimizer.weight_decay=0.01")
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    run = bare_run(recipe)
+    watcher = ZeroWatcher(select_prunable(model, recipe.pruning.layers, recipe.pruning.skip))
+    result = run_pruning_stage(recipe, run, model, build_data(recipe.data, recipe.seed), torch.device("cpu"),
+                               reporter=watcher)
+    return {"recipe": recipe, "run": run, "result": result, "watcher": watcher, "model": model}
+
+
+def test_masks_never_revive_through_momentum_and_weight_decay(woodfisher_run: dict[str, Any]) -> None:
+    recipe, result, watcher = woodfisher_run["recipe"], woodfisher_run["result"], woodfisher_run["watcher"]
+    assert watcher.steps == recipe.finetune.epochs * recipe.finetune.steps_per_epoch
+    named = dict(result.model.named_parameters())
+    for name, mask in result.masks.masks.items():
+        assert torch.all(named[name].detach()[~mask] == 0), name
+    # The optimizer's momentum at pruned positions is zero too (checked in the final checkpoint).
+    ckpt = torch.load(woodfisher_run["run"].checkpoints / CHECKPOINT_NAME, weights_only=True)
+    decay_names = [n for n, p in result.model.named_parameters() if p.dim() > 1]  # build_optimizer's group 0
+    group0 = ckpt["optimizer"]["param_groups"][0]["params"]
+    checked = 0
+    for name, mask in result.masks.masks.items():
+        state = ckpt["optimizer"]["state"].get(group0[decay_names.index(name)])
+        assert state is not None and "momentum_buffer" in state
+        assert torch.all(state["momentum_buffer"][~mask.cpu()] == 0), name
+        checked += 1
+    assert checked == len(result.masks.masks)
+
+
+def test_stage_reaches_scheduled_sparsities(woodfisher_run: dict[str, Any]) -> None:
+    recipe, result, run = woodfisher_run["recipe"], woodfisher_run["result"], woodfisher_run["run"]
+    n = result.masks.num_params()
+    plan = planned_targets(recipe.pruning.schedule, recipe.pruning.initial_sparsity, recipe.pruning.final_sparsity)
+    history = run.read_history()
+    prunes = [r for r in history if r["kind"] == "prune"]
+    assert [(r["epoch"], r["target_sparsity"]) for r in prunes] == [(e, pytest.approx(t)) for e, t in plan]
+    for record in prunes:
+        assert abs(record["achieved_sparsity"] - record["target_sparsity"]) <= 1.0 / n
+        assert record["method"] == "woodfisher" and record["num_grads"] == recipe.pruning.woodfisher.num_grads
+        assert set(record["timings"]) >= {"gradients", "inverse", "obs", "total"}
+    epochs = [r for r in history if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == list(range(recipe.finetune.epochs))
+    assert {"train_loss", "test_accuracy", "sparsity", "lr", "elapsed_s"} <= set(epochs[0])
+    assert result.metrics["sparsity"] == pytest.approx(recipe.pruning.final_sparsity, abs=1.0 / n)
+    assert result.metrics["final_accuracy"] == epochs[-1]["test_accuracy"]
+    assert len(result.metrics["prune_reports"]) == len(plan)
+    assert set(result.metrics["per_layer_sparsity"]) == set(result.masks.masks)
+
+
+def test_resuming_a_finished_stage_does_no_work_and_keeps_history(woodfisher_run: dict[str, Any]) -> None:
+    recipe, run, first = woodfisher_run["recipe"], woodfisher_run["run"], woodfisher_run["result"]
+    before = run.read_history()
+    model = build_model(recipe.model)  # fresh weights: everything must come from the checkpoint
+    again = run_pruning_stage(recipe, run, model, build_data(recipe.data, recipe.seed), torch.device("cpu"),
+                              resume=True)
+    assert run.read_history() == before
+    assert again.metrics["final_accuracy"] == first.metrics["final_accuracy"]
+    for name, mask in first.masks.masks.items():
+        assert torch.equal(again.masks.masks[name], mask)
+    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_changed_recipe(woodfisher_run: dict[str, Any]) -> None:
+    recipe, run = woodfisher_run["recipe"], woodfisher_run["run"]
+    changed = recipe.model_copy(deep=True)
+    changed.pruning.final_sparsity = 0.95
+    with pytest.raises(WFError, match="pruning.final_sparsity"):
+        run_pruning_stage(changed, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
+                          torch.device("cpu"), resume=True)
+
+
+def test_method_none_only_finetunes(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "pruning.method=none", "finetune.epochs=1", "finetune.steps_per_epoch=2")
+    run = bare_run(recipe)
+    result = run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
+                               torch.device("cpu"))
+    assert [r["kind"] for r in run.read_history()] == ["epoch"]
+    assert result.metrics["sparsity"] == 0.0 and result.metrics["prune_reports"] == []
+
+
+def test_limited_data_caps_per_sample_gradients(tmp_path: Path) -> None:
+    assert plan_num_grads(1000, 1, 5000, 1) == (1000, None)
+    total, note = plan_num_grads(1000, 1, 30, 1)
+    assert total == 30 and "exceeds the Fisher pool" in note
+    total, note = plan_num_grads(1000, 1, 31, 2)  # each of 2 ranks owns 15 samples of the pool
+    assert total == 30
+    total, note = plan_num_grads(100, 16, 200, 1)  # mini-batch gradients: distinct when cycled
+    assert total == 100 and "cycled" in note
+    with pytest.raises(WFError):
+        plan_num_grads(10, 1, 1, 2)
+
+    recipe = tiny_recipe(tmp_path, "data.fisher_samples_per_class=2", "finetune.epochs=1",
+                         "finetune.steps_per_epoch=1", "pruning.schedule.end_epoch=0")
+    run = bare_run(recipe)
+    result = run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
+                               torch.device("cpu"))
+    assert result.metrics["prune_reports"][0]["num_grads"] == 20  # 2 samples x 10 classes
+    assert any("exceeds the Fisher pool" in note for note in result.metrics["notes"])
+
+
+# ----------------------------------------------------------------------------- resume after SIGKILL
+def _entry(root: Path, out: Path, *extra: str) -> list[str]:
+    # finetune.steps_per_epoch=3 keeps every subprocess to a few seconds of work
+    return [sys.executable, str(ENTRY), str(TINY), "--root", str(root), "--out", str(out),
+            "--set", "finetune.steps_per_epoch=3", *extra]
+
+
+def _history_without_times(run_path: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in (run_path / "history.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("elapsed_s", None)
+        record.pop("timings", None)
+    return records
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    ref_out, out, marker = tmp_path / "ref.pt", tmp_path / "resumed.pt", tmp_path / "paused"
+    # The reference and the run to be killed start together (one core each).
+    reference = subprocess.Popen(_entry(tmp_path / "ref", ref_out), env=env, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_entry(tmp_path / "kill", out, "--pause-after-steps", "5", "--marker", str(marker)),
+                              env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():  # the victim is mid-way through epoch 2 (its 5th optimizer step)
+            assert victim.poll() is None, victim.stderr.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the run never reached the pause point"
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    run_path = tmp_path / "kill" / "tiny-digits"
+    assert (run_path / "checkpoints" / CHECKPOINT_NAME).exists() and not out.exists()
+
+    resumed = subprocess.run(_entry(tmp_path / "kill", out, "--resume"), env=env, capture_output=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert reference.wait(timeout=180) == 0, reference.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+
+    ref, got = torch.load(ref_out, weights_only=False), torch.load(out, weights_only=False)
+    assert got["metrics"]["resumed"] and got["metrics"]["resumed_from"][0]["epoch"] == 1
+    for name, mask in ref["masks"].items():
+        assert torch.equal(got["masks"][name], mask), name
+    assert got["metrics"]["final_accuracy"] == ref["metrics"]["final_accuracy"]
+    for name, tensor in ref["state"].items():
+        assert torch.equal(got["state"][name], tensor), f"{name} differs after resume"  # bit-identical on CPU
+    # history.jsonl is rebuilt, not duplicated: the same records as the uninterrupted run
+    assert _history_without_times(run_path) == _history_without_times(tmp_path / "ref" / "tiny-digits")
