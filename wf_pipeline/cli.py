@@ -148,18 +148,20 @@ def validate(
     max_latency_ratio: Annotated[Optional[float], typer.Option()] = None,
     min_sparsity: Annotated[Optional[float], typer.Option()] = None,
     max_parity_error: Annotated[Optional[float], typer.Option()] = None,
+    min_top1_agreement: Annotated[Optional[float], typer.Option()] = None,
     overrides: SetOption = None,
 ) -> None:
     """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity. Exit 0 pass, 1 gate failed, 2 bad input."""
     from wf_pipeline.data import build_data
     from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
-    from wf_pipeline.recipe.loader import apply_overrides, validate_recipe
+    from wf_pipeline.recipe.loader import validate_recipe
 
     recipe = _load(recipe_path, overrides)
     flags = {"min_accuracy": min_accuracy, "max_accuracy_drop": max_accuracy_drop, "max_latency_ms": max_latency_ms,
-             "max_latency_ratio": max_latency_ratio, "min_sparsity": min_sparsity, "max_parity_error": max_parity_error}
+             "max_latency_ratio": max_latency_ratio, "min_sparsity": min_sparsity, "max_parity_error": max_parity_error,
+             "min_top1_agreement": min_top1_agreement}
     gates_raw = {**recipe.validate_.gates.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
-    gates = validate_recipe(apply_overrides(recipe.to_dict(), []) | {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw}},
+    gates = validate_recipe(recipe.to_dict() | {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw}},
                             "command-line gates").validate_.gates
     for path, what in ((model_path, "model"), (baseline, "--baseline"), (checkpoint, "--checkpoint")):
         if path is not None and not path.is_file():
@@ -170,15 +172,13 @@ def validate(
 
         torch_model = build_model(recipe.model.model_copy(update={"weights": str(checkpoint)})).eval()
     data = build_data(recipe.data, recipe.seed)
-    cfg = recipe.validate_
-    settings = ValidationSettings(parity_samples=cfg.parity_samples, batch_sizes=list(cfg.batch_sizes),
-                                  threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats)
+    settings = ValidationSettings.from_config(recipe.validate_)
     result = validate_model(model_path, torch_model=torch_model, test_data=data.test_tensors(), baseline_path=baseline,
                             settings=settings, gates=gates)
     out_dir = out or model_path.parent / "validation"
     write_validation_outputs(result, out_dir)
     for gate in result.gates:
-        status = "[green]PASS[/green]" if gate.passed else ("[yellow]SKIP[/yellow]" if getattr(gate, "skipped", False) else "[red]FAIL[/red]")
+        status = {True: "[green]PASS[/green]", None: "[yellow]SKIP[/yellow]", False: "[red]FAIL[/red]"}[gate.passed]
         console.print(f"{status} {gate.message}")
     console.print(f"wrote {out_dir}")
     if not result.passed:

@@ -42,7 +42,8 @@ def export_stage(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: to
                            dynamic_batch=cfg.dynamic_batch, sparse_storage=False)
     write_json(out / "export.json", {"pruned": result.to_dict(), "dense_baseline": baseline.to_dict()})
     if not result.sparsity_matches:
-        raise RuntimeError("exported ONNX sparsity does not match the PyTorch masks; see export/export.json")
+        # A bug, not a user error, but the user needs to know where the evidence is.
+        raise RuntimeError(f"exported ONNX sparsity does not match the PyTorch masks; see {out / 'export.json'}")
     return result.path, baseline.path
 
 
@@ -51,10 +52,8 @@ def validate_stage(recipe: Recipe, run: RunDir, onnx_path: Path, baseline_path: 
     from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
 
     cfg = recipe.validate_
-    settings = ValidationSettings(parity_samples=cfg.parity_samples, batch_sizes=list(cfg.batch_sizes),
-                                  threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats)
     result = validate_model(onnx_path, torch_model=torch_model.cpu().eval(), test_data=data.test_tensors(),
-                            baseline_path=baseline_path, settings=settings, gates=cfg.gates)
+                            baseline_path=baseline_path, settings=ValidationSettings.from_config(cfg), gates=cfg.gates)
     write_validation_outputs(result, run.file("validation"))
     return result
 
