@@ -127,3 +127,21 @@ def test_true_fisher_samples_labels_from_the_model() -> None:
     b = collect(model, params, batches, num_grads=6, fisher_type="true", generator=torch.Generator().manual_seed(3))
     emp = collect(model, params, batches, num_grads=6)
     assert torch.equal(a, b) and not torch.allclose(a, emp)
+
+
+def test_block_major_chunks_equal_flat_chunks() -> None:
+    from wf_pipeline.fisher.inverse import BlockLayout
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    layout = BlockLayout([p.numel() for p in params.values()], 8)  # short last blocks in both layers
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) < 0.5 for n, p in params.items()}
+    _, _, batches = pool(6, batch=4)
+    flat = collect(model, params, batches, num_grads=6, chunk_size=4, masks=masks)
+    blocked = torch.cat(
+        list(iter_gradient_chunks(model, params, batches, num_grads=6, chunk_size=4, masks=masks, layout=layout)), dim=1
+    )
+    assert blocked.shape == (layout.num_blocks, 6, 8)
+    assert torch.equal(blocked, layout.to_blocked(flat))
+    assert torch.equal(layout.unpad(blocked.transpose(0, 1)), flat)
+    assert float(blocked.transpose(0, 1)[:, ~layout.valid()].abs().sum()) == 0.0

