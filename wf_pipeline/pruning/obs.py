@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 
 from wf_pipeline.fisher.inverse import BlockFisherInverse
+from wf_pipeline.fisher.parallel import map_slices
 from wf_pipeline.pruning.ranking import choose_pruned
 
 UPDATES = ("joint", "independent", "none")
 # Blocks solved per batched call in the joint update: bounds the temporary copies of M.
-SOLVE_SLICE_BLOCKS = 256
+SOLVE_SLICE_BLOCKS = 64
 
 
 @dataclass
@@ -105,16 +106,18 @@ def obs_update(
         predicted = float((target * scaled).sum()) / 2 + free_gain
     else:
         active = p.any(dim=1).nonzero().squeeze(1)  # only blocks with a pruned weight need a solve
-        predicted = free_gain
-        for s in range(0, active.numel(), SOLVE_SLICE_BLOCKS):
-            idx = active[s : s + SOLVE_SLICE_BLOCKS]
+
+        def solve(s: int, e: int) -> float:
+            idx = active[s:e]
             m = M[idx]
             mask = p[idx].to(dtype)
             system = m * mask.unsqueeze(2) * mask.unsqueeze(1) + torch.diag_embed(1 - mask)
             x = _spd_solve(system, target[idx].unsqueeze(-1))  # (M_QQ)⁻¹ t_Q, zero off Q
             x = x * mask.unsqueeze(-1)  # exact zeros off Q whatever the rounding
-            delta[idx] -= torch.bmm(m, x).squeeze(-1)
-            predicted += 0.5 * float((target[idx].unsqueeze(-1) * x).sum())
+            delta[idx] -= torch.bmm(m, x).squeeze(-1)  # slices own disjoint blocks
+            return 0.5 * float((target[idx].unsqueeze(-1) * x).sum())
+
+        predicted = free_gain + sum(map_slices(solve, active.numel(), SOLVE_SLICE_BLOCKS))
     new_weights = layout.unpad(w + delta).masked_fill(pruned, 0).to(weights.dtype)
     return new_weights, predicted
 
