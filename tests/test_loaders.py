@@ -196,3 +196,25 @@ def test_user_factory_module_path(tmp_path: Path, monkeypatch) -> None:
     sys.modules.pop("my_models", None)
     with pytest.raises(WFError, match="no callable"):
         build_model(ModelConfig(name="my_models:absent"))
+
+
+@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(), reason="Debian dataset not installed")
+def test_bundled_default_checkpoint_is_accurate() -> None:
+    from wf_pipeline.models import load_default_model
+    from wf_pipeline.training import evaluate
+
+    model = load_default_model()
+    data = build_data(DataConfig(dataset="fashion_mnist", test_subset=2000), seed=0)
+    accuracy, _ = evaluate(model, data.test_batches(), torch.device("cpu"))
+    assert accuracy > 0.92
+
+
+def test_bundled_checkpoint_is_small_and_documented() -> None:
+    import json
+
+    from wf_pipeline.models import BUILTIN_CHECKPOINTS
+
+    path = BUILTIN_CHECKPOINTS["resnet20-fmnist"]
+    assert path.stat().st_size <= 2 * 1024 * 1024
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["test_accuracy"] >= 0.92 and info["dataset"] == "fashion_mnist"
