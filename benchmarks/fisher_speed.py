@@ -303,7 +303,8 @@ def main() -> None:
     step = run_pruning_step(args)
     t = step["timings_s"]
     print(f"whole WoodFisher pruning step ({step['model']}; {step['data']}), N={N}, to {step['sparsity']:.2f}: "
-          f"total {t['total']:.2f} s = gradients {t['gradients']:.2f} + inverse {t['inverse']:.2f} + OBS {t['obs']:.2f}")
+          f"total {t['total']:.2f} s = gradients {t['gradients']:.2f} + inverse {t['inverse']:.2f} "
+          f"(of which accumulating GᵀG {t.get('accumulate', 0.0):.2f}) + OBS {t['obs']:.2f}")
 
     result = {
         "benchmark": "fisher_speed",

@@ -101,7 +101,8 @@ class PruneSettings:
 
 @dataclass
 class PruneReport:
-    """What a pruning step did. ``timings`` are seconds (gradients, inverse, obs, total)."""
+    """What a pruning step did. ``timings`` are seconds: gradients, inverse, obs, total (and, for the
+    gradient-based methods, accumulate: the part of inverse spent folding gradients into statistics)."""
 
     target_sparsity: float
     achieved_sparsity: float

@@ -34,7 +34,10 @@ Accumulator = BlockGramAccumulator | WoodburyAccumulator | DiagonalAccumulator
 
 @dataclass
 class SecondOrderResult:
-    timings: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "inverse": 0.0, "obs": 0.0})
+    # "inverse" includes "accumulate" (folding gradient chunks into the Fisher statistics).
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"gradients": 0.0, "inverse": 0.0, "obs": 0.0, "accumulate": 0.0}
+    )
     num_grads: int = 0
     predicted_loss_increase: float | None = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +110,9 @@ def _accumulate(
             acc.add(chunk)
         else:
             acc.add_blocked(chunk)
-        timings["inverse"] += time.perf_counter() - t1
+        elapsed = time.perf_counter() - t1
+        timings["inverse"] += elapsed
+        timings["accumulate"] += elapsed
 
 
 def second_order_prune(
