@@ -169,7 +169,11 @@ def prune_step(
     iterable of (inputs, labels) from the Fisher pool (cycled if it runs short); it is unused by the
     magnitude methods. `reduce_fn` (multi-process) sums each accumulated statistic in place across
     ranks, so all ranks prune identical weights; each rank then passes ``settings.num_grads`` already
-    divided by the world size. The model is in eval mode while gradients are computed, then restored.
+    divided by the world size. Per (sub-)step it is called, on every rank in the same order, first on a
+    float64 scalar holding this rank's ``num_grads`` (to learn the total N before accumulating), then
+    on the statistics: the block Gram sums, the gradient sum and the float64 sample count (diagonal
+    Fisher: the squared-gradient sum instead of the Gram). The model is in eval mode while gradients
+    are computed, then every submodule's mode is restored.
     """
     if not 0.0 <= target_sparsity < 1.0:
         raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
