@@ -145,3 +145,21 @@ def test_diagonal_accumulator() -> None:
     for part in grads.split(4):
         acc.add(part)
     assert torch.allclose(acc.fisher_diag(1e-3), 1e-3 + grads.square().mean(0))
+
+
+def test_indefinite_blocks_are_repaired_and_counted() -> None:
+    """A block made indefinite (as fp32 rounding can do at tiny λ) is retried in fp64 with jitter;
+    the healthy blocks are inverted exactly and the repair is reported."""
+    layout = BlockLayout([3 * B], B)
+    acc = BlockGramAccumulator(layout, dtype=torch.float32)
+    grads = make_grads(20, seed=11)[:, : 3 * B].float()
+    acc.add(grads)
+    acc.gram[1] -= 5.0 * torch.eye(B)  # far below -λ: indefinite even in fp64
+    inv = acc.inverse(1e-2)
+    assert inv.repaired_blocks == 1
+    assert torch.isfinite(inv.blocks).all()
+    healthy = reference_inverse(grads, [3 * B], B, 1e-2)
+    for k in (0, 2):
+        idx = slice(k * B, (k + 1) * B)
+        assert rel_err(inv.block(k), healthy[idx, idx]) <= 1e-4
+    assert torch.linalg.eigvalsh(inv.block(1).double()).min() > 0, "repaired block is a valid SPD inverse"

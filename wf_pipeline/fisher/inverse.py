@@ -11,8 +11,8 @@ Three routes build the same matrix:
   ``K×B×B`` buffer, then invert it in place, a slice of blocks at a time, with a batched Cholesky.
   Peak memory ≈ the buffer (``d·B`` numbers) + one gradient chunk.
 * ``woodbury`` — :class:`WoodburyAccumulator`: the textbook rank-one Sherman–Morrison recursion
-  ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (N + gᵀF⁻¹g)``, one gradient at a time, batched over blocks. The
-  reference used by the WoodFisher paper; slow (matrix-vector speed).
+  ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (N + gᵀF⁻¹g)``, one gradient at a time, batched over blocks
+  (as the WoodFisher research code and SparseML do it). The reference; memory-bound and slow.
 * ``lowrank`` — :func:`low_rank_inverse`: for ``N < B``, ``F⁻¹ = (1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per
   block from the ``N×B`` gradient slice ``A``; needs all gradients at once (``N·d`` numbers).
 """
