@@ -71,9 +71,20 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 1800.0) -> 
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
+def _needs_staging(tensor: torch.Tensor) -> bool:
+    # NCCL only moves GPU tensors; small CPU statistics (counts, losses) travel through the GPU.
+    return tensor.device.type == "cpu" and torch_dist.get_backend() == "nccl"
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> None:
     """Sum `tensor` across processes, in place (no-op in a single process)."""
-    if _active():
+    if not _active():
+        return
+    if _needs_staging(tensor):
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        torch_dist.all_reduce(staged, op=torch_dist.ReduceOp.SUM)
+        tensor.copy_(staged)
+    else:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
 
@@ -93,7 +104,13 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 def broadcast_tensor_(tensor: torch.Tensor, src: int = 0) -> None:
     """Overwrite `tensor` on every rank with rank `src`'s values."""
-    if _active():
+    if not _active():
+        return
+    if _needs_staging(tensor):
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        torch_dist.broadcast(staged, src=src)
+        tensor.copy_(staged)
+    else:
         torch_dist.broadcast(tensor, src=src)
 
 

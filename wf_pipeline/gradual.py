@@ -194,7 +194,8 @@ class _Stage:
         self.model = model.to(device)
         p = self.pcfg
         self.params = select_prunable(self.model, p.layers, p.skip, p.min_layer_params)
-        self.masks = MaskSet.from_zeros(self.params) if self.method == "none" else MaskSet.dense(self.params)
+        # Weights that arrive exactly zero (an already-pruned model) stay pruned: sparsity only grows.
+        self.masks = MaskSet.from_zeros(self.params)
         self.masks.to(device)
         self.plan = [] if self.method == "none" else planned_targets(p.schedule, p.initial_sparsity, p.final_sparsity)
         self.targets = dict(self.plan)
@@ -346,10 +347,11 @@ class _Stage:
         entry = {"epoch": epoch, "step": step_index, "test_accuracy_after": accuracy, **report.to_dict()}
         entry.pop("per_layer_sparsity", None)  # kept once, in the final metrics
         self.state.reports.append(entry)
+        grads_all_ranks = torch.tensor(float(report.num_grads), dtype=torch.float64)
+        all_reduce_sum_(grads_all_ranks)
         self._record({"kind": "prune", "epoch": epoch, "target_sparsity": report.target_sparsity,
                       "achieved_sparsity": report.achieved_sparsity, "test_accuracy_after": accuracy,
-                      "timings": report.timings, "method": self.method, "num_grads": report.num_grads * (
-                          self.dist.world_size if self.settings.method not in ("magnitude", "magnitude_uniform") else 1)})
+                      "timings": report.timings, "method": self.method, "num_grads": int(grads_all_ranks)})
         self.reporter.message(
             f"pruned to {report.achieved_sparsity:.2%} (target {target:.2%}) at epoch {epoch} in "
             f"{report.timings.get('total', 0.0):.1f}s: test accuracy {accuracy:.4f}")
