@@ -50,13 +50,16 @@ def compress(
     from wf_pipeline.pipeline import run_compress
     from wf_pipeline.recipe.checks import check_recipe
 
+    from wf_pipeline.progress import NullReporter
+
     recipe = _load(recipe_path, overrides, base)
     check_recipe(recipe)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 draws progress
+        outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=NullReporter())
+        return
     with RichReporter(console) as reporter:
         outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
     m = outcome.metrics
-    if outcome.report is None:  # a non-main rank under torchrun
-        return
     console.print(f"[bold]dense accuracy[/bold] {m['dense_accuracy']:.4f}  [bold]pruned accuracy[/bold] "
                   f"{m.get('final_accuracy', float('nan')):.4f}  [bold]sparsity[/bold] {m.get('sparsity', 0):.3f}")
     console.print(f"run directory: {outcome.run_dir}\nreport: {outcome.report}")
