@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
 import torch
-
 from wf_pipeline.data import build_data
 from wf_pipeline.device import resolve_device, seed_everything
 from wf_pipeline.gradual import run_pruning_stage

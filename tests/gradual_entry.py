@@ -16,8 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
+import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
 import torch
-
 from wf_pipeline.atomic_io import torch_save, write_text
 from wf_pipeline.data import build_data
 from wf_pipeline.device import seed_everything

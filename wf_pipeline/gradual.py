@@ -387,14 +387,14 @@ class _Stage:
                               f"test accuracy {accuracy:.4f}, sparsity {self.masks.sparsity():.2%}")
 
     # ------------------------------------------------------------------ driver
-    def execute(self, resume: bool) -> StageResult:
+    def execute(self, resume: bool, initial_accuracy: float | None) -> StageResult:
         resumed = resume and self.load()
         if resumed:
             self._restore_history()
         else:
             seed_everything(self.recipe.seed, self.recipe.deterministic)
             self.state.history_base = len(self.run.read_history()) if self.dist.is_main else 0
-            self.state.initial_accuracy = self._evaluate()
+            self.state.initial_accuracy = self._evaluate() if initial_accuracy is None else float(initial_accuracy)
             self.state.last_accuracy = self.state.initial_accuracy
             if self.settings is not None and self.settings.num_grads and self.method not in ("magnitude", "magnitude_uniform"):
                 self.reporter.message(f"Fisher pool: {fisher_pool_size(self.data)} samples; "
@@ -476,13 +476,17 @@ class _Stage:
 
 def run_pruning_stage(recipe: Recipe, run: RunDir, model: nn.Module, data: DataBundle, device: torch.device, *,
                       dist: DistContext = SINGLE_PROCESS, reporter: Reporter | None = None,
-                      resume: bool = False) -> StageResult:
+                      resume: bool = False, initial_accuracy: float | None = None) -> StageResult:
     """Gradually prune `model` by the recipe's schedule with fine-tuning, resumable from the run dir.
 
     `model` arrives with its starting (usually pretrained) weights; it is modified in place and
-    returned unwrapped. With ``resume=True`` the stage continues from ``run.checkpoints/gradual_state.pt``
-    (or starts fresh when there is none yet); a finished stage resumes to its result without work.
+    returned unwrapped. `initial_accuracy` (the caller's measured dense test accuracy) saves the
+    stage its own evaluation of the starting model; it is reported as ``metrics["initial_accuracy"]``.
+    With ``resume=True`` the stage continues from ``run.checkpoints/gradual_state.pt`` (or starts
+    fresh when there is none yet); a finished stage resumes to its result without work, and
+    history.jsonl is rewritten to the records before the stage plus the stage's own up to the
+    checkpoint (later stages' records are dropped, since they run again).
     Every rank of a torchrun job calls this with the same arguments; only the main rank writes files.
     """
     stage = _Stage(recipe, run, model, data, device, dist, reporter or NullReporter())
-    return stage.execute(resume)
+    return stage.execute(resume, initial_accuracy)
