@@ -74,6 +74,7 @@ def run_one(recipe_path: Path, overrides: list[str], root: Path, verbose: bool) 
         "epochs": recipe.finetune.epochs,
         "steps_per_epoch": recipe.finetune.steps_per_epoch,
         "num_grads": recipe.pruning.woodfisher.num_grads,
+        "per_layer_sparsity": {name: round(v, 3) for name, v in m["per_layer_sparsity"].items()},
     }
 
 
@@ -127,7 +128,7 @@ def main() -> None:
         summary[f"woodfisher_drop_{key}"] = dense - wf["accuracy"]
         summary[f"woodfisher_minus_magnitude_{key}"] = wf["accuracy"] - mag["accuracy"]
         print(f"{sparsity:.0%}: magnitude {mag['accuracy']:.4f}, woodfisher {wf['accuracy']:.4f} "
-              f"(drop vs dense {dense - wf['accuracy']:+.4f}; woodfisher - magnitude {wf['accuracy'] - mag['accuracy']:+.4f}); "
+              f"(woodfisher - dense {wf['accuracy'] - dense:+.4f}; woodfisher - magnitude {wf['accuracy'] - mag['accuracy']:+.4f}); "
               f"wall magnitude {mag['wall_s']:.0f}s, woodfisher {wf['wall_s']:.0f}s")
     print(json.dumps(summary, default=float))
 
