@@ -83,7 +83,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         dense_accuracy, _ = evaluate(model, data.test_batches(), device)
         reporter.message(f"dense test accuracy: {dense_accuracy:.4f}")
         log.info("dense accuracy %.4f", dense_accuracy)
-        stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume)
+        stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume,
+                                  initial_accuracy=dense_accuracy)  # already measured above
         metrics: dict[str, Any] = {"dense_accuracy": dense_accuracy, **stage.metrics}
         metrics.setdefault("num_params", sum(p.numel() for p in stage.model.parameters()))
         outcome = CompressOutcome(run.path, metrics)
