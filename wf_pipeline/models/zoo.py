@@ -132,7 +132,7 @@ def resolve_builtin(weights: str) -> Path:
     return path
 
 
-def _is_torchvision_weights_name(weights: str) -> bool:
+def is_torchvision_weights_name(weights: str) -> bool:
     return "_Weights." in weights and not Path(weights).suffix in {".pt", ".pth", ".bin"}
 
 
@@ -196,7 +196,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig) -> list[str]:
     assert cfg.weights is not None
     if cfg.weights.startswith("builtin:"):
         state = _load_state_dict_file(resolve_builtin(cfg.weights))
-    elif _is_torchvision_weights_name(cfg.weights):
+    elif is_torchvision_weights_name(cfg.weights):
         state = _torchvision_state_dict(cfg.weights)
     else:
         path = Path(cfg.weights).expanduser()

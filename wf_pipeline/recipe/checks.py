@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wf_pipeline.errors import RecipeError, WFError
+from wf_pipeline.errors import RecipeError
 from wf_pipeline.recipe.schema import Recipe
 
 
@@ -20,10 +20,12 @@ def _check_data_available(recipe: Recipe) -> None:
 def check_recipe(recipe: Recipe) -> list[str]:
     """Raise RecipeError/WFError on the first problem; return notes describing what was checked."""
     from wf_pipeline.models import build_model
+    from wf_pipeline.models.zoo import is_torchvision_weights_name
     from wf_pipeline.pruning.selection import select_prunable
 
     weights = recipe.model.weights
-    if weights and not weights.startswith("builtin:") and "_Weights." not in weights:
+    hub_weights = bool(weights) and is_torchvision_weights_name(weights)  # type: ignore[arg-type]
+    if weights and not weights.startswith("builtin:") and not hub_weights:
         if not Path(weights).expanduser().is_file():
             raise RecipeError(f"model.weights: file not found: {weights}",
                               "give an existing checkpoint path (relative to the current folder)")
@@ -31,11 +33,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         raise RecipeError(f"export.filename: {recipe.export.filename!r} must end with .onnx", "e.g. model.onnx")
     _check_data_available(recipe)
     # Loading local weights here catches a checkpoint that does not fit the model; hub names are only named.
-    load = bool(weights) and "_Weights." not in (weights or "")
-    try:
-        model = build_model(recipe.model, load=load)
-    except WFError:
-        raise
+    model = build_model(recipe.model, load=bool(weights) and not hub_weights)
     notes = [f"model {recipe.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters"]
     if recipe.pruning.method != "none":
         params = select_prunable(model, recipe.pruning.layers, recipe.pruning.skip, recipe.pruning.min_layer_params)
