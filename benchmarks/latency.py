@@ -51,7 +51,7 @@ def load_model() -> tuple[torch.nn.Module, str]:
 def prune_global_magnitude(model: torch.nn.Module, sparsity: float) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """Global magnitude pruning of every conv/linear weight with the project's pruning API."""
     from wf_pipeline.pruning.masks import MaskSet
-    from wf_pipeline.pruning.methods import PruneSettings, prune_step
+    from wf_pipeline.pruning import PruneSettings, prune_step
     from wf_pipeline.pruning.selection import select_prunable
 
     pruned = copy.deepcopy(model)

@@ -10,7 +10,7 @@ from torch import nn
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.pruning.masks import MaskSet
-from wf_pipeline.pruning.methods import METHODS, PruneSettings, prune_step
+from wf_pipeline.pruning import METHODS, PruneSettings, prune_step
 from wf_pipeline.pruning.ranking import choose_pruned, target_zero_counts
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import PruningConfig
@@ -235,3 +235,59 @@ def test_prune_step_below_current_sparsity_changes_nothing() -> None:
     report = prune_step(model, params, masks, 0.3, settings, fisher_pool())
     assert report.newly_pruned == 0 and report.num_grads == 0
     assert all(torch.equal(snapshot[n], p) for n, p in params.items())
+
+
+def test_every_recipe_method_is_one_pruner_class() -> None:
+    from wf_pipeline.pruning import PRUNERS, Pruner, build_pruner
+
+    assert set(PRUNERS) == set(METHODS)
+    for name in METHODS:
+        pruner = build_pruner(PruneSettings(method=name))
+        assert isinstance(pruner, Pruner) and pruner.name == name
+
+
+def test_prune_step_drives_any_pruner_through_the_four_steps() -> None:
+    """A new method is one class: prune_step runs collect → score → choose → update on it, in order."""
+    from wf_pipeline.pruning.pruners import FlatPruner, Update
+
+    calls: list[str] = []
+
+    class ReversedMagnitude(FlatPruner[None]):
+        name = "reversed_magnitude"
+
+        def collect(self, view, ctx):
+            calls.append("collect")
+
+        def score(self, view, stats):
+            calls.append("score")
+            return -view.flat_weights().abs()  # largest weights first
+
+        def choose(self, view, scores, target):
+            calls.append("choose")
+            return super().choose(view, scores, target)
+
+        def update(self, view, stats, chosen):
+            calls.append("update")
+            view.write_back(view.flat_kept() & ~chosen)
+            return Update(predicted_loss_increase=None)
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    original = torch.cat([p.detach().abs().reshape(-1) for p in params.values()])
+    masks = MaskSet.dense(params)
+    report = prune_step(model, params, masks, 0.3, ReversedMagnitude(PruneSettings(method="magnitude")))
+    assert calls == ["collect", "score", "choose", "update"]
+    assert report.method == "reversed_magnitude"
+    pruned = torch.cat([(~masks.masks[n]).reshape(-1) for n in params])
+    assert original[pruned].min() >= original[~pruned].max()
+
+
+def test_settings_read_the_schema_section() -> None:
+    """PruneSettings holds the recipe's woodfisher section itself: one declaration, one validation."""
+    cfg = PruningConfig(method="woodfisher")
+    settings = PruneSettings.from_config(cfg)
+    assert settings.woodfisher is cfg.woodfisher
+    changed = settings.replace(num_grads=7, ranking="uniform")
+    assert changed.num_grads == 7 and changed.ranking == "uniform" and settings.num_grads == cfg.woodfisher.num_grads
+    with pytest.raises(ValueError, match="damp"):
+        settings.replace(damp=-1.0)

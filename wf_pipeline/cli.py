@@ -115,7 +115,8 @@ def oneshot(
     from wf_pipeline.data import build_data
     from wf_pipeline.device import resolve_device, seed_everything
     from wf_pipeline.models import build_model
-    from wf_pipeline.oneshot import METHODS, run_oneshot_sweep, sweep_markdown, write_sweep
+    from wf_pipeline.oneshot import run_oneshot_sweep, sweep_markdown, write_sweep
+    from wf_pipeline.pruning.settings import METHODS
     from wf_pipeline.rundir import open_run_dir
 
     methods = [m for value in method for m in value.replace(",", " ").split()]

@@ -2,7 +2,7 @@
 
 At the start of every scheduled pruning epoch the model gets fresh Fisher gradients, a fresh inverse
 and one OBS step (or a baseline's step) to that epoch's target sparsity through
-:func:`wf_pipeline.pruning.methods.prune_step`; then it fine-tunes for the epoch with the masks held
+:func:`wf_pipeline.pruning.step.prune_step`; then it fine-tunes for the epoch with the masks held
 exactly (optimizer hooks zero pruned weights, their gradients and their momentum at every step).
 
 The stage is resumable. A checkpoint is written atomically at the start, after every pruning step and
@@ -40,7 +40,7 @@ from wf_pipeline.distributed import (
 from wf_pipeline.errors import WFError
 from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.pruning.masks import MaskHandle, MaskSet
-from wf_pipeline.pruning.methods import PruneReport, PruneSettings, prune_step
+from wf_pipeline.pruning import PruneReport, PruneSettings, build_pruner, prune_step
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import Recipe
 from wf_pipeline.rundir import RunDir
@@ -209,13 +209,13 @@ class _Stage:
     # ------------------------------------------------------------------ setup
     def _prune_settings(self) -> PruneSettings:
         base = PruneSettings.from_config(self.pcfg)
-        if base.method in ("magnitude", "magnitude_uniform"):
+        if not build_pruner(base).needs_gradients:
             return base
         total, note = plan_num_grads(base.num_grads, base.grad_batch_size, fisher_pool_size(self.data), self.dist.world_size)
         if note:
             self._note(note)
         # Each rank computes its share; prune_step normalises by the summed count of all ranks.
-        return dataclasses.replace(base, num_grads=max(1, self.dist.share(total)))
+        return base.replace(num_grads=max(1, self.dist.share(total)))
 
     def _note(self, text: str) -> None:
         if text not in self.state.notes:
@@ -347,11 +347,9 @@ class _Stage:
         entry = {"epoch": epoch, "step": step_index, "test_accuracy_after": accuracy, **report.to_dict()}
         entry.pop("per_layer_sparsity", None)  # kept once, in the final metrics
         self.state.reports.append(entry)
-        grads_all_ranks = torch.tensor(float(report.num_grads), dtype=torch.float64)
-        all_reduce_sum_(grads_all_ranks)
         self._record({"kind": "prune", "epoch": epoch, "target_sparsity": report.target_sparsity,
                       "achieved_sparsity": report.achieved_sparsity, "test_accuracy_after": accuracy,
-                      "timings": report.timings, "method": self.method, "num_grads": int(grads_all_ranks)})
+                      "timings": report.timings, "method": self.method, "num_grads": report.num_grads})
         self.reporter.message(
             f"pruned to {report.achieved_sparsity:.2%} (target {target:.2%}) at epoch {epoch} in "
             f"{report.timings.get('total', 0.0):.1f}s: test accuracy {accuracy:.4f}")
@@ -396,7 +394,7 @@ class _Stage:
             self.state.history_base = len(self.run.read_history()) if self.dist.is_main else 0
             self.state.initial_accuracy = self._evaluate() if initial_accuracy is None else float(initial_accuracy)
             self.state.last_accuracy = self.state.initial_accuracy
-            if self.settings is not None and self.settings.num_grads and self.method not in ("magnitude", "magnitude_uniform"):
+            if self.settings is not None and build_pruner(self.settings).needs_gradients:
                 self.reporter.message(f"Fisher pool: {fisher_pool_size(self.data)} samples; "
                                       f"{self.settings.num_grads} gradients per process")
             self.save()
