@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wf_pipeline.recipe.schema import LRScheduleConfig, OptimizerConfig, TrainingConfig
+from wf_pipeline.recipe.schema import LRPieceConfig, LRScheduleConfig, OptimizerConfig, TrainingConfig
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, running_loss)
 
@@ -49,6 +49,40 @@ def lr_factor(cfg: LRScheduleConfig, progress_epochs: float, total_epochs: float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
 
 
+def piece_lr(piece: LRPieceConfig, progress_epochs: float, end_epoch: float) -> float:
+    """The rate of one schedule piece at an epoch inside it (`end_epoch` resolves an open-ended piece)."""
+    span = max(end_epoch - piece.start_epoch, 1e-8)
+    t = min(max((progress_epochs - piece.start_epoch) / span, 0.0), 1.0)
+    if piece.kind == "constant":
+        return piece.lr
+    if piece.kind == "linear":
+        return piece.lr + (piece.final_lr - piece.lr) * t
+    if piece.kind == "cosine":
+        return piece.final_lr + (piece.lr - piece.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    if piece.kind == "step":
+        return piece.lr * piece.gamma ** sum(progress_epochs >= e for e in piece.step_epochs)
+    # exponential: continuous, like the single-schedule form
+    return piece.lr * piece.gamma ** (min(progress_epochs, end_epoch) - piece.start_epoch)
+
+
+def piecewise_lr(pieces: list[LRPieceConfig], progress_epochs: float, total_epochs: float) -> float:
+    """The rate at an epoch of a piecewise schedule; after the last piece it stays at that piece's end value."""
+    current = pieces[0]
+    for piece in pieces:
+        if progress_epochs >= piece.start_epoch:
+            current = piece
+    end = current.end_epoch if current.end_epoch is not None else max(float(total_epochs), current.start_epoch)
+    return piece_lr(current, progress_epochs, end)
+
+
+def lr_at(cfg: TrainingConfig, progress_epochs: float) -> float:
+    """The learning rate of a training run at a (fractional) epoch, for either form of `lr_schedule`."""
+    schedule = cfg.lr_schedule
+    if isinstance(schedule, list):
+        return piecewise_lr(schedule, progress_epochs, cfg.epochs)
+    return cfg.optimizer.lr * lr_factor(schedule, progress_epochs, cfg.epochs, cfg.optimizer.lr)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -79,7 +113,7 @@ def train_epoch(
     total_loss, correct, seen, step = 0.0, 0, 0, start_step
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        set_lr(optimizer, cfg.optimizer.lr * lr_factor(cfg.lr_schedule, epoch + step / steps_per_epoch, cfg.epochs, cfg.optimizer.lr))
+        set_lr(optimizer, lr_at(cfg, epoch + step / steps_per_epoch))
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -5,9 +5,22 @@ Defaults follow the WoodFisher paper where it has one (dampening 1e-5, cubic sch
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 
 class Strict(BaseModel):
@@ -71,13 +84,139 @@ class LRScheduleConfig(Strict):
     final_lr: float = Field(0.0, ge=0, description="end value for cosine/linear")
 
 
+class LRPieceConfig(Strict):
+    """One piece of a piecewise learning-rate schedule: absolute rates over [start_epoch, end_epoch)."""
+
+    start_epoch: float = Field(ge=0, description="the first piece starts at 0, every other where the previous ends")
+    end_epoch: float | None = Field(None, description="None: until the end of training (last piece only)")
+    kind: Literal["constant", "linear", "cosine", "step", "exponential"] = Field(
+        description="linear/cosine go from lr to final_lr over the piece (a cosine piece after another is a warm restart)"
+    )
+    lr: float = Field(ge=0, description="rate at start_epoch")
+    final_lr: float = Field(0.0, ge=0, description="linear/cosine: rate reached at end_epoch")
+    step_epochs: list[float] = Field(
+        default_factory=list, description="step: epochs (absolute, inside the piece) at which lr is multiplied by gamma"
+    )
+    gamma: float = Field(0.1, gt=0, description="step: factor per step epoch; exponential: factor per epoch")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LRPieceConfig":
+        if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
+            raise ValueError(f"end_epoch ({self.end_epoch}) must be after start_epoch ({self.start_epoch})")
+        # A value that the piece's kind never reads is a mistake, not a no-op.
+        fields = type(self).model_fields
+        unused = sorted(
+            name for name in self._unused_fields() if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+        )
+        if unused:
+            raise ValueError(f"{', '.join(unused)} has no effect on a '{self.kind}' piece; remove it")
+        if self.kind in ("constant", "step", "exponential") and self.lr <= 0:
+            raise ValueError(f"lr must be > 0 for a '{self.kind}' piece")
+        if self.kind in ("linear", "cosine") and self.lr == 0 and self.final_lr == 0:
+            raise ValueError("lr and final_lr are both 0: the piece would not train")
+        for epoch in self.step_epochs:
+            if epoch <= self.start_epoch or (self.end_epoch is not None and epoch >= self.end_epoch):
+                raise ValueError(f"step epoch {epoch} is outside the piece ({self.start_epoch}, {self.end_epoch})")
+        return self
+
+    def _unused_fields(self) -> set[str]:
+        return _LR_PIECE_VALUES - _LR_PIECE_USES[self.kind]
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Written recipes show only the values the piece's kind reads."""
+        data = handler(self)
+        for name in self._unused_fields():
+            data.pop(name, None)
+        return data
+
+
+_LR_PIECE_VALUES = frozenset({"final_lr", "step_epochs", "gamma"})
+_LR_PIECE_USES: dict[str, frozenset[str]] = {
+    "constant": frozenset(),
+    "linear": frozenset({"final_lr"}),
+    "cosine": frozenset({"final_lr"}),
+    "step": frozenset({"step_epochs", "gamma"}),
+    "exponential": frozenset({"gamma"}),
+}
+
+
+def _lr_schedule_form(value: Any) -> str:
+    return "pieces" if isinstance(value, list) else "single"
+
+
+def _without_form_tag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    return loc[1:] if loc and loc[0] in ("single", "pieces") else loc
+
+
+LRSchedule = Annotated[
+    Union[Annotated[LRScheduleConfig, Tag("single")], Annotated[list[LRPieceConfig], Tag("pieces")]],
+    Discriminator(_lr_schedule_form),
+]
+
+
 class TrainingConfig(Strict):
     epochs: int = Field(8, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    lr_schedule: LRSchedule = Field(
+        default_factory=LRScheduleConfig,
+        description="one schedule over all epochs (a mapping, rates relative to optimizer.lr), or a list of "
+        "pieces with their own epoch ranges and absolute rates (warm restarts, a constant then a decay, ...)",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     steps_per_epoch: int | None = Field(None, ge=1, description="cap optimizer steps per epoch (fast runs)")
     grad_clip: float | None = Field(None, gt=0)
+
+    @field_validator("lr_schedule", mode="wrap")
+    @classmethod
+    def _plain_error_locations(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Drop the union's tag from error locations: 'lr_schedule.1.kind', not 'lr_schedule.pieces.1.kind'."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            details = [
+                InitErrorDetails(type=err["type"], loc=_without_form_tag(err["loc"]), input=err["input"], ctx=err.get("ctx", {}))
+                for err in exc.errors()
+            ]
+            raise ValidationError.from_exception_data(exc.title, details) from None
+
+    @model_validator(mode="after")
+    def _pieces_cover_training(self) -> "TrainingConfig":
+        pieces = self.lr_schedule
+        if not isinstance(pieces, list):
+            return self
+        if not pieces:
+            raise ValueError("lr_schedule is an empty list; give at least one piece or a single schedule mapping")
+        if pieces[0].start_epoch != 0:
+            raise ValueError(f"lr_schedule.0 starts at epoch {pieces[0].start_epoch}; the first piece starts at 0")
+        for index, (piece, following) in enumerate(zip(pieces, pieces[1:])):
+            if piece.end_epoch is None:
+                raise ValueError(f"lr_schedule.{index} has no end_epoch; only the last piece may leave it out")
+            if following.start_epoch != piece.end_epoch:
+                raise ValueError(
+                    f"lr_schedule.{index + 1} starts at epoch {following.start_epoch} but lr_schedule.{index} ends "
+                    f"at {piece.end_epoch}; pieces must follow each other without gaps or overlaps"
+                )
+        last = pieces[-1]
+        if self.epochs > 0 and last.start_epoch >= self.epochs:
+            raise ValueError(
+                f"lr_schedule.{len(pieces) - 1} starts at epoch {last.start_epoch}, when training is over "
+                f"(epochs={self.epochs}); remove it or raise epochs"
+            )
+        if last.end_epoch is not None and last.end_epoch < self.epochs:
+            raise ValueError(
+                f"lr_schedule pieces end at epoch {last.end_epoch} but training lasts {self.epochs} epochs; "
+                "extend the last piece or leave its end_epoch out"
+            )
+        first_lr = pieces[0].lr
+        if first_lr > 0:  # optimizer.lr mirrors the starting rate, so an override of it cannot go unnoticed
+            if "lr" in self.optimizer.model_fields_set and self.optimizer.lr != first_lr:
+                raise ValueError(
+                    f"optimizer.lr ({self.optimizer.lr}) differs from the first lr_schedule piece's lr ({first_lr}); "
+                    "with a list of pieces each piece sets its rate: change the pieces and remove optimizer.lr"
+                )
+            self.optimizer.lr = first_lr
+        return self
 
 
 class ScheduleConfig(Strict):
