@@ -21,7 +21,7 @@ from wf_pipeline.progress import NullReporter
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.loader import load_recipe
 from wf_pipeline.rundir import RunDir
-from wf_pipeline.schedule import planned_targets
+from wf_pipeline.pruning.schedule import planned_targets
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny_digits.yaml"
@@ -222,3 +222,107 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(got["state"][name], tensor), f"{name} differs after resume"  # bit-identical on CPU
     # history.jsonl is rebuilt, not duplicated: the same records as the uninterrupted run
     assert _history_without_times(run_path) == _history_without_times(tmp_path / "ref" / "tiny-digits")
+
+
+# ----------------------------------------------------------------------------- fractional schedules and groups
+class _Crash(Exception):
+    pass
+
+
+class CrashAfterSteps(NullReporter):
+    """Raises after the N-th fine-tuning step: an in-process stand-in for a kill."""
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def advance(self, task: str, completed: int, info: str = "") -> None:
+        if task.startswith("finetune"):
+            self.left -= 1
+            if self.left == 0:
+                raise _Crash()
+
+
+FRACTIONAL = ("pruning.schedule.start_epoch=0", "pruning.schedule.end_epoch=1.5", "pruning.schedule.frequency=0.5",
+              "finetune.epochs=3", "finetune.steps_per_epoch=4")
+
+
+def _run_stage(recipe, reporter=None, resume=False):  # noqa: ANN001, ANN202
+    run = bare_run(recipe)
+    torch.manual_seed(0)
+    return run, run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
+                                  torch.device("cpu"), reporter=reporter, resume=resume)
+
+
+def test_fractional_schedule_prunes_inside_epochs(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, *FRACTIONAL)
+    run, result = _run_stage(recipe)
+    prunes = [r for r in run.read_history() if r["kind"] == "prune"]
+    # every half epoch of 4 steps: before optimizer steps 0, 2, 4 and 6
+    assert [r["optimizer_step"] for r in prunes] == [0, 2, 4, 6]
+    assert [r["epoch"] for r in prunes] == [0, 0.5, 1, 1.5]
+    assert prunes[-1]["target_sparsity"] == recipe.pruning.final_sparsity
+    epochs = [r for r in run.read_history() if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert result.metrics["sparsity"] == pytest.approx(recipe.pruning.final_sparsity, abs=1e-4)
+
+
+def test_resume_inside_an_epoch_after_a_pruning_step(tmp_path: Path) -> None:
+    """Killed two steps after the pruning at step 6 (mid-epoch 1): the resumed run equals an uninterrupted one."""
+    _, reference = _run_stage(tiny_recipe(tmp_path / "ref", *FRACTIONAL))
+    crashed = tiny_recipe(tmp_path / "crash", *FRACTIONAL)
+    with pytest.raises(_Crash):
+        _run_stage(crashed, reporter=CrashAfterSteps(7))
+    run, resumed = _run_stage(crashed, resume=True)
+    assert resumed.metrics["resumed_from"][0]["steps_done"] == 6  # the checkpoint after the pruning at step 6
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.metrics["final_accuracy"] == reference.metrics["final_accuracy"]
+    kinds = [(r["kind"], r.get("optimizer_step", r.get("epoch"))) for r in run.read_history()]
+    assert kinds == [("prune", 0), ("prune", 2), ("epoch", 0), ("prune", 4), ("prune", 6), ("epoch", 1), ("epoch", 2)]
+
+
+def test_groups_prune_their_own_layers_to_their_own_targets(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "finetune.epochs=2", "finetune.steps_per_epoch=2")
+    recipe.pruning.groups = [
+        {"name": "early", "layers": [r"^layer1\."], "final_sparsity": 0.5,
+         "schedule": {"start_epoch": 0, "end_epoch": 0}},
+        {"name": "late", "layers": [r"^layer[23]\."], "initial_sparsity": 0.3, "final_sparsity": 0.8,
+         "schedule": {"start_epoch": 0, "end_epoch": 1, "frequency": 0.5}},
+    ]
+    run, result = _run_stage(recipe)
+    sparsity = result.metrics["per_layer_sparsity"]
+    early = [n for n in sparsity if n.startswith("layer1.")]
+    late = [n for n in sparsity if n.startswith(("layer2.", "layer3."))]
+    assert set(sparsity) == set(early) | set(late)  # conv1 and fc belong to no group: not held, not pruned
+    sizes = dict((n, p.numel()) for n, p in result.model.named_parameters())
+    group_sparsity = lambda names: sum(sparsity[n] * sizes[n] for n in names) / sum(sizes[n] for n in names)  # noqa: E731
+    assert group_sparsity(early) == pytest.approx(0.5, abs=1e-3)
+    assert group_sparsity(late) == pytest.approx(0.8, abs=1e-3)
+    prunes = [r for r in run.read_history() if r["kind"] == "prune"]
+    assert [(r["group"], r["optimizer_step"]) for r in prunes] == [("early", 0), ("late", 0), ("late", 1), ("late", 2)]
+
+
+def test_groups_must_not_overlap_and_must_match(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path)
+    recipe.pruning.groups = [{"layers": [r"^layer1\."], "final_sparsity": 0.5},
+                             {"layers": [r"^layer1\.0\."], "final_sparsity": 0.7}]
+    with pytest.raises(WFError, match=r"pruning.groups\[1\].layers: parameter 'layer1.0.conv1.weight' is already"):
+        _run_stage(recipe)
+    recipe.pruning.groups = [{"layers": ["^nothing"], "final_sparsity": 0.5}]
+    with pytest.raises(WFError, match=r"pruning.groups\[0\]: no prunable weights"):
+        _run_stage(recipe)
+
+
+def test_monitoring_uses_a_slice_and_the_end_the_whole_test_set(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "evaluation.monitor_samples=50", "finetune.epochs=2", "finetune.steps_per_epoch=2",
+                         "pruning.schedule.end_epoch=1")
+    run, result = _run_stage(recipe)
+    history = run.read_history()
+    for record in history[:-1]:
+        accuracy = record.get("test_accuracy", record.get("test_accuracy_after"))
+        assert round(accuracy * 50, 6).is_integer(), record  # measured on 50 images
+    data = build_data(recipe.data, recipe.seed)
+    full_size = len(data.test_split)
+    assert full_size > 50
+    assert history[-1]["test_accuracy"] == result.metrics["final_accuracy"]
+    assert round(result.metrics["final_accuracy"] * full_size, 6).is_integer()

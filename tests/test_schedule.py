@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from wf_pipeline.recipe.schema import ScheduleConfig
-from wf_pipeline.schedule import planned_targets, pruning_epochs, schedule_value, sparsity_at
+from wf_pipeline.pruning.schedule import planned_targets, pruning_epochs, schedule_value, sparsity_at, step_of
 
 
 def test_pruning_epochs_include_start_and_end() -> None:
@@ -60,3 +60,20 @@ def test_planned_targets_monotone_and_bounded() -> None:
 def test_schedule_value_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError, match="unknown schedule kind"):
         schedule_value(0.5, "exponential", 0.0, 0.9)
+
+
+def test_fractional_frequency_is_exact() -> None:
+    """SparseML recipes prune every 0.4 or 0.5 epochs: the grid is start + i·f, with no drift."""
+    cfg = ScheduleConfig(start_epoch=0, end_epoch=2, frequency=0.4)
+    assert pruning_epochs(cfg) == pytest.approx([0, 0.4, 0.8, 1.2, 1.6, 2])
+    assert pruning_epochs(ScheduleConfig(start_epoch=0.5, end_epoch=3.0, frequency=0.5))[-1] == 3
+    cfg = ScheduleConfig(start_epoch=0.1, end_epoch=0.7, frequency=0.3)  # 0.1+0.3+0.3 is 0.7000000000000001
+    assert len(pruning_epochs(cfg)) == 3 and pruning_epochs(cfg)[-1] == 0.7
+    assert sparsity_at(0.7, cfg, 0.2, 0.8) == 0.8
+
+
+def test_step_of_epoch() -> None:
+    assert step_of(0, 100) == 0 and step_of(3, 100) == 300
+    assert step_of(0.4, 180) == 72  # 0.4 * 180 exactly
+    assert step_of(0.4, 7) == 3  # 2.8 -> the first step at or after it
+    assert step_of(1.2, 5) == 6  # 1.2 * 5 = 6.000000000000001 must not become 7

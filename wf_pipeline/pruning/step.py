@@ -80,8 +80,8 @@ def prune_step(
     zeros_before = int((~kept).sum())
     predictions: list[float | None] = []
     # Nothing to prune (already at or beyond the target): no statistics, nothing revived.
-    if not (pruner.needs_gradients and round(target_sparsity * kept.numel()) <= zeros_before):
-        start = zeros_before / kept.numel()
+    if not (pruner.needs_gradients and pruner.reached(view, target_sparsity)):
+        start = pruner.sparsity(view)
         steps = pruner.sub_steps
         with eval_mode(model):
             for step in range(1, steps + 1):
@@ -93,12 +93,11 @@ def prune_step(
         predictions.append(0.0)
 
     ctx.timings["total"] = time.perf_counter() - started
-    kept_after = view.flat_kept()
-    zeros_after = int((~kept_after).sum())
+    zeros_after = int((~view.flat_kept()).sum())
     predicted = None if not predictions or any(p is None for p in predictions) else float(sum(predictions))  # type: ignore[arg-type]
     return PruneReport(
         target_sparsity=float(target_sparsity),
-        achieved_sparsity=zeros_after / kept_after.numel(),
+        achieved_sparsity=pruner.sparsity(view),
         per_layer_sparsity={n: float((~masks.masks[n]).sum()) / masks.masks[n].numel() for n in params},
         timings=ctx.timings,
         num_grads=ctx.num_grads,

@@ -221,15 +221,50 @@ class TrainingConfig(Strict):
 
 class ScheduleConfig(Strict):
     kind: Literal["cubic", "linear", "constant"] = "cubic"
-    start_epoch: int = Field(0, ge=0)
-    end_epoch: int = Field(4, ge=0)
-    frequency: int = Field(1, ge=1, description="epochs between pruning steps")
+    start_epoch: float = Field(0, ge=0, description="first pruning step (fractional epochs allowed)")
+    end_epoch: float = Field(4, ge=0, description="last pruning step, at final sparsity")
+    frequency: float = Field(
+        1, gt=0, description="epochs between pruning steps; fractions allowed (0.5 = twice per epoch)"
+    )
 
     @model_validator(mode="after")
     def _order(self) -> "ScheduleConfig":
         if self.end_epoch < self.start_epoch:
             raise ValueError(
                 f"end_epoch ({self.end_epoch}) must be >= start_epoch ({self.start_epoch})"
+            )
+        return self
+
+
+def _compiled_regexes(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+    return patterns
+
+
+class PruningGroupConfig(Strict):
+    """One target over one group of parameters (SparseML: one pruning modifier)."""
+
+    name: str | None = Field(None, description="label used in logs and reports")
+    layers: list[str] = Field(..., min_length=1, description="regexes over parameter names of this group")
+    skip: list[str] = Field(default_factory=list, description="regexes of parameter names left out of this group")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1)
+    final_sparsity: float = Field(..., ge=0, lt=1)
+    schedule: ScheduleConfig | None = Field(None, description="defaults to pruning.schedule")
+
+    @field_validator("layers", "skip")
+    @classmethod
+    def _regexes_compile(cls, patterns: list[str]) -> list[str]:
+        return _compiled_regexes(patterns)
+
+    @model_validator(mode="after")
+    def _sparsity_order(self) -> "PruningGroupConfig":
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})"
             )
         return self
 
@@ -253,6 +288,9 @@ class PruningConfig(Strict):
     method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "none"] = (
         "woodfisher"
     )
+    structure: Literal["unstructured", "channel"] = Field(
+        "unstructured", description="unstructured: single weights; channel: whole channels (physically removed)"
+    )
     initial_sparsity: float = Field(0.0, ge=0, lt=1)
     final_sparsity: float = Field(0.9, ge=0, lt=1)
     ranking: Literal["global", "uniform"] = "global"
@@ -264,16 +302,16 @@ class PruningConfig(Strict):
     )
     skip: list[str] = Field(default_factory=list, description="regexes of parameter names never pruned")
     min_layer_params: int = Field(0, ge=0, description="leave layers smaller than this dense")
+    groups: list[PruningGroupConfig] = Field(
+        default_factory=list,
+        description="several targets over different parameter groups; when given, each group prunes its own "
+        "layers (minus pruning.skip) and pruning.layers/initial_sparsity/final_sparsity are not used",
+    )
 
     @field_validator("layers", "skip")
     @classmethod
     def _regexes_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
-        return patterns
+        return _compiled_regexes(patterns)
 
     @model_validator(mode="after")
     def _sparsity_order(self) -> "PruningConfig":
@@ -282,6 +320,21 @@ class PruningConfig(Strict):
                 f"initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})"
             )
         return self
+
+    def schedules(self) -> list[ScheduleConfig]:
+        """The schedule of every pruning group (one entry when `groups` is empty)."""
+        if not self.groups:
+            return [self.schedule]
+        return [g.schedule or self.schedule for g in self.groups]
+
+
+class EvaluationConfig(Strict):
+    monitor_samples: int | None = Field(
+        2000,
+        ge=1,
+        description="test samples behind the accuracy tracked after each pruning step and epoch "
+        "(null: the whole test set each time); the final accuracy always uses the whole test set",
+    )
 
 
 class ExportConfig(Strict):
@@ -343,6 +396,7 @@ class Recipe(Strict):
     train: TrainingConfig = Field(default_factory=TrainingConfig, description="dense training (wf-pipeline train)")
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     finetune: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -351,11 +405,14 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _schedule_within_finetune(self) -> "Recipe":
-        if self.pruning.method != "none" and self.pruning.schedule.end_epoch > self.finetune.epochs:
-            raise ValueError(
-                f"pruning.schedule.end_epoch ({self.pruning.schedule.end_epoch}) is after the last "
-                f"fine-tuning epoch (finetune.epochs={self.finetune.epochs}); raise finetune.epochs or lower end_epoch"
-            )
+        if self.pruning.method != "none":
+            for index, schedule in enumerate(self.pruning.schedules()):
+                where = "pruning.schedule" if not self.pruning.groups else f"pruning.groups[{index}].schedule"
+                if schedule.end_epoch > self.finetune.epochs:
+                    raise ValueError(
+                        f"{where}.end_epoch ({schedule.end_epoch}) is after the last fine-tuning epoch "
+                        f"(finetune.epochs={self.finetune.epochs}); raise finetune.epochs or lower end_epoch"
+                    )
         return self
 
     def run_name(self) -> str:

@@ -121,6 +121,16 @@ class Pruner(ABC, Generic[Stats]):
         """Fisher recomputations per pruning step (``recompute_steps``; 1 for data-free methods)."""
         return self.settings.recompute_steps if self.needs_gradients else 1
 
+    def sparsity(self, view: PruneView) -> float:
+        """How pruned the view is, in this method's unit (unstructured: the fraction of zero weights)."""
+        kept = view.flat_kept()
+        return float((~kept).sum()) / kept.numel()
+
+    def reached(self, view: PruneView, target_sparsity: float) -> bool:
+        """Whether the view is already at or beyond the target, so the step has nothing to do."""
+        kept = view.flat_kept()
+        return round(target_sparsity * kept.numel()) <= int((~kept).sum())
+
     @abstractmethod
     def collect(self, view: PruneView, ctx: StepContext) -> Stats: ...
 
