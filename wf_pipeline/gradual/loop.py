@@ -111,9 +111,11 @@ class _Stage:
         self.epochs = self.cfg.epochs
         self.state = StageState()
         self.groups: list[PruneGroup] = [] if self.method == "none" else build_groups(model, self.pcfg, self._settings())
-        held = self._held_parameters()
+        selected, held = self._held_parameters()
         # Weights that arrive exactly zero (an already-pruned model) stay pruned: sparsity only grows.
-        self.masks = MaskSet.from_zeros(held).to(device)
+        # Parameters a pruner holds beyond the selection (BatchNorm of a removed channel) start kept.
+        extra = {name: p for name, p in held.items() if name not in selected}
+        self.masks = MaskSet({**MaskSet.from_zeros(selected).masks, **MaskSet.dense(extra).masks}).to(device)
         self.optimizer = build_optimizer(model, self.cfg.optimizer)
         self.steps_per_epoch = len(data.train_batches(0, rank=dist.rank, world_size=dist.world_size,  # type: ignore[arg-type]
                                                       max_batches=self.cfg.steps_per_epoch))
@@ -138,13 +140,17 @@ class _Stage:
         # Each rank computes its share; prune_step normalises by the summed count of all ranks.
         return base.replace(num_grads=max(1, self.dist.share(total)))
 
-    def _held_parameters(self) -> dict[str, nn.Parameter]:
+    def _held_parameters(self) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+        """(the selected weights, every parameter whose mask the stage holds)."""
         if not self.groups:  # method none: nothing is pruned, but existing zeros are held
-            return select_prunable(self.model, self.pcfg.layers, self.pcfg.skip, self.pcfg.min_layer_params)
+            selected = select_prunable(self.model, self.pcfg.layers, self.pcfg.skip, self.pcfg.min_layer_params)
+            return selected, selected
+        selected: dict[str, nn.Parameter] = {}
         held: dict[str, nn.Parameter] = {}
         for group in self.groups:
-            held.update(group.params)
-        return held
+            selected.update(group.params)
+            held.update(group.pruner.held_parameters(self.model, group.params))
+        return selected, held
 
     def start(self, resume: bool, initial_accuracy: float | None) -> None:
         """Continue from the checkpoint, or start fresh (seeded, initial accuracy, first checkpoint)."""

@@ -121,6 +121,11 @@ class Pruner(ABC, Generic[Stats]):
         """Fisher recomputations per pruning step (``recompute_steps``; 1 for data-free methods)."""
         return self.settings.recompute_steps if self.needs_gradients else 1
 
+    def held_parameters(self, model: nn.Module, selected: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """Every parameter whose mask this method sets, given the recipe's selection (unstructured: the
+        selection itself; a channel pruner adds the coupled BatchNorm and consumer parameters)."""
+        return selected
+
     def sparsity(self, view: PruneView) -> float:
         """How pruned the view is, in this method's unit (unstructured: the fraction of zero weights)."""
         kept = view.flat_kept()
