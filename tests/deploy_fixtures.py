@@ -8,13 +8,14 @@ from torch import nn
 class TinyNet(nn.Module):
     """conv+BN+relu twice, then a linear head: enough to exercise BN folding and name mapping."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, int] = (8, 16)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        c1, c2 = widths
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.block = nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(16 * 4, num_classes)
+        self.fc = nn.Linear(c2 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
@@ -59,6 +60,30 @@ def make_sparse_model(sparsity: float = 0.9, seed: int = 0, in_channels: int = 1
                 param.mul_(mask)
                 masks[name] = mask
     return model.eval(), masks
+
+
+def remove_channels(model: TinyNet, keep1: list[int], keep2: list[int]) -> TinyNet:
+    """Channel surgery by hand: a physically narrower TinyNet holding the kept channels' weights.
+
+    Output channels `keep1` of conv1 (with bn1 and the matching input channels of the block conv) and
+    `keep2` of the block conv (with its BN and the matching fc columns) stay; the rest is removed.
+    """
+    slim = TinyNet(model.conv1.in_channels, model.fc.out_features, widths=(len(keep1), len(keep2))).eval()
+    i1, i2 = torch.tensor(keep1), torch.tensor(keep2)
+    fc_columns = (i2[:, None] * 4 + torch.arange(4)).reshape(-1)  # flatten of (channel, 2, 2)
+
+    def copy_bn(target: nn.BatchNorm2d, source: nn.BatchNorm2d, index: torch.Tensor) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(target, name).copy_(getattr(source, name)[index])
+
+    with torch.no_grad():
+        slim.conv1.weight.copy_(model.conv1.weight[i1])
+        copy_bn(slim.bn1, model.bn1, i1)
+        slim.block[0].weight.copy_(model.block[0].weight[i2][:, i1])
+        copy_bn(slim.block[1], model.block[1], i2)
+        slim.fc.weight.copy_(model.fc.weight[:, fc_columns])
+        slim.fc.bias.copy_(model.fc.bias)
+    return slim
 
 
 def digits_images(n: int = 64, size: int = 8, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Sparse ONNX export: parity with PyTorch, sparse storage loads in ORT, sparsity read back equals the masks."""
+"""ONNX export: parity with PyTorch, a compact file that passes the full check and equals its dense twin in
+ORT, parameter names on folded weights, sparsity read back equals the masks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,15 @@ from torch.nn.utils import parametrize
 from deploy_fixtures import digits_images, make_sparse_model, random_images
 from wf_pipeline.deploy.export import compare_sparsity, export_onnx
 from wf_pipeline.deploy.ort_session import create_session, run_logits
-from wf_pipeline.deploy.sparse_storage import initializer_arrays
+from wf_pipeline.deploy.sparse_storage import (
+    DECODE_OP,
+    DOMAIN,
+    bitmask_bytes,
+    compact_weight_names,
+    initializer_arrays,
+    to_compact_storage,
+    to_sparse_initializers,
+)
 from wf_pipeline.errors import WFError
 
 
@@ -53,21 +62,97 @@ def test_dynamic_batch_axis_accepts_batch_1_and_7(sparse_export):
             np.testing.assert_allclose(outputs, model(inputs).numpy(), atol=1e-4, rtol=0)
 
 
-def test_sparse_storage_file_is_smaller_and_identical_in_ort(sparse_export):
+def test_compact_file_passes_full_check_and_is_identical_in_ort(sparse_export):
     _, _, result = sparse_export
     assert result.sparse_storage and result.dense_path == result.path.with_name("model.dense.onnx")
     assert result.dense_path.exists()
+    for path in (result.path, result.dense_path):
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert result.onnx_full_check and result.storage_format == "bitmask-v1"
     stored = onnx.load(str(result.path))
-    sparse_names = {s.values.name for s in stored.graph.sparse_initializer}
-    assert sparse_names == {"conv1.weight", "block.0.weight", "fc.weight"} == set(result.sparse_initializers)
-    for sparse in stored.graph.sparse_initializer:
-        assert sparse.indices.data_type == onnx.TensorProto.INT64
-        assert len(sparse.indices.dims) == 1  # the linearised index form
-    assert not onnx.load(str(result.dense_path)).graph.sparse_initializer
+    assert not stored.graph.sparse_initializer
+    compact = {"conv1.weight", "block.0.weight", "fc.weight"}
+    assert set(compact_weight_names(stored)) == compact == set(result.compact_weights)
+    stored_names = {init.name for init in stored.graph.initializer}
+    assert not compact & stored_names  # the dense tensors are gone from the file...
+    assert {f"{name}.bitmask" for name in compact} <= stored_names  # ...replaced by their bitmask form
+    assert not compact_weight_names(onnx.load(str(result.dense_path)))
     assert result.file_bytes == result.path.stat().st_size < result.dense_file_bytes == result.dense_path.stat().st_size
     inputs = torch.cat([random_images(5, seed=9), digits_images(5)[0]])
     np.testing.assert_array_equal(_ort(result.path, inputs), _ort(result.dense_path, inputs))
     assert result.sparse_vs_dense_max_abs_diff == 0.0
+    # the decoded weights are the dense twin's, bit for bit
+    decoded, dense = initializer_arrays(stored), initializer_arrays(onnx.load(str(result.dense_path)))
+    assert decoded.keys() == dense.keys()
+    assert all(decoded[name].tobytes() == dense[name].tobytes() for name in dense)
+
+
+def test_shape_inference_gives_decoded_weights_their_static_shape(sparse_export):
+    model, _, result = sparse_export
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(result.path)), strict_mode=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    for name in result.compact_weights:
+        assert shapes[name] == list(model.get_parameter(name).shape)
+
+
+def test_sparse_initializers_fail_the_full_check_but_not_ort(sparse_export):
+    """Why the bitmask form exists: the earlier sparse_initializer file fails the full check."""
+    _, _, result = sparse_export
+    dense = onnx.load(str(result.dense_path))
+    legacy, conversion = to_sparse_initializers(dense, 0.5)
+    assert set(conversion.names) == set(result.compact_weights)
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+        onnx.checker.check_model(legacy, full_check=True)
+    legacy_arrays, dense_arrays = initializer_arrays(legacy), initializer_arrays(dense)
+    for name in conversion.names:
+        np.testing.assert_array_equal(legacy_arrays[name], dense_arrays[name])
+
+
+def _decode_in_ort_and_reference(array: np.ndarray) -> tuple[np.ndarray, np.ndarray, onnx.ModelProto]:
+    """A one-node model (Identity of the weight) with the weight in the bitmask form."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    import onnxruntime as ort
+
+    dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],
+                              [helper.make_tensor_value_info("out", dtype, list(array.shape))],
+                              initializer=[numpy_helper.from_array(array, "w")])
+    compact, conversion = to_compact_storage(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), 0.0)
+    assert conversion.names == ["w"]
+    onnx.checker.check_model(compact, full_check=True)
+    session = ort.InferenceSession(compact.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {})[0], ReferenceEvaluator(compact).run(None, {})[0], compact
+
+
+@pytest.mark.parametrize("shape, density, dtype", [
+    ((3, 5, 3, 3), 0.1, np.float32),  # 135 elements: the last bitmask byte is partly padding
+    ((16, 8), 0.5, np.float32),
+    ((7, 1, 1, 1), 0.0, np.float32),  # all pruned
+    ((4, 6), 0.6, np.float64),
+    ((2, 9), 0.3, np.float16),
+])
+def test_bitmask_decode_is_exact_in_ort_and_reference(shape, density, dtype):
+    rng = np.random.default_rng(sum(shape))
+    array = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(dtype)
+    array.reshape(-1)[-1] = 0.0  # a zero in the last (padded) byte
+    from_ort, from_reference, compact = _decode_in_ort_and_reference(array)
+    for decoded in (from_ort, from_reference):
+        assert decoded.dtype == array.dtype and decoded.shape == array.shape
+        np.testing.assert_array_equal(decoded, array)
+    payload = sum(init.ByteSize() for init in compact.graph.initializer if init.name in ("w.bitmask", "w.values"))
+    assert bitmask_bytes(array) <= payload <= bitmask_bytes(array) + 64  # + protobuf framing
+
+
+def test_decode_runs_as_one_function_call_per_weight(sparse_export):
+    _, _, result = sparse_export
+    stored = onnx.load(str(result.path))
+    decoders = [n for n in stored.graph.node if n.domain == DOMAIN]
+    assert {n.op_type for n in decoders} == {DECODE_OP} and len(decoders) == 3
+    assert [(f.domain, f.name) for f in stored.functions] == [(DOMAIN, DECODE_OP)]
+    # every op of the body is a standard ONNX op of the model's opset
+    assert {o.domain for o in stored.functions[0].opset_import} == {""}
 
 
 def test_sparsity_read_back_equals_masks_despite_bn_folding(sparse_export):
@@ -86,6 +171,21 @@ def test_sparsity_read_back_equals_masks_despite_bn_folding(sparse_export):
     torch_conv = model.conv1.weight.detach().numpy()
     assert not np.allclose(conv, torch_conv)  # BatchNorm really was folded into the conv
     np.testing.assert_array_equal(conv == 0, ~masks["conv1.weight"].numpy())
+
+
+def test_every_folded_weight_and_bias_is_named_after_its_parameter(tmp_path):
+    """The default recipe keeps conv1 dense (no mask): its folded weight must still get its name."""
+    model, _ = make_sparse_model(0.0)
+    _, masks = make_sparse_model(0.9)
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", masks={"block.0.weight": masks["block.0.weight"]})
+    assert result.generated_names == []
+    for path in (result.path, result.dense_path):
+        stored = onnx.load(str(path))
+        layers = {n.op_type: n for n in stored.graph.node if n.op_type in ("Conv", "Gemm")}
+        used = {name for n in stored.graph.node if n.op_type in ("Conv", "Gemm") for name in n.input[1:]}
+        assert used == {"conv1.weight", "conv1.bias", "block.0.weight", "block.0.bias", "fc.weight", "fc.bias"}, layers
+        assert not any(name.startswith("onnx::") for name in initializer_arrays(stored))
+    assert result.compact_weights == ["block.0.weight"]
 
 
 def test_sparsity_mismatch_is_detected(sparse_export):
@@ -113,7 +213,7 @@ def test_three_channel_input_and_fixed_batch(tmp_path):
 def test_dense_storage_only_writes_one_file(tmp_path):
     model, _ = make_sparse_model(0.9)
     result = export_onnx(model, random_images(2), tmp_path / "plain.onnx", sparse_storage=False, opset=13)
-    assert result.dense_path is None and not result.sparse_initializers
+    assert result.dense_path is None and not result.compact_weights and not result.notes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.onnx"]
     assert result.opset == 13
     assert result.file_bytes == result.dense_file_bytes
@@ -125,12 +225,23 @@ def test_dense_storage_only_writes_one_file(tmp_path):
 def test_threshold_and_size_rule_keep_tensors_dense(tmp_path):
     model, masks = make_sparse_model(0.9)
     high = export_onnx(model, random_images(2), tmp_path / "high.onnx", masks=masks, sparse_threshold=0.95)
-    assert high.sparse_initializers == []
+    assert high.compact_weights == []
     half, half_masks = make_sparse_model(0.5)
-    # 50% zeros: COO (value + int64 index per non-zero) would be larger than dense, so nothing converts
+    # 50% zeros: the bitmask form (1/8 byte per weight + the non-zeros) is already smaller than dense
     result = export_onnx(half, random_images(2), tmp_path / "half.onnx", masks=half_masks, sparse_threshold=0.4)
-    assert result.sparse_initializers == []
-    assert result.file_bytes == result.dense_file_bytes
+    assert set(result.compact_weights) == set(half_masks) and result.file_bytes < result.dense_file_bytes
+    # no zeros at all: the bitmask form would be larger, so nothing converts even at threshold 0
+    dense, _ = make_sparse_model(0.0)
+    plain = export_onnx(dense, random_images(2), tmp_path / "dense.onnx", sparse_threshold=0.0)
+    assert plain.compact_weights == [] and plain.file_bytes == plain.dense_file_bytes
+
+
+def test_opset_below_11_falls_back_to_dense_storage_with_a_note(tmp_path):
+    model, masks = make_sparse_model(0.9)
+    result = export_onnx(model, random_images(2), tmp_path / "old.onnx", masks=masks, opset=10)
+    assert result.opset == 10 and not result.sparse_storage and result.dense_path is None
+    assert result.compact_weights == [] and any("opset 10" in note for note in result.notes)
+    assert result.sparsity_matches and result.onnx_full_check
 
 
 def test_parametrized_masks_are_squashed_and_caller_model_untouched(tmp_path):
@@ -192,7 +303,8 @@ def test_transposed_matmul_weight_is_mapped_with_its_layout(tmp_path):
     masks = {name: torch.rand(p.shape) > 0.9 for name, p in model.named_parameters() if p.dim() >= 2}
     result = export_onnx(model, random_images(2), tmp_path / "tok.onnx", masks=masks)
     assert result.sparsity_matches, result.sparsity_notes
-    # the stored tensor is W^T, so it must not be renamed to the parameter's name
-    assert result.initializer_for_param["proj.weight"] != "proj.weight"
+    # the stored tensor is W^T: it is named as PyTorch writes the transpose
+    assert result.initializer_for_param["proj.weight"] == "proj.weight.T"
+    assert result.generated_names == []
     stored = initializer_arrays(onnx.load(str(result.path)))[result.initializer_for_param["proj.weight"]]
     np.testing.assert_array_equal(stored.T == 0, ~masks["proj.weight"].numpy())

@@ -1,9 +1,9 @@
-"""Export a (pruned) PyTorch classifier to one self-contained ONNX file, optionally with sparse storage.
+"""Export a (pruned) PyTorch classifier to one self-contained ONNX file, optionally with compact storage.
 
-The export is checked, not assumed: the dense-storage model passes `onnx.checker` with
-`full_check=True`, ONNX Runtime reproduces the PyTorch logits, the sparse-storage file gives exactly
-the dense file's outputs in ONNX Runtime, and the zero pattern read back from the written file is
-compared with the PyTorch masks.
+The export is checked, not assumed: every written file passes `onnx.checker` with `full_check=True`,
+ONNX Runtime reproduces the PyTorch logits, the compact-storage file gives exactly the dense-storage
+twin's outputs in ONNX Runtime, and the zero pattern read back from the written file is compared
+with the PyTorch masks. Folded weights and biases carry their PyTorch names (see name_mapping).
 """
 from __future__ import annotations
 
@@ -20,15 +20,19 @@ import torch
 from torch import nn
 
 from wf_pipeline import atomic_io
+from wf_pipeline.deploy.model_stats import model_stats
 from wf_pipeline.deploy.name_mapping import (
+    generated_weight_names,
     map_params_to_initializers,
+    readable_bias_names,
     readable_initializer_names,
     rename_initializers,
 )
 from wf_pipeline.deploy.ort_session import create_session, load_onnx, run_logits
 from wf_pipeline.deploy.sparse_storage import (
+    MIN_OPSET,
     initializer_arrays,
-    to_sparse_storage,
+    to_compact_storage,
     weight_zero_fractions,
 )
 from wf_pipeline.errors import WFError
@@ -52,12 +56,16 @@ class ExportResult:
     # Evidence behind the verdicts above.
     onnx_per_layer_sparsity: dict[str, float] = field(default_factory=dict)  # keyed by torch parameter name
     initializer_for_param: dict[str, str] = field(default_factory=dict)
-    sparse_initializers: list[str] = field(default_factory=list)
-    index_format: str | None = None
+    compact_weights: list[str] = field(default_factory=list)  # weights stored in the bitmask form
+    storage_format: str | None = None
+    onnx_full_check: bool = False  # every written file passed onnx.checker.check_model(full_check=True)
+    generated_names: list[str] = field(default_factory=list)  # layer weights/biases left without a torch name
     torch_max_abs_diff: float = float("nan")
     sparse_vs_dense_max_abs_diff: float | None = None
     dynamic_batch: bool = True
     sparsity_notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    structure: dict[str, Any] = field(default_factory=dict)  # model_stats: channels, params, MACs per layer
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,8 +114,8 @@ def _prepare_model(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> n
                 )
             if tuple(mask.shape) != tuple(params[name].shape):
                 raise WFError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].mul_(mask.to(dtype=params[name].dtype, device="cpu"))
+            with torch.no_grad():  # where, not multiply: a pruned negative weight becomes 0.0, not -0.0
+                params[name].copy_(torch.where(mask.to("cpu", torch.bool), params[name], 0.0))
     return export_model
 
 
@@ -147,6 +155,23 @@ def _torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, opset: int, dyn
             hint="try another export.opset, or check that the model runs on the sample input (WF_DEBUG=1 for the traceback)",
         ) from exc
     return buffer.getvalue()
+
+
+def _full_check(model: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise WFError(f"{what} fails onnx.checker's full check: {str(exc)[:300]}", hint="try another export.opset") from exc
+
+
+def _name_weights(dense_model: onnx.ModelProto, export_model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+    """Give BN-folded weights and biases (generated names such as `onnx::Conv_27`) their parameter's name."""
+    params = dict(export_model.named_parameters())
+    named = {**{n: w.numpy() for n, w in _prunable_weights(export_model).items()}, **weights}
+    named = {n: a for n, a in named.items() if n in params}
+    matches = map_params_to_initializers(dense_model, named, initializer_arrays(dense_model))
+    module_names = {name for name, _ in export_model.named_modules() if name}
+    rename_initializers(dense_model, {**readable_initializer_names(matches), **readable_bias_names(dense_model, module_names)})
 
 
 def _save_onnx(model: onnx.ModelProto, path: Path) -> int:
@@ -216,6 +241,20 @@ def _opset_of(model: onnx.ModelProto) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
+def _compare_in_ort(path: Path, dense_session, sample: np.ndarray, dynamic_batch: bool) -> float:
+    """Max |diff| between the compact file and its dense twin in ONNX Runtime; anything but 0 is a bug."""
+    session = create_session(path, threads=1)
+    probe = np.concatenate([sample, sample[:1]]) if dynamic_batch else sample  # a second batch size
+    compact_out, dense_out = run_logits(session, probe), run_logits(dense_session, probe)
+    diff = float(np.max(np.abs(compact_out - dense_out))) if dense_out.size else 0.0
+    if not np.array_equal(compact_out, dense_out):
+        raise WFError(
+            f"compact-storage ONNX file {path} differs from its dense twin in onnxruntime (max |diff| {diff:.3g})",
+            hint="set export.sparse_storage: false and report this as a bug",
+        )
+    return diff
+
+
 def export_onnx(
     model: nn.Module,
     sample_input: torch.Tensor,
@@ -229,7 +268,8 @@ def export_onnx(
 ) -> ExportResult:
     """Export `model` to `out_path` and verify the result (see module docstring).
 
-    With sparse_storage the dense-storage twin is written as `<stem>.dense.onnx` beside the main file.
+    With sparse_storage, weights with at least `sparse_threshold` zeros are stored in the bitmask form
+    (see sparse_storage) and the dense-storage twin is written as `<stem>.dense.onnx` beside the main file.
     `masks` maps parameter names to bool tensors (True = kept); without masks, exact zeros in the
     conv/linear weights are taken as the pruning pattern.
     """
@@ -242,13 +282,13 @@ def export_onnx(
     weights = _torch_weights(export_model, masks)
 
     dense_model = onnx.load_from_string(_torch_to_onnx_bytes(export_model, sample, opset, dynamic_batch))
-    # BN folding gives conv weights generated names; give them back their parameter names.
-    matches = map_params_to_initializers(dense_model, weights, initializer_arrays(dense_model))
-    rename_initializers(dense_model, readable_initializer_names(matches))
-    try:
-        onnx.checker.check_model(dense_model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise WFError(f"exported ONNX model fails onnx.checker: {str(exc)[:300]}", hint="try another export.opset") from exc
+    _name_weights(dense_model, export_model, weights)
+    _full_check(dense_model, "the exported ONNX model")
+    notes: list[str] = []
+    opset_written = _opset_of(dense_model)
+    if sparse_storage and opset_written < MIN_OPSET:
+        notes.append(f"opset {opset_written} < {MIN_OPSET}: weights stored dense (the bitmask storage needs opset >= {MIN_OPSET})")
+        sparse_storage = False
 
     dense_path = out_path.with_name(f"{out_path.stem}.dense.onnx") if sparse_storage else out_path
     dense_bytes = _save_onnx(dense_model, dense_path)
@@ -259,28 +299,16 @@ def export_onnx(
     dense_logits = run_logits(dense_session, sample.numpy())
     torch_diff = float(np.max(np.abs(dense_logits - torch_logits))) if dense_logits.size else 0.0
 
-    sparse_names: list[str] = []
+    compact_names: list[str] = []
+    storage_format: str | None = None
     sparse_diff: float | None = None
-    index_format: str | None = None
     file_bytes = dense_bytes
     if sparse_storage:
-        sparse_model, conversion = to_sparse_storage(dense_model, sparse_threshold)
-        onnx.checker.check_model(sparse_model)  # structural check; full_check rejects sparse initializers
-        file_bytes = _save_onnx(sparse_model, out_path)
-        sparse_names, index_format = conversion.sparse_names, conversion.index_format
-        sparse_session = create_session(out_path, threads=1)
-        probe = sample.numpy()
-        if dynamic_batch:  # a second batch size proves the batch axis really is dynamic
-            probe = np.concatenate([probe, probe[:1]])
-        sparse_out = run_logits(sparse_session, probe)
-        dense_out = run_logits(dense_session, probe)
-        sparse_diff = float(np.max(np.abs(sparse_out - dense_out))) if dense_out.size else 0.0
-        if not np.array_equal(sparse_out, dense_out):
-            raise WFError(
-                f"sparse-storage ONNX file {out_path} differs from its dense twin in onnxruntime "
-                f"(max |diff| {sparse_diff:.3g})",
-                hint="set export.sparse_storage: false and report this as a bug",
-            )
+        compact_model, conversion = to_compact_storage(dense_model, sparse_threshold)
+        _full_check(compact_model, "the compact-storage ONNX model")  # before writing: no bad file on disk
+        file_bytes = _save_onnx(compact_model, out_path)
+        compact_names, storage_format = conversion.names, conversion.storage_format
+        sparse_diff = _compare_in_ort(out_path, dense_session, sample.numpy(), dynamic_batch)
 
     written = load_onnx(out_path)  # read back what is on disk, not what is in memory
     check = compare_sparsity(written, weights, masks)
@@ -296,10 +324,14 @@ def export_onnx(
         opset=_opset_of(written),
         onnx_per_layer_sparsity=check.onnx_sparsity,
         initializer_for_param=check.initializer_for_param,
-        sparse_initializers=sparse_names,
-        index_format=index_format,
+        compact_weights=compact_names,
+        storage_format=storage_format,
+        onnx_full_check=True,
+        generated_names=generated_weight_names(written, set(initializer_arrays(written))),
         torch_max_abs_diff=torch_diff,
         sparse_vs_dense_max_abs_diff=sparse_diff,
         dynamic_batch=dynamic_batch,
         sparsity_notes=check.notes,
+        notes=notes,
+        structure=model_stats(written).to_dict(),
     )

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 _WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+_BIAS_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+GENERATED_PREFIX = "onnx::"
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,20 @@ class InitializerMatch:
 
 
 def _module_path_from_scope(node_name: str, module_names: set[str]) -> str | None:
-    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1' (segments are either full paths or attribute names)."""
-    segments = [s for s in node_name.strip("/").split("/")[:-1] if s]
+    """'/layer2/layer2.0/shortcut/shortcut.0/Conv' -> 'layer2.0.shortcut.0'.
+
+    Each scope segment names a module relative to the current path or to one of its ancestors
+    (the root included): `layer2.0` is relative to the root, `shortcut.0` to `layer2.0`.
+    """
     path = ""
-    for segment in segments:
-        if segment in module_names and (not path or segment.startswith(path + ".")):
-            path = segment
-        else:
-            path = f"{path}.{segment}" if path else segment
+    for segment in [s for s in node_name.strip("/").split("/")[:-1] if s]:
+        prefix = path
+        while True:
+            candidate = f"{prefix}.{segment}" if prefix else segment
+            if candidate in module_names or not prefix:
+                break
+            prefix = prefix.rpartition(".")[0]
+        path = candidate if candidate in module_names else (f"{path}.{segment}" if path else segment)
     return path if path in module_names else None
 
 
@@ -141,14 +149,42 @@ def readable_initializer_names(matches: dict[str, InitializerMatch]) -> dict[str
 
     Only one-to-one matches are renamed: the exporter shares one initializer between parameters
     with identical values, and such a shared tensor keeps its name. A transposed copy (MatMul's W^T)
-    keeps its generated name too: calling it `proj.weight` would misstate its layout.
+    is named `<param>.T`, as PyTorch writes the transpose, so its name states its layout.
     """
-    owners: dict[str, list[str]] = {}
+    owners: dict[str, list[tuple[str, bool]]] = {}
     for param, match in matches.items():
-        if not match.transposed:
-            owners.setdefault(match.initializer, []).append(param)
-    return {
-        init: params[0]
-        for init, params in owners.items()
-        if len(params) == 1 and init != params[0] and init.startswith("onnx::")
-    }
+        owners.setdefault(match.initializer, []).append((param, match.transposed))
+    renames = {}
+    for init, params in owners.items():
+        if len(params) == 1 and init.startswith(GENERATED_PREFIX):
+            param, transposed = params[0]
+            renames[init] = f"{param}.T" if transposed else param
+    return renames
+
+
+def readable_bias_names(model: onnx.ModelProto, module_names: set[str]) -> dict[str, str]:
+    """Renames for folded biases: BatchNorm folding gives a conv a new bias named `onnx::Conv_28`.
+
+    It becomes `<conv>.bias`, the conv's effective bias after folding (the name
+    `torch.nn.utils.fusion.fuse_conv_bn_eval` gives it too). Shared tensors keep their name.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    owners: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        index = _BIAS_OPS.get(node.op_type)
+        if index is None or len(node.input) <= index or not node.input[index]:
+            continue
+        init = _resolve_identity(node.input[index], producers)
+        module = _module_path_from_scope(node.name, module_names)
+        if module is not None and init.startswith(GENERATED_PREFIX):
+            owners.setdefault(init, []).append(f"{module}.bias")
+    return {init: names[0] for init, names in owners.items() if len(names) == 1}
+
+
+def generated_weight_names(model: onnx.ModelProto, constants: set[str]) -> list[str]:
+    """Constant weights and biases of Conv/Gemm/MatMul nodes that still carry an exporter-generated name."""
+    names = []
+    for node in model.graph.node:
+        slots = [i for i in (_WEIGHT_OPS.get(node.op_type), _BIAS_OPS.get(node.op_type)) if i is not None]
+        names += [node.input[i] for i in slots if len(node.input) > i and node.input[i] in constants]
+    return [name for name in dict.fromkeys(names) if name.startswith(GENERATED_PREFIX)]
