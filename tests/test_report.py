@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy_fixtures import digits_images, make_sparse_model, random_images
+from deploy_fixtures import digits_images, make_sparse_model, random_images, remove_channels
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
 from wf_pipeline.errors import WFError
@@ -38,7 +38,8 @@ def full_run(tmp_path_factory) -> Path:
     per_layer = {name: 1 - mask.float().mean().item() for name, mask in masks.items()}
     (run / "metrics.json").write_text(json.dumps({
         "dense_accuracy": 0.94, "final_accuracy": 0.91, "sparsity": 0.9, "per_layer_sparsity": per_layer,
-        "num_params": 5000, "timings": {"prune_s": 1.5, "finetune_s": 20.0}}))
+        "num_params": 5000, "total_seconds": 40.0,
+        "timings": {"prune_s": 1.5, "finetune_s": 20.0, "eval_s": 5.0, "total_s": 27.0, "export_s": 2.0, "validate_s": 3.0}}))
     history = [
         {"kind": "epoch", "epoch": 0, "train_loss": 1.2, "test_accuracy": 0.80, "sparsity": 0.0, "lr": 0.1},
         {"kind": "prune", "epoch": 1, "target_sparsity": 0.5, "achieved_sparsity": 0.5, "test_accuracy_after": 0.7,
@@ -66,9 +67,10 @@ def test_full_report_embeds_every_chart_and_section(full_run):
     assert html_path == full_run / "report.html"
     text = html_path.read_text()
     pngs = _embedded_pngs(text)
-    assert len(pngs) == 4 and all(p.startswith(PNG_MAGIC) for p in pngs)
+    assert len(pngs) == 5 and all(p.startswith(PNG_MAGIC) for p in pngs)
     for title in ("Key metrics", "Deployment gates", "Per-layer sparsity", "Accuracy vs sparsity",
-                  "Training and pruning", "Latency in ONNX Runtime", "ONNX export", "Environment"):
+                  "Training and pruning", "Latency in ONNX Runtime", "Dense vs pruned", "Time split",
+                  "ONNX export", "Environment"):
         assert f"<h2>{title}" in text
     assert "tiny-run" in text and "conv1.weight" in text
     # the failing gate is named, values are escaped, nothing is fetched from outside the file
@@ -79,10 +81,47 @@ def test_full_report_embeds_every_chart_and_section(full_run):
 
     md = (full_run / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)
-    assert len(images) == 4
+    assert len(images) == 5
     for relative in images:
         assert (full_run / relative).read_bytes().startswith(PNG_MAGIC)
     assert "| max_accuracy_drop | FAILED |" in md
+    # the time split: five stages, then the rest of the 40 s run
+    for row in ("| prune | 1.5 s | 3.8% |", "| fine-tune | 20.0 s | 50.0% |", "| evaluate | 5.0 s | 12.5% |",
+                "| export | 2.0 s | 5.0% |", "| validate | 3.0 s | 7.5% |", "| other | 8.5 s | 21.2% |",
+                "| total | 40.0 s | 100.0% |"):
+        assert row in md, row
+    # unstructured pruning: same shapes, fewer non-zeros; the export passed the full check
+    assert "No layer lost channels" in md
+    assert "| block.0.weight | 16 → 16 | 1,168 → 1,168 |" in md
+    assert "| passes onnx.checker full check | True |" in md and "bitmask-v1 (3 weights)" in md
+
+
+def test_structured_run_shows_channels_params_macs_and_latency_dense_vs_pruned(tmp_path):
+    """A model with channels physically removed (surgery by hand), exported and validated like a real run."""
+    run = tmp_path / "run"
+    dense_model, _ = make_sparse_model(0.0, seed=4)
+    slim = remove_channels(dense_model, keep1=[0, 2, 3, 5, 7], keep2=list(range(0, 16, 2)))
+    pruned = export_onnx(slim, random_images(2), run / "export" / "model.onnx")
+    dense = export_onnx(dense_model, random_images(2), run / "export" / "dense_baseline.onnx", sparse_storage=False)
+    (run / "export" / "export.json").write_text(json.dumps({"pruned": pruned.to_dict(), "dense_baseline": dense.to_dict()}))
+    images, labels = digits_images(100)
+    result = validate_model(pruned.path, torch_model=slim, test_data=(images, labels), baseline_path=dense.path,
+                            settings=ValidationSettings(parity_samples=20, batch_sizes=[1, 8], warmup=1, repeats=5),
+                            gates=GatesConfig())
+    write_validation_outputs(result, run / "validation")
+    text = write_report(run).read_text()
+    assert 'alt="channels per layer, dense vs pruned"' in text
+    md = (run / "report.md").read_text()
+    assert "2 of 3 layers have fewer output channels" in md
+    assert "| conv1.weight | 8 → 5 | 80 → 50 |" in md  # 8x(1x3x3) + folded bias -> 5x(1x3x3) + 5
+    assert "| block.0.weight | 16 → 8 | 1,168 → 368 |" in md
+    assert "| fc.weight | 10 → 10 | 650 → 330 |" in md
+    dense_macs, slim_macs = 64 * (8 * 9 + 16 * 8 * 9) + 10 * 64, 64 * (5 * 9 + 8 * 5 * 9) + 10 * 32
+    assert f"| MACs per sample | {dense_macs:,} | {slim_macs:,} | {slim_macs / dense_macs:.3f} |" in md
+    assert f"| parameters | 1,898 | 748 | {748 / 1898:.3f} |" in md
+    for lat in result.latency:
+        ratio = lat.pruned.p50 / lat.dense.p50
+        assert f"| ORT p50 latency, batch {lat.batch_size} (ms) |" in md and f"| {ratio:.3f} |" in md
 
 
 def test_empty_run_dir_gets_a_report_with_notes(tmp_path):

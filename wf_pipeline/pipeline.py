@@ -94,11 +94,16 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             masks = {k: v.cpu() for k, v in stage.masks.masks.items()}
             if recipe.export.enabled:
                 reporter.message("exporting ONNX")
+                timings = metrics.setdefault("timings", {})
+                t0 = time.perf_counter()
                 onnx_path, baseline_path = export_stage(recipe, run, pruned, dense, data, masks)
+                timings["export_s"] = time.perf_counter() - t0
                 metrics["onnx"] = str(onnx_path)
                 if recipe.validate_.enabled:
                     reporter.message("validating in ONNX Runtime")
+                    t0 = time.perf_counter()
                     result = validate_stage(recipe, run, onnx_path, baseline_path, pruned, data, reporter)
+                    timings["validate_s"] = time.perf_counter() - t0
                     outcome.gates_passed = result.passed
                     outcome.failed_gates = [g.name for g in result.failed_gates]
                     metrics["gates_passed"] = result.passed

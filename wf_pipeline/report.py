@@ -176,11 +176,6 @@ def _summary_section(run: RunData) -> Section:
             if lat.get("ratio_p50") is not None:
                 text += f" (ratio to dense {lat['ratio_p50']:.3f})"
             rows.append([f"ORT p50 latency, batch {lat.get('batch_size')}", text])
-    timings = m.get("timings")
-    if isinstance(timings, dict):
-        for key, value in timings.items():
-            if isinstance(value, (int, float)):
-                rows.append([f"time: {key}", f"{value:.1f} s"])
     if "total_seconds" in m:
         rows.append(["total time", f"{m['total_seconds']:.1f} s"])
     if rows:
@@ -306,22 +301,113 @@ def _export_section(run: RunData) -> Section | None:
     e = run.export
     if not e:
         return None
+    compact = e.get("compact_weights") or []
+    ratio = e.get("size_ratio")
     rows = [
         ["file", str(e.get("path"))],
         ["opset", _num(e.get("opset"))],
-        ["sparse storage", str(e.get("sparse_storage"))],
-        ["file size", _size(e.get("file_bytes"))],
-        ["dense-storage size", _size(e.get("dense_file_bytes"))],
-        ["sparse initializers", _num(len(e.get("sparse_initializers") or []))],
-        ["index format", str(e.get("index_format") or "n/a")],
+        ["passes onnx.checker full check", str(e.get("onnx_full_check", "n/a"))],
+        ["storage", f"{e.get('storage_format')} ({len(compact)} weights)" if e.get("storage_format") else "dense"],
+        ["file size", _size(e.get("file_bytes")) + (f" ({ratio:.3f} x dense storage)" if isinstance(ratio, float) else "")],
+        ["dense-storage twin size", _size(e.get("dense_file_bytes"))],
+        ["layer tensors without a PyTorch name", ", ".join(e.get("generated_names") or []) or "none"],
         ["max |diff| ORT vs PyTorch (sample input)", _num(e.get("torch_max_abs_diff"), 3)],
-        ["max |diff| sparse vs dense storage in ORT", _num(e.get("sparse_vs_dense_max_abs_diff"), 3)],
+        ["max |diff| compact vs dense storage in ORT", _num(e.get("sparse_vs_dense_max_abs_diff"), 3)],
     ]
     section = Section("ONNX export")
     section.blocks.append(Table(["item", "value"], rows))
-    notes = e.get("sparsity_notes") or []
+    notes = [*(e.get("notes") or []), *(e.get("sparsity_notes") or [])]
     if notes:
-        section.blocks.append(Paragraph("Sparsity notes: " + "; ".join(str(n) for n in notes)))
+        section.blocks.append(Paragraph("Notes: " + "; ".join(str(n) for n in notes)))
+    return section
+
+
+STAGE_TIMINGS = (("prune_s", "prune"), ("finetune_s", "fine-tune"), ("eval_s", "evaluate"),
+                 ("export_s", "export"), ("validate_s", "validate"))
+
+
+def _time_split_section(run: RunData) -> Section | None:
+    m = run.metrics or {}
+    timings = m.get("timings")
+    if not isinstance(timings, dict):
+        return None
+    stages = [(label, float(timings[key])) for key, label in STAGE_TIMINGS if isinstance(timings.get(key), (int, float))]
+    if not stages:
+        return None
+    counted = sum(seconds for _, seconds in stages)
+    total = m.get("total_seconds")
+    if isinstance(total, (int, float)) and total >= counted:
+        stages.append(("other", total - counted))
+    else:
+        total = counted
+    section = Section("Time split")
+    section.blocks.append(Paragraph(
+        "Wall time of the run by stage. Evaluate is the test-set evaluation during pruning and fine-tuning; "
+        "other is set-up, data loading, the dense model's evaluation and checkpoints."))
+    section.blocks.append(Image("time_split.png", report_charts.time_split_chart(stages), "time split by stage"))
+    rows = [[label, f"{seconds:.1f} s", f"{100 * seconds / total:.1f}%" if total else "n/a"] for label, seconds in stages]
+    rows.append(["total", f"{total:.1f} s", "100.0%"])
+    section.blocks.append(Table(["stage", "seconds", "share"], rows))
+    return section
+
+
+def _arrow(dense: Any, pruned: Any) -> str:
+    return f"{_num(dense)} → {_num(pruned)}" if dense is not None else _num(pruned)
+
+
+def _ratio(dense: Any, pruned: Any) -> str:
+    ok = isinstance(dense, (int, float)) and isinstance(pruned, (int, float)) and dense
+    return f"{pruned / dense:.3f}" if ok else "n/a"
+
+
+def _structure_section(run: RunData) -> Section | None:
+    e = run.export or {}
+    pruned = e.get("structure")
+    if not isinstance(pruned, dict) or not pruned.get("layers"):
+        return None
+    dense_export = e.get("dense_baseline") or {}
+    dense = dense_export.get("structure") if isinstance(dense_export.get("structure"), dict) else {}
+    section = Section("Dense vs pruned: channels, parameters, compute")
+    totals = [
+        ["parameters", dense.get("params"), pruned.get("params")],
+        ["non-zero parameters", dense.get("nonzero_params"), pruned.get("nonzero_params")],
+        ["MACs per sample", dense.get("macs"), pruned.get("macs")],
+        ["FLOPs per sample (2 × MACs)", *[2 * v if isinstance(v, int) else None for v in (dense.get("macs"), pruned.get("macs"))]],
+        ["non-zero MACs per sample", dense.get("nonzero_macs"), pruned.get("nonzero_macs")],
+        ["ONNX file bytes", dense_export.get("file_bytes"), e.get("file_bytes")],
+    ]
+    rows = [[label, _num(d), _num(p), _ratio(d, p)] for label, d, p in totals]
+    for lat in (run.validation or {}).get("latency") or []:
+        d, p = (lat.get("dense") or {}).get("p50"), (lat.get("pruned") or {}).get("p50")
+        rows.append([f"ORT p50 latency, batch {lat.get('batch_size')} (ms)", _num(d), _num(p), _ratio(d, p)])
+    section.blocks.append(Table(["", "dense", "pruned", "pruned / dense"], rows))
+
+    dense_layers = {layer["name"]: layer for layer in dense.get("layers") or []}
+    pruned_layers = {layer["name"]: layer for layer in pruned["layers"]}
+    names = list(dict.fromkeys([*dense_layers, *pruned_layers]))
+    narrower = [n for n in names if n in dense_layers and (pruned_layers.get(n) or {}).get("out_channels") != dense_layers[n]["out_channels"]]
+    if not dense_layers:
+        summary = "No dense baseline structure in export.json: the pruned model only."
+    elif narrower:
+        summary = f"{len(narrower)} of {len(names)} layers have fewer output channels than in the dense model."
+    else:
+        summary = ("No layer lost channels: the sparsity is unstructured, so shapes, parameters and MACs are the "
+                   "dense model's and only the non-zero counts fall.")
+    section.blocks.append(Paragraph(summary + " Counts are read from the two ONNX files (BatchNorm folded into the "
+                                    "convolutions; MACs of conv and linear layers per input sample)."))
+    if narrower:
+        section.blocks.append(Image("channels_per_layer.png", report_charts.channels_per_layer_chart(
+            names, [(dense_layers.get(n) or {}).get("out_channels") for n in names],
+            [(pruned_layers.get(n) or {}).get("out_channels") for n in names]), "channels per layer, dense vs pruned"))
+    table = []
+    for name in names:
+        d, p = dense_layers.get(name) or {}, pruned_layers.get(name)
+        if p is None:
+            table.append([name, _arrow(d.get("out_channels"), 0), _arrow(d.get("params"), 0), "0", _arrow(d.get("macs"), 0), "0"])
+            continue
+        table.append([name, _arrow(d.get("out_channels"), p["out_channels"]), _arrow(d.get("params"), p["params"]),
+                      _num(p["nonzero_params"]), _arrow(d.get("macs"), p.get("macs")), _num(p.get("nonzero_macs"))])
+    section.blocks.append(Table(["layer", "out channels", "parameters", "non-zero parameters", "MACs", "non-zero MACs"], table))
     return section
 
 
@@ -341,6 +427,8 @@ def build_sections(run: RunData) -> list[Section]:
         ("oneshot", _oneshot_section, "no oneshot/oneshot.json: accuracy-vs-sparsity chart left out"),
         ("training", _training_section, "no history.jsonl records: training curves left out"),
         ("latency", _latency_section, None),
+        ("structure", _structure_section, None),
+        ("time split", _time_split_section, "no stage timings in metrics.json: time split left out"),
         ("export", _export_section, "export/export.json missing: export details left out"),
         ("environment", _environment_section, "environment.json missing"),
     ]

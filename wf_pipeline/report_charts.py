@@ -136,3 +136,40 @@ def latency_distribution_chart(latency: list[dict[str, Any]]) -> bytes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def channels_per_layer_chart(layers: list[str], dense: list[int | None], pruned: list[int | None]) -> bytes:
+    """Grouped horizontal bars: output channels of every layer in the dense and the pruned model."""
+    height = max(2.5, 0.32 * len(layers) + 1.2)
+    fig = Figure(figsize=(7.5, height))
+    ax = fig.add_subplot()
+    positions = list(range(len(layers)))
+    bar = 0.4
+    ax.barh([p - bar / 2 for p in positions], [d or 0 for d in dense], height=bar, color=DENSE_COLOUR, label="dense")
+    ax.barh([p + bar / 2 for p in positions], [q or 0 for q in pruned], height=bar, color=PRUNED_COLOUR, label="pruned")
+    ax.set_yticks(positions, layers, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Channels per layer", pad=24)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def time_split_chart(stages: list[tuple[str, float]]) -> bytes:
+    """One stacked horizontal bar: seconds per stage of the run, labelled with their share."""
+    fig = Figure(figsize=(8, 1.9))
+    ax = fig.add_subplot()
+    total = sum(seconds for _, seconds in stages) or 1.0
+    colours = [ACCENT, PRUNED_COLOUR, DENSE_COLOUR, "#e7298a", "#66a61e", "#a6761d", "#999999"]
+    left = 0.0
+    for (label, seconds), colour in zip(stages, colours * 2):
+        colour = "#bbbbbb" if label == "other" else colour
+        ax.barh([0], [seconds], left=left, color=colour, label=f"{label} ({100 * seconds / total:.0f}%)")
+        left += seconds
+    ax.set_yticks([])
+    ax.set_xlim(0, total)
+    ax.set_xlabel("seconds")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(stages), 4), fontsize=8, frameon=False)
+    return _png(fig)

@@ -307,7 +307,8 @@ def export_onnx(
         compact_model, conversion = to_compact_storage(dense_model, sparse_threshold)
         _full_check(compact_model, "the compact-storage ONNX model")  # before writing: no bad file on disk
         file_bytes = _save_onnx(compact_model, out_path)
-        compact_names, storage_format = conversion.names, conversion.storage_format
+        compact_names = conversion.names
+        storage_format = conversion.storage_format if compact_names else None
         sparse_diff = _compare_in_ort(out_path, dense_session, sample.numpy(), dynamic_batch)
 
     written = load_onnx(out_path)  # read back what is on disk, not what is in memory

@@ -38,7 +38,7 @@ def validation_markdown(result: "ValidationResult") -> str:
         f"**{verdict}**",
         "",
         f"- model: `{result.model_path}` ({_size(result.file_bytes)}, "
-        f"{result.sparse_initializers} sparse initializers)",
+        f"{result.sparse_initializers} weights in compact storage)",
     ]
     if result.baseline_path:
         lines.append(f"- dense baseline: `{result.baseline_path}` ({_size(result.baseline_file_bytes)})")

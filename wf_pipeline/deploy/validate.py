@@ -31,7 +31,7 @@ from wf_pipeline.deploy.ort_session import (
     run_logits,
     static_batch_size,
 )
-from wf_pipeline.deploy.sparse_storage import overall_weight_sparsity, weight_zero_fractions
+from wf_pipeline.deploy.sparse_storage import compact_weight_names, overall_weight_sparsity, weight_zero_fractions
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import GatesConfig, ValidateConfig
 
@@ -95,7 +95,7 @@ class ValidationResult:
     sparsity_total: int
     baseline_sparsity: float | None
     per_initializer_sparsity: dict[str, float]
-    sparse_initializers: int
+    sparse_initializers: int  # weights stored compactly (bitmask form or sparse initializers)
     accuracy: float | None
     baseline_accuracy: float | None
     test_samples: int
@@ -252,7 +252,7 @@ def validate_model(
     model_proto = load_onnx(onnx_path)
     zero_fraction, zeros, total = overall_weight_sparsity(model_proto)
     per_init = weight_zero_fractions(model_proto)
-    sparse_count = len(model_proto.graph.sparse_initializer)
+    sparse_count = len(compact_weight_names(model_proto))
     del model_proto
     baseline_sparsity = None
     if baseline_path is not None:
