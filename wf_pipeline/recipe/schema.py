@@ -341,8 +341,8 @@ class ExportConfig(Strict):
     enabled: bool = True
     opset: int = Field(17, ge=9, le=23)
     filename: str = "model.onnx"
-    sparse_storage: bool = Field(True, description="store zero-heavy initializers as ONNX sparse_initializers")
-    sparse_threshold: float = Field(0.5, ge=0, le=1, description="min zero fraction to store a tensor sparsely")
+    sparse_storage: bool = Field(True, description="store zero-heavy weights compactly (bitmask + non-zeros, checker-clean)")
+    sparse_threshold: float = Field(0.5, ge=0, le=1, description="min zero fraction to store a weight compactly")
     dynamic_batch: bool = True
 
 
