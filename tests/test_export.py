@@ -188,6 +188,18 @@ def test_every_folded_weight_and_bias_is_named_after_its_parameter(tmp_path):
     assert result.compact_weights == ["block.0.weight"]
 
 
+def test_masks_on_batchnorm_vectors_are_applied_and_folded(tmp_path):
+    """Channel pruning also masks BatchNorm entries: they fold into the conv, only weights are read back."""
+    model, masks = make_sparse_model(0.5)
+    bn_mask = torch.ones(8, dtype=torch.bool)
+    bn_mask[[1, 4]] = False
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", masks={**masks, "bn1.weight": bn_mask})
+    assert result.sparsity_matches and set(result.torch_per_layer_sparsity) == set(masks)
+    folded = initializer_arrays(onnx.load(str(result.path)))["conv1.weight"]
+    assert not folded[[1, 4]].any() and folded[[0, 2, 3, 5, 6, 7]].any()  # gamma 0 zeroes the folded rows
+    assert any("conv1.weight" in note and "kept weights are exactly zero" in note for note in result.sparsity_notes)
+
+
 def test_sparsity_mismatch_is_detected(sparse_export):
     _, masks, result = sparse_export
     stored = onnx.load(str(result.dense_path))

@@ -191,10 +191,14 @@ def _check_out_path(out_path: Path) -> None:
 
 
 def _torch_weights(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[str, np.ndarray]:
-    """The tensors whose sparsity is checked: the masked parameters, else every conv/linear weight."""
+    """The tensors whose sparsity is checked: the masked weights of rank >= 2, else every conv/linear weight.
+
+    Masks on vectors (BatchNorm entries, biases: channel pruning holds them) are applied before export,
+    but folding merges them into the conv's weight and bias, so they cannot be read back one to one.
+    """
     if masks:
         params = dict(model.named_parameters())
-        return {name: params[name].detach().numpy() for name in masks}
+        return {name: params[name].detach().numpy() for name in masks if params[name].dim() >= 2}
     return {name: weight.numpy() for name, weight in _prunable_weights(model).items()}
 
 
