@@ -145,6 +145,20 @@ def test_bitmask_decode_is_exact_in_ort_and_reference(shape, density, dtype):
     assert bitmask_bytes(array) <= payload <= bitmask_bytes(array) + 64  # + protobuf framing
 
 
+def test_read_back_survives_a_constant_op_the_reference_runtime_cannot_run(sparse_export):
+    from onnx import helper
+
+    _, masks, result = sparse_export
+    stored = onnx.load(str(result.path))
+    stored.graph.node.append(helper.make_node("Mystery", ["fc.bias"], ["mystery_out"], domain="vendor"))
+    stored.graph.output.append(helper.make_empty_tensor_value_info("mystery_out"))
+    stored.opset_import.append(helper.make_opsetid("vendor", 1))
+    arrays = initializer_arrays(stored)
+    assert "mystery_out" not in arrays
+    for name, mask in masks.items():  # the decoded weights are still read
+        np.testing.assert_array_equal(arrays[name] == 0, ~mask.numpy())
+
+
 def test_decode_runs_as_one_function_call_per_weight(sparse_export):
     _, _, result = sparse_export
     stored = onnx.load(str(result.path))

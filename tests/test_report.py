@@ -122,6 +122,10 @@ def test_structured_run_shows_channels_params_macs_and_latency_dense_vs_pruned(t
     for lat in result.latency:
         ratio = lat.pruned.p50 / lat.dense.p50
         assert f"| ORT p50 latency, batch {lat.batch_size} (ms) |" in md and f"| {ratio:.3f} |" in md
+    # the CI summary of the validation carries the totals too
+    validation_md = (run / "validation" / "validation.md").read_text()
+    assert f"| parameters | 1,898 | 748 | {748 / 1898:.3f} |" in validation_md
+    assert f"| MACs per sample (FLOPs = 2 x MACs) | {dense_macs:,} | {slim_macs:,} |" in validation_md
 
 
 def test_empty_run_dir_gets_a_report_with_notes(tmp_path):

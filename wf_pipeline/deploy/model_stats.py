@@ -135,3 +135,11 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         macs=int(sum(per_layer_macs)) if known else None,
         nonzero_macs=int(sum(layer.nonzero_macs for layer in layers)) if known else None,
     )
+
+
+def model_stats_dict(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """`model_stats(model).to_dict()`, or None for a graph it cannot read (validation of any file must not fail on it)."""
+    try:
+        return model_stats(model).to_dict()
+    except Exception:  # noqa: BLE001 - figures for the summary only; the verdict never depends on them
+        return None

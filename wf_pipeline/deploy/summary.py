@@ -29,6 +29,24 @@ def gate_table(gates) -> list[str]:
     return lines
 
 
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def compute_table(dense: dict | None, pruned: dict | None) -> list[str]:
+    """Parameters and MACs (model_stats) of the model beside its dense baseline, when both were read."""
+    if not pruned:
+        return []
+    dense = dense or {}
+    lines = ["", "| size and compute | dense | pruned | pruned / dense |", "|---|---|---|---|"]
+    for key, label in (("params", "parameters"), ("nonzero_params", "non-zero parameters"),
+                       ("macs", "MACs per sample (FLOPs = 2 x MACs)"), ("nonzero_macs", "non-zero MACs per sample")):
+        d, p = dense.get(key), pruned.get(key)
+        ratio = f"{p / d:.3f}" if isinstance(d, int) and isinstance(p, int) and d else "n/a"
+        lines.append(f"| {label} | {_count(d)} | {_count(p)} | {ratio} |")
+    return lines
+
+
 def validation_markdown(result: "ValidationResult") -> str:
     failed = [g.name for g in result.failed_gates]
     verdict = "PASSED: all gates passed" if result.passed else f"FAILED: {', '.join(failed)}"
@@ -55,6 +73,7 @@ def validation_markdown(result: "ValidationResult") -> str:
             f"- parity vs PyTorch on {p.samples} samples ({p.source}): max |logit diff| {p.max_abs_diff:.3g}, "
             f"mean {p.mean_abs_diff:.3g}, top-1 agreement {_pct(p.top1_agreement)}"
         )
+    lines += compute_table(result.baseline_structure, result.structure)
     lines += ["", "## Gates", "", *gate_table(result.gates), ""]
     lines += [
         "## Latency (ONNX Runtime, ms per batch)",

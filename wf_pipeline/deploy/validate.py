@@ -24,6 +24,7 @@ from wf_pipeline.deploy.gates import (
     failed,
 )
 from wf_pipeline.deploy.latency import LatencyStats, measure_interleaved
+from wf_pipeline.deploy.model_stats import model_stats_dict
 from wf_pipeline.deploy.ort_session import (
     create_session,
     input_sample_shape,
@@ -105,6 +106,8 @@ class ValidationResult:
     settings: ValidationSettings
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    structure: dict[str, Any] | None = None  # model_stats of the model and of the baseline: channels, params, MACs
+    baseline_structure: dict[str, Any] | None = None
 
     @property
     def failed_gates(self) -> list[GateResult]:
@@ -253,10 +256,13 @@ def validate_model(
     zero_fraction, zeros, total = overall_weight_sparsity(model_proto)
     per_init = weight_zero_fractions(model_proto)
     sparse_count = len(compact_weight_names(model_proto))
+    structure = model_stats_dict(model_proto)
     del model_proto
-    baseline_sparsity = None
+    baseline_sparsity = baseline_structure = None
     if baseline_path is not None:
-        baseline_sparsity = overall_weight_sparsity(load_onnx(Path(baseline_path)))[0]
+        baseline_proto = load_onnx(Path(baseline_path))
+        baseline_sparsity = overall_weight_sparsity(baseline_proto)[0]
+        baseline_structure = model_stats_dict(baseline_proto)
 
     session = create_session(onnx_path, threads=0)
     baseline_session = create_session(Path(baseline_path), threads=0) if baseline_path is not None else None
@@ -359,6 +365,8 @@ def validate_model(
         settings=settings,
         environment=_environment(settings.threads),
         notes=notes,
+        structure=structure,
+        baseline_structure=baseline_structure,
     )
 
 
