@@ -136,9 +136,10 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if cfg.fisher_samples_per_class:
         idx = limited_per_class(fisher.labels, cfg.fisher_samples_per_class, seed + 3)
         fisher = sources.TensorSplit(fisher.images[idx], fisher.labels[idx])
-    mean, std = sources.STATS[cfg.dataset]
+    channels = int(train.images.shape[1])
+    mean, std = sources.normalization_stats(cfg, channels) if cfg.normalize else sources.STATS[cfg.dataset]
     preprocess = Preprocess(mean, std, cfg.normalize, cfg.image_size)
     num_classes = int(max(train.labels.max(), test.labels.max()).item()) + 1
     size = cfg.image_size or int(train.images.shape[-1])
-    return DataBundle(cfg, seed, num_classes, int(train.images.shape[1]), size, train, test, fisher, preprocess,
+    return DataBundle(cfg, seed, num_classes, channels, size, train, test, fisher, preprocess,
                       flip=cfg.dataset != "digits")

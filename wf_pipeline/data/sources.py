@@ -26,6 +26,31 @@ STATS = {
     "digits": ((0.3050,), (0.3840,)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+IMAGENET_STATS = STATS["imagefolder"]
+IMAGENET_SIZE = 224
+IMAGENET_RESIZE = 256  # torchvision's ImageNet evaluation: shorter side to 256, centre crop 224
+
+
+def normalization_stats(cfg: DataConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) the recipe asks for; ImageNet's need three channels."""
+    if cfg.normalization == "imagenet" or cfg.dataset == "imagefolder":
+        if channels != 3:
+            raise WFError(
+                f"data.normalization: ImageNet statistics need 3-channel images, {cfg.dataset} has {channels}",
+                "use normalization: dataset for grey images (model.in_channels adapts the stem)",
+            )
+        return IMAGENET_STATS
+    return STATS[cfg.dataset]
+
+
+def crop_sizes(cfg: DataConfig) -> tuple[int, int]:
+    """(resize, crop) for image folders: ImageNet's 256 → 224, scaled when image_size differs."""
+    crop = cfg.image_size or IMAGENET_SIZE
+    resize = cfg.resize_size or round(crop * IMAGENET_RESIZE / IMAGENET_SIZE)
+    if resize < crop:
+        raise WFError(f"data.resize_size ({resize}) is smaller than the crop ({crop})",
+                      "set data.resize_size >= data.image_size (or leave it unset)")
+    return resize, crop
 
 
 @dataclass
@@ -131,13 +156,14 @@ def load_imagefolder(cfg: DataConfig):  # -> tuple[Dataset, Dataset]
     if not (root / "train").is_dir() or test_dir is None:
         raise WFError(f"data.root: {root} must contain train/ and val/ (or test/) class folders",
                       "arrange images as <root>/train/<class>/x.jpg and <root>/val/<class>/y.jpg")
-    size = cfg.image_size or 224
-    mean, std = STATS["imagefolder"]
+    resize, size = crop_sizes(cfg)
+    mean, std = normalization_stats(cfg, 3)  # ImageFolder's loader converts every image to RGB
     norm = [transforms.Normalize(mean, std)] if cfg.normalize else []
+    evaluation = [transforms.Resize(resize), transforms.CenterCrop(size)]
     train_tf = transforms.Compose(
-        ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if cfg.augment
-         else [transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size)])
+        ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if cfg.augment else evaluation)
         + [transforms.ToTensor(), *norm]
     )
-    test_tf = transforms.Compose([transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size), transforms.ToTensor(), *norm])
+    test_tf = transforms.Compose([*evaluation, transforms.ToTensor(), *norm])
+    # The Fisher pool comes from the training images with the evaluation transform (no random crops).
     return datasets.ImageFolder(str(root / "train"), train_tf), datasets.ImageFolder(str(test_dir), test_tf), datasets.ImageFolder(str(root / "train"), test_tf)

@@ -52,7 +52,14 @@ class DataConfig(Strict):
         "/usr/share/datasets/fashion-mnist, then ./data",
     )
     download: bool = Field(False, description="allow torchvision to download (only where a network exists)")
-    image_size: int | None = Field(None, ge=4, description="resize images to this size (None keeps native)")
+    image_size: int | None = Field(
+        None, ge=4, description="input size in pixels (None keeps native; imagefolder defaults to 224): "
+        "tensor datasets are resized to it, image folders are resized then centre-cropped to it"
+    )
+    resize_size: int | None = Field(
+        None, ge=4, description="imagefolder evaluation/Fisher: shorter side resized to this before the "
+        "centre crop (default image_size·256/224, ImageNet's 256 → 224)"
+    )
     augment: bool = True
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
@@ -66,6 +73,21 @@ class DataConfig(Strict):
         None, ge=1, description="limited-data mode: build the Fisher from only this many samples per class"
     )
     normalize: bool = True
+    normalization: Literal["dataset", "imagenet"] = Field(
+        "dataset", description="per-channel statistics to normalise with: the dataset's own, or ImageNet's "
+        "(for torchvision ImageNet weights on another dataset; image folders always use ImageNet's)"
+    )
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "DataConfig":
+        if self.resize_size is not None and self.dataset != "imagefolder":
+            raise ValueError("resize_size applies to dataset: imagefolder only (tensor datasets are resized to image_size)")
+        if self.resize_size is not None and self.image_size is not None and self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size}): the crop is taken "
+                "from the resized image"
+            )
+        return self
 
 
 class OptimizerConfig(Strict):
