@@ -1,0 +1,456 @@
+"""Carry out a :class:`~wf_pipeline.fisher.plan.FisherPlan`: block groups streamed through a memory budget.
+
+Phase 1 (:func:`collect_grouped_inverse`) makes one gradient pass per group over the same Fisher
+samples, builds that group's statistics (Gram blocks inverted in place, or the stored gradient rows of
+the low-rank form), keeps the inverse's diagonal — and for WoodTaylor the mean gradient and Newton step
+— for every weight, then spills the group to disk, drops it (to recompute later) or, for the last
+group, keeps it. Ranking then needs only those vectors. Phase 2 (:meth:`GroupedInverse.obs_update`)
+revisits the groups one at a time for the OBS update, which is block-local, so it equals the update
+with the whole inverse in memory.
+"""
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch.func import functional_call
+
+from wf_pipeline.fisher.gradients import SampleStream, iter_gradient_chunks, sample_model_labels, unwrap_model
+from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout
+from wf_pipeline.fisher.parallel import map_slices
+from wf_pipeline.fisher.plan import (
+    LOWRANK_SLICE_BLOCKS,
+    SLICE_BLOCKS,
+    BlockGroup,
+    FisherPlan,
+    PlanInputs,
+    agree_min,
+    free_disk_bytes,
+    make_plan,
+    resident_bytes,
+)
+from wf_pipeline.pruning.obs import obs_update
+
+Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+Progress = Callable[[str, int, int], None]
+ReduceFn = Callable[[Tensor], None]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ===================================================================== block ranges
+def sub_layout(layout: BlockLayout, start: int, stop: int) -> tuple[BlockLayout, int, int]:
+    """The layout of blocks ``[start, stop)`` alone, and the flat range ``[f0, f1)`` of their weights.
+
+    Blocks never cross a layer boundary, so the range's weights are contiguous in the flat vector and
+    its own layout pads exactly the same coordinates.
+    """
+    B = layout.block_size
+    sizes: list[int] = []
+    f0 = f1 = -1
+    for layer, (k0, k1) in enumerate(zip(layout.block_offsets, layout.block_offsets[1:])):
+        b0, b1 = max(start, k0), min(stop, k1)
+        if b0 >= b1:
+            continue
+        lo = layout.flat_offsets[layer] + (b0 - k0) * B
+        hi = layout.flat_offsets[layer] + min(layout.sizes[layer], (b1 - k0) * B)
+        f0 = lo if f0 < 0 else f0
+        f1 = hi
+        sizes.append(hi - lo)
+    if not sizes:
+        raise ValueError(f"empty block range [{start}, {stop})")
+    return BlockLayout(sizes, B), f0, f1
+
+
+def low_rank_blocks(rows: Tensor, damp: float, num_samples: int) -> Tensor:
+    """``(1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per block from block-major rows ``A: (k, n, B)``, in fp64.
+
+    The Fisher is ``λI + AᵀA/N`` with ``N = num_samples``. Solved in fp64 because ``I − AᵀX`` cancels
+    to ``~Nλ/|g|²`` in the gradients' directions. Slices run one thread each (see fisher.parallel).
+    """
+    k, n, B = rows.shape
+    out = torch.empty(k, B, B, dtype=torch.float64, device=rows.device)
+    eye_n = torch.eye(n, dtype=torch.float64, device=rows.device)
+    eye_b = torch.eye(B, dtype=torch.float64, device=rows.device)
+
+    def form(s: int, e: int) -> None:
+        a = rows[s:e].to(torch.float64)
+        small = torch.bmm(a, a.mT) + (num_samples * damp) * eye_n
+        x = torch.cholesky_solve(a, torch.linalg.cholesky(small))
+        out[s:e] = (eye_b - torch.bmm(a.mT, x)) / damp
+
+    map_slices(form, k, SLICE_BLOCKS)
+    return out
+
+
+# ===================================================================== group statistics
+@dataclass
+class FisherJob:
+    """Everything a gradient pass needs, independent of how the statistics are stored."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    masks: Mapping[str, Tensor] | None
+    batches: Batches
+    num_grads: int  # this process's gradients
+    block_size: int
+    damp: float
+    stat_dtype: torch.dtype  # Gram precision (after promotion)
+    grad_batch_size: int = 1
+    fisher_type: str = "empirical"
+    loss_fn: LossFn = F.cross_entropy
+    generator: torch.Generator | None = None
+    progress: Progress | None = None
+    reduce_fn: ReduceFn | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+
+class _GroupStats:
+    """One group's inverse: in-place inverted Gram blocks, or gradient rows formed into blocks on demand."""
+
+    def __init__(self, layout: BlockLayout, damp: float, num_samples: int, blocks: Tensor | None = None,
+                 rows: Tensor | None = None) -> None:
+        self.layout, self.damp, self.num_samples = layout, damp, num_samples
+        self.blocks, self.rows = blocks, rows
+        self.repaired_blocks = 0
+
+    @property
+    def payload(self) -> Tensor:
+        return self.blocks if self.blocks is not None else self.rows  # type: ignore[return-value]
+
+    def slices(self) -> Iterator[tuple[int, int, BlockFisherInverse]]:
+        """``(f0, f1, inverse)`` over consecutive block slices (the whole group for Gram blocks)."""
+        if self.blocks is not None:
+            yield 0, self.layout.dim, BlockFisherInverse(self.layout, self.blocks, self.damp, self.num_samples)
+            return
+        assert self.rows is not None
+        for s in range(0, self.layout.num_blocks, LOWRANK_SLICE_BLOCKS):
+            e = min(s + LOWRANK_SLICE_BLOCKS, self.layout.num_blocks)
+            layout, f0, f1 = sub_layout(self.layout, s, e)
+            yield f0, f1, BlockFisherInverse(layout, low_rank_blocks(self.rows[s:e], self.damp, self.num_samples),
+                                             self.damp, self.num_samples)
+
+
+class GroupedInverse:
+    """The diagonal of a block-diagonal inverse Fisher for every weight, with its groups revisitable."""
+
+    def __init__(self, plan: FisherPlan, layout: BlockLayout, job: FisherJob, source: "_GroupSource",
+                 spill_dir: Path | None) -> None:
+        self.plan, self.layout, self.job, self.source = plan, layout, job, source
+        self.spill_dir = spill_dir
+        self.diag: Tensor | None = None
+        self.grad_mean: Tensor | None = None  # WoodTaylor only
+        self.newton: Tensor | None = None  # F⁻¹ḡ, WoodTaylor only
+        self.num_samples = 0
+        self.repaired_blocks = 0
+        self.dtype = torch.float64 if plan.representation == "lowrank" else job.stat_dtype
+        self._kept: _GroupStats | None = None
+        self._spilled: dict[int, tuple[Path, torch.Size, torch.dtype, BlockLayout]] = {}
+
+    # ----------------------------------------------------------------- phase 2: update
+    def _revisit(self, index: int, group: BlockGroup) -> _GroupStats:
+        if self._kept is not None and index == len(self.plan.groups) - 1:
+            return self._kept
+        if index in self._spilled:
+            t0 = time.perf_counter()
+            path, shape, dtype, layout = self._spilled[index]
+            payload = _read_tensor(path, shape, dtype, self.layout_device)
+            self.job.add_time("spill", time.perf_counter() - t0)
+            if self.plan.representation == "gram":
+                return _GroupStats(layout, self.job.damp, self.num_samples, blocks=payload)
+            return _GroupStats(layout, self.job.damp, self.num_samples, rows=payload)
+        stats, _ = self.source.group_stats(group, with_mean=False)
+        return stats
+
+    @property
+    def layout_device(self) -> torch.device:
+        return next(iter(self.job.params.values())).device
+
+    def obs_update(self, weights: Tensor, pruned: Tensor, update: str = "joint",
+                   use_grad_mean: bool = False) -> tuple[Tensor, float | None]:
+        """:func:`~wf_pipeline.pruning.obs.obs_update` group by group (it is block-local): same result."""
+        out = torch.empty_like(weights)
+        predicted: float | None = 0.0
+        order = list(enumerate(self.plan.groups))
+        if self._kept is not None:
+            order = order[-1:] + order[:-1]  # the kept group first, so it can be let go at once
+        for index, group in order:
+            stats = self._revisit(index, group)
+            t0 = time.perf_counter()
+            _, g0, _ = sub_layout(self.layout, group.start, group.stop)
+            for f0, f1, inverse in stats.slices():
+                lo, hi = g0 + f0, g0 + f1
+                mean = self.grad_mean[lo:hi] if use_grad_mean and self.grad_mean is not None else None
+                new, part = obs_update(inverse, weights[lo:hi], pruned[lo:hi], update=update, grad_mean=mean)
+                out[lo:hi] = new
+                predicted = None if predicted is None or part is None else predicted + part
+            del stats
+            if index == len(self.plan.groups) - 1:
+                self._kept = None
+            self.job.add_time("update", time.perf_counter() - t0)
+        return out, predicted
+
+    def close(self) -> None:
+        """Remove spill files (idempotent)."""
+        self._kept = None
+        self._spilled.clear()
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self.spill_dir = None
+
+    def __enter__(self) -> "GroupedInverse":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_tensor(tensor: Tensor, path: Path) -> None:
+    with open(path, "wb") as out:
+        tensor.detach().cpu().contiguous().numpy().tofile(out)
+
+
+def _read_tensor(path: Path, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    buffer = torch.empty(shape, dtype=dtype)
+    with open(path, "rb") as source:
+        source.readinto(memoryview(buffer.numpy()).cast("B"))
+    return buffer.to(device)
+
+
+# ===================================================================== planning
+def probe_activation_bytes(model: nn.Module, params: Mapping[str, nn.Parameter], sample: Tensor) -> int:
+    """Bytes one sample's forward saves for the backward to `params` (unique storages, weights excluded)."""
+    module = unwrap_model(model)
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    leaves = {by_id[id(p)]: p.detach().requires_grad_(True) for p in params.values()}
+    resident = {t.untyped_storage().data_ptr() for t in itertools.chain(module.parameters(), module.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        functional_call(module, leaves, (sample,), strict=False)
+    return sum(saved.values())
+
+
+def plan_fisher_step(
+    job: FisherJob,
+    budget_bytes: int,
+    *,
+    max_chunk: int,
+    vectors: int = 1,
+    spill_root: Path | None = None,
+    total_grads: int | None = None,
+) -> FisherPlan:
+    """Measure what the plan needs (one probe forward, free disk) and make it; WFError if nothing fits.
+
+    Replaces ``job.batches`` with a replaying wrapper, so the probe does not change which samples the
+    passes see. In a multi-process run (``job.reduce_fn``) every rank must call this: ranks agree on the
+    smallest budget and free disk, so they make the same plan, and Gram blocks are used (gradient rows
+    cannot be summed across ranks).
+    """
+    peeked = _PeekedBatches(job.batches)
+    job.batches = peeked
+    first = next(iter(job.params.values()))
+    sample = peeked.head[0][:1].to(first.device)
+    free_disk = None
+    if spill_root is not None:
+        spill_root.mkdir(parents=True, exist_ok=True)
+        free_disk = free_disk_bytes(spill_root)
+    if job.reduce_fn is not None:
+        budget_bytes = agree_min(budget_bytes, job.reduce_fn, first.device)
+        free_disk = None if free_disk is None else agree_min(free_disk, job.reduce_fn, first.device)
+    inputs = PlanInputs(
+        sizes=[p.numel() for p in job.params.values()],
+        num_grads=total_grads or job.num_grads,
+        block_size=job.block_size,
+        stat_bytes=torch.empty((), dtype=job.stat_dtype).element_size(),
+        grad_bytes=first.element_size(),
+        grad_batch_size=job.grad_batch_size,
+        activation_bytes=probe_activation_bytes(job.model, job.params, sample),
+        input_bytes=sample.numel() * sample.element_size(),
+        max_chunk=max_chunk,
+        vectors=vectors,
+        allow_lowrank=job.reduce_fn is None,
+        spill_free_bytes=free_disk,
+        threads=torch.get_num_threads(),
+    )
+    plan = make_plan(inputs, budget_bytes)
+    plan.spill_root = None if spill_root is None else str(spill_root)
+    plan.baseline_bytes = resident_bytes() if first.device.type == "cpu" else torch.cuda.memory_allocated(first.device)
+    return plan
+
+
+# ===================================================================== gradient passes
+class _PeekedBatches:
+    """`batches` with its first batch already drawn (to probe shapes), replayed so the data is unchanged."""
+
+    def __init__(self, batches: Batches) -> None:
+        self._batches = batches
+        self._first: Iterator[tuple[Tensor, Tensor]] | None = iter(batches())
+        self.head = next(self._first)
+
+    def __call__(self) -> Iterable[tuple[Tensor, Tensor]]:
+        if self._first is None:
+            return self._batches()
+        first, self._first = self._first, None
+        return itertools.chain([self.head], first)
+
+
+class _GroupSource:
+    """Gradient passes restricted to one group's layers, over a fixed set of Fisher samples."""
+
+    def __init__(self, job: FisherJob, plan: FisherPlan, layout: BlockLayout, batches: Batches) -> None:
+        self.job, self.plan, self.layout = job, plan, layout
+        self.batches = batches
+        self.fisher_type = job.fisher_type
+        self.names = list(job.params)
+        self.passes_done = 0
+
+    def cache_samples(self) -> None:
+        """Draw the N·m samples once (and the model's labels for the true Fisher) so every pass sees them."""
+        job, n = self.job, self.plan.chunk_size
+        m = job.grad_batch_size
+        device = next(iter(job.params.values())).device
+        x, y = SampleStream(self.batches, device).take(job.num_grads * m)
+        if self.fisher_type == "true":
+            with torch.no_grad():
+                y = torch.cat([sample_model_labels(job.model(x[i : i + n * m]), job.generator)
+                               for i in range(0, len(x), n * m)])
+            self.fisher_type = "empirical"
+        pieces = [(x[i : i + n * m], y[i : i + n * m]) for i in range(0, len(x), n * m)]
+        self.batches = lambda: pieces
+
+    def group_stats(self, group: BlockGroup, with_mean: bool) -> tuple[_GroupStats, Tensor | None]:
+        """One pass: the group's statistics, inverted (Gram) or stored (low-rank), and its gradient sum."""
+        job, B = self.job, self.layout.block_size
+        layers = list(group.layers)
+        params = {self.names[i]: job.params[self.names[i]] for i in layers}
+        touched = BlockLayout([self.layout.sizes[i] for i in layers], B)
+        skip = group.start - self.layout.block_offsets[layers[0]]  # blocks of the first layer before the group
+        count = group.stop - group.start
+        layout, _, _ = sub_layout(self.layout, group.start, group.stop)
+        gram = self.plan.representation == "gram"
+        device = next(iter(params.values())).device
+        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device) if gram else None
+        rows = None if gram else torch.empty(count, job.num_grads, B, dtype=next(iter(params.values())).dtype, device=device)
+        grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
+        total = job.num_grads * self.plan.gradient_passes
+        base = job.num_grads * self.passes_done
+
+        def progress(_: str, done: int, __: int) -> None:
+            if job.progress is not None:
+                job.progress("gradients", base + done, total)
+
+        chunks = iter_gradient_chunks(
+            job.model, params, self.batches, num_grads=job.num_grads, grad_batch_size=job.grad_batch_size,
+            chunk_size=self.plan.chunk_size, loss_fn=job.loss_fn, masks=job.masks, fisher_type=self.fisher_type,
+            generator=job.generator, progress=progress, layout=touched,
+        )
+        offset = 0
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(chunks, None)
+            t1 = time.perf_counter()
+            job.add_time("gradients", t1 - t0)
+            if chunk is None:
+                break
+            part = chunk[skip : skip + count]  # (count, n, B): a view of this group's blocks
+            if acc is not None:
+                acc.add_blocked(part)
+            else:
+                assert rows is not None
+                rows[:, offset : offset + part.shape[1]] = part
+                if grad_sum is not None:
+                    grad_sum += part.sum(1, dtype=torch.float64)
+            offset += part.shape[1]
+            del chunk, part
+            job.add_time("accumulate", time.perf_counter() - t1)
+        self.passes_done += 1
+        t0 = time.perf_counter()
+        if acc is not None:
+            if job.reduce_fn is not None:
+                acc.reduce(job.reduce_fn)
+            num_samples = acc.num_samples
+            mean = acc.mean_gradient() if with_mean else None
+            inverse = acc.inverse(job.damp)
+            stats = _GroupStats(layout, job.damp, num_samples, blocks=inverse.blocks)
+            stats.repaired_blocks = inverse.repaired_blocks
+        else:
+            assert rows is not None
+            num_samples = offset
+            mean = layout.unpad(grad_sum / num_samples) if grad_sum is not None else None
+            stats = _GroupStats(layout, job.damp, num_samples, rows=rows)
+        job.add_time("inverse", time.perf_counter() - t0)
+        return stats, mean
+
+
+def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean: bool = False) -> GroupedInverse:
+    """Phase 1: one pass per group; keeps the inverse's diagonal (and WoodTaylor's vectors) for every weight.
+
+    Spill files go to a fresh folder under ``plan.spill_root``; call :meth:`GroupedInverse.close` (or use
+    the result as a context manager) to remove them.
+    """
+    spill_root = None if plan.spill_root is None else Path(plan.spill_root)
+    layout = BlockLayout([p.numel() for p in job.params.values()], job.block_size)
+    if plan.dim != layout.dim or plan.block_size != job.block_size:
+        raise ValueError("the plan was made for other parameters or another block size")
+    source = _GroupSource(job, plan, layout, job.batches)
+    spill_dir = None
+    if plan.revisit == "disk":
+        if spill_root is None:
+            raise ValueError("a plan that spills to disk needs plan.spill_root")
+        spill_root.mkdir(parents=True, exist_ok=True)
+        spill_dir = Path(tempfile.mkdtemp(prefix="fisher-spill-", dir=spill_root))
+    result = GroupedInverse(plan, layout, job, source, spill_dir)
+    try:
+        if plan.gradient_passes > 1:
+            source.cache_samples()
+        device = next(iter(job.params.values())).device
+        result.diag = torch.empty(layout.dim, dtype=result.dtype, device=device)
+        if with_grad_mean:
+            result.grad_mean = torch.empty(layout.dim, dtype=result.dtype, device=device)
+            result.newton = torch.empty(layout.dim, dtype=result.dtype, device=device)
+        last = len(plan.groups) - 1
+        for index, group in enumerate(plan.groups):
+            stats, mean = source.group_stats(group, with_mean=with_grad_mean)
+            result.num_samples = stats.num_samples
+            result.repaired_blocks += stats.repaired_blocks
+            t0 = time.perf_counter()
+            _, g0, _ = sub_layout(layout, group.start, group.stop)
+            for f0, f1, inverse in stats.slices():
+                result.diag[g0 + f0 : g0 + f1] = inverse.diag()
+                if mean is not None:
+                    part = mean[f0:f1].to(result.dtype)
+                    result.grad_mean[g0 + f0 : g0 + f1] = part  # type: ignore[index]
+                    result.newton[g0 + f0 : g0 + f1] = inverse.matvec(part)  # type: ignore[index]
+            job.add_time("inverse", time.perf_counter() - t0)
+            if index == last and plan.keep_last:
+                result._kept = stats
+            elif plan.revisit == "disk":
+                t0 = time.perf_counter()
+                assert spill_dir is not None
+                path = spill_dir / f"group-{index}.bin"
+                _write_tensor(stats.payload, path)
+                result._spilled[index] = (path, stats.payload.shape, stats.payload.dtype, stats.layout)
+                job.add_time("spill", time.perf_counter() - t0)
+            del stats
+    except BaseException:
+        result.close()
+        raise
+    return result
