@@ -12,19 +12,25 @@ cached samples (``recompute``). The last group stays in memory through the ranki
 Memory model, in bytes the step allocates (the model and the process's own footprint excluded):
 
 ==========  ========================================================================================
-collect(g)  cache + vectors + stats(g) + chunk(n, g) + slices
+collect(g)  cache + vectors + stats(g) + chunk(n, g) + slices + engine
 rank        cache + vectors + 64·d  (+ stats(last) when the last group is kept)
-update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) when recomputing)
+update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) + engine when recomputing)
 chunk(n, g) n·m·activations + 2·n·grad_bytes·(weights of the layers g touches)
 ==========  ========================================================================================
 
 ``stats(g)`` is ``B²·stat_bytes`` per Gram block and ``N·B·grad_bytes`` per low-rank block; ``cache``
 holds the ``N·m`` Fisher inputs when there is more than one gradient pass; ``vectors`` are the per-weight
 results kept between phases (the inverse's diagonal; WoodTaylor also the Newton step and mean gradient);
-``slices`` bounds the batched-solve temporaries; ``64·d`` and ``32·d`` cover scoring, ranking and the
+``slices`` bounds the batched-solve temporaries (per worker thread, a slice of at most 64 blocks; low-rank
+blocks are also formed 256 at a time); ``64·d`` and ``32·d`` cover scoring, ranking and the
 full-length vectors of the update (measured ~50 bytes per weight for scores plus ranking); ``activations``
 is what one sample's forward saves for the backward, times two for the backward's own temporaries
-(measured 0.9–1.7 on torchvision ResNet-50 and MobileNetV2 at 224 px).
+(measured 1.3–1.6 per sample on torchvision ResNet-50 and MobileNetV2 at 224 px), and ``engine`` is the
+per-sample gradient code's fixed scratch, ``2·grad_bytes·d`` (measured intercepts 0.1–0.2 GB on those).
+
+Choice: one pass with everything kept in memory if anything fits, else spill to disk (when a spill folder
+with room is given), else recompute; within that, chunks of at least 8 gradients before smaller ones,
+then the fewest groups, then the largest chunk (at most the recipe's ``chunk_size``).
 """
 from __future__ import annotations
 
@@ -96,17 +102,22 @@ class PlanInputs:
         return B * B * self.stat_bytes if self.representation() == "gram" else self.num_grads * B * self.grad_bytes
 
     def slice_bytes(self) -> int:
-        """Temporaries of the batched solves: per worker a slice of blocks; low-rank blocks are also formed in slices."""
+        """Temporaries of batched solves: per worker a slice of blocks; low-rank blocks are also formed a slice at a time."""
         B, N = self.block_size, self.num_grads
-        solves = SLICE_BLOCKS * B * B * VECTOR_BYTES * SLICE_COPIES * self.threads
+        blocks = sum(self.blocks_per_layer)
+        per_worker = min(SLICE_BLOCKS, blocks) * VECTOR_BYTES * self.threads
         if self.representation() == "gram":
-            return solves
-        return solves + LOWRANK_SLICE_BLOCKS * (B * B * SLICE_COPIES + 2 * N * B + 2 * N * N) * VECTOR_BYTES
+            return per_worker * SLICE_COPIES * B * B
+        formed = min(LOWRANK_SLICE_BLOCKS, blocks) * B * B * VECTOR_BYTES
+        return formed + per_worker * (SLICE_COPIES * B * B + 2 * N * B + 2 * N * N)
 
     def chunk_bytes_per_weight(self, n: int) -> int:
         """Per weight of the layers a pass touches: the chunk's gradients, their block-major copy, any promoted copy."""
         promoted = self.stat_bytes if self.representation() == "gram" and self.stat_bytes != self.grad_bytes else 0
         return n * (2 * self.grad_bytes + promoted)
+
+    def engine_bytes(self) -> int:
+        return 2 * self.grad_bytes * self.dim
 
     def activation_chunk_bytes(self, n: int) -> int:
         return int(n * self.grad_batch_size * self.activation_bytes * ACTIVATION_FACTOR)
@@ -195,7 +206,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> 
     B = inputs.block_size
     per_block = inputs.block_bytes()
     vectors = inputs.vectors * VECTOR_BYTES * inputs.dim
-    fixed_collect = cache + vectors + inputs.slice_bytes() + inputs.activation_chunk_bytes(n)
+    fixed_collect = cache + vectors + inputs.slice_bytes() + inputs.activation_chunk_bytes(n) + inputs.engine_bytes()
     fixed_update = cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + inputs.slice_bytes()
     grad_per_weight = inputs.chunk_bytes_per_weight(n)
     groups: list[BlockGroup] = []
@@ -216,7 +227,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> 
             room_update = budget - fixed_update - stats - GROUP_UPDATE_BYTES_PER_WEIGHT * weights
             per_update = per_block + GROUP_UPDATE_BYTES_PER_WEIGHT * B
             if revisit == "recompute":
-                room_update -= inputs.activation_chunk_bytes(n) + grad_per_weight * touched
+                room_update -= inputs.activation_chunk_bytes(n) + inputs.engine_bytes() + grad_per_weight * touched
             fit = min(room_collect // per_block, room_update // per_update, left)
             if fit <= 0:
                 if not layers:
@@ -251,7 +262,7 @@ def _phase_bytes(inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: 
     slices = inputs.slice_bytes()
 
     def chunk(g: BlockGroup) -> int:
-        return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers))
+        return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers)) + inputs.engine_bytes()
 
     collect = max(cache + vectors + g.stats_bytes + chunk(g) + slices for g in groups)
     rank = cache + vectors + RANK_BYTES_PER_WEIGHT * inputs.dim + (groups[-1].stats_bytes if keep_last else 0)
@@ -264,7 +275,7 @@ def _phase_bytes(inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: 
 
 
 def _try(inputs: PlanInputs, budget: int, revisit: str) -> FisherPlan | None:
-    """The plan for one revisit mode: chunks of at least MIN_CHUNK when possible, fewest groups, largest chunk."""
+    """The plan for one revisit mode: chunks of at least MIN_CHUNK when possible, then fewest groups, then largest chunk."""
     best: tuple[int, int, list[BlockGroup], int] | None = None  # (groups, -n, groups, cache)
     candidates = _chunk_candidates(inputs)
     floor = min(MIN_CHUNK, candidates[0])

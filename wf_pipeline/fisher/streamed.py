@@ -232,15 +232,17 @@ def _read_tensor(path: Path, shape: torch.Size, dtype: torch.dtype, device: torc
 def probe_activation_bytes(model: nn.Module, params: Mapping[str, nn.Parameter], sample: Tensor) -> int:
     """Bytes one sample's forward saves for the backward to `params` (unique storages, weights excluded)."""
     module = unwrap_model(model)
-    by_id = {id(p): n for n, p in module.named_parameters()}
-    leaves = {by_id[id(p)]: p.detach().requires_grad_(True) for p in params.values()}
+    selected = {id(p) for p in params.values()}
+    # Only the selected weights are tracked, as in the gradient passes (the rest are constants there).
+    leaves = {n: p.detach().requires_grad_(id(p) in selected) for n, p in module.named_parameters()}
     resident = {t.untyped_storage().data_ptr() for t in itertools.chain(module.parameters(), module.buffers())}
     saved: dict[int, int] = {}
 
     def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in resident:
-            saved[storage.data_ptr()] = storage.nbytes()
+        # Views are counted by their own size (several may share one storage): per-sample bytes, not the batch's.
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in resident:
+            saved[ptr] = max(saved.get(ptr, 0), tensor.numel() * tensor.element_size())
         return tensor
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -248,36 +250,32 @@ def probe_activation_bytes(model: nn.Module, params: Mapping[str, nn.Parameter],
     return sum(saved.values())
 
 
-def plan_fisher_step(
+def measure_plan_inputs(
     job: FisherJob,
-    budget_bytes: int,
     *,
     max_chunk: int,
     vectors: int = 1,
     spill_root: Path | None = None,
-    total_grads: int | None = None,
-) -> FisherPlan:
-    """Measure what the plan needs (one probe forward, free disk) and make it; WFError if nothing fits.
+) -> PlanInputs:
+    """What the plan needs, measured: one probe forward for the activations, the free disk for spills.
 
     Replaces ``job.batches`` with a replaying wrapper, so the probe does not change which samples the
     passes see. In a multi-process run (``job.reduce_fn``) every rank must call this: ranks agree on the
-    smallest budget and free disk, so they make the same plan, and Gram blocks are used (gradient rows
-    cannot be summed across ranks).
+    smallest free disk, and Gram blocks are used (gradient rows cannot be summed across ranks).
     """
     peeked = _PeekedBatches(job.batches)
     job.batches = peeked
     first = next(iter(job.params.values()))
-    sample = peeked.head[0][:1].to(first.device)
+    sample = peeked.head[0][:1].to(first.device).clone()
     free_disk = None
     if spill_root is not None:
         spill_root.mkdir(parents=True, exist_ok=True)
         free_disk = free_disk_bytes(spill_root)
-    if job.reduce_fn is not None:
-        budget_bytes = agree_min(budget_bytes, job.reduce_fn, first.device)
-        free_disk = None if free_disk is None else agree_min(free_disk, job.reduce_fn, first.device)
-    inputs = PlanInputs(
+        if job.reduce_fn is not None:
+            free_disk = agree_min(free_disk, job.reduce_fn, first.device)
+    return PlanInputs(
         sizes=[p.numel() for p in job.params.values()],
-        num_grads=total_grads or job.num_grads,
+        num_grads=job.num_grads,
         block_size=job.block_size,
         stat_bytes=torch.empty((), dtype=job.stat_dtype).element_size(),
         grad_bytes=first.element_size(),
@@ -290,9 +288,28 @@ def plan_fisher_step(
         spill_free_bytes=free_disk,
         threads=torch.get_num_threads(),
     )
+
+
+def plan_fisher_step(
+    job: FisherJob,
+    budget_bytes: int,
+    *,
+    max_chunk: int,
+    vectors: int = 1,
+    spill_root: Path | None = None,
+) -> FisherPlan:
+    """Measure the inputs and make the plan (WFError naming the smallest budget if none fits).
+
+    In a multi-process run every rank must call this; ranks agree on the smallest budget, so all make the
+    same plan (each statistic is summed across ranks group by group).
+    """
+    inputs = measure_plan_inputs(job, max_chunk=max_chunk, vectors=vectors, spill_root=spill_root)
+    device = next(iter(job.params.values())).device
+    if job.reduce_fn is not None:
+        budget_bytes = agree_min(budget_bytes, job.reduce_fn, device)
     plan = make_plan(inputs, budget_bytes)
     plan.spill_root = None if spill_root is None else str(spill_root)
-    plan.baseline_bytes = resident_bytes() if first.device.type == "cpu" else torch.cuda.memory_allocated(first.device)
+    plan.baseline_bytes = resident_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     return plan
 
 

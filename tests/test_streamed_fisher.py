@@ -1,0 +1,172 @@
+"""Block groups streamed through a tiny budget give the same pruning as the whole inverse in memory."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from wf_pipeline.fisher.inverse import BlockLayout, accumulation_dtype
+from wf_pipeline.fisher.plan import FisherPlan, make_plan, plan_within, smallest_budget
+from wf_pipeline.fisher.streamed import (
+    FisherJob,
+    collect_grouped_inverse,
+    low_rank_blocks,
+    measure_plan_inputs,
+    probe_activation_bytes,
+    sub_layout,
+)
+from wf_pipeline.pruning.masks import MaskSet
+from wf_pipeline.pruning.methods import PruneSettings, prune_step
+from wf_pipeline.pruning.obs import obs_scores, woodtaylor_scores
+from wf_pipeline.pruning.ranking import choose_pruned
+
+DAMP = 1e-5
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 128), nn.ReLU(),
+                         nn.Linear(128, 10)).eval()
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 1, 8, 8, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    return lambda: [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+
+
+def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, min_groups: int = 3) -> FisherPlan:
+    """A budget so small that the blocks need at least `min_groups` passes (chunks of 8 or more, to stay quick)."""
+    inputs = measure_plan_inputs(job, max_chunk=chunk, spill_root=spill)
+    low = smallest_budget(inputs)
+    high = next(b for b in range(low, 100 * low, max(1, low // 50)) if plan_within(inputs, b).revisit == "none")
+    for budget in range(high, low, -max(1, low // 200)):  # the roomiest budget that still needs the groups
+        plan = plan_within(inputs, budget)
+        if plan is not None and plan.chunk_size >= 8 and len(plan.groups) >= min_groups:
+            plan.spill_root = None if spill is None else str(spill)
+            return plan
+    raise AssertionError("no budget gives the wanted plan")
+
+
+def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, chunk: int, sparsity: float,
+                    spill: Path | None, fisher_type: str = "empirical") -> tuple[FisherPlan, float | None, MaskSet]:
+    params = _weights(model)
+    masks = MaskSet.dense(params)
+    dtype = accumulation_dtype(num_grads, block, torch.float32)
+    job = FisherJob(model, params, masks.masks, _batches(), num_grads, block, DAMP, dtype, fisher_type=fisher_type,
+                    generator=torch.Generator().manual_seed(5))
+    plan = _streamed_plan(job, chunk, spill)
+    taylor = method == "woodtaylor"
+    with collect_grouped_inverse(job, plan, with_grad_mean=taylor) as grouped:
+        weights = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(grouped.dtype)
+        assert grouped.diag is not None
+        if taylor:
+            scores = woodtaylor_scores(weights, grouped.diag, grouped.newton)
+        else:
+            scores = obs_scores(weights, grouped.diag)
+        kept = torch.ones_like(weights, dtype=torch.bool)
+        pruned = choose_pruned(scores, kept, [p.numel() for p in params.values()], sparsity, "global")
+        updated, predicted = grouped.obs_update(weights, pruned, use_grad_mean=taylor)
+        spill_dir = grouped.spill_dir
+        if plan.revisit == "disk":
+            assert spill_dir is not None and any(spill_dir.iterdir())
+    assert spill_dir is None or not spill_dir.exists()  # spill files removed on close
+    with torch.no_grad():
+        offset = 0
+        for name, p in params.items():
+            p.copy_(updated[offset : offset + p.numel()].view_as(p))
+            masks.masks[name] = ~pruned[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+    return plan, predicted, masks
+
+
+def _in_memory_prune(model: nn.Module, method: str, num_grads: int, block: int, chunk: int, sparsity: float,
+                     fisher_type: str = "empirical"):
+    params = _weights(model)
+    masks = MaskSet.dense(params)
+    settings = PruneSettings(method=method, num_grads=num_grads, block_size=block, damp=DAMP, chunk_size=chunk,
+                             fisher_type=fisher_type)
+    report = prune_step(model, params, masks, sparsity, settings, _batches(), generator=torch.Generator().manual_seed(5))
+    return report, masks
+
+
+def _assert_same(reference: nn.Module, budgeted: nn.Module, ref_masks: MaskSet, masks: MaskSet) -> None:
+    for name, p in _weights(reference).items():
+        assert torch.equal(ref_masks.masks[name], masks.masks[name]), name  # the same weights selected
+    a = torch.cat([p.detach().reshape(-1) for p in _weights(reference).values()])
+    b = torch.cat([p.detach().reshape(-1) for p in _weights(budgeted).values()])
+    assert float((a - b).norm() / a.norm()) <= 1e-6
+    assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
+
+
+@pytest.mark.parametrize("revisit", ["disk", "recompute"])
+@pytest.mark.parametrize("num_grads", [64, 16])  # N >= B: Gram blocks; N < B: stored gradients (low-rank form)
+def test_many_passes_equal_the_in_memory_step(tmp_path: Path, revisit: str, num_grads: int) -> None:
+    block, chunk = 64, 16
+    reference, budgeted = _model(), _model()
+    plan, predicted, masks = _budgeted_prune(budgeted, "woodfisher", num_grads, block, chunk, 0.7,
+                                             tmp_path / "run" if revisit == "disk" else None)
+    # The in-memory step with the same chunks (fp32 sums in another order differ by rounding alone).
+    report, ref_masks = _in_memory_prune(reference, "woodfisher", num_grads, block, plan.chunk_size, 0.7)
+    assert plan.revisit == revisit and len(plan.groups) >= 3
+    assert plan.representation == ("gram" if num_grads >= block else "lowrank")
+    _assert_same(reference, budgeted, ref_masks, masks)
+    assert predicted == pytest.approx(report.predicted_loss_increase, rel=1e-6)
+
+
+def test_woodtaylor_and_true_fisher_stream_too(tmp_path: Path) -> None:
+    reference, budgeted = _model(), _model()
+    plan, predicted, masks = _budgeted_prune(budgeted, "woodtaylor", 64, 64, 16, 0.6, tmp_path, fisher_type="true")
+    report, ref_masks = _in_memory_prune(reference, "woodtaylor", 64, 64, plan.chunk_size, 0.6, fisher_type="true")
+    assert len(plan.groups) >= 3
+    _assert_same(reference, budgeted, ref_masks, masks)
+    assert predicted == pytest.approx(report.predicted_loss_increase, rel=1e-6)
+
+
+def test_sub_layout_matches_the_whole_layout() -> None:
+    layout = BlockLayout([300, 64, 65, 7, 200], 32)
+    flat = torch.arange(layout.dim, dtype=torch.float64)
+    blocked = layout.pad(flat, fill=-1)
+    for start, stop in [(0, layout.num_blocks), (3, 12), (10, 11), (9, 13), (12, 14)]:
+        part, f0, f1 = sub_layout(layout, start, stop)
+        assert torch.equal(part.pad(flat[f0:f1], fill=-1), blocked[start:stop])
+        assert part.num_blocks == stop - start
+
+
+def test_low_rank_blocks_are_the_inverse() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    n_total, damp = 7, 1e-3
+    blocks = low_rank_blocks(rows, damp, n_total)
+    for k in range(3):
+        fisher = damp * torch.eye(8, dtype=torch.float64) + rows[k].T @ rows[k] / n_total
+        assert torch.allclose(blocks[k], torch.linalg.inv(fisher), rtol=1e-9, atol=1e-9 / damp)
+
+
+def test_probe_counts_what_the_backward_keeps() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    x = torch.randn(4, 1, 8, 8)[:1]  # a view of a larger batch: only the sample counts
+    weights = _weights(model)
+    assert probe_activation_bytes(model, weights, x) == 4 * (64 + 256 + 256)  # input and two ReLU outputs
+    assert probe_activation_bytes(model, {"5.weight": weights["5.weight"]}, x) == 4 * 256  # only the last input
+
+
+def test_plan_error_names_the_smallest_budget() -> None:
+    from wf_pipeline.errors import WFError
+    from wf_pipeline.fisher.streamed import plan_fisher_step
+
+    model = _model()
+    params = _weights(model)
+    job = FisherJob(model, params, None, _batches(), 64, 64, DAMP, torch.float32)
+    with pytest.raises(WFError, match="smallest budget that works is"):
+        plan_fisher_step(job, 1000, max_chunk=16)
+    plan = plan_fisher_step(replace(job, batches=_batches()), 10**10, max_chunk=16)
+    assert plan.revisit == "none" and plan.chunk_size == 16 and plan.baseline_bytes > 0
