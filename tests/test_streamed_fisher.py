@@ -20,7 +20,8 @@ from wf_pipeline.fisher.streamed import (
     sub_layout,
 )
 from wf_pipeline.pruning.masks import MaskSet
-from wf_pipeline.pruning.methods import PruneSettings, prune_step
+from wf_pipeline.pruning.settings import PruneSettings
+from wf_pipeline.pruning.step import prune_step
 from wf_pipeline.pruning.obs import obs_scores, woodtaylor_scores
 from wf_pipeline.pruning.ranking import choose_pruned
 
