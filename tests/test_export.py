@@ -202,6 +202,20 @@ def test_every_folded_weight_and_bias_is_named_after_its_parameter(tmp_path):
     assert result.compact_weights == ["block.0.weight"]
 
 
+def test_equal_folded_biases_shared_by_the_exporter_still_get_each_convs_name(tmp_path):
+    """Untrained BatchNorm folds to equal zero biases; the exporter shares one constant through Identity nodes."""
+    from deploy_fixtures import TinyNet
+
+    torch.manual_seed(0)
+    model = TinyNet(widths=(8, 8)).eval()
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", sparse_storage=False)
+    stored = onnx.load(str(result.path))
+    assert any(n.op_type == "Identity" for n in stored.graph.node)  # the sharing this test is about
+    convs = [n for n in stored.graph.node if n.op_type == "Conv"]
+    assert [n.input[2] for n in convs] == ["conv1.bias", "block.0.bias"]
+    assert result.generated_names == []
+
+
 def test_masks_on_batchnorm_vectors_are_applied_and_folded(tmp_path):
     """Channel pruning also masks BatchNorm entries: they fold into the conv, only weights are read back."""
     model, masks = make_sparse_model(0.5)

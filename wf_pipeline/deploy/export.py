@@ -26,7 +26,7 @@ from wf_pipeline.deploy.name_mapping import (
     map_params_to_initializers,
     readable_bias_names,
     readable_initializer_names,
-    rename_initializers,
+    rename_tensors,
 )
 from wf_pipeline.deploy.ort_session import create_session, load_onnx, run_logits
 from wf_pipeline.deploy.sparse_storage import (
@@ -171,7 +171,7 @@ def _name_weights(dense_model: onnx.ModelProto, export_model: nn.Module, weights
     named = {n: a for n, a in named.items() if n in params}
     matches = map_params_to_initializers(dense_model, named, initializer_arrays(dense_model))
     module_names = {name for name, _ in export_model.named_modules() if name}
-    rename_initializers(dense_model, {**readable_initializer_names(matches), **readable_bias_names(dense_model, module_names)})
+    rename_tensors(dense_model, {**readable_initializer_names(matches), **readable_bias_names(dense_model, module_names)})
 
 
 def _save_onnx(model: onnx.ModelProto, path: Path) -> int:

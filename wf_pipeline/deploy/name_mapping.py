@@ -123,8 +123,8 @@ def map_params_to_initializers(
     return matches
 
 
-def rename_initializers(model: onnx.ModelProto, renames: dict[str, str]) -> None:
-    """Rename initializers in place (and every reference to them). Targets already in use are skipped."""
+def rename_tensors(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Rename initializers and node outputs in place, with every reference to them. Targets in use are skipped."""
     graph = model.graph
     taken = {init.name for init in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
     taken |= {value.name for value in graph.input} | {value.name for value in graph.output}
@@ -137,10 +137,11 @@ def rename_initializers(model: onnx.ModelProto, renames: dict[str, str]) -> None
     for sparse in graph.sparse_initializer:
         sparse.values.name = safe.get(sparse.values.name, sparse.values.name)
     for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in safe:
-                node.input[i] = safe[name]
-    for value in list(graph.input) + list(graph.value_info):
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name in safe:
+                    names[i] = safe[name]
+    for value in [*graph.input, *graph.output, *graph.value_info]:
         value.name = safe.get(value.name, value.name)
 
 
@@ -166,19 +167,19 @@ def readable_bias_names(model: onnx.ModelProto, module_names: set[str]) -> dict[
     """Renames for folded biases: BatchNorm folding gives a conv a new bias named `onnx::Conv_28`.
 
     It becomes `<conv>.bias`, the conv's effective bias after folding (the name
-    `torch.nn.utils.fusion.fuse_conv_bn_eval` gives it too). Shared tensors keep their name.
+    `torch.nn.utils.fusion.fuse_conv_bn_eval` gives it too). The tensor the conv reads is renamed: when
+    the exporter shares one constant between convs (equal folded biases, as untrained BatchNorm gives)
+    each conv reads it through its own Identity, whose output is renamed; the shared constant keeps its name.
     """
-    producers = {out: node for node in model.graph.node for out in node.output}
     owners: dict[str, list[str]] = {}
     for node in model.graph.node:
         index = _BIAS_OPS.get(node.op_type)
-        if index is None or len(node.input) <= index or not node.input[index]:
+        if index is None or len(node.input) <= index or not node.input[index].startswith(GENERATED_PREFIX):
             continue
-        init = _resolve_identity(node.input[index], producers)
         module = _module_path_from_scope(node.name, module_names)
-        if module is not None and init.startswith(GENERATED_PREFIX):
-            owners.setdefault(init, []).append(f"{module}.bias")
-    return {init: names[0] for init, names in owners.items() if len(names) == 1}
+        if module is not None:
+            owners.setdefault(node.input[index], []).append(f"{module}.bias")
+    return {name: targets[0] for name, targets in owners.items() if len(targets) == 1}
 
 
 def generated_weight_names(model: onnx.ModelProto, constants: set[str]) -> list[str]:
