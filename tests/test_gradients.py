@@ -1,4 +1,4 @@
-"""Per-sample / mini-batch gradients: vmap vs plain autograd, finite differences, masks, streaming."""
+"""Per-sample / mini-batch gradients: every engine vs plain autograd, finite differences, masks, streaming."""
 from __future__ import annotations
 
 import pytest
@@ -51,7 +51,10 @@ def collect(*args, **kwargs) -> torch.Tensor:
     return torch.cat(list(iter_gradient_chunks(*args, **kwargs)))
 
 
-@pytest.mark.parametrize("engine", ["vmap", "loop"])
+ENGINES = ["layerwise", "vmap", "loop", "auto"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_per_sample_gradients_equal_plain_autograd(engine: str) -> None:
     model = tiny_cnn()
     params = select_prunable(model, [".*"], [])
@@ -63,20 +66,22 @@ def test_per_sample_gradients_equal_plain_autograd(engine: str) -> None:
         assert torch.allclose(grads[i], ref, atol=1e-6, rtol=1e-5)
 
 
-def test_minibatch_gradients_are_mean_of_per_sample() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_minibatch_gradients_are_mean_of_per_sample(engine: str) -> None:
     model = tiny_cnn()
     params = select_prunable(model, [".*"], [])
     _, _, batches = pool(12, batch=5)
-    per_sample = collect(model, params, batches, num_grads=12, chunk_size=5)
-    grouped = collect(model, params, batches, num_grads=4, grad_batch_size=3, chunk_size=3)
+    per_sample = collect(model, params, batches, num_grads=12, chunk_size=5, engine=engine)
+    grouped = collect(model, params, batches, num_grads=4, grad_batch_size=3, chunk_size=3, engine=engine)
     assert torch.allclose(grouped, per_sample.reshape(4, 3, -1).mean(1), atol=1e-6)
 
 
-def test_gradient_matches_finite_differences_fp64() -> None:
+@pytest.mark.parametrize("engine", ["layerwise", "vmap"])
+def test_gradient_matches_finite_differences_fp64(engine: str) -> None:
     model = tiny_cnn(torch.float64)
     params = select_prunable(model, [".*"], [])
     xs, ys, batches = pool(2, batch=2, dtype=torch.float64)
-    grads = collect(model, params, batches, num_grads=1, grad_batch_size=2, dtype=torch.float64)[0]
+    grads = collect(model, params, batches, num_grads=1, grad_batch_size=2, dtype=torch.float64, engine=engine)[0]
     flat_params = list(params.values())
     eps = 1e-6
     g = torch.Generator().manual_seed(1)
@@ -98,13 +103,14 @@ def test_gradient_matches_finite_differences_fp64() -> None:
         assert grads[offsets[layer] + j].item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
-def test_masks_zero_gradients_and_stream_cycles() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_masks_zero_gradients_and_stream_cycles(engine: str) -> None:
     model = tiny_cnn()
     params = select_prunable(model, [".*"], [])
     masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) < 0.5 for n, p in params.items()}
     flat_mask = torch.cat([masks[n].reshape(-1) for n in params])
     xs, ys, batches = pool(5, batch=2)
-    chunks = list(iter_gradient_chunks(model, params, batches, num_grads=13, chunk_size=4, masks=masks))
+    chunks = list(iter_gradient_chunks(model, params, batches, num_grads=13, chunk_size=4, masks=masks, engine=engine))
     assert [c.shape[0] for c in chunks] == [4, 4, 4, 1]
     grads = torch.cat(chunks)
     assert torch.all(grads[:, ~flat_mask] == 0) and torch.any(grads[:, flat_mask] != 0)
@@ -138,7 +144,8 @@ def test_true_fisher_samples_labels_from_the_model() -> None:
     assert torch.equal(a, b) and not torch.allclose(a, emp)
 
 
-def test_block_major_chunks_equal_flat_chunks() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_block_major_chunks_equal_flat_chunks(engine: str) -> None:
     from wf_pipeline.fisher.inverse import BlockLayout
 
     model = tiny_cnn()
@@ -146,11 +153,93 @@ def test_block_major_chunks_equal_flat_chunks() -> None:
     layout = BlockLayout([p.numel() for p in params.values()], 8)  # short last blocks in both layers
     masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) < 0.5 for n, p in params.items()}
     _, _, batches = pool(6, batch=4)
-    flat = collect(model, params, batches, num_grads=6, chunk_size=4, masks=masks)
+    flat = collect(model, params, batches, num_grads=6, chunk_size=4, masks=masks, engine=engine)
     blocked = torch.cat(
-        list(iter_gradient_chunks(model, params, batches, num_grads=6, chunk_size=4, masks=masks, layout=layout)), dim=1
+        list(iter_gradient_chunks(model, params, batches, num_grads=6, chunk_size=4, masks=masks, layout=layout, engine=engine)),
+        dim=1,
     )
     assert blocked.shape == (layout.num_blocks, 6, 8)
     assert torch.equal(blocked, layout.to_blocked(flat))
     assert torch.equal(layout.unpad(blocked.transpose(0, 1)), flat)
     assert float(blocked.transpose(0, 1)[:, ~layout.valid()].abs().sum()) == 0.0
+
+
+# ----------------------------------------------------------------------------- finiteness guard
+class InfAfter(nn.Module):
+    """Overflows to Inf on inputs whose first pixel exceeds `threshold` (a model, not the data, at fault)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 4)
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        big = (x[:, :1, :1, :1] > self.threshold).to(h.dtype) * 1e38
+        return self.fc((h * (1 + big) * 10).flatten(1))
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["flat", "block-major"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nan_input_sample_stops_with_the_chunk_samples_and_layers_named(engine: str, blocked: bool) -> None:
+    from wf_pipeline.fisher.inverse import BlockLayout
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    xs, ys, _ = pool(10, batch=10)
+    xs[6, 0, 2, 1] = float("nan")
+    layout = BlockLayout([p.numel() for p in params.values()], 8) if blocked else None
+    chunks = iter_gradient_chunks(
+        model, params, lambda: [(xs, ys)], num_grads=10, chunk_size=4, engine=engine, layout=layout
+    )
+    first = next(chunks)  # samples 0-3 are clean
+    assert torch.isfinite(first).all()
+    with pytest.raises(WFError) as err:
+        next(chunks)
+    message = str(err.value)
+    assert "non-finite gradient (NaN) in Fisher chunk 1 (gradients 4-7)" in message
+    assert "1 gradient(s) affected" in message and "gradient 6 (Fisher sample 6" in message
+    assert "'0.weight', '4.weight'" in message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_inf_producing_model_stops_with_a_named_error(engine: str) -> None:
+    torch.manual_seed(0)
+    model = InfAfter(threshold=1.5).eval()
+    params = select_prunable(model, [".*"], [])
+    xs, ys, batches = pool(12, batch=5)
+    xs[:, 0, 0, 0] = 0.0
+    xs[9, 0, 0, 0] = 2.0  # overflows in gradient 9 only (groups of 3: gradient 3, samples 9-11)
+    with pytest.raises(WFError, match=r"Fisher chunk 1 \(gradients 2-3\): 1 gradient\(s\) affected, the first is gradient 3 "
+                       r"\(Fisher samples 9-11.*in layer\(s\) 'conv.weight', 'fc.weight'"):
+        collect(model, params, batches, num_grads=4, grad_batch_size=3, chunk_size=2, engine=engine)
+
+
+def test_true_fisher_with_non_finite_logits_reaches_the_guard() -> None:
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    xs, ys, _ = pool(4, batch=4)
+    xs[2] = float("inf")
+    with pytest.raises(WFError, match="gradient 2 "):
+        collect(model, params, lambda: [(xs, ys)], num_grads=4, fisher_type="true", generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("engine", ["layerwise", "vmap"])
+def test_skip_policy_replaces_non_finite_samples_and_counts_them(engine: str) -> None:
+    from wf_pipeline.fisher.gradients import GradientStats
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    xs, ys, _ = pool(10, batch=10)
+    xs[[1, 6]] = float("nan")
+    batches = lambda: [(xs[:5], ys[:5]), (xs[5:], ys[5:])]  # noqa: E731
+    stats = GradientStats()
+    grads = collect(model, params, batches, num_grads=8, chunk_size=4, nonfinite="skip", stats=stats, engine=engine)
+    assert grads.shape[0] == 8 and torch.isfinite(grads).all() and stats.skipped == 2
+    clean = [i for i in range(10) if i not in (1, 6)]
+    for row, i in enumerate(clean):
+        assert torch.allclose(grads[row], autograd_reference(model, params, xs[i : i + 1], ys[i : i + 1]), atol=1e-6)
+    xs[:] = float("nan")
+    with pytest.raises(WFError, match="non-finite before 8 finite ones"):
+        collect(model, params, batches, num_grads=8, chunk_size=4, nonfinite="skip")

@@ -3,11 +3,15 @@
 Each gradient is the loss gradient over a group of ``grad_batch_size`` samples (the mean loss of
 the group; 1 = per-sample, the empirical Fisher of the paper). Gradients come out as ``(n, d)``
 chunks flattened over the selected parameters in order, masked by the current masks, so no
-``N×d`` buffer is ever held. ``torch.func`` (``vmap`` over ``grad``) computes a whole chunk at once;
-models it cannot trace fall back to a loop of ordinary autograd.
+``N×d`` buffer is ever held. Conv/linear weights of models whose samples do not interact take the
+layer-wise route (one batched forward/backward, per-sample products from layer inputs and output
+gradients: :mod:`wf_pipeline.fisher.per_sample`); other models use ``torch.func`` (``vmap`` over
+``grad``), and models it cannot trace a loop of ordinary autograd. No chunk holding NaN or Inf is
+ever handed on (see :func:`iter_gradient_chunks`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -17,11 +21,18 @@ from torch.func import functional_call, grad, vmap
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.inverse import BlockLayout
+from wf_pipeline.fisher.per_sample import (
+    LayerRecorder,
+    LayerwiseUnsupported,
+    layer_grads,
+    layerwise_blocker,
+    weight_owners,
+)
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-ENGINES = ("auto", "vmap", "loop")
+ENGINES = ("auto", "layerwise", "vmap", "loop")
 
 
 class SampleStream:
@@ -83,13 +94,23 @@ def _names_in(module: nn.Module, params: Mapping[str, nn.Parameter]) -> list[str
 def sample_model_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     """Labels drawn from ``softmax(logits)`` (the 'true' Fisher), using `generator` if given."""
     probs = torch.softmax(logits.detach().float(), dim=-1)
+    # A sample whose logits are not finite gets an arbitrary label: its gradient is non-finite
+    # anyway and the finiteness guard names it, instead of multinomial failing on its row.
+    probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
     device = generator.device if generator is not None else probs.device
     labels = torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1)
     return labels.to(logits.device)
 
 
 class GradientComputer:
-    """Computes chunks of flattened, masked per-group gradients of a fixed parameter selection."""
+    """Computes chunks of flattened, masked per-group gradients of a fixed parameter selection.
+
+    Engines: ``layerwise`` (conv/linear weights from one batched backward pass, see
+    :mod:`wf_pipeline.fisher.per_sample`), ``vmap`` (``torch.func`` over any model), ``loop`` (one
+    autograd pass per group). ``auto`` picks ``layerwise`` when the model allows it and its first
+    chunk agrees with plain autograd on two groups, else ``vmap``, else ``loop``; afterwards
+    :attr:`engine` names the engine in use and :attr:`engine_note` why ``layerwise`` was passed over.
+    """
 
     def __init__(
         self,
@@ -108,68 +129,240 @@ class GradientComputer:
         self.inner_names = _names_in(self.module, self.params)
         self.loss_fn = loss_fn
         self.engine = engine
+        self.engine_note: str | None = None
+        self._generic_fallback = False  # vmap may hand over to loop (auto only)
         first = next(iter(self.params.values()))
         self.device = first.device
+        self.compute_dtype = first.dtype  # the model's; `dtype` is only the output's
         self.dtype = dtype or first.dtype
         self.dim = sum(p.numel() for p in self.params.values())
+        self.offsets = [0]
+        for p in self.params.values():
+            self.offsets.append(self.offsets[-1] + p.numel())
         if layout is not None and layout.sizes != [p.numel() for p in self.params.values()]:
             raise ValueError("layout sizes do not match the selected parameters")
         self.layout = layout
         self.mask: Tensor | None = None
         if masks is not None:
             flat_mask = torch.cat([masks[n].to(self.device).reshape(-1) for n in self.params])
-            # Block-major output (K, n, B) is masked by a (K, 1, B) view; padded coordinates are zero anyway.
-            self.mask = flat_mask if layout is None else layout.pad(flat_mask).unsqueeze(1)
+            if not bool(flat_mask.all()):  # an all-kept mask (the first pruning step) costs no pass
+                # Block-major output (K, n, B) is masked by a (K, 1, B) view.
+                mask = flat_mask.to(self.dtype)
+                self.mask = mask if layout is None else layout.pad(mask).unsqueeze(1)
+        self._owners = weight_owners(self.module, self.params)
 
+    # ------------------------------------------------------------------ generic engines
     def _loss(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(functional_call(self.module, selected, (x,), strict=False), y)
 
-    def _vmap_grads(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _selected(self) -> dict[str, Tensor]:
+        return {inner: p.detach() for inner, p in zip(self.inner_names, self.params.values())}
+
+    def _vmap_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         per_group = vmap(grad(self._loss), in_dims=(None, 0, 0))
         with torch.no_grad():  # torch.func.grad ignores an outer no_grad; the module's own params stay untracked
-            return per_group(selected, x, y)
+            return per_group(self._selected(), x, y)
 
-    def _loop_grads(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        leaves = {n: t.detach().requires_grad_(True) for n, t in selected.items()}
+    def _loop_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        leaves = {n: t.requires_grad_(True) for n, t in self._selected().items()}
         rows: list[tuple[Tensor, ...]] = []
         with torch.enable_grad():
             for xi, yi in zip(x, y):
                 rows.append(torch.autograd.grad(self._loss(leaves, xi, yi), list(leaves.values())))
         return {n: torch.stack([r[i] for r in rows]) for i, n in enumerate(leaves)}
 
-    def compute(self, x: Tensor, y: Tensor) -> Tensor:
-        """Gradients for groups ``x: (n, m, ...)``, ``y: (n, m)`` → flat masked ``(n, d)``."""
-        selected = {inner: p.detach() for inner, p in zip(self.inner_names, self.params.values())}
+    def _generic_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.engine == "loop":
-            grads = self._loop_grads(selected, x, y)
-        elif self.engine == "vmap":
-            grads = self._vmap_grads(selected, x, y)
-        else:
-            try:
-                grads = self._vmap_grads(selected, x, y)
-            except (RuntimeError, NotImplementedError):
-                # Some modules (data-dependent control flow, unsupported in-place ops) cannot be vmapped.
-                self.engine = "loop"
-                grads = self._loop_grads(selected, x, y)
-            else:
-                self.engine = "vmap"
-        n = x.shape[0]
+            return self._loop_grads(x, y)
+        if not self._generic_fallback:
+            return self._vmap_grads(x, y)
+        try:
+            grads = self._vmap_grads(x, y)
+        except (RuntimeError, NotImplementedError):
+            # Some modules (data-dependent control flow, unsupported in-place ops) cannot be vmapped.
+            self.engine = "loop"
+            return self._loop_grads(x, y)
+        self._generic_fallback = False
+        return grads
+
+    # ------------------------------------------------------------------ layer-wise engine
+    def _summed_loss(self, logits: Tensor, y: Tensor, groups: int) -> Tensor:
+        """Sum over groups of each group's own loss, so a sample's output gradient is its group's."""
+        grouped_logits = logits.reshape(groups, -1, *logits.shape[1:])
+        grouped_y = y.reshape(groups, -1, *y.shape[1:])
+        if self.loss_fn is F.cross_entropy:  # mean over each group, summed: one fused call
+            return F.cross_entropy(logits, y, reduction="sum") / grouped_y.shape[1]
+        try:
+            return vmap(self.loss_fn)(grouped_logits, grouped_y).sum()
+        except (RuntimeError, NotImplementedError):
+            return torch.stack([self.loss_fn(a, b) for a, b in zip(grouped_logits, grouped_y)]).sum()
+
+    def _layerwise_into(self, out: Tensor, x: Tensor, y: Tensor) -> None:
+        groups = x.shape[0]
+        inputs = x.reshape(-1, *x.shape[2:])
+        if not inputs.is_floating_point():
+            raise LayerwiseUnsupported("the model input is not floating point")
+        # Every parameter detached and only the input tracked: any output that requires grad depends
+        # on the input, so each recorded layer's gradient reaches us through backward to the input.
+        inputs = inputs.detach().requires_grad_(True)
+        frozen = {name: p.detach() for name, p in self.module.named_parameters()}
+        recorded = [m for modules in self._owners for m in modules]
+        with LayerRecorder(recorded) as recorder, torch.enable_grad():
+            logits = functional_call(self.module, frozen, (inputs,), strict=False)
+            loss = self._summed_loss(logits, y.reshape(-1, *y.shape[2:]), groups)
+            del logits
+            if loss.requires_grad:
+                torch.autograd.grad(loss, inputs, allow_unused=True)
+        del loss
+        for layer, modules in enumerate(self._owners):
+            self._write_rows(out, layer, 0, groups, layer_grads(recorder.take_calls(modules), groups))
+
+    def _write_rows(self, out: Tensor, layer: int, g0: int, g1: int, rows: Tensor | None) -> None:
+        """Rows ``g0:g1`` of one layer's gradients (None: zeros), masked, into the flat or block-major
+        `out`: one pass that copies, transposes to block-major and masks at once."""
+        a, b = self.offsets[layer], self.offsets[layer + 1]
         if self.layout is None:
-            out = torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
-        else:
-            out = torch.empty(self.layout.num_blocks, n, self.layout.block_size, dtype=self.dtype, device=self.device)
-        offset = 0
-        for layer, (inner, p) in enumerate(zip(self.inner_names, self.params.values())):
-            size = p.numel()
-            rows = grads.pop(inner).reshape(n, size)
-            if self.layout is None:
-                out[:, offset : offset + size] = rows
+            dest = out[g0:g1, a:b]
+            if rows is None:
+                dest.zero_()
+            elif self.mask is None:
+                dest.copy_(rows)
             else:
-                self.layout.write_layer(out, layer, rows)
-            offset += size
-        if self.mask is not None:
-            out.mul_(self.mask)
+                torch.mul(rows, self.mask[a:b], out=dest)
+            return
+        k0, k1 = self.layout.block_offsets[layer], self.layout.block_offsets[layer + 1]
+        dest = out[k0:k1, g0:g1]  # (blocks of this layer, groups, B)
+        if rows is None:
+            dest.zero_()
+            return
+        B = self.layout.block_size
+        full, rest = divmod(b - a, B)
+        mask = None if self.mask is None else self.mask[k0:k1]
+        if full:
+            block_rows = rows[:, : full * B].reshape(rows.shape[0], full, B).transpose(0, 1)
+            if mask is None:
+                dest[:full].copy_(block_rows)
+            else:
+                torch.mul(block_rows, mask[:full], out=dest[:full])
+        if rest:
+            tail = rows[:, full * B :]
+            dest[full, :, :rest] = tail if mask is None else tail * mask[full, :, :rest]
+            dest[full, :, rest:] = 0
+
+    def _cross_check(self, out: Tensor, x: Tensor, y: Tensor) -> str | None:
+        """Compare the first and last group of a layer-wise chunk with plain autograd (None: agree).
+
+        Catches what no structural test can: glue code that mixes samples, a weight also used
+        outside its module. Differences from summation order are far below the tolerance.
+        """
+        picks = sorted({0, x.shape[0] - 1})
+        reference = self._new_output(len(picks))
+        self._write_grads(reference, self._loop_grads(x[picks], y[picks]))
+        mine = out[picks] if self.layout is None else out[:, picks]
+        if not (torch.isfinite(reference).all() and torch.isfinite(mine).all()):
+            return None  # the finiteness guard reports it
+        tolerance = torch.finfo(self.compute_dtype).eps ** 0.5
+        error = float((mine - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny))
+        if error > tolerance:
+            return f"layer-wise gradients differ from plain autograd (relative error {error:.1e}): samples interact"
+        return None
+
+    def _auto_first_chunk(self, out: Tensor, x: Tensor, y: Tensor) -> None:
+        reason = layerwise_blocker(self.module, self.params)
+        if reason is None:
+            try:
+                self._layerwise_into(out, x, y)
+                reason = self._cross_check(out, x, y)
+            except LayerwiseUnsupported as exc:
+                reason = str(exc)
+        if reason is None:
+            self.engine = "layerwise"
+            return
+        self.engine_note = reason
+        self.engine, self._generic_fallback = "vmap", True
+        self._write_grads(out, self._generic_grads(x, y))
+
+    # ------------------------------------------------------------------ output
+    def _new_output(self, n: int) -> Tensor:
+        if self.layout is None:
+            return torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
+        return torch.empty(self.layout.num_blocks, n, self.layout.block_size, dtype=self.dtype, device=self.device)
+
+    def _write_grads(self, out: Tensor, grads: dict[str, Tensor]) -> None:
+        n = out.shape[0] if self.layout is None else out.shape[1]
+        for layer, inner in enumerate(self.inner_names):
+            self._write_rows(out, layer, 0, n, grads.pop(inner).reshape(n, -1))
+
+    def compute(self, x: Tensor, y: Tensor) -> Tensor:
+        """Gradients for groups ``x: (n, m, ...)``, ``y: (n, m)`` → flat masked ``(n, d)``
+        (block-major ``(K, n, B)`` with a layout)."""
+        out = self._new_output(x.shape[0])
+        if self.engine == "auto":
+            self._auto_first_chunk(out, x, y)
+        elif self.engine == "layerwise":
+            blocker = layerwise_blocker(self.module, self.params)
+            if blocker is not None:
+                raise LayerwiseUnsupported(f"engine 'layerwise' cannot run here: {blocker}")
+            self._layerwise_into(out, x, y)
+        else:
+            self._write_grads(out, self._generic_grads(x, y))
         return out
+
+
+@dataclass
+class GradientStats:
+    """Filled in while :func:`iter_gradient_chunks` runs: the engine used and what was left out."""
+
+    engine: str = ""
+    engine_note: str | None = None
+    skipped: int = 0  # gradients left out as non-finite (nonfinite="skip")
+
+
+def _span(indices: list[int]) -> str:
+    return f"{indices[0]}" if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
+
+
+def nonfinite_rows(chunk: Tensor, blocked: bool) -> Tensor:
+    """Bool per gradient row: True where the row holds NaN or Inf.
+
+    One reduction (a sum) decides in the usual all-finite case; only a non-finite sum (or an
+    overflowing one) pays for the element-wise test.
+    """
+    rows = chunk.shape[1] if blocked else chunk.shape[0]
+    if bool(torch.isfinite(chunk.sum())):
+        return torch.zeros(rows, dtype=torch.bool, device=chunk.device)
+    bad = ~torch.isfinite(chunk)
+    return bad.any(2).any(0) if blocked else bad.any(1)
+
+
+def nonfinite_error(
+    computer: GradientComputer, chunk: Tensor, bad_rows: Tensor, chunk_index: int, first: int, grad_batch_size: int
+) -> WFError:
+    """The error naming the chunk, gradient/sample ranges and layers of a non-finite chunk."""
+    blocked = computer.layout is not None
+    bad = ~torch.isfinite(chunk)
+    kind = "NaN" if bool(torch.isnan(chunk).any()) else "Inf"
+    if blocked:
+        assert computer.layout is not None
+        bad_blocks = bad.any(2).any(1).nonzero().flatten()
+        bounds = torch.tensor(computer.layout.block_offsets[1:], device=bad_blocks.device)
+        layers = torch.searchsorted(bounds, bad_blocks, right=True).unique().tolist()
+    else:
+        bad_cols = bad.any(0).nonzero().flatten()
+        bounds = torch.tensor(computer.offsets[1:], device=bad_cols.device)
+        layers = torch.searchsorted(bounds, bad_cols, right=True).unique().tolist()
+    names = list(computer.params)
+    shown = ", ".join(repr(names[i]) for i in layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    rows = (bad_rows.nonzero().flatten() + first).tolist()
+    m = grad_batch_size
+    samples = f"Fisher samples {rows[0] * m}-{rows[0] * m + m - 1}" if m > 1 else f"Fisher sample {rows[0]}"
+    return WFError(
+        f"non-finite gradient ({kind}) in Fisher chunk {chunk_index} (gradients {_span(list(range(first, first + len(bad_rows))))}):"
+        f" {len(rows)} gradient(s) affected, the first is gradient {rows[0]} ({samples}, counted in draw order"
+        f" from the start of this step), in layer(s) {shown}",
+        hint="a Fisher input holds NaN/Inf or the model overflows on it (exploding activations, a half-precision"
+        " model); clean the data or fix the model before pruning",
+    )
 
 
 def iter_gradient_chunks(
@@ -188,6 +381,8 @@ def iter_gradient_chunks(
     progress: Progress | None = None,
     engine: str = "auto",
     layout: BlockLayout | None = None,
+    nonfinite: str = "error",
+    stats: GradientStats | None = None,
 ) -> Iterator[Tensor]:
     """Yield ``(n ≤ chunk_size, d)`` gradient chunks, ``num_grads`` rows in all.
 
@@ -197,21 +392,48 @@ def iter_gradient_chunks(
     Row i is the gradient of the mean loss over ``grad_batch_size`` consecutive pool samples. With
     ``fisher_type="true"`` labels are drawn from the model's softmax instead of the pool's labels.
     The model's mode is not changed here (the caller puts it in eval mode).
+
+    A gradient holding NaN or Inf never leaves here: with ``nonfinite="error"`` it raises a
+    :class:`WFError` naming the chunk, the samples and the layers; with ``"skip"`` the row is dropped
+    and replaced by further samples (counted in ``stats.skipped``), unless non-finite gradients
+    outnumber the requested ones, which is an error too.
     """
     if fisher_type not in ("empirical", "true"):
         raise ValueError(f"unknown fisher_type {fisher_type!r}")
+    if nonfinite not in ("error", "skip"):
+        raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected 'error' or 'skip'")
     if num_grads < 1 or grad_batch_size < 1 or chunk_size < 1:
         raise ValueError("num_grads, grad_batch_size and chunk_size must be >= 1")
     computer = GradientComputer(model, params, loss_fn=loss_fn, masks=masks, dtype=dtype, engine=engine, layout=layout)
+    stats = stats if stats is not None else GradientStats()
     stream = SampleStream(batches, computer.device)
-    done = 0
+    blocked = layout is not None
+    done = drawn = chunk_index = 0
     while done < num_grads:
         n = min(chunk_size, num_grads - done)
         x, y = stream.take(n * grad_batch_size)
         if fisher_type == "true":
             with torch.no_grad():
                 y = sample_model_labels(computer.module(x), generator)
-        yield computer.compute(x.reshape(n, grad_batch_size, *x.shape[1:]), y.reshape(n, grad_batch_size, *y.shape[1:]))
-        done += n
-        if progress is not None:
+        chunk = computer.compute(x.reshape(n, grad_batch_size, *x.shape[1:]), y.reshape(n, grad_batch_size, *y.shape[1:]))
+        stats.engine, stats.engine_note = computer.engine, computer.engine_note
+        bad = nonfinite_rows(chunk, blocked)
+        if bool(bad.any()):
+            if nonfinite == "error":
+                raise nonfinite_error(computer, chunk, bad, chunk_index, drawn, grad_batch_size)
+            stats.skipped += int(bad.sum())
+            if stats.skipped > num_grads:
+                raise WFError(
+                    f"{stats.skipped} Fisher gradients were non-finite before {num_grads} finite ones were found",
+                    hint="the Fisher data or the model is broken (NaN/Inf inputs, overflowing activations)",
+                )
+            keep = (~bad).nonzero().flatten()
+            chunk = chunk[:, keep] if blocked else chunk[keep]
+        drawn += n
+        chunk_index += 1
+        kept = len(bad) - int(bad.sum())
+        if kept:
+            yield chunk
+        done += kept
+        if progress is not None and kept:
             progress("gradients", done, num_grads)

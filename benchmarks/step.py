@@ -1,0 +1,203 @@
+"""Time of one whole WoodFisher pruning step on the default model, split into its phases.
+
+The job is the default recipe's first pruning step (recipes/default.yaml): the bundled ResNet-20
+(Fashion-MNIST), the recipe's layer selection and WoodFisher settings (N = 1000 per-sample
+gradients, blocks of B = 128, chunks of 100), dense -> the recipe's initial sparsity, run through
+the public :func:`wf_pipeline.pruning.methods.prune_step`. Every repetition prunes a fresh copy of
+the model. The phases come from the step's own report:
+
+* gradients  - per-sample gradients of the selected weights,
+* statistics - folding them into the block Fisher (GᵀG of every block, gradient sum),
+* inverse    - inverting the dampened blocks,
+* update     - OBS scores, the choice of the pruned set, the joint OBS update and write-back.
+
+Beside it: the reference research code's 168 s for the same job (shared README, quiet machine) and
+the ratio. In the same run, the gradient phase alone with the generic ``vmap`` engine against the
+default engine (``iter_gradient_chunks``, same chunks and layout, runs interleaved): an in-run
+baseline that moves with the machine's load as the step does. Timings on a shared CPU move with its load: the load
+average is printed at start and end, and the best repetition is the headline.
+Ends with one JSON object on the last line of stdout.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see wf_pipeline/__init__.py
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+REFERENCE_STEP_S = 168.0  # research code, same job, quiet machine (shared README, 2026-11-25)
+TARGET_STEP_S = 3.4  # issue 12: >= 50x the reference on a quiet 2-core machine
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_job(recipe_path: Path, sparsity: float | None, num_grads: int | None) -> dict[str, Any]:
+    """Model, parameter selection, Fisher batches and settings of the recipe's first pruning step."""
+    from wf_pipeline.data import build_data
+    from wf_pipeline.gradual import fisher_batch_size
+    from wf_pipeline.models import load_default_model
+    from wf_pipeline.pruning import PruneSettings, select_prunable
+    from wf_pipeline.recipe.loader import load_recipe
+
+    recipe, _ = load_recipe(recipe_path)
+    pruning = recipe.pruning
+    settings = PruneSettings.from_config(pruning)
+    if num_grads is not None:
+        settings = PruneSettings(**{**settings.__dict__, "num_grads": num_grads})
+    model = load_default_model()
+    params = select_prunable(model, pruning.layers, pruning.skip, pruning.min_layer_params)
+    data = build_data(recipe.data.model_copy(update={"augment": False}), seed=recipe.seed)
+    return {
+        "model": model,
+        "param_names": list(params),
+        "batches": data.fisher_batches(fisher_batch_size(settings)),
+        "settings": settings,
+        "sparsity": pruning.initial_sparsity if sparsity is None else sparsity,
+        "recipe": str(recipe_path),
+    }
+
+
+def timed_step(job: dict[str, Any]) -> dict[str, float]:
+    """One prune_step on a fresh copy of the model; its phase timings in seconds."""
+    from wf_pipeline.pruning import MaskSet, prune_step
+
+    model = copy.deepcopy(job["model"])
+    named = dict(model.named_parameters())
+    params = {n: named[n] for n in job["param_names"]}
+    report = prune_step(model, params, MaskSet.dense(params), job["sparsity"], job["settings"], job["batches"])
+    t = report.timings
+    statistics_s = t.get("accumulate", 0.0)
+    phases = {
+        "total": t["total"],
+        "gradients": t["gradients"],
+        "statistics": statistics_s,
+        "inverse": t["inverse"] - statistics_s,
+        "update": t["obs"],
+    }
+    phases["other"] = phases["total"] - sum(phases[k] for k in ("gradients", "statistics", "inverse", "update"))
+    phases["achieved_sparsity"] = report.achieved_sparsity
+    return phases
+
+
+def timed_gradients(job: dict[str, Any], engine: str) -> tuple[float, str]:
+    """The step's gradient phase alone with `engine` (same chunks, layout, eval mode); seconds and engine used."""
+    from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
+    from wf_pipeline.fisher.inverse import BlockLayout
+
+    model = job["model"].eval()
+    named = dict(model.named_parameters())
+    params = {n: named[n] for n in job["param_names"]}
+    settings = job["settings"]
+    layout = BlockLayout([p.numel() for p in params.values()], settings.block_size)
+    stats = GradientStats()
+    t0 = time.perf_counter()
+    for _ in iter_gradient_chunks(model, params, job["batches"], num_grads=settings.num_grads,
+                                  grad_batch_size=settings.grad_batch_size, chunk_size=settings.chunk_size,
+                                  engine=engine, layout=layout, stats=stats):
+        pass
+    return time.perf_counter() - t0, stats.engine
+
+
+def best_and_median(runs: list[float]) -> dict[str, float]:
+    return {"best": min(runs), "median": statistics.median(runs)}
+
+
+def repeat(fn: Callable[[], Any], times: int) -> list[Any]:
+    return [fn() for _ in range(times)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute)")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--sparsity", type=float, default=None, help="target of the step (default: the recipe's first)")
+    parser.add_argument("--num-grads", type=int, default=None, help="override the recipe's num_grads")
+    parser.add_argument("--repeats", type=int, default=None, help="whole steps timed (default 2 quick, 5 full)")
+    parser.add_argument("--baseline-repeats", type=int, default=None, help="gradient-phase runs per engine (1 quick, 3 full)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the vmap gradient-phase baseline")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 5)
+    baseline_repeats = args.baseline_repeats or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+
+    load_start = load_average()
+    print(f"step: {'quick' if args.quick else 'full'} run, {args.threads} threads, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs ({cpu_model()}), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"  load average at start: {load_start:.2f} (the CPU is shared; timings move with it)")
+    job = build_job(args.recipe, args.sparsity, args.num_grads)
+    s = job["settings"]
+    d = sum(p.numel() for n, p in job["model"].named_parameters() if n in job["param_names"])
+    print(f"job: {job['recipe']} first step, bundled ResNet-20, {len(job['param_names'])} layers, d = {d}, "
+          f"N = {s.num_grads}, B = {s.block_size}, chunk {s.chunk_size}, damp {s.damp}, dense -> {job['sparsity']}")
+
+    timed_step(job)  # warm-up: first-call allocations and kernel selection
+    runs = repeat(lambda: timed_step(job), repeats)
+    for i, r in enumerate(runs):
+        print(f"  step {i + 1}: total {r['total']:.2f} s = gradients {r['gradients']:.2f} + statistics "
+              f"{r['statistics']:.2f} + inverse {r['inverse']:.2f} + update {r['update']:.2f} + other {r['other']:.2f}")
+    best = min(runs, key=lambda r: r["total"])
+    speedup = REFERENCE_STEP_S / best["total"]
+    print(f"best step: {best['total']:.2f} s; reference research code {REFERENCE_STEP_S:.0f} s -> {speedup:.0f}x "
+          f"(target <= {TARGET_STEP_S} s on a quiet 2-core machine, i.e. >= {REFERENCE_STEP_S / TARGET_STEP_S:.0f}x)")
+
+    engines: dict[str, Any] = {}
+    if not args.no_baseline:
+        # Interleaved, so a change in the machine's load hits both engines alike.
+        pairs = repeat(lambda: (timed_gradients(job, "auto"), timed_gradients(job, "vmap")), baseline_repeats)
+        auto, vmap = [a for a, _ in pairs], [v for _, v in pairs]
+        auto_s, vmap_s = [t for t, _ in auto], [t for t, _ in vmap]
+        engines = {"default_engine": auto[0][1], "default_s": best_and_median(auto_s), "vmap_s": best_and_median(vmap_s),
+                   "vmap_over_default": min(vmap_s) / min(auto_s)}
+        print(f"gradient phase alone: default engine ({auto[0][1]}) {min(auto_s):.2f} s, vmap {min(vmap_s):.2f} s "
+              f"-> {engines['vmap_over_default']:.1f}x (best of {baseline_repeats})")
+
+    load_end = load_average()
+    print(f"  load average at end: {load_end:.2f}")
+    phases = ("total", "gradients", "statistics", "inverse", "update", "other")
+    result = {
+        "benchmark": "step",
+        "mode": "quick" if args.quick else "full",
+        "machine": {"threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+                    "load_average_start": load_start, "load_average_end": load_end},
+        "job": {"recipe": job["recipe"], "model": "bundled ResNet-20 (Fashion-MNIST)", "layers": len(job["param_names"]),
+                "d": d, "num_grads": s.num_grads, "block_size": s.block_size, "chunk_size": s.chunk_size,
+                "damp": s.damp, "target_sparsity": job["sparsity"], "achieved_sparsity": best["achieved_sparsity"]},
+        "step_s": {k: best[k] for k in phases},
+        "step_median_s": {k: statistics.median(r[k] for r in runs) for k in phases},
+        "step_runs_total_s": [r["total"] for r in runs],
+        "reference_s": REFERENCE_STEP_S,
+        "speedup_vs_reference": speedup,
+        "target_s": TARGET_STEP_S,
+        "within_target": best["total"] <= TARGET_STEP_S,
+        "gradient_engines": engines,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
