@@ -3,8 +3,8 @@
 The job is the default recipe's first pruning step (recipes/default.yaml): the bundled ResNet-20
 (Fashion-MNIST), the recipe's layer selection and WoodFisher settings (N = 1000 per-sample
 gradients, blocks of B = 128, chunks of 100), dense -> the recipe's initial sparsity, run through
-the public :func:`wf_pipeline.pruning.methods.prune_step`. Every repetition prunes a fresh copy of
-the model. The phases come from the step's own report:
+the public :func:`wf_pipeline.pruning.prune_step`. Every repetition prunes a fresh copy of
+the model. The phases come from the step's report (``PruneReport.timings``):
 
 * gradients  - per-sample gradients of the selected weights,
 * statistics - folding them into the block Fisher (GᵀG of every block, gradient sum),
@@ -58,7 +58,7 @@ def cpu_model() -> str:
 def build_job(recipe_path: Path, sparsity: float | None, num_grads: int | None) -> dict[str, Any]:
     """Model, parameter selection, Fisher batches and settings of the recipe's first pruning step."""
     from wf_pipeline.data import build_data
-    from wf_pipeline.gradual import fisher_batch_size
+    from wf_pipeline.gradual.fisher_data import fisher_batch_size
     from wf_pipeline.models import load_default_model
     from wf_pipeline.pruning import PruneSettings, select_prunable
     from wf_pipeline.recipe.loader import load_recipe
@@ -67,7 +67,7 @@ def build_job(recipe_path: Path, sparsity: float | None, num_grads: int | None) 
     pruning = recipe.pruning
     settings = PruneSettings.from_config(pruning)
     if num_grads is not None:
-        settings = PruneSettings(**{**settings.__dict__, "num_grads": num_grads})
+        settings = settings.replace(num_grads=num_grads)
     model = load_default_model()
     params = select_prunable(model, pruning.layers, pruning.skip, pruning.min_layer_params)
     data = build_data(recipe.data.model_copy(update={"augment": False}), seed=recipe.seed)

@@ -51,6 +51,7 @@ def per_sample_reference(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tens
     return torch.stack(rows)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("name", sorted(CONVS))
 @pytest.mark.parametrize("method", ["grouped", "unfold", "auto"])
 def test_conv_rule_equals_autograd(name: str, method: str) -> None:
