@@ -50,10 +50,10 @@ def test_compress_end_to_end_then_validate_and_report(tmp_path: Path, capsys, mo
     assert ok.code == 0, ok.out + ok.err
     assert json.loads((out / "validation.json").read_text())["passed"] is True
 
-    # Resuming a finished run re-runs nothing but export/validate/report and keeps the same masks.
+    # Resuming a finished run redoes nothing: it says so and exits with the run's recorded outcome (gate failed: 1).
     again = run_cli(capsys, monkeypatch, "compress", str(TINY), "--set", f"output.root={root}", "--resume")
-    assert again.code == 0, again.err
-    assert abs(json.loads((run / "metrics.json").read_text())["sparsity"] - metrics["sparsity"]) < 1e-9
+    assert again.code == 1 and "already finished" in again.err and "min_accuracy" in again.err, again.err
+    assert json.loads((run / "metrics.json").read_text()) == metrics
 
     report = run_cli(capsys, monkeypatch, "report", str(run))
     assert report.code == 0 and (run / "report.html").read_text().count("<img") >= 2

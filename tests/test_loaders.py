@@ -191,11 +191,15 @@ def test_user_factory_module_path(tmp_path: Path, monkeypatch) -> None:
             return nn.Sequential(nn.Conv2d(in_channels, hidden, 3), nn.Flatten(), nn.LazyLinear(num_classes))
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model(ModelConfig(name="my_models:tiny", num_classes=3, in_channels=1, kwargs={"hidden": 2}))
+    config = ModelConfig(name="my_models:tiny", num_classes=3, in_channels=1, kwargs={"hidden": 2})
+    with pytest.raises(WFError, match="--trust-recipe-code"):  # user code runs only when trusted
+        build_model(config)
+    assert "my_models" not in sys.modules
+    model = build_model(config, trust_code=True)
     assert model[0].out_channels == 2 and model(torch.randn(1, 1, 8, 8)).shape == (1, 3)
     sys.modules.pop("my_models", None)
     with pytest.raises(WFError, match="no callable"):
-        build_model(ModelConfig(name="my_models:absent"))
+        build_model(ModelConfig(name="my_models:absent"), trust_code=True)
 
 
 @pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(), reason="Debian dataset not installed")

@@ -1,8 +1,14 @@
-"""Atomic file writes: a reader never sees a half-written file, even after a crash."""
+"""Atomic file writes: a reader never sees a half-written file, even after a crash.
+
+Whole files are written to a temporary sibling (``.<name>.<random>.tmp``) and renamed into place.
+Journals (``*.jsonl``) are appended one whole line per ``write`` call, and their readers drop a
+torn last line, so a kill at any moment leaves a journal that still reads.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,13 +16,17 @@ from typing import Any, Iterator
 
 import yaml
 
+TEMP_SUFFIX = ".tmp"
+# mkstemp's names: "." + target name + "." + 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it over the target on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     # mkstemp makes 0600 files; give the result the permissions a plain open() would.
     umask = os.umask(0)
@@ -56,3 +66,71 @@ def torch_save(target: str | Path, obj: Any) -> None:
 
     with atomic_path(target) as tmp:
         torch.save(obj, tmp)
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temporary files that a killed writer left under `folder` (recursively); returns them.
+
+    Only call this while no other process writes into `folder` (the caller holds the run lock).
+    """
+    removed = []
+    for path in Path(folder).rglob(f"*{TEMP_SUFFIX}"):
+        if path.is_file() and _TEMP_NAME.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def append_jsonl(target: str | Path, record: Any) -> None:
+    """Append one JSON record as one line, in a single write, after cutting off any torn last line.
+
+    A kill before or after the write leaves whole lines only; a partial write (full disk, power
+    loss) leaves a torn tail that `read_jsonl` drops and the next append cuts off.
+    """
+    line = (json.dumps(record, default=float) + "\n").encode("utf-8")
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.ftruncate(fd, _end_of_last_whole_line(fd, size))
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"short write to {target}: {written} of {len(line)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _end_of_last_whole_line(fd: int, size: int, chunk: int = 65536) -> int:
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        block = os.pread(fd, end - start, start)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
+
+
+def read_jsonl(path: str | Path) -> tuple[list[Any], int]:
+    """Records of a JSON-lines journal and the number of lines skipped as unreadable.
+
+    A torn last line (no newline at the end: a write cut short) is dropped silently: it is the
+    expected trace of a kill. Other unreadable lines are skipped and counted.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    lines.pop()  # the text after the last newline: empty, or a torn line
+    records, bad = [], 0
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except ValueError:
+            bad += 1
+    return records, bad

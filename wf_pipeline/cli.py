@@ -1,4 +1,8 @@
-"""The `wf-pipeline` command line. Thin: parses arguments, renders progress, maps known errors to exit code 2."""
+"""The `wf-pipeline` command line. Thin: parses arguments, renders progress, maps outcomes to exit codes.
+
+Exit codes: 0 ok, 1 a deployment gate failed, 2 bad input (one line), 3 a crash (a bug; the traceback
+goes to the run's log.txt), 130 interrupted. `wf-torchrun` keeps them for multi-process runs.
+"""
 from __future__ import annotations
 
 import os
@@ -10,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from wf_pipeline.errors import WFError
+from wf_pipeline.errors import EXIT_CRASH, RunAlreadyFinished, WFError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="WoodFisher pruning -> sparse ONNX -> ONNX Runtime verification.")
@@ -24,6 +28,15 @@ RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (ours or SparseML's
 
 
 BaseOption = Annotated[Optional[Path], typer.Option("--base", help="for a SparseML recipe: our recipe that supplies model, data, export and validate")]
+TrustOption = Annotated[bool, typer.Option(
+    "--trust-recipe-code",
+    help="allow a recipe's model.name 'module.path:factory' to import and run that code (off by default)")]
+
+
+def _trust(allowed: bool) -> None:
+    from wf_pipeline.models.zoo import set_trust_recipe_code
+
+    set_trust_recipe_code(allowed)
 
 
 def _load(path: Path, overrides: list[str] | None, base: Path | None = None):
@@ -44,6 +57,7 @@ def compress(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
     base: BaseOption = None,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
     from wf_pipeline.cli_progress import RichReporter
@@ -52,6 +66,7 @@ def compress(
 
     from wf_pipeline.progress import NullReporter
 
+    _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides, base)
     check_recipe(recipe)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 draws progress
@@ -75,12 +90,14 @@ def train(
     save_to: Annotated[Optional[Path], typer.Option(help="also write the final state_dict here (+ a .json with its accuracy)")] = None,
     resume: Annotated[bool, typer.Option("--resume")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Train the recipe's model densely (train section), e.g. to make a pretrained checkpoint."""
     from wf_pipeline.cli_progress import RichReporter
     from wf_pipeline.rundir import open_run_dir
     from wf_pipeline.train_dense import run_dense_training
 
+    _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides)
     run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
     with RichReporter(console) as reporter:
@@ -110,6 +127,7 @@ def oneshot(
     recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn", help="re-estimate BatchNorm statistics after pruning")] = False,
     overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown and a plot."""
     from wf_pipeline.data import build_data
@@ -124,6 +142,7 @@ def oneshot(
     if unknown:
         raise WFError(f"--method: unknown method {unknown[0]!r}", f"choose from {', '.join(METHODS)}")
     sparsities = _split_floats(sparsity)
+    _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides)
     if recipe.output.run_name is None:
         recipe.output.run_name = f"{recipe.name}-oneshot"
@@ -154,12 +173,14 @@ def validate(
     max_parity_error: Annotated[Optional[float], typer.Option()] = None,
     min_top1_agreement: Annotated[Optional[float], typer.Option()] = None,
     overrides: SetOption = None,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity. Exit 0 pass, 1 gate failed, 2 bad input."""
     from wf_pipeline.data import build_data
     from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
     from wf_pipeline.recipe.loader import validate_recipe
 
+    _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides)
     flags = {"min_accuracy": min_accuracy, "max_accuracy_drop": max_accuracy_drop, "max_latency_ms": max_latency_ms,
              "max_latency_ratio": max_latency_ratio, "min_sparsity": min_sparsity, "max_parity_error": max_parity_error,
@@ -200,10 +221,12 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under a
 
 
 @recipe_app.command("check")
-def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None, base: BaseOption = None) -> None:
+def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None, base: BaseOption = None,
+                 trust_recipe_code: TrustOption = False) -> None:
     """Validate a recipe: schema, files, model, layer selection, data."""
     from wf_pipeline.recipe.checks import check_recipe
 
+    _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides, base)
     for note in check_recipe(recipe):
         console.print(note)
@@ -263,18 +286,57 @@ def _expand_multi_value_options(argv: list[str]) -> list[str]:
     return out
 
 
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _one_line(text: str) -> str:
+    # One line, whatever the terminal width: CI logs and tests grep it.
+    return " ".join(text.split())
+
+
+def _report_crash(exc: BaseException) -> None:
+    """A bug, not bad input: the traceback goes to the run's log.txt (or here when there is no run)."""
+    from wf_pipeline.rundir import opened_runs
+
+    logs = [path for run in reversed(opened_runs()) if (path := run.log_crash(exc)) is not None][:1]
+    summary = _one_line(f"{type(exc).__name__}: {exc}")[:300]
+    if os.environ.get("WF_DEBUG") or not logs:
+        traceback.print_exc()
+    where = f"traceback in {logs[0]}" if logs else "traceback above"
+    rank = f"rank {_rank()}: " if "WORLD_SIZE" in os.environ else ""
+    sys.stderr.write(f"error: {rank}internal error: {summary} ({where}; this is a bug, please report it)\n")
+
+
 def main() -> None:
+    from wf_pipeline.rundir import release_all
+
     argv = _expand_multi_value_options(sys.argv[1:])
     try:
         app(args=argv, prog_name="wf-pipeline")
     except WFError as exc:
         if os.environ.get("WF_DEBUG"):
             traceback.print_exc()
-        hint = f" (hint: {exc.hint})" if exc.hint else ""
-        # One line, whatever the terminal width: CI logs and tests grep it. WF_DEBUG=1 adds the traceback.
-        line = f"error: {exc.message}{hint}".replace("\n", " ")
-        sys.stderr.write(line + "\n")
+        if _rank() == 0:  # under torchrun every rank raises the same input error; rank 0 reports it
+            hint = f" (hint: {exc.hint})" if exc.hint else ""
+            sys.stderr.write(_one_line(f"error: {exc.message}{hint}") + "\n")
         sys.exit(exc.exit_code)
+    except RunAlreadyFinished as exc:
+        if _rank() == 0:
+            gates = {True: "its gates passed", False: "its gates failed: " + ", ".join(exc.status.get("failed_gates") or []),
+                     None: "no gates were checked"}[exc.status.get("gates_passed")]
+            sys.stderr.write(_one_line(f"run {exc.run_dir} already finished ({gates}); nothing to resume "
+                                       "(--overwrite runs it again; `wf-pipeline validate` re-checks its model)") + "\n")
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last resort: anything else is a bug
+        _report_crash(exc)
+        sys.exit(EXIT_CRASH)
+    finally:
+        release_all()
+        _trust(False)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from wf_pipeline.device import resolve_device, seed_everything
 from wf_pipeline.models import build_model
 from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.rundir import RunDir, open_run_dir
+from wf_pipeline.rundir import RunDir, open_shared_run_dir
 from wf_pipeline.training import evaluate
 
 
@@ -66,12 +66,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     reporter = reporter or NullReporter()
     dist = init_distributed(recipe.device)
     try:
-        # The main rank creates (or reopens) the run directory; the others wait, then reopen it.
-        if dist.is_main:
-            run = open_run_dir(recipe, resume=resume, overwrite=overwrite)
-        barrier()
-        if not dist.is_main:
-            run = RunDir(Path(recipe.output.root) / recipe.run_name())
+        # The main rank creates (or reopens) and locks the run directory; the others get a read-only handle.
+        run = open_shared_run_dir(recipe, dist, resume=resume, overwrite=overwrite)
         log = run.logger()
         seed_everything(recipe.seed, recipe.deterministic)
         device = resolve_device(recipe.device)
@@ -112,6 +108,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             from wf_pipeline.report import write_report
 
             outcome.report = write_report(run.path)
+            run.mark_finished(outcome.gates_passed, outcome.failed_gates)
             log.info("done: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
         barrier()
         return outcome

@@ -1,21 +1,37 @@
-"""The run directory artifacts/<run-name>/: resolved recipe, environment, logs, metrics, checkpoints."""
+"""The run directory artifacts/<run-name>/: resolved recipe, environment, logs, metrics, checkpoints.
+
+One process owns a run directory at a time: it holds an exclusive ``flock`` on ``<root>/.<run>.lock``
+for as long as it works on the run. The kernel drops the lock when the process dies, however it
+dies, so a killed run never blocks the next one, while a live one (a second ``--resume`` beside it,
+or torchrun workers orphaned by a killed launcher) refuses every other writer. Under torchrun only
+the main rank opens, locks and writes the directory; the other ranks get a read-only handle.
+"""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wf_pipeline import __version__
-from wf_pipeline.atomic_io import write_json, write_yaml
-from wf_pipeline.errors import WFError
+from wf_pipeline.atomic_io import append_jsonl, read_jsonl, remove_stale_temp_files, write_json, write_text, write_yaml
+from wf_pipeline.errors import RunAlreadyFinished, WFError
 from wf_pipeline.recipe.schema import Recipe
+
+if TYPE_CHECKING:
+    from wf_pipeline.distributed import DistContext
+
+STATUS_FILE = "status.json"  # written last, when a compress run has finished
 
 
 def _git_commit() -> str | None:
@@ -51,9 +67,45 @@ def environment_info(seed: int) -> dict[str, Any]:
     }
 
 
+class RunLock:
+    """An exclusive, non-blocking flock on a lock file, held until `release` or the process's end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, what: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise WFError(f"output: run directory {what} is in use by {owner}",
+                          "wait for that run to finish or stop it (two processes must never write one run), "
+                          "or choose another --set output.run_name=NEW") from None
+        # Who holds it, for the message a second process prints (informational: the flock decides).
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
 @dataclass
 class RunDir:
+    """A run directory. `writer` is False for torchrun's non-main ranks: they read, never write."""
+
     path: Path
+    writer: bool = True
+    lock: RunLock | None = field(default=None, repr=False, compare=False)
 
     def file(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
@@ -62,60 +114,209 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def history_path(self) -> Path:
+        return self.path / "history.jsonl"
+
     def append_history(self, record: dict[str, Any]) -> None:
-        # A line-per-event log; history is rebuilt from the checkpoint on resume, so appends suffice.
-        with open(self.path / "history.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        # A line-per-event journal (one write per line; a torn tail is cut off and never read).
+        if self.writer:
+            append_jsonl(self.history_path, record)
 
     def read_history(self) -> list[dict[str, Any]]:
-        path = self.path / "history.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records, bad = read_jsonl(self.history_path)
+        if bad and self.writer:
+            self.logger().warning("history.jsonl: skipped %d unreadable line(s)", bad)
+        return [r for r in records if isinstance(r, dict)]
 
     def rewrite_history(self, records: list[dict[str, Any]]) -> None:
-        from wf_pipeline.atomic_io import write_text
-
-        write_text(self.path / "history.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in records))
+        if self.writer:
+            write_text(self.history_path, "".join(json.dumps(r, default=float) + "\n" for r in records))
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
-        write_json(self.path / "metrics.json", metrics)
+        if self.writer:
+            write_json(self.path / "metrics.json", metrics)
+
+    def mark_finished(self, gates_passed: bool | None, failed_gates: list[str] | None = None) -> None:
+        """Record that the run finished (the last file written), so `--resume` knows there is nothing left."""
+        if self.writer:
+            write_json(self.path / STATUS_FILE, {"state": "finished", "gates_passed": gates_passed,
+                                                 "failed_gates": list(failed_gates or []),
+                                                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def finished_status(self) -> dict[str, Any] | None:
+        try:
+            status = json.loads((self.path / STATUS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return status if isinstance(status, dict) and status.get("state") == "finished" else None
 
     def logger(self) -> logging.Logger:
-        log = logging.getLogger(f"wf_pipeline.run.{self.path.name}")
-        if not any(isinstance(h, logging.FileHandler) for h in log.handlers):
-            handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log = logging.getLogger(f"wf_pipeline.run.{self.path.resolve()}")
+        if not log.handlers:
+            handler: logging.Handler = logging.NullHandler()
+            if self.writer:
+                handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             log.propagate = False
         return log
 
+    def log_crash(self, exc: BaseException) -> Path | None:
+        """Write `exc`'s traceback to log.txt; returns the log's path (None on a read-only handle)."""
+        if not self.writer or not self.path.is_dir():
+            return None
+        text = "".join(traceback.format_exception(exc))
+        self.logger().error("crashed (exit code 3); please report this with the traceback:\n%s", text.rstrip())
+        return self.path / "log.txt"
+
+    def release(self) -> None:
+        """Close the log and drop the lock (also dropped by the kernel when the process ends)."""
+        log = logging.getLogger(f"wf_pipeline.run.{self.path.resolve()}")
+        for handler in list(log.handlers):
+            handler.close()
+            log.removeHandler(handler)
+        if self.lock is not None:
+            self.lock.release()
+            _held.pop(self.lock.path, None)
+        _opened[:] = [run for run in _opened if run is not self]
+
+
+# Runs this process opened (newest last) and the locks it holds, for crash logs and release.
+_opened: list[RunDir] = []
+_held: dict[Path, RunLock] = {}
+
+
+def opened_runs() -> list[RunDir]:
+    return list(_opened)
+
+
+def release_all() -> None:
+    for run in list(_opened):
+        run.release()
+
+
+def _check_root(root: Path) -> None:
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise WFError(f"output.root: {folder} is a file, not a folder",
+                              "remove or rename it, or set output.root to a folder")
+            if folder == root and not os.access(folder, os.W_OK | os.X_OK):
+                raise WFError(f"output.root: folder {folder} is not writable", "set output.root to a writable folder")
+            return
+
+
+def check_run_location(recipe: Recipe) -> Path:
+    """The run directory the recipe names, after checking it can be created (nothing is written)."""
+    root = Path(recipe.output.root).expanduser()
+    _check_root(root)
+    final = root / recipe.run_name()
+    if final.exists() and not final.is_dir():
+        raise WFError(f"output: {final} exists and is not a run directory", "choose another --set output.run_name=NEW")
+    return final
+
+
+def _lock_for(root: Path, name: str) -> RunLock:
+    path = root / f".{name}.lock"
+    if path in _held:  # this process already owns the run (e.g. the Python API opening it twice)
+        return _held[path]
+    lock = RunLock(path)
+    lock.acquire(str(root / name))
+    _held[path] = lock
+    return lock
+
+
+def _remove_leftovers(root: Path, name: str) -> None:
+    """Staging and trash folders of a creation that was killed (we hold the run's lock)."""
+    for leftover in root.glob(f".{name}~*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
 
 def open_run_dir(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, kind: str = "compress") -> RunDir:
-    """Create artifacts/<run-name>/ atomically (a temp folder renamed into place), or reopen it to resume."""
-    root = Path(recipe.output.root)
-    final = root / recipe.run_name()
+    """Lock, then create artifacts/<run-name>/ atomically (a temp folder renamed into place) or reopen it.
+
+    Refuses (WFError) a run directory another live process holds. On resume, temp files a killed
+    writer left behind are deleted; a finished compress run raises RunAlreadyFinished. The lock is
+    held until `RunDir.release()` or the end of the process.
+    """
+    final = check_run_location(recipe)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    lock = _lock_for(root, final.name)
+    try:
+        run = _open_locked(recipe, final, lock, resume=resume, overwrite=overwrite, kind=kind)
+    except BaseException:
+        if lock.path in _held and not any(r.lock is lock for r in _opened):
+            lock.release()
+            _held.pop(lock.path, None)
+        raise
+    if run not in _opened:
+        _opened.append(run)
+    return run
+
+
+def _open_locked(recipe: Recipe, final: Path, lock: RunLock, *, resume: bool, overwrite: bool, kind: str) -> RunDir:
+    root = final.parent
+    _remove_leftovers(root, final.name)
     if final.exists():
         if resume:
-            return RunDir(final)
+            run = next((r for r in _opened if r.path == final), None) or RunDir(final, lock=lock)
+            status = run.finished_status()
+            if status is not None and kind == "compress":
+                raise RunAlreadyFinished(str(final), status)
+            remove_stale_temp_files(final)
+            return run
         if not overwrite:
             raise WFError(f"output: run directory {final} already exists",
                           "pass --resume to continue it, --overwrite to replace it, or --set output.run_name=NEW")
     elif resume:
         raise WFError(f"--resume: no run directory {final} to resume", "run without --resume to start it")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}~new-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700 folders; a run folder is as readable as any other
     try:
         write_yaml(staging / "recipe.yaml", recipe.to_dict())
         write_json(staging / "environment.json", {**environment_info(recipe.seed), "kind": kind})
         (staging / "checkpoints").mkdir()
         if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=root))
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}~old-", dir=root))
             os.replace(final, trash / final.name)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return RunDir(final)
+    return RunDir(final, lock=lock)
+
+
+def open_shared_run_dir(recipe: Recipe, dist: "DistContext", *, resume: bool = False, overwrite: bool = False,
+                        kind: str = "compress") -> RunDir:
+    """Every rank calls this: the main rank opens and locks the run directory, the others get a
+    read-only handle to it, or every rank raises the main rank's input error (exit code 2 everywhere)."""
+    from wf_pipeline.distributed import broadcast_object
+
+    if not dist.enabled:
+        return open_run_dir(recipe, resume=resume, overwrite=overwrite, kind=kind)
+    run: RunDir | None = None
+    error: Exception | None = None
+    outcome: dict[str, Any] = {}
+    if dist.is_main:
+        try:
+            run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind=kind)
+            outcome = {"path": str(run.path)}
+        except WFError as exc:
+            error, outcome = exc, {"error": "input", "message": exc.message, "hint": exc.hint}
+        except RunAlreadyFinished as exc:
+            error, outcome = exc, {"error": "finished", "run_dir": exc.run_dir, "status": exc.status}
+    shared = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if shared.get("error") == "input":
+        raise WFError(shared["message"], shared["hint"])
+    if shared.get("error") == "finished":
+        raise RunAlreadyFinished(shared["run_dir"], shared["status"])
+    return run if run is not None else RunDir(Path(shared["path"]), writer=False)

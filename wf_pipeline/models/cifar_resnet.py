@@ -56,13 +56,13 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(20, num_classes, in_channels)
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
+    return CifarResNet(20, num_classes, in_channels, width)
 
 
-def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(32, num_classes, in_channels)
+def resnet32(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
+    return CifarResNet(32, num_classes, in_channels, width)
 
 
-def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    return CifarResNet(56, num_classes, in_channels)
+def resnet56(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
+    return CifarResNet(56, num_classes, in_channels, width)

@@ -92,7 +92,25 @@ def _build_torchvision(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def _build_from_factory_path(cfg: ModelConfig) -> nn.Module:
+# Whether a recipe's `model.name: module:factory` may be imported and called. Off unless the command
+# line says so (--trust-recipe-code), like trust_remote_code: a recipe from elsewhere must not run code.
+_trust_recipe_code = False
+
+
+def set_trust_recipe_code(allowed: bool) -> None:
+    global _trust_recipe_code
+    _trust_recipe_code = bool(allowed)
+
+
+def is_user_code(name: str) -> bool:
+    """A 'module.path:factory' model name (code from the recipe), as opposed to a built-in or torchvision name."""
+    return ":" in name and not name.startswith("torchvision:") and name not in _BUILTIN_FACTORIES
+
+
+def _build_from_factory_path(cfg: ModelConfig, trust_code: bool) -> nn.Module:
+    if not trust_code:
+        raise WFError(f"model.name: {cfg.name!r} names code to import and run from the recipe; not run",
+                      "pass --trust-recipe-code if you trust this recipe and the module it names")
     module_name, _, attr = cfg.name.partition(":")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # so a user's local model file imports like a script would
@@ -107,12 +125,16 @@ def _build_from_factory_path(cfg: ModelConfig) -> nn.Module:
     return _call_factory(factory, cfg)
 
 
-def build_model(cfg: ModelConfig, *, load: bool = True) -> nn.Module:
-    """Build the model the recipe names and, if `load`, load `cfg.weights` into it."""
+def build_model(cfg: ModelConfig, *, load: bool = True, trust_code: bool | None = None) -> nn.Module:
+    """Build the model the recipe names and, if `load`, load `cfg.weights` into it.
+
+    A 'module.path:factory' name is imported and called only with `trust_code=True` (None: whatever
+    the command line allowed through `set_trust_recipe_code`).
+    """
     if cfg.name in _BUILTIN_FACTORIES:
         model = _call_factory(_BUILTIN_FACTORIES[cfg.name], cfg)
-    elif ":" in cfg.name and not cfg.name.startswith("torchvision:"):
-        model = _build_from_factory_path(cfg)
+    elif is_user_code(cfg.name):
+        model = _build_from_factory_path(cfg, _trust_recipe_code if trust_code is None else trust_code)
     else:
         model = _build_torchvision(cfg)
     if load and cfg.weights:
