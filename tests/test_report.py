@@ -11,10 +11,11 @@ import yaml
 
 from deploy_fixtures import digits_images, make_sparse_model, random_images, remove_channels
 from wf_pipeline.deploy.export import export_onnx
-from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
+from wf_pipeline.deploy.validate import ValidationSettings, validate_model
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import GatesConfig
-from wf_pipeline.report import write_report
+from wf_pipeline.reporting.report import write_report
+from wf_pipeline.reporting.validation_outputs import write_validation_outputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,9 +10,10 @@ import torch
 from deploy_fixtures import TinyNet, digits_images, make_sparse_model, random_images
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.ort_session import create_session, load_onnx
-from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
+from wf_pipeline.deploy.validate import ValidationSettings, validate_model
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import GatesConfig
+from wf_pipeline.reporting.validation_outputs import write_validation_outputs
 
 TINY = ValidationSettings(parity_samples=40, batch_sizes=[1, 3], threads=1, warmup=1, repeats=4)
 

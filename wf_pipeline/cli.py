@@ -177,7 +177,8 @@ def validate(
 ) -> None:
     """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity. Exit 0 pass, 1 gate failed, 2 bad input."""
     from wf_pipeline.data import build_data
-    from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
+    from wf_pipeline.deploy.validate import ValidationSettings, validate_model
+    from wf_pipeline.reporting.validation_outputs import write_validation_outputs
     from wf_pipeline.recipe.loader import validate_recipe
 
     _trust(trust_recipe_code)
@@ -213,7 +214,7 @@ def validate(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under artifacts/")]) -> None:
     """Write the HTML report of a run (also done at the end of compress)."""
-    from wf_pipeline.report import write_report
+    from wf_pipeline.reporting.report import write_report
 
     if not run_dir.is_dir():
         raise WFError(f"run directory not found: {run_dir}", "give a folder under artifacts/")

@@ -31,12 +31,6 @@ class RecipeError(WFError):
     """The recipe is invalid: names the field and how to fix it."""
 
 
-class GateFailure(Exception):
-    """One or more deployment gates failed (exit code 1, not a user-input error)."""
-
-    exit_code = EXIT_GATE_FAILED
-
-
 class RunAlreadyFinished(Exception):
     """`--resume` of a run that already finished: nothing to do. Carries the recorded outcome."""
 

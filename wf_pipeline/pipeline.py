@@ -49,7 +49,8 @@ def export_stage(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: to
 
 def validate_stage(recipe: Recipe, run: RunDir, onnx_path: Path, baseline_path: Path | None,
                    torch_model: torch.nn.Module, data: DataBundle, reporter: Reporter) -> Any:
-    from wf_pipeline.deploy.validate import ValidationSettings, validate_model, write_validation_outputs
+    from wf_pipeline.deploy.validate import ValidationSettings, validate_model
+    from wf_pipeline.reporting.validation_outputs import write_validation_outputs
 
     cfg = recipe.validate_
     result = validate_model(onnx_path, torch_model=torch_model.cpu().eval(), test_data=data.test_tensors(),
@@ -105,7 +106,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                     metrics["gates_passed"] = result.passed
             metrics["total_seconds"] = time.time() - started
             run.write_metrics(metrics)
-            from wf_pipeline.report import write_report
+            from wf_pipeline.reporting.report import write_report
 
             outcome.report = write_report(run.path)
             run.mark_finished(outcome.gates_passed, outcome.failed_gates)

@@ -1,12 +1,7 @@
 """Deployment: sparse ONNX export, ONNX Runtime validation, latency measurement and deployment gates."""
 from wf_pipeline.deploy.export import ExportResult, export_onnx
 from wf_pipeline.deploy.gates import GateResult, evaluate_gates
-from wf_pipeline.deploy.validate import (
-    ValidationResult,
-    ValidationSettings,
-    validate_model,
-    write_validation_outputs,
-)
+from wf_pipeline.deploy.validate import ValidationResult, ValidationSettings, validate_model
 
 __all__ = [
     "ExportResult",
@@ -16,5 +11,4 @@ __all__ = [
     "evaluate_gates",
     "export_onnx",
     "validate_model",
-    "write_validation_outputs",
 ]

@@ -1,7 +1,8 @@
 """Validate an exported ONNX model in ONNX Runtime: parity, accuracy, latency, size, sparsity, gates.
 
 The result feeds `wf-pipeline validate` (exit 0 when every gate passes, 1 when one fails) and the
-run report. Use `write_validation_outputs` for validation.json, junit.xml and validation.md.
+run report. This module only measures: `wf_pipeline.reporting.validation_outputs` writes validation.json,
+junit.xml and validation.md from the result (imports point one way, from reporting to deploy).
 """
 from __future__ import annotations
 
@@ -369,23 +370,3 @@ def validate_model(
         baseline_structure=baseline_structure,
     )
 
-
-def write_validation_outputs(result: ValidationResult, out_dir: Path) -> dict[str, Path]:
-    """validation.json (raw per-run latencies included), junit.xml (one testcase per gate), validation.md."""
-    from wf_pipeline import atomic_io
-    from wf_pipeline.deploy.junit import gates_to_junit
-    from wf_pipeline.deploy.summary import validation_markdown
-
-    out_dir = Path(out_dir)
-    paths = {
-        "json": out_dir / "validation.json",
-        "junit": out_dir / "junit.xml",
-        "markdown": out_dir / "validation.md",
-    }
-    try:
-        atomic_io.write_json(paths["json"], result.to_dict())
-        atomic_io.write_text(paths["junit"], gates_to_junit(result))
-        atomic_io.write_text(paths["markdown"], validation_markdown(result))
-    except OSError as exc:
-        raise WFError(f"cannot write validation outputs to {out_dir}: {exc.strerror or exc}") from exc
-    return paths

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from wf_pipeline.deploy.validate import ValidationResult
+from wf_pipeline.deploy.validate import ValidationResult
 
 SUITE_NAME = "wf-pipeline.validate"
 
@@ -15,7 +13,7 @@ def _property(parent: ET.Element, name: str, value: object) -> None:
         ET.SubElement(parent, "property", name=name, value=str(value))
 
 
-def gates_to_junit(result: "ValidationResult") -> str:
+def gates_to_junit(result: ValidationResult) -> str:
     failures = sum(1 for g in result.gates if g.passed is False)
     skipped = sum(1 for g in result.gates if g.passed is None)
     root = ET.Element("testsuites", name="wf-pipeline", tests=str(len(result.gates)), failures=str(failures))

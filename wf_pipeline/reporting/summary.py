@@ -1,10 +1,7 @@
 """Markdown summary of a validation run (validation.md): verdict first, then the numbers behind it."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from wf_pipeline.deploy.validate import ValidationResult
+from wf_pipeline.deploy.validate import ValidationResult
 
 
 def _pct(value: float | None) -> str:
@@ -47,7 +44,7 @@ def compute_table(dense: dict | None, pruned: dict | None) -> list[str]:
     return lines
 
 
-def validation_markdown(result: "ValidationResult") -> str:
+def validation_markdown(result: ValidationResult) -> str:
     failed = [g.name for g in result.failed_gates]
     verdict = "PASSED: all gates passed" if result.passed else f"FAILED: {', '.join(failed)}"
     lines = [

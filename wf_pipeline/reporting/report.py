@@ -1,8 +1,8 @@
 """The run report: one self-contained HTML file (charts embedded as base64 PNG) plus report.md.
 
-It reads whatever the run directory holds (see the run-directory contract in docs/deploy.md) and
-leaves out, with a note, any piece that is missing or unreadable: a report of a half-finished run is
-still useful. Both formats are rendered from the same list of blocks, so they never disagree.
+It reads whatever the run directory holds (the run-directory contract is in README.md: "Run directory"
+under Usage, and "`wf-pipeline report RUN_DIR`") and leaves out, with a note, any piece that is missing
+or unreadable: a report of a half-finished run is still useful. Both formats are rendered from the same list of blocks, so they never disagree.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from typing import Any, Union
 
 import yaml
 
-from wf_pipeline import atomic_io, report_charts
+from wf_pipeline import atomic_io
 from wf_pipeline.errors import WFError
+from wf_pipeline.reporting import charts
 
 ASSETS_DIR = "report_files"
 
@@ -219,7 +220,7 @@ def _sparsity_section(run: RunData) -> Section | None:
             return None
         torch_sparsity = {}
     section = Section("Per-layer sparsity")
-    section.blocks.append(Image("per_layer_sparsity.png", report_charts.per_layer_sparsity_chart(torch_sparsity, onnx_sparsity),
+    section.blocks.append(Image("per_layer_sparsity.png", charts.per_layer_sparsity_chart(torch_sparsity, onnx_sparsity),
                                 "per-layer sparsity"))
     if run.export:
         verdict = "match" if run.export.get("sparsity_matches") else "DO NOT match"
@@ -241,7 +242,7 @@ def _oneshot_section(run: RunData) -> Section | None:
         return None
     section = Section("Accuracy vs sparsity (one-shot sweep)")
     dense = run.oneshot.get("dense_accuracy")
-    section.blocks.append(Image("accuracy_vs_sparsity.png", report_charts.accuracy_vs_sparsity_chart(usable, dense),
+    section.blocks.append(Image("accuracy_vs_sparsity.png", charts.accuracy_vs_sparsity_chart(usable, dense),
                                 "accuracy vs sparsity"))
     sparsities = sorted({r["sparsity"] for r in usable})
     methods = list(dict.fromkeys(str(r.get("method", "?")) for r in usable))
@@ -259,7 +260,7 @@ def _training_section(run: RunData) -> Section | None:
     if not epochs and not prunes:
         return None
     section = Section("Training and pruning")
-    section.blocks.append(Image("training_curves.png", report_charts.training_curves_chart(epochs, prunes),
+    section.blocks.append(Image("training_curves.png", charts.training_curves_chart(epochs, prunes),
                                 "training and pruning curves"))
     if prunes:
         rows = [
@@ -281,7 +282,7 @@ def _latency_section(run: RunData) -> Section | None:
     section.blocks.append(Paragraph(
         f"{settings.get('warmup', '?')} warm-up and {settings.get('repeats', '?')} timed runs per model; "
         "pruned and dense runs interleaved so machine drift affects both equally."))
-    section.blocks.append(Image("latency.png", report_charts.latency_distribution_chart(latency), "latency distribution"))
+    section.blocks.append(Image("latency.png", charts.latency_distribution_chart(latency), "latency distribution"))
     rows = []
     for lat in latency:
         pruned, dense = lat.get("pruned") or {}, lat.get("dense") or {}
@@ -344,7 +345,7 @@ def _time_split_section(run: RunData) -> Section | None:
     section.blocks.append(Paragraph(
         "Wall time of the run by stage. Evaluate is the test-set evaluation during pruning and fine-tuning; "
         "other is set-up, data loading, the dense model's evaluation and checkpoints."))
-    section.blocks.append(Image("time_split.png", report_charts.time_split_chart(stages), "time split by stage"))
+    section.blocks.append(Image("time_split.png", charts.time_split_chart(stages), "time split by stage"))
     rows = [[label, f"{seconds:.1f} s", f"{100 * seconds / total:.1f}%" if total else "n/a"] for label, seconds in stages]
     rows.append(["total", f"{total:.1f} s", "100.0%"])
     section.blocks.append(Table(["stage", "seconds", "share"], rows))
@@ -396,7 +397,7 @@ def _structure_section(run: RunData) -> Section | None:
     section.blocks.append(Paragraph(summary + " Counts are read from the two ONNX files (BatchNorm folded into the "
                                     "convolutions; MACs of conv and linear layers per input sample)."))
     if narrower:
-        section.blocks.append(Image("channels_per_layer.png", report_charts.channels_per_layer_chart(
+        section.blocks.append(Image("channels_per_layer.png", charts.channels_per_layer_chart(
             names, [(dense_layers.get(n) or {}).get("out_channels") for n in names],
             [(pruned_layers.get(n) or {}).get("out_channels") for n in names]), "channels per layer, dense vs pruned"))
     table = []
