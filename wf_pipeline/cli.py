@@ -75,8 +75,9 @@ def compress(
     with RichReporter(console) as reporter:
         outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
     m = outcome.metrics
-    console.print(f"[bold]dense accuracy[/bold] {m['dense_accuracy']:.4f}  [bold]pruned accuracy[/bold] "
-                  f"{m.get('final_accuracy', float('nan')):.4f}  [bold]sparsity[/bold] {m.get('sparsity', 0):.3f}")
+    pruned_accuracy = m.final_accuracy if m.final_accuracy is not None else float("nan")
+    console.print(f"[bold]dense accuracy[/bold] {m.dense_accuracy:.4f}  [bold]pruned accuracy[/bold] "
+                  f"{pruned_accuracy:.4f}  [bold]sparsity[/bold] {m.sparsity or 0:.3f}")
     console.print(f"run directory: {outcome.run_dir}\nreport: {outcome.report}")
     if outcome.gates_passed is False:
         err_console.print(f"[red]deployment gates failed: {', '.join(outcome.failed_gates)}[/red]")
@@ -102,7 +103,7 @@ def train(
     run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
     with RichReporter(console) as reporter:
         metrics = run_dense_training(recipe, run, save_to=save_to, reporter=reporter)
-    console.print(f"test accuracy {metrics['final_accuracy']:.4f}; run directory {run.path}")
+    console.print(f"test accuracy {metrics.final_accuracy:.4f}; run directory {run.path}")
 
 
 def _split_floats(values: list[str]) -> list[float]:

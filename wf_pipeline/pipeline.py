@@ -15,6 +15,7 @@ from wf_pipeline.device import resolve_device, seed_everything
 from wf_pipeline.models import build_model
 from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.reporting.metrics import RunMetrics
 from wf_pipeline.rundir import RunDir, open_shared_run_dir
 from wf_pipeline.training import evaluate
 
@@ -22,7 +23,7 @@ from wf_pipeline.training import evaluate
 @dataclass
 class CompressOutcome:
     run_dir: Path
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     gates_passed: bool | None = None
     failed_gates: list[str] = field(default_factory=list)
     report: Path | None = None
@@ -82,8 +83,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         log.info("dense accuracy %.4f", dense_accuracy)
         stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume,
                                   initial_accuracy=dense_accuracy)  # already measured above
-        metrics: dict[str, Any] = {"dense_accuracy": dense_accuracy, **stage.metrics}
-        metrics.setdefault("num_params", sum(p.numel() for p in stage.model.parameters()))
+        metrics = RunMetrics.from_dict({"dense_accuracy": dense_accuracy, **stage.metrics})
+        metrics.num_params = sum(p.numel() for p in stage.model.parameters())
         outcome = CompressOutcome(run.path, metrics)
         if dist.is_main:
             pruned = stage.model
@@ -91,26 +92,25 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             masks = {k: v.cpu() for k, v in stage.masks.masks.items()}
             if recipe.export.enabled:
                 reporter.message("exporting ONNX")
-                timings = metrics.setdefault("timings", {})
                 t0 = time.perf_counter()
                 onnx_path, baseline_path = export_stage(recipe, run, pruned, dense, data, masks)
-                timings["export_s"] = time.perf_counter() - t0
-                metrics["onnx"] = str(onnx_path)
+                metrics.add_timing("export_s", time.perf_counter() - t0)
+                metrics.onnx = str(onnx_path)
                 if recipe.validate_.enabled:
                     reporter.message("validating in ONNX Runtime")
                     t0 = time.perf_counter()
                     result = validate_stage(recipe, run, onnx_path, baseline_path, pruned, data, reporter)
-                    timings["validate_s"] = time.perf_counter() - t0
+                    metrics.add_timing("validate_s", time.perf_counter() - t0)
                     outcome.gates_passed = result.passed
                     outcome.failed_gates = [g.name for g in result.failed_gates]
-                    metrics["gates_passed"] = result.passed
-            metrics["total_seconds"] = time.time() - started
-            run.write_metrics(metrics)
+                    metrics.gates_passed = result.passed
+            metrics.total_seconds = time.time() - started
+            run.write_metrics(metrics.to_dict())
             from wf_pipeline.reporting.report import write_report
 
             outcome.report = write_report(run.path)
             run.mark_finished(outcome.gates_passed, outcome.failed_gates)
-            log.info("done: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+            log.info("done: %s", {k: v for k, v in metrics.to_dict().items() if not isinstance(v, dict)})
         barrier()
         return outcome
     finally:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -13,12 +12,13 @@ from wf_pipeline.device import resolve_device, seed_everything
 from wf_pipeline.models import build_model
 from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.reporting.metrics import RunMetrics
 from wf_pipeline.rundir import RunDir
 from wf_pipeline.training import build_optimizer, evaluate, train_epoch
 
 
 def run_dense_training(recipe: Recipe, run: RunDir, *, save_to: Path | None = None,
-                       reporter: Reporter | None = None) -> dict[str, Any]:
+                       reporter: Reporter | None = None) -> RunMetrics:
     reporter = reporter or NullReporter()
     seed_everything(recipe.seed, recipe.deterministic)
     device = resolve_device(recipe.device)
@@ -58,9 +58,9 @@ def run_dense_training(recipe: Recipe, run: RunDir, *, save_to: Path | None = No
         accuracy, _ = evaluate(model, data.test_batches(), device)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch_save(run.file("checkpoints", "final.pt"), weights)
-    metrics = {"final_accuracy": accuracy, "dense_accuracy": accuracy, "sparsity": 0.0, "epochs": cfg.epochs,
-               "num_params": sum(p.numel() for p in model.parameters()), "train_seconds": time.time() - started}
-    run.write_metrics(metrics)
+    metrics = RunMetrics(final_accuracy=accuracy, dense_accuracy=accuracy, sparsity=0.0, epochs=cfg.epochs,
+                         num_params=sum(p.numel() for p in model.parameters()), train_seconds=time.time() - started)
+    run.write_metrics(metrics.to_dict())
     if save_to is not None:
         torch_save(save_to, weights)
         write_json(save_to.with_suffix(".json"), {"recipe": recipe.name, "model": recipe.model.model_dump(),

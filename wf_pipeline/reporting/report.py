@@ -19,6 +19,7 @@ import yaml
 from wf_pipeline import atomic_io
 from wf_pipeline.errors import WFError
 from wf_pipeline.reporting import charts
+from wf_pipeline.reporting.metrics import RunMetrics
 
 ASSETS_DIR = "report_files"
 
@@ -54,7 +55,7 @@ class RunData:
     path: Path
     recipe: dict[str, Any] | None = None
     environment: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
+    metrics: RunMetrics | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     oneshot: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
@@ -96,6 +97,19 @@ def _read_history(run: RunData) -> list[dict[str, Any]]:
     return records
 
 
+def _read_metrics(run: RunData) -> RunMetrics | None:
+    data = _read_json(run, "metrics.json")
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        run.notes.append(f"metrics.json holds a {type(data).__name__}, not an object: left out")
+        return None
+    metrics = RunMetrics.from_dict(data)
+    for key in metrics.ignored_keys:
+        run.notes.append(f"metrics.json: {key} has an unexpected value ({data[key]!r:.60}): left out")
+    return metrics
+
+
 def load_run(run_dir: Path) -> RunData:
     run = RunData(Path(run_dir))
     recipe_path = run.path / "recipe.yaml"
@@ -105,7 +119,7 @@ def load_run(run_dir: Path) -> RunData:
         except (OSError, yaml.YAMLError) as exc:
             run.notes.append(f"could not read recipe.yaml: {exc}")
     run.environment = _read_json(run, "environment.json")
-    run.metrics = _read_json(run, "metrics.json")
+    run.metrics = _read_metrics(run)
     run.history = _read_history(run)
     run.oneshot = _read_json(run, "oneshot/oneshot.json")
     run.validation = _read_json(run, "validation/validation.json")
@@ -145,19 +159,20 @@ def _size(num_bytes: Any) -> str:
 def _summary_section(run: RunData) -> Section:
     section = Section("Key metrics")
     rows: list[list[str]] = []
-    m = run.metrics or {}
+    m = run.metrics or RunMetrics()
     recipe = run.recipe or {}
     pruning = recipe.get("pruning") or {}
     if pruning:
         rows.append(["pruning method", str(pruning.get("method", "n/a"))])
         rows.append(["target sparsity", _pct(pruning.get("final_sparsity"))])
-    for key, label in (("dense_accuracy", "dense test accuracy (PyTorch)"), ("final_accuracy", "final test accuracy (PyTorch)")):
-        if key in m:
-            rows.append([label, _pct(m[key])])
-    if "sparsity" in m:
-        rows.append(["achieved sparsity (masks)", _pct(m["sparsity"])])
-    if "num_params" in m:
-        rows.append(["parameters", _num(m["num_params"])])
+    if m.dense_accuracy is not None:
+        rows.append(["dense test accuracy (PyTorch)", _pct(m.dense_accuracy)])
+    if m.final_accuracy is not None:
+        rows.append(["final test accuracy (PyTorch)", _pct(m.final_accuracy)])
+    if m.sparsity is not None:
+        rows.append(["achieved sparsity (masks)", _pct(m.sparsity)])
+    if m.num_params is not None:
+        rows.append(["parameters", _num(m.num_params)])
     v = run.validation or {}
     if v:
         rows.append(["test accuracy in ONNX Runtime", _pct(v.get("accuracy"))])
@@ -177,8 +192,8 @@ def _summary_section(run: RunData) -> Section:
             if lat.get("ratio_p50") is not None:
                 text += f" (ratio to dense {lat['ratio_p50']:.3f})"
             rows.append([f"ORT p50 latency, batch {lat.get('batch_size')}", text])
-    if "total_seconds" in m:
-        rows.append(["total time", f"{m['total_seconds']:.1f} s"])
+    if m.total_seconds is not None:
+        rows.append(["total time", f"{m.total_seconds:.1f} s"])
     if rows:
         section.blocks.append(Table(["metric", "value"], rows))
     else:
@@ -208,7 +223,7 @@ def _gates_section(run: RunData) -> Section | None:
 
 
 def _sparsity_section(run: RunData) -> Section | None:
-    torch_sparsity = (run.metrics or {}).get("per_layer_sparsity")
+    torch_sparsity = run.metrics.per_layer_sparsity if run.metrics else None
     onnx_sparsity = None
     if run.export:
         onnx_sparsity = run.export.get("onnx_per_layer_sparsity") or None
@@ -328,16 +343,15 @@ STAGE_TIMINGS = (("prune_s", "prune"), ("finetune_s", "fine-tune"), ("eval_s", "
 
 
 def _time_split_section(run: RunData) -> Section | None:
-    m = run.metrics or {}
-    timings = m.get("timings")
-    if not isinstance(timings, dict):
+    timings = run.metrics.timings if run.metrics else None
+    if not timings:
         return None
-    stages = [(label, float(timings[key])) for key, label in STAGE_TIMINGS if isinstance(timings.get(key), (int, float))]
+    stages = [(label, float(timings[key])) for key, label in STAGE_TIMINGS if key in timings]
     if not stages:
         return None
     counted = sum(seconds for _, seconds in stages)
-    total = m.get("total_seconds")
-    if isinstance(total, (int, float)) and total >= counted:
+    total = run.metrics.total_seconds if run.metrics else None
+    if total is not None and total >= counted:
         stages.append(("other", total - counted))
     else:
         total = counted

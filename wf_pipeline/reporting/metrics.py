@@ -1,0 +1,131 @@
+"""RunMetrics: what a run measured, as the stages hand it to the report and the CLI (metrics.json).
+
+One typed object instead of a dict read back by string keys. `to_dict()` gives exactly the keys
+metrics.json has always had, and `from_dict()` reads any metrics.json (older runs, dense-training runs,
+keys added later): keys it does not know, or whose value has an unexpected type, are kept in `extra`
+and written back unchanged, so a round trip never loses anything.
+
+The pruning stage and the pipeline produce it; reporting reads it. This module imports nothing from
+the stages.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+# Keys the pruning stage always writes, null included (e.g. target_sparsity of a grouped recipe).
+STAGE_KEYS = (
+    "method", "structure", "initial_accuracy", "final_accuracy", "target_sparsity", "sparsity", "model_sparsity",
+    "pruned_params", "prunable_params", "per_layer_sparsity", "schedule", "prune_reports", "epochs",
+    "steps_per_epoch", "world_size", "timings", "resumed", "resumed_from", "notes", "checkpoint",
+)
+
+
+@dataclass
+class RunMetrics:
+    """Run metrics of `compress` (pruning stage + pipeline) and `train` (dense training).
+
+    None means "not measured in this run"; such keys are left out of metrics.json, except the pruning
+    stage's keys, which a run with a stage (``method`` set) always writes.
+    """
+
+    dense_accuracy: float | None = None  # PyTorch test accuracy of the starting model
+    # --- the pruning stage
+    method: str | None = None
+    structure: str | None = None  # unstructured | channel
+    initial_accuracy: float | None = None
+    final_accuracy: float | None = None  # PyTorch test accuracy at the end (whole test set)
+    target_sparsity: float | None = None  # None with pruning groups (several targets) or method none
+    sparsity: float | None = None  # achieved, over the prunable weights (channels with channel structure)
+    model_sparsity: float | None = None  # zeros over all parameters
+    pruned_params: int | None = None
+    prunable_params: int | None = None
+    per_layer_sparsity: dict[str, float] | None = None
+    schedule: list[dict[str, Any]] | None = None  # {epoch, optimizer_step, target_sparsity[, group]}
+    prune_reports: list[dict[str, Any]] | None = None  # one per pruning step, as the pruner reports it
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    world_size: int | None = None
+    timings: dict[str, float] | None = None  # seconds by stage: prune_s, finetune_s, eval_s, export_s, ...
+    resumed: bool | None = None
+    resumed_from: list[dict[str, Any]] | None = None
+    notes: list[str] | None = None
+    checkpoint: str | None = None
+    # --- the pipeline
+    num_params: int | None = None
+    channel_surgery: dict[str, Any] | None = None  # channels cut out before export (channel structure)
+    onnx: str | None = None  # the exported model
+    gates_passed: bool | None = None  # None when validation did not run
+    total_seconds: float | None = None
+    # --- dense training
+    train_seconds: float | None = None
+    # Keys this version does not know, and known keys whose value has an unexpected type: kept as read.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunMetrics:
+        """Read a metrics.json mapping. Never raises for content: odd values land in `extra`."""
+        hints = _field_types()
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in hints and _matches(value, hints[key]):
+                known[key] = value
+            else:
+                extra[key] = value
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics.json mapping: the keys that were measured, in a fixed order, then `extra`."""
+        out: dict[str, Any] = {}
+        for name in _field_types():
+            value = getattr(self, name)
+            if value is not None or (name in STAGE_KEYS and self.method is not None):
+                out[name] = value
+        out.update(self.extra)
+        return out
+
+    @property
+    def ignored_keys(self) -> list[str]:
+        """Known keys read with a value of the wrong type (kept in `extra`, not in the typed field)."""
+        hints = _field_types()
+        return [key for key in self.extra if key in hints]
+
+    def add_timing(self, key: str, seconds: float) -> None:
+        """Record a stage's wall time (e.g. export_s) beside the pruning stage's timings."""
+        if self.timings is None:
+            self.timings = {}
+        self.timings[key] = seconds
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """The serialised fields in declaration order, with their resolved types (`extra` excluded)."""
+    hints = get_type_hints(RunMetrics)
+    return {f.name: hints[f.name] for f in fields(RunMetrics) if f.name != "extra"}
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (ints count as floats, bools as neither)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in get_args(annotation))
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = get_args(annotation)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key_type, value_type = get_args(annotation)
+        return isinstance(value, dict) and all(_matches(k, key_type) and _matches(v, value_type)
+                                               for k, v in value.items())
+    return isinstance(value, annotation)
