@@ -243,3 +243,26 @@ def test_skip_policy_replaces_non_finite_samples_and_counts_them(engine: str) ->
     xs[:] = float("nan")
     with pytest.raises(WFError, match="non-finite before 8 finite ones"):
         collect(model, params, batches, num_grads=8, chunk_size=4, nonfinite="skip")
+
+
+@pytest.mark.parametrize(
+    "method, route",
+    [("woodfisher", "fast"), ("woodfisher", "woodbury"), ("woodtaylor", "fast"), ("woodtaylor", "woodbury"), ("diag_fisher", "fast")],
+)
+def test_prune_step_never_writes_a_nan_sample_into_the_weights(method: str, route: str) -> None:
+    from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    before = {n: p.detach().clone() for n, p in params.items()}
+    xs, ys, _ = pool(12, batch=12)
+    xs[5, 0, 0, 0] = float("nan")
+    settings = PruneSettings(method, num_grads=12, block_size=8, chunk_size=4, route=route, damp=1e-3)
+    masks = MaskSet.dense(params)
+    with pytest.raises(WFError, match=r"Fisher chunk 1 \(gradients 4-7\).*gradient 5 "):
+        prune_step(model, params, masks, 0.5, settings, lambda: [(xs, ys)])
+    assert all(torch.equal(p, before[n]) for n, p in params.items()) and all(m.all() for m in masks.masks.values())
+
+    report = prune_step(model, params, masks, 0.5, settings.replace(nonfinite="skip"), lambda: [(xs, ys)])
+    assert report.extra["nonfinite_skipped"] == 1 and report.num_grads == 12  # sample 5 replaced by sample 0 again
+    assert all(torch.isfinite(p).all() for p in params.values()) and report.achieved_sparsity == pytest.approx(0.5, abs=0.02)

@@ -361,7 +361,7 @@ def nonfinite_error(
         f" {len(rows)} gradient(s) affected, the first is gradient {rows[0]} ({samples}, counted in draw order"
         f" from the start of this step), in layer(s) {shown}",
         hint="a Fisher input holds NaN/Inf or the model overflows on it (exploding activations, a half-precision"
-        " model); clean the data or fix the model before pruning",
+        " model): clean the data or fix the model, or set pruning.woodfisher.nonfinite: skip to leave such samples out",
     )
 
 

@@ -304,6 +304,9 @@ class WoodFisherConfig(Strict):
     chunk_size: int = Field(100, ge=1, description="gradients computed and folded in per chunk (memory bound)")
     dtype: Literal["float32", "float64"] = "float32"
     route: Literal["fast", "woodbury"] = Field("fast", description="fast GEMM+Cholesky or rank-one recursion")
+    nonfinite: Literal["error", "skip"] = Field(
+        "error", description="a Fisher gradient with NaN/Inf: stop naming it, or skip it (replaced by more samples, count reported)"
+    )
 
 
 class PruningConfig(Strict):

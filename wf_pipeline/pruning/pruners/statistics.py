@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.fisher.gradients import iter_gradient_chunks
+from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
 from wf_pipeline.fisher.inverse import BlockLayout
 from wf_pipeline.pruning.pruners.base import PruneView, ReduceFn, StepContext
 from wf_pipeline.pruning.settings import PruneSettings
@@ -48,6 +48,7 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
     """
     if ctx.batches is None:
         raise WFError("this pruning method needs Fisher data", hint="pass `batches` (the Fisher pool) to prune_step")
+    stats = GradientStats()
     chunks = iter_gradient_chunks(
         ctx.model,
         view.params,
@@ -61,6 +62,8 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         generator=ctx.generator,
         progress=ctx.progress,
         layout=layout,
+        nonfinite=settings.nonfinite,
+        stats=stats,
     )
     add = acc.add if layout is None else acc.add_blocked  # type: ignore[attr-defined]
     while True:
@@ -74,6 +77,9 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         elapsed = time.perf_counter() - t1
         ctx.add_time("inverse", elapsed)
         ctx.add_time("accumulate", elapsed)
+    ctx.extra["gradient_engine"] = stats.engine
+    if stats.skipped:
+        ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + stats.skipped
     if ctx.reduce_fn is not None:
         t0 = time.perf_counter()
         acc.reduce(ctx.reduce_fn)
