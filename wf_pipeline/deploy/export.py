@@ -12,7 +12,7 @@ import io
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -88,7 +88,7 @@ def _bake_parametrizations(model: nn.Module) -> None:
         if not parametrize.is_parametrized(module):
             continue
         values = {}
-        for name, plist in module.parametrizations.items():
+        for name, plist in cast(nn.ModuleDict, module.parametrizations).items():
             was_parameter = isinstance(getattr(plist, "original", None), nn.Parameter)
             values[name] = (getattr(module, name).detach().clone(), was_parameter)
         module.__class__ = module.__class__.__bases__[0]
@@ -113,7 +113,8 @@ def _prepare_model(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> n
                     hint=f"mask names must be parameter names such as {next(iter(params), 'conv.weight')!r}",
                 )
             if tuple(mask.shape) != tuple(params[name].shape):
-                raise WFError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}")
+                raise WFError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}")
             with torch.no_grad():  # where, not multiply: a pruned negative weight becomes 0.0, not -0.0
                 params[name].copy_(torch.where(mask.to("cpu", torch.bool), params[name], 0.0))
     return export_model
@@ -140,7 +141,7 @@ def _torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, opset: int, dyn
             torch.onnx.export(
                 model,
                 (sample,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # the TorchScript exporter also writes to a file object
                 dynamo=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
@@ -152,7 +153,8 @@ def _torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, opset: int, dyn
     except Exception as exc:
         raise WFError(
             f"torch.onnx.export failed at opset {opset}: {type(exc).__name__}: {str(exc).strip()[:300]}",
-            hint="try another export.opset, or check that the model runs on the sample input (WF_DEBUG=1 for the traceback)",
+            hint="try another export.opset, or check that the model runs on the sample input "
+                 "(WF_DEBUG=1 for the traceback)",
         ) from exc
     return buffer.getvalue()
 
@@ -161,7 +163,8 @@ def _full_check(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise WFError(f"{what} fails onnx.checker's full check: {str(exc)[:300]}", hint="try another export.opset") from exc
+        raise WFError(f"{what} fails onnx.checker's full check: {str(exc)[:300]}",
+                      hint="try another export.opset") from exc
 
 
 def _name_weights(dense_model: onnx.ModelProto, export_model: nn.Module, weights: dict[str, np.ndarray]) -> None:
@@ -171,7 +174,8 @@ def _name_weights(dense_model: onnx.ModelProto, export_model: nn.Module, weights
     named = {n: a for n, a in named.items() if n in params}
     matches = map_params_to_initializers(dense_model, named, initializer_arrays(dense_model))
     module_names = {name for name, _ in export_model.named_modules() if name}
-    rename_tensors(dense_model, {**readable_initializer_names(matches), **readable_bias_names(dense_model, module_names)})
+    rename_tensors(dense_model,
+                   {**readable_initializer_names(matches), **readable_bias_names(dense_model, module_names)})
 
 
 def _save_onnx(model: onnx.ModelProto, path: Path) -> int:
@@ -179,7 +183,8 @@ def _save_onnx(model: onnx.ModelProto, path: Path) -> int:
     try:
         atomic_io.write_bytes(path, data)
     except OSError as exc:
-        raise WFError(f"cannot write ONNX file {path}: {exc.strerror or exc}", hint="choose a writable output folder") from exc
+        raise WFError(f"cannot write ONNX file {path}: {exc.strerror or exc}",
+                      hint="choose a writable output folder") from exc
     return len(data)
 
 
@@ -236,7 +241,8 @@ def compare_sparsity(
         extra = int(np.sum(onnx_zero & ~pruned))
         if extra:
             check.notes.append(
-                f"{name}: {extra} kept weights are exactly zero in {match.initializer} (zero in torch or a zero BN scale)"
+                f"{name}: {extra} kept weights are exactly zero in {match.initializer} "
+                "(zero in torch or a zero BN scale)"
             )
     return check
 
@@ -291,7 +297,8 @@ def export_onnx(
     notes: list[str] = []
     opset_written = _opset_of(dense_model)
     if sparse_storage and opset_written < MIN_OPSET:
-        notes.append(f"opset {opset_written} < {MIN_OPSET}: weights stored dense (the bitmask storage needs opset >= {MIN_OPSET})")
+        notes.append(f"opset {opset_written} < {MIN_OPSET}: weights stored dense "
+                     f"(the bitmask storage needs opset >= {MIN_OPSET})")
         sparse_storage = False
 
     dense_path = out_path.with_name(f"{out_path.stem}.dense.onnx") if sparse_storage else out_path

@@ -134,7 +134,8 @@ def _sparsity_gate(threshold: float, inputs: GateInputs) -> GateResult:
     return result
 
 
-def evaluate_gates(gates: GatesConfig, inputs: GateInputs, unavailable_reasons: dict[str, str] | None = None) -> list[GateResult]:
+def evaluate_gates(gates: GatesConfig, inputs: GateInputs,
+                   unavailable_reasons: dict[str, str] | None = None) -> list[GateResult]:
     """One GateResult per configured gate (None thresholds are not configured)."""
     reasons = unavailable_reasons or {}
     batch = f" at batch {inputs.latency_batch_size}" if inputs.latency_batch_size else ""

@@ -7,8 +7,9 @@ both models under the same conditions so their ratio is trustworthy even on a bu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ class LatencyStats:
     max: float
 
     @classmethod
-    def from_runs(cls, runs_ms: list[float]) -> "LatencyStats":
+    def from_runs(cls, runs_ms: list[float]) -> LatencyStats:
         if not runs_ms:
             raise ValueError("no timed runs")
         array = np.asarray(runs_ms, dtype=np.float64)

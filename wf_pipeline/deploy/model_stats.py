@@ -57,9 +57,9 @@ def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     single = onnx.ModelProto()
     single.CopyFrom(model)
     for value in single.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = 1
+        input_dims = value.type.tensor_type.shape.dim
+        if input_dims and not input_dims[0].HasField("dim_value"):
+            input_dims[0].dim_value = 1
     inferred = onnx.shape_inference.infer_shapes(single, data_prop=True)  # data_prop: shapes computed in-graph
     dims: dict[str, list[int | None]] = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
@@ -71,9 +71,10 @@ def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 def _per_sample(dims: list[int | None] | None) -> int | None:
     """Elements per sample: the product of all dims after the batch axis (of size 1 here), if static."""
-    if not dims or any(d is None for d in dims[1:]):
+    if not dims:
         return None
-    return math.prod(dims[1:])
+    static = [d for d in dims[1:] if d is not None]
+    return math.prod(static) if len(static) == len(dims) - 1 else None
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -126,19 +127,20 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         if layer is not None:
             layers.append(layer)
     floats = [a for a in arrays.values() if np.issubdtype(a.dtype, np.floating)]
-    per_layer_macs = [layer.macs for layer in layers]
-    known = None not in per_layer_macs
+    per_layer_macs = [layer.macs for layer in layers if layer.macs is not None]
+    per_layer_nonzero = [layer.nonzero_macs for layer in layers if layer.nonzero_macs is not None]
+    known = len(per_layer_macs) == len(layers)
     return ModelStats(
         layers=layers,
         params=int(sum(a.size for a in floats)),
         nonzero_params=int(sum(np.count_nonzero(a) for a in floats)),
         macs=int(sum(per_layer_macs)) if known else None,
-        nonzero_macs=int(sum(layer.nonzero_macs for layer in layers)) if known else None,
+        nonzero_macs=int(sum(per_layer_nonzero)) if known else None,
     )
 
 
 def model_stats_dict(model: onnx.ModelProto) -> dict[str, Any] | None:
-    """`model_stats(model).to_dict()`, or None for a graph it cannot read (validation of any file must not fail on it)."""
+    """`model_stats(model).to_dict()`, or None for a graph it cannot read (validating any file must not fail on it)."""
     try:
         return model_stats(model).to_dict()
     except Exception:  # noqa: BLE001 - figures for the summary only; the verdict never depends on them

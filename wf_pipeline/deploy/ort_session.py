@@ -36,7 +36,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
-def create_session(path: Path, *, threads: int = 1, optimize: bool = True) -> "InferenceSession":
+def create_session(path: Path, *, threads: int = 1, optimize: bool = True) -> InferenceSession:
     """An onnxruntime CPU InferenceSession with `threads` intra-op threads (0 = runtime default).
 
     Inter-op parallelism is off (sequential execution) so latency numbers depend on one knob only.
@@ -60,7 +60,7 @@ def create_session(path: Path, *, threads: int = 1, optimize: bool = True) -> "I
         ) from exc
 
 
-def input_name(session: "InferenceSession") -> str:
+def input_name(session: InferenceSession) -> str:
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise WFError(
@@ -70,13 +70,13 @@ def input_name(session: "InferenceSession") -> str:
     return inputs[0].name
 
 
-def static_batch_size(session: "InferenceSession") -> int | None:
+def static_batch_size(session: InferenceSession) -> int | None:
     """The input's batch dimension if it is fixed in the file, None when it is dynamic."""
     dim = session.get_inputs()[0].shape[0]
     return int(dim) if isinstance(dim, int) else None
 
 
-def input_sample_shape(session: "InferenceSession") -> tuple[int, ...] | None:
+def input_sample_shape(session: InferenceSession) -> tuple[int, ...] | None:
     """Per-sample input shape (without batch) when every non-batch dimension is fixed, else None."""
     dims = session.get_inputs()[0].shape[1:]
     if all(isinstance(d, int) for d in dims):
@@ -84,7 +84,7 @@ def input_sample_shape(session: "InferenceSession") -> tuple[int, ...] | None:
     return None
 
 
-def run_logits(session: "InferenceSession", batch: np.ndarray) -> np.ndarray:
+def run_logits(session: InferenceSession, batch: np.ndarray) -> np.ndarray:
     """Run one batch, honouring a fixed batch size in the file by chunking and zero padding."""
     name = input_name(session)
     batch = np.ascontiguousarray(batch, dtype=np.float32)

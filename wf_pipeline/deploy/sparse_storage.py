@@ -246,7 +246,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], stored: dict[
     sub = helper.make_model(graph, opset_imports=list(model.opset_import), functions=list(model.functions))
     sub.ir_version = model.ir_version
     outputs = ReferenceEvaluator(sub).run(None, {})
-    return dict(zip(wanted, (np.asarray(o) for o in outputs)))
+    return dict(zip(wanted, (np.asarray(o) for o in outputs), strict=True))
 
 
 def _fold_constants(model: onnx.ModelProto, nodes: list[onnx.NodeProto], stored: dict[str, np.ndarray],

@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import os
 import platform
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class ValidationSettings:
     accuracy_batch_size: int = 256  # only for whole-tensor test data; loaders keep their own batching
 
     @classmethod
-    def from_config(cls, config: ValidateConfig) -> "ValidationSettings":
+    def from_config(cls, config: ValidateConfig) -> ValidationSettings:
         return cls(
             parity_samples=config.parity_samples,
             batch_sizes=list(config.batch_sizes),
@@ -162,7 +163,7 @@ def _iter_batches(test_data: TestData, batch_size: int) -> Iterator[tuple[torch.
         and len(test_data) == 2
         and all(isinstance(t, torch.Tensor) for t in test_data)
     ):
-        images, labels = test_data
+        images, labels = cast(tuple[torch.Tensor, torch.Tensor], test_data)
         if images.shape[0] != labels.shape[0]:
             raise WFError(f"test data has {images.shape[0]} inputs but {labels.shape[0]} labels")
         for start in range(0, images.shape[0], batch_size):

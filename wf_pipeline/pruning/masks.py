@@ -5,8 +5,9 @@ or ``torch.compile`` (``_orig_mod.`` prefix) is matched too, so one MaskSet serv
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,11 +58,11 @@ class MaskSet:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def dense(cls, params: Mapping[str, torch.Tensor]) -> "MaskSet":
+    def dense(cls, params: Mapping[str, torch.Tensor]) -> MaskSet:
         return cls({name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()})
 
     @classmethod
-    def from_zeros(cls, params: Mapping[str, torch.Tensor]) -> "MaskSet":
+    def from_zeros(cls, params: Mapping[str, torch.Tensor]) -> MaskSet:
         return cls({name: p.detach() != 0 for name, p in params.items()})
 
     # ----------------------------------------------------------------- applying
@@ -148,7 +149,7 @@ class MaskSet:
             device = self.masks[name].device if name in self.masks else mask.device
             self.masks[name] = mask.to(device=device, dtype=torch.bool)
 
-    def to(self, device: torch.device | str) -> "MaskSet":
+    def to(self, device: torch.device | str) -> MaskSet:
         self.masks = {name: m.to(device) for name, m in self.masks.items()}
         return self
 

@@ -16,8 +16,8 @@ Pruned weights end exactly zero. Everything is batched over blocks; the joint up
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

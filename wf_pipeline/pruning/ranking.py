@@ -7,7 +7,7 @@ and count towards the target.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ def choose_pruned(
     if ranking == "uniform":
         chosen = torch.zeros_like(kept)
         offset = 0
-        for size, zeros in zip(sizes, target_zero_counts(sizes, target_sparsity)):
+        for size, zeros in zip(sizes, target_zero_counts(sizes, target_sparsity), strict=True):
             part = slice(offset, offset + size)
             already = int((~kept[part]).sum())
             chosen[part] = _smallest(scores[part], kept[part], zeros - already)

@@ -14,7 +14,8 @@ from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import PruningConfig, WoodFisherConfig
 
 # Every pruning method a recipe may name (one pruner class each, see pruners/registry.py).
-METHODS: tuple[str, ...] = tuple(m for m in typing.get_args(PruningConfig.model_fields["method"].annotation) if m != "none")
+METHODS: tuple[str, ...] = tuple(
+    m for m in typing.get_args(PruningConfig.model_fields["method"].annotation) if m != "none")
 RANKINGS: tuple[str, ...] = typing.get_args(PruningConfig.model_fields["ranking"].annotation)
 
 
@@ -57,7 +58,7 @@ class PruneSettings:
     def __repr__(self) -> str:
         return f"PruneSettings(method={self.method!r}, ranking={self.ranking!r}, woodfisher={self.woodfisher!r})"
 
-    def replace(self, **fields: Any) -> "PruneSettings":
+    def replace(self, **fields: Any) -> PruneSettings:
         """A copy with some fields changed (method, ranking or any ``woodfisher`` field)."""
         method = fields.pop("method", self.method)
         ranking = fields.pop("ranking", self.ranking)
@@ -68,7 +69,7 @@ class PruneSettings:
         return torch.float64 if self.woodfisher.dtype == "float64" else torch.float32
 
     @classmethod
-    def from_config(cls, cfg: PruningConfig) -> "PruneSettings":
+    def from_config(cls, cfg: PruningConfig) -> PruneSettings:
         if cfg.method == "none":
             raise WFError(
                 "pruning.method is 'none': there is no pruning step to configure",

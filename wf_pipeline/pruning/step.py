@@ -9,8 +9,9 @@ business (see :mod:`wf_pipeline.pruning.pruners`); this module only splits the s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

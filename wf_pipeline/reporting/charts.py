@@ -78,32 +78,34 @@ def training_curves_chart(epoch_records: list[dict[str, Any]], prune_records: li
     fig = Figure(figsize=(8, 4.2))
     ax_acc, ax_loss = fig.subplots(1, 2)
     x = [e + 1 for e in _timeline([int(r.get("epoch", i)) for i, r in enumerate(epoch_records)])]
-    accuracy = [(xi, r["test_accuracy"]) for xi, r in zip(x, epoch_records) if r.get("test_accuracy") is not None]
+    accuracy = [(xi, r["test_accuracy"]) for xi, r in zip(x, epoch_records, strict=True)
+                if r.get("test_accuracy") is not None]
     if accuracy:
-        ax_acc.plot(*zip(*accuracy), marker="o", color=ACCENT, label="test accuracy")
+        ax_acc.plot(*zip(*accuracy, strict=True), marker="o", color=ACCENT, label="test accuracy")
     prune_points = [(float(p.get("epoch", 0)), p) for p in prune_records]
-    for epoch, record in prune_points:
+    for epoch, _ in prune_points:
         ax_acc.axvline(epoch, color=PRUNED_COLOUR, alpha=0.35, linestyle=":")
     after = [(e, p["test_accuracy_after"]) for e, p in prune_points if p.get("test_accuracy_after") is not None]
     if after:
-        ax_acc.scatter(*zip(*after), color=PRUNED_COLOUR, marker="v", zorder=3, label="right after a pruning step")
+        ax_acc.scatter(*zip(*after, strict=True), color=PRUNED_COLOUR, marker="v", zorder=3,
+                       label="right after a pruning step")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy")
     ax_acc.grid(alpha=0.3)
-    sparsity = [(xi, r["sparsity"]) for xi, r in zip(x, epoch_records) if r.get("sparsity") is not None]
+    sparsity = [(xi, r["sparsity"]) for xi, r in zip(x, epoch_records, strict=True) if r.get("sparsity") is not None]
     if sparsity:
         twin = ax_acc.twinx()
         # "pre": an epoch's record holds the sparsity it was trained at, reached at the epoch's start
         # (first x - 1, first value) draws the first epoch's segment too
         sparsity.insert(0, (sparsity[0][0] - 1, sparsity[0][1]))
-        twin.step(*zip(*sparsity), where="pre", color="grey", alpha=0.7, label="sparsity")
+        twin.step(*zip(*sparsity, strict=True), where="pre", color="grey", alpha=0.7, label="sparsity")
         twin.set_ylim(0, 1)
         twin.set_ylabel("sparsity")
     ax_acc.legend(fontsize=7, loc="best")
     ax_acc.set_title("Accuracy and sparsity")
-    loss = [(xi, r["train_loss"]) for xi, r in zip(x, epoch_records) if r.get("train_loss") is not None]
+    loss = [(xi, r["train_loss"]) for xi, r in zip(x, epoch_records, strict=True) if r.get("train_loss") is not None]
     if loss:
-        ax_loss.plot(*zip(*loss), marker=".", color=DENSE_COLOUR)
+        ax_loss.plot(*zip(*loss, strict=True), marker=".", color=DENSE_COLOUR)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss")
     ax_loss.set_title("Training loss")
@@ -116,7 +118,7 @@ def latency_distribution_chart(latency: list[dict[str, Any]]) -> bytes:
     """One panel per batch size: histograms of every timed run, pruned vs dense, with p50 lines."""
     fig = Figure(figsize=(4.2 * len(latency), 3.6))
     axes = fig.subplots(1, len(latency), squeeze=False)[0]
-    for ax, entry in zip(axes, latency):
+    for ax, entry in zip(axes, latency, strict=True):
         series = [("pruned", entry.get("pruned"), PRUNED_COLOUR), ("dense", entry.get("dense"), DENSE_COLOUR)]
         present = [(label, stats, colour) for label, stats, colour in series if stats and stats.get("runs_ms")]
         all_runs = [v for _, stats, _ in present for v in stats["runs_ms"]]
@@ -164,7 +166,7 @@ def time_split_chart(stages: list[tuple[str, float]]) -> bytes:
     total = sum(seconds for _, seconds in stages) or 1.0
     colours = [ACCENT, PRUNED_COLOUR, DENSE_COLOUR, "#e7298a", "#66a61e", "#a6761d", "#999999"]
     left = 0.0
-    for (label, seconds), colour in zip(stages, colours * 2):
+    for (label, seconds), colour in zip(stages, colours * 2, strict=False):  # at most 6 stages
         colour = "#bbbbbb" if label == "other" else colour
         ax.barh([0], [seconds], left=left, color=colour, label=f"{label} ({100 * seconds / total:.0f}%)")
         left += seconds

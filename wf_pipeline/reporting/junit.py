@@ -40,7 +40,8 @@ def gates_to_junit(result: ValidationResult) -> str:
     for gate in result.gates:
         case = ET.SubElement(suite, "testcase", classname="wf_pipeline.gates", name=gate.name, time="0")
         if gate.passed is False:
-            failure = ET.SubElement(case, "failure", message=f"gate {gate.name} failed: {gate.message}", type="GateFailure")
+            failure = ET.SubElement(case, "failure", message=f"gate {gate.name} failed: {gate.message}",
+                                    type="GateFailure")
             failure.text = f"value={gate.value} threshold={gate.threshold}"
         elif gate.passed is None:
             ET.SubElement(case, "skipped", message=gate.message)

@@ -2,7 +2,8 @@
 
 It reads whatever the run directory holds (the run-directory contract is in README.md: "Run directory"
 under Usage, and "`wf-pipeline report RUN_DIR`") and leaves out, with a note, any piece that is missing
-or unreadable: a report of a half-finished run is still useful. Both formats are rendered from the same list of blocks, so they never disagree.
+or unreadable: a report of a half-finished run is still useful. Both formats are rendered from the same
+list of blocks, so they never disagree.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -45,7 +46,7 @@ class Image:
 @dataclass
 class Section:
     title: str
-    blocks: list[Union[Paragraph, Table, Image]] = field(default_factory=list)
+    blocks: list[Paragraph | Table | Image] = field(default_factory=list)
 
 
 @dataclass
@@ -212,8 +213,8 @@ def _gates_section(run: RunData) -> Section | None:
     section.blocks.append(Paragraph(f"Verdict: **{verdict}**"))
     if gates:
         rows = [
-            [str(g.get("name")), str(g.get("status", "n/a")).upper(), _num(g.get("value"), 6), _num(g.get("threshold"), 6),
-             str(g.get("message", ""))]
+            [str(g.get("name")), str(g.get("status", "n/a")).upper(), _num(g.get("value"), 6),
+             _num(g.get("threshold"), 6), str(g.get("message", ""))]
             for g in gates
         ]
         section.blocks.append(Table(["gate", "status", "value", "threshold", "detail"], rows))
@@ -235,8 +236,8 @@ def _sparsity_section(run: RunData) -> Section | None:
             return None
         torch_sparsity = {}
     section = Section("Per-layer sparsity")
-    section.blocks.append(Image("per_layer_sparsity.png", charts.per_layer_sparsity_chart(torch_sparsity, onnx_sparsity),
-                                "per-layer sparsity"))
+    chart = charts.per_layer_sparsity_chart(torch_sparsity, onnx_sparsity)
+    section.blocks.append(Image("per_layer_sparsity.png", chart, "per-layer sparsity"))
     if run.export:
         verdict = "match" if run.export.get("sparsity_matches") else "DO NOT match"
         section.blocks.append(Paragraph(f"The zeros in the exported ONNX file {verdict} the PyTorch masks."))
@@ -248,7 +249,8 @@ def _sparsity_section(run: RunData) -> Section | None:
 
 
 def _oneshot_section(run: RunData) -> Section | None:
-    results = (run.oneshot or {}).get("results")
+    oneshot = run.oneshot or {}
+    results = oneshot.get("results")
     if not results:
         return None
     usable = [r for r in results if isinstance(r, dict) and "sparsity" in r and "accuracy" in r]
@@ -256,7 +258,7 @@ def _oneshot_section(run: RunData) -> Section | None:
         run.notes.append("oneshot/oneshot.json has no (sparsity, accuracy) results")
         return None
     section = Section("Accuracy vs sparsity (one-shot sweep)")
-    dense = run.oneshot.get("dense_accuracy")
+    dense = oneshot.get("dense_accuracy")
     section.blocks.append(Image("accuracy_vs_sparsity.png", charts.accuracy_vs_sparsity_chart(usable, dense),
                                 "accuracy vs sparsity"))
     sparsities = sorted({r["sparsity"] for r in usable})
@@ -289,11 +291,12 @@ def _training_section(run: RunData) -> Section | None:
 
 
 def _latency_section(run: RunData) -> Section | None:
-    latency = [lat for lat in (run.validation or {}).get("latency") or [] if (lat.get("pruned") or {}).get("runs_ms")]
+    validation = run.validation or {}
+    latency = [lat for lat in validation.get("latency") or [] if (lat.get("pruned") or {}).get("runs_ms")]
     if not latency:
         return None
     section = Section("Latency in ONNX Runtime")
-    settings = run.validation.get("settings") or {}
+    settings = validation.get("settings") or {}
     section.blocks.append(Paragraph(
         f"{settings.get('warmup', '?')} warm-up and {settings.get('repeats', '?')} timed runs per model; "
         "pruned and dense runs interleaved so machine drift affects both equally."))
@@ -305,8 +308,9 @@ def _latency_section(run: RunData) -> Section | None:
                      *[_num(pruned.get(k), 4) for k in ("p50", "p90", "p99")],
                      *[_num(dense.get(k), 4) for k in ("p50", "p90", "p99")],
                      _num(lat.get("ratio_p50"), 4)])
-    section.blocks.append(Table(["batch", "threads", "pruned p50 ms", "p90", "p99", "dense p50 ms", "p90", "p99", "ratio"], rows))
-    env = run.validation.get("environment") or {}
+    headers = ["batch", "threads", "pruned p50 ms", "p90", "p99", "dense p50 ms", "p90", "p99", "ratio"]
+    section.blocks.append(Table(headers, rows))
+    env = validation.get("environment") or {}
     if env:
         section.blocks.append(Paragraph(f"onnxruntime {env.get('onnxruntime')} on {env.get('processor')}, "
                                         f"{env.get('cpu_count')} CPUs."))
@@ -324,7 +328,8 @@ def _export_section(run: RunData) -> Section | None:
         ["opset", _num(e.get("opset"))],
         ["passes onnx.checker full check", str(e.get("onnx_full_check", "n/a"))],
         ["storage", f"{e.get('storage_format')} ({len(compact)} weights)" if e.get("storage_format") else "dense"],
-        ["file size", _size(e.get("file_bytes")) + (f" ({ratio:.3f} x dense storage)" if isinstance(ratio, float) else "")],
+        ["file size",
+         _size(e.get("file_bytes")) + (f" ({ratio:.3f} x dense storage)" if isinstance(ratio, float) else "")],
         ["dense-storage twin size", _size(e.get("dense_file_bytes"))],
         ["layer tensors without a PyTorch name", ", ".join(e.get("generated_names") or []) or "none"],
         ["max |diff| ORT vs PyTorch (sample input)", _num(e.get("torch_max_abs_diff"), 3)],
@@ -360,7 +365,8 @@ def _time_split_section(run: RunData) -> Section | None:
         "Wall time of the run by stage. Evaluate is the test-set evaluation during pruning and fine-tuning; "
         "other is set-up, data loading, the dense model's evaluation and checkpoints."))
     section.blocks.append(Image("time_split.png", charts.time_split_chart(stages), "time split by stage"))
-    rows = [[label, f"{seconds:.1f} s", f"{100 * seconds / total:.1f}%" if total else "n/a"] for label, seconds in stages]
+    rows = [[label, f"{seconds:.1f} s", f"{100 * seconds / total:.1f}%" if total else "n/a"]
+            for label, seconds in stages]
     rows.append(["total", f"{total:.1f} s", "100.0%"])
     section.blocks.append(Table(["stage", "seconds", "share"], rows))
     return section
@@ -381,17 +387,19 @@ def _structure_section(run: RunData) -> Section | None:
     if not isinstance(pruned, dict) or not pruned.get("layers"):
         return None
     dense_export = e.get("dense_baseline") or {}
-    dense = dense_export.get("structure") if isinstance(dense_export.get("structure"), dict) else {}
+    dense_structure = dense_export.get("structure")
+    dense: dict[str, Any] = dense_structure if isinstance(dense_structure, dict) else {}
     section = Section("Dense vs pruned: channels, parameters, compute")
     totals = [
         ["parameters", dense.get("params"), pruned.get("params")],
         ["non-zero parameters", dense.get("nonzero_params"), pruned.get("nonzero_params")],
         ["MACs per sample", dense.get("macs"), pruned.get("macs")],
-        ["FLOPs per sample (2 × MACs)", *[2 * v if isinstance(v, int) else None for v in (dense.get("macs"), pruned.get("macs"))]],
+        ["FLOPs per sample (2 × MACs)",
+         *[2 * v if isinstance(v, int) else None for v in (dense.get("macs"), pruned.get("macs"))]],
         ["non-zero MACs per sample", dense.get("nonzero_macs"), pruned.get("nonzero_macs")],
         ["ONNX file bytes", dense_export.get("file_bytes"), e.get("file_bytes")],
     ]
-    rows = [[label, _num(d), _num(p), _ratio(d, p)] for label, d, p in totals]
+    rows = [[str(label), _num(d), _num(p), _ratio(d, p)] for label, d, p in totals]
     for lat in (run.validation or {}).get("latency") or []:
         d, p = (lat.get("dense") or {}).get("p50"), (lat.get("pruned") or {}).get("p50")
         rows.append([f"ORT p50 latency, batch {lat.get('batch_size')} (ms)", _num(d), _num(p), _ratio(d, p)])
@@ -400,7 +408,8 @@ def _structure_section(run: RunData) -> Section | None:
     dense_layers = {layer["name"]: layer for layer in dense.get("layers") or []}
     pruned_layers = {layer["name"]: layer for layer in pruned["layers"]}
     names = list(dict.fromkeys([*dense_layers, *pruned_layers]))
-    narrower = [n for n in names if n in dense_layers and (pruned_layers.get(n) or {}).get("out_channels") != dense_layers[n]["out_channels"]]
+    narrower = [n for n in names if n in dense_layers
+                and (pruned_layers.get(n) or {}).get("out_channels") != dense_layers[n]["out_channels"]]
     if not dense_layers:
         summary = "No dense baseline structure in export.json: the pruned model only."
     elif narrower:
@@ -418,11 +427,13 @@ def _structure_section(run: RunData) -> Section | None:
     for name in names:
         d, p = dense_layers.get(name) or {}, pruned_layers.get(name)
         if p is None:
-            table.append([name, _arrow(d.get("out_channels"), 0), _arrow(d.get("params"), 0), "0", _arrow(d.get("macs"), 0), "0"])
+            table.append([name, _arrow(d.get("out_channels"), 0), _arrow(d.get("params"), 0), "0",
+                          _arrow(d.get("macs"), 0), "0"])
             continue
         table.append([name, _arrow(d.get("out_channels"), p["out_channels"]), _arrow(d.get("params"), p["params"]),
                       _num(p["nonzero_params"]), _arrow(d.get("macs"), p.get("macs")), _num(p.get("nonzero_macs"))])
-    section.blocks.append(Table(["layer", "out channels", "parameters", "non-zero parameters", "MACs", "non-zero MACs"], table))
+    headers = ["layer", "out channels", "parameters", "non-zero parameters", "MACs", "non-zero MACs"]
+    section.blocks.append(Table(headers, table))
     return section
 
 
@@ -466,7 +477,8 @@ def build_sections(run: RunData) -> list[Section]:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
 th{background:#f4f4f4}img{max-width:100%;height:auto}.passed{color:#1a7f37;font-weight:600}
 .failed{color:#cf222e;font-weight:600}.skipped{color:#9a6700;font-weight:600}.notes{color:#555;font-size:.9em}
 """
@@ -501,7 +513,8 @@ def render_html(title: str, sections: list[Section], notes: list[str]) -> str:
                 data = base64.b64encode(block.png).decode("ascii")
                 out.append(f'<p><img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}"></p>')
     if notes:
-        out.append("<h2>Left out</h2><ul class=\"notes\">" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        out.append(f'<h2>Left out</h2><ul class="notes">{items}</ul>')
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

@@ -85,7 +85,8 @@ def validation_markdown(result: ValidationResult) -> str:
         dense = lat.dense
         ratio = "n/a" if lat.ratio_p50 is None else f"{lat.ratio_p50:.3f}"
         lines.append(
-            f"| {lat.batch_size} | {lat.threads} | {_ms(lat.pruned.p50)} | {_ms(lat.pruned.p90)} | {_ms(lat.pruned.p99)} "
+            f"| {lat.batch_size} | {lat.threads} "
+            f"| {_ms(lat.pruned.p50)} | {_ms(lat.pruned.p90)} | {_ms(lat.pruned.p99)} "
             f"| {_ms(dense.p50 if dense else None)} | {_ms(dense.p90 if dense else None)} "
             f"| {_ms(dense.p99 if dense else None)} | {ratio} |"
         )
