@@ -109,7 +109,7 @@ def timed_step(job: dict[str, Any]) -> dict[str, float]:
 
 def timed_gradients(job: dict[str, Any], engine: str) -> tuple[float, float, str]:
     """The step's gradient phase alone with `engine` (same chunks, layout, eval mode): wall and CPU
-    seconds and the engine used."""
+    seconds and the engine used (with the reason when 'auto' passed the layer-wise one over)."""
     from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
     from wf_pipeline.fisher.inverse import BlockLayout
 
@@ -124,7 +124,8 @@ def timed_gradients(job: dict[str, Any], engine: str) -> tuple[float, float, str
                                   grad_batch_size=settings.grad_batch_size, chunk_size=settings.chunk_size,
                                   engine=engine, layout=layout, stats=stats):
         pass
-    return time.perf_counter() - t0, time.process_time() - cpu0, stats.engine
+    used = stats.engine + (f" ({stats.engine_note})" if stats.engine_note else "")
+    return time.perf_counter() - t0, time.process_time() - cpu0, used
 
 
 def best_and_median(runs: list[float]) -> dict[str, float]:

@@ -251,3 +251,28 @@ def test_forced_layerwise_refuses_a_model_it_cannot_serve() -> None:
     assert "training mode" in (layerwise_blocker(model, select_prunable(model, [".*"], [])) or "")
     with pytest.raises(LayerwiseUnsupported, match="training mode"):
         gradients(model, select_prunable(model, [".*"], []), fisher_pool((4,), 4, classes=3), "layerwise", num_grads=2, grad_batch_size=2)
+
+
+def test_cross_check_compares_the_largest_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A well-classified sample's tiny gradient is mostly rounding: the check must not rest on it."""
+    from wf_pipeline.fisher.gradients import GradientComputer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3)).eval()
+    params = select_prunable(model, [".*"], [])
+    x = torch.randn(6, 1, 6)
+    x[[1, 4]] *= 50  # the two largest gradients: large inputs, labelled as their least likely class
+    with torch.no_grad():
+        y = model(x).argmin(1, keepdim=True)
+    computer = GradientComputer(model, params)
+    checked: list[list[int]] = []
+    original = computer._loop_grads
+
+    def spy(xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
+        checked.append([int((x == xi).flatten(1).all(1).nonzero()[0]) for xi in xs])
+        return original(xs, ys)
+
+    monkeypatch.setattr(computer, "_loop_grads", spy)
+    out = computer.compute(x, y)
+    largest = sorted(torch.linalg.vector_norm(out, dim=1).topk(2).indices.tolist())
+    assert largest == [1, 4] and computer.engine == "layerwise" and checked == [largest]

@@ -250,24 +250,30 @@ class GradientComputer:
             dest[full, :, rest:] = 0
 
     def _cross_check(self, out: Tensor, x: Tensor, y: Tensor) -> str | None:
-        """Compare the first and last group of a layer-wise chunk with plain autograd (None: agree).
+        """Compare two groups of a layer-wise chunk with plain autograd (None: they agree).
 
         Catches what no structural test can: glue code that mixes samples, a weight also used
-        outside its module. Differences from summation order are far below the tolerance.
+        outside its module. The groups with the largest gradients are compared: a well-classified
+        sample's tiny gradient is mostly rounding (``softmax − onehot`` cancels), and batch-size-
+        dependent kernels alone would make it differ.
         """
-        picks = sorted({0, x.shape[0] - 1})
+        norms = torch.linalg.vector_norm(out, dim=1 if self.layout is None else (0, 2))
+        if not bool(torch.isfinite(norms).all()):
+            return None  # the finiteness guard reports it
+        picks = sorted(norms.topk(min(2, len(norms))).indices.tolist())
         reference = self._new_output(len(picks))
         self._write_grads(reference, self._loop_grads(x[picks], y[picks]))
         mine = out[picks] if self.layout is None else out[:, picks]
-        if not (torch.isfinite(reference).all() and torch.isfinite(mine).all()):
-            return None  # the finiteness guard reports it
+        if not bool(torch.isfinite(reference).all()):
+            return None
         tolerance = torch.finfo(self.compute_dtype).eps ** 0.5
         tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
         if self.device.type == "cuda" and self.compute_dtype == torch.float32 and tf32:
             tolerance = 1e-2  # TF32 convolutions and matmuls round to ~1e-3 on their own
         error = float((mine - reference).norm() / reference.norm().clamp_min(torch.finfo(reference.dtype).tiny))
         if error > tolerance:
-            return f"layer-wise gradients differ from plain autograd (relative error {error:.1e}): samples interact"
+            return (f"layer-wise gradients differ from plain autograd (relative error {error:.1e} on the first"
+                    " chunk's largest gradients): samples interact")
         return None
 
     def _auto_first_chunk(self, out: Tensor, x: Tensor, y: Tensor) -> None:
