@@ -30,8 +30,9 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any
 
 import torch  # noqa: E402
 
@@ -143,7 +144,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=None, help="target of the step (default: the recipe's first)")
     parser.add_argument("--num-grads", type=int, default=None, help="override the recipe's num_grads")
     parser.add_argument("--repeats", type=int, default=None, help="whole steps timed (default 2 quick, 5 full)")
-    parser.add_argument("--baseline-repeats", type=int, default=None, help="gradient-phase runs per engine (1 quick, 3 full)")
+    parser.add_argument("--baseline-repeats", type=int, default=None,
+                        help="gradient-phase runs per engine (1 quick, 3 full)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the vmap gradient-phase baseline")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -182,7 +184,8 @@ def main() -> None:
         auto, vmap = [a for a, _ in pairs], [v for _, v in pairs]
         auto_s, vmap_s = [r[0] for r in auto], [r[0] for r in vmap]
         auto_cpu, vmap_cpu = [r[1] for r in auto], [r[1] for r in vmap]
-        engines = {"default_engine": auto[0][2], "default_s": best_and_median(auto_s), "vmap_s": best_and_median(vmap_s),
+        engines = {"default_engine": auto[0][2],
+                   "default_s": best_and_median(auto_s), "vmap_s": best_and_median(vmap_s),
                    "default_cpu_s": best_and_median(auto_cpu), "vmap_cpu_s": best_and_median(vmap_cpu),
                    "vmap_over_default": min(vmap_s) / min(auto_s),
                    "vmap_over_default_cpu": min(vmap_cpu) / min(auto_cpu)}
@@ -198,7 +201,8 @@ def main() -> None:
         "mode": "quick" if args.quick else "full",
         "machine": {"threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
                     "load_average_start": load_start, "load_average_end": load_end},
-        "job": {"recipe": job["recipe"], "model": "bundled ResNet-20 (Fashion-MNIST)", "layers": len(job["param_names"]),
+        "job": {"recipe": job["recipe"], "model": "bundled ResNet-20 (Fashion-MNIST)",
+                "layers": len(job["param_names"]),
                 "d": d, "num_grads": s.num_grads, "block_size": s.block_size, "chunk_size": s.chunk_size,
                 "damp": s.damp, "target_sparsity": job["sparsity"], "achieved_sparsity": best["achieved_sparsity"]},
         "step_s": {k: best[k] for k in phases},

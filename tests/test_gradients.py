@@ -40,7 +40,9 @@ def pool(n: int, batch: int, dtype: torch.dtype = torch.float32, seed: int = 0):
     return xs, ys, (lambda: [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, n, batch)])
 
 
-def autograd_reference(model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def autograd_reference(
+    model: nn.Module, params: dict[str, nn.Parameter], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Plain model(x).backward() for one group of samples, flattened over `params`."""
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
@@ -155,7 +157,9 @@ def test_block_major_chunks_equal_flat_chunks(engine: str) -> None:
     _, _, batches = pool(6, batch=4)
     flat = collect(model, params, batches, num_grads=6, chunk_size=4, masks=masks, engine=engine)
     blocked = torch.cat(
-        list(iter_gradient_chunks(model, params, batches, num_grads=6, chunk_size=4, masks=masks, layout=layout, engine=engine)),
+        list(iter_gradient_chunks(
+            model, params, batches, num_grads=6, chunk_size=4, masks=masks, layout=layout, engine=engine
+        )),
         dim=1,
     )
     assert blocked.shape == (layout.num_blocks, 6, 8)
@@ -211,7 +215,8 @@ def test_inf_producing_model_stops_with_a_named_error(engine: str) -> None:
     xs, ys, batches = pool(12, batch=5)
     xs[:, 0, 0, 0] = 0.0
     xs[9, 0, 0, 0] = 2.0  # overflows in gradient 9 only (groups of 3: gradient 3, samples 9-11)
-    with pytest.raises(WFError, match=r"Fisher chunk 1 \(gradients 2-3\): 1 gradient\(s\) affected, the first is gradient 3 "
+    with pytest.raises(WFError, match=r"Fisher chunk 1 \(gradients 2-3\): 1 gradient\(s\) affected, "
+                       r"the first is gradient 3 "
                        r"\(Fisher samples 9-11.*in layer\(s\) 'conv.weight', 'fc.weight'"):
         collect(model, params, batches, num_grads=4, grad_batch_size=3, chunk_size=2, engine=engine)
 
@@ -222,7 +227,8 @@ def test_true_fisher_with_non_finite_logits_reaches_the_guard() -> None:
     xs, ys, _ = pool(4, batch=4)
     xs[2] = float("inf")
     with pytest.raises(WFError, match="gradient 2 "):
-        collect(model, params, lambda: [(xs, ys)], num_grads=4, fisher_type="true", generator=torch.Generator().manual_seed(0))
+        collect(model, params, lambda: [(xs, ys)], num_grads=4, fisher_type="true",
+                generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("engine", ["layerwise", "vmap"])
@@ -247,7 +253,8 @@ def test_skip_policy_replaces_non_finite_samples_and_counts_them(engine: str) ->
 
 @pytest.mark.parametrize(
     "method, route",
-    [("woodfisher", "fast"), ("woodfisher", "woodbury"), ("woodtaylor", "fast"), ("woodtaylor", "woodbury"), ("diag_fisher", "fast")],
+    [("woodfisher", "fast"), ("woodfisher", "woodbury"), ("woodtaylor", "fast"), ("woodtaylor", "woodbury"),
+     ("diag_fisher", "fast")],
 )
 def test_prune_step_never_writes_a_nan_sample_into_the_weights(method: str, route: str) -> None:
     from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step
@@ -265,4 +272,5 @@ def test_prune_step_never_writes_a_nan_sample_into_the_weights(method: str, rout
 
     report = prune_step(model, params, masks, 0.5, settings.replace(nonfinite="skip"), lambda: [(xs, ys)])
     assert report.extra["nonfinite_skipped"] == 1 and report.num_grads == 12  # sample 5 replaced by sample 0 again
-    assert all(torch.isfinite(p).all() for p in params.values()) and report.achieved_sparsity == pytest.approx(0.5, abs=0.02)
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert report.achieved_sparsity == pytest.approx(0.5, abs=0.02)

@@ -44,7 +44,7 @@ CONVS = {
 def per_sample_reference(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """Weight gradient of <layer(x_n), grad_out_n> for each sample n, by plain autograd."""
     rows = []
-    for xn, gn in zip(x, grad_out):
+    for xn, gn in zip(x, grad_out, strict=True):
         layer.zero_grad()
         (layer(xn.unsqueeze(0)) * gn.unsqueeze(0)).sum().backward()
         rows.append(layer.weight.grad.reshape(-1).clone())
@@ -124,7 +124,8 @@ def test_bundled_resnet20_layerwise_equals_vmap_with_masks_groups_and_layout() -
     assert stats.engine == "layerwise" and stats.engine_note is None
     assert_engines_agree(model, params, batches, num_grads=5, grad_batch_size=3, chunk_size=2, masks=masks)
     assert_engines_agree(
-        model, params, batches, num_grads=6, chunk_size=3, fisher_type="true", generator=torch.Generator().manual_seed(5)
+        model, params, batches, num_grads=6, chunk_size=3, fisher_type="true",
+        generator=torch.Generator().manual_seed(5),
     )
 
 
@@ -135,7 +136,9 @@ def test_mobilenet_v1_depthwise_layerwise_equals_vmap() -> None:
     model = trained_bn(mobilenetv1(num_classes=10, in_channels=1, width_mult=0.25, small_input=True), (1, 16, 16))
     params = select_prunable(model, [".*"], [])
     assert any(m.groups > 1 for m in model.modules() if isinstance(m, nn.Conv2d))
-    stats = assert_engines_agree(model, params, fisher_pool((1, 16, 16), 10), num_grads=6, chunk_size=3, grad_batch_size=2)
+    stats = assert_engines_agree(
+        model, params, fisher_pool((1, 16, 16), 10), num_grads=6, chunk_size=3, grad_batch_size=2
+    )
     assert stats.engine == "layerwise"
 
 
@@ -226,7 +229,8 @@ class Scale(nn.Module):
         (FunctionalWeight(), (6,), "differ from plain autograd"),
         (NotCalled(), (6,), "outside its module"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), (4,), "training mode"),
-        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False).eval(), nn.Linear(4, 3)), (4,), "without running"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False).eval(), nn.Linear(4, 3)),
+         (4,), "without running"),
         (nn.Sequential(nn.Linear(4, 4), Scale(), nn.Linear(4, 3)), (4,), "custom layer"),
     ],
     ids=["mixing-glue", "functional-use", "not-called", "bn-train", "bn-no-stats", "custom-leaf"],
@@ -250,7 +254,8 @@ def test_forced_layerwise_refuses_a_model_it_cannot_serve() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     assert "training mode" in (layerwise_blocker(model, select_prunable(model, [".*"], [])) or "")
     with pytest.raises(LayerwiseUnsupported, match="training mode"):
-        gradients(model, select_prunable(model, [".*"], []), fisher_pool((4,), 4, classes=3), "layerwise", num_grads=2, grad_batch_size=2)
+        gradients(model, select_prunable(model, [".*"], []), fisher_pool((4,), 4, classes=3), "layerwise",
+                  num_grads=2, grad_batch_size=2)
 
 
 def test_cross_check_compares_the_largest_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

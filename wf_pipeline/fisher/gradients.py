@@ -11,8 +11,8 @@ ever handed on (see :func:`iter_gradient_chunks`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +156,7 @@ class GradientComputer:
         return self.loss_fn(functional_call(self.module, selected, (x,), strict=False), y)
 
     def _selected(self) -> dict[str, Tensor]:
-        return {inner: p.detach() for inner, p in zip(self.inner_names, self.params.values())}
+        return {inner: p.detach() for inner, p in zip(self.inner_names, self.params.values(), strict=True)}
 
     def _vmap_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         per_group = vmap(grad(self._loss), in_dims=(None, 0, 0))
@@ -167,7 +167,7 @@ class GradientComputer:
         leaves = {n: t.requires_grad_(True) for n, t in self._selected().items()}
         rows: list[tuple[Tensor, ...]] = []
         with torch.enable_grad():
-            for xi, yi in zip(x, y):
+            for xi, yi in zip(x, y, strict=True):
                 rows.append(torch.autograd.grad(self._loss(leaves, xi, yi), list(leaves.values())))
         return {n: torch.stack([r[i] for r in rows]) for i, n in enumerate(leaves)}
 
@@ -195,7 +195,7 @@ class GradientComputer:
         try:
             return vmap(self.loss_fn)(grouped_logits, grouped_y).sum()
         except (RuntimeError, NotImplementedError):
-            return torch.stack([self.loss_fn(a, b) for a, b in zip(grouped_logits, grouped_y)]).sum()
+            return torch.stack([self.loss_fn(a, b) for a, b in zip(grouped_logits, grouped_y, strict=True)]).sum()
 
     def _layerwise_into(self, out: Tensor, x: Tensor, y: Tensor) -> None:
         groups = x.shape[0]
@@ -327,10 +327,6 @@ class GradientStats:
     skipped: int = 0  # gradients left out as non-finite (nonfinite="skip")
 
 
-def _span(indices: list[int]) -> str:
-    return f"{indices[0]}" if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
-
-
 def nonfinite_rows(chunk: Tensor, blocked: bool) -> Tensor:
     """Bool per gradient row: True where the row holds NaN or Inf.
 
@@ -366,7 +362,7 @@ def nonfinite_error(
     m = grad_batch_size
     samples = f"Fisher samples {rows[0] * m}-{rows[0] * m + m - 1}" if m > 1 else f"Fisher sample {rows[0]}"
     return WFError(
-        f"non-finite gradient ({kind}) in Fisher chunk {chunk_index} (gradients {_span(list(range(first, first + len(bad_rows))))}):"
+        f"non-finite gradient ({kind}) in Fisher chunk {chunk_index} (gradients {first}-{first + len(bad_rows) - 1}):"
         f" {len(rows)} gradient(s) affected, the first is gradient {rows[0]} ({samples}, counted in draw order"
         f" from the start of this step), in layer(s) {shown}",
         hint="a Fisher input holds NaN/Inf or the model overflows on it (exploding activations, a half-precision"
@@ -424,7 +420,8 @@ def iter_gradient_chunks(
         if fisher_type == "true":
             with torch.no_grad():
                 y = sample_model_labels(computer.module(x), generator)
-        chunk = computer.compute(x.reshape(n, grad_batch_size, *x.shape[1:]), y.reshape(n, grad_batch_size, *y.shape[1:]))
+        groups_x = x.reshape(n, grad_batch_size, *x.shape[1:])
+        chunk = computer.compute(groups_x, y.reshape(n, grad_batch_size, *y.shape[1:]))
         stats.engine, stats.engine_note = computer.engine, computer.engine_note
         bad = nonfinite_rows(chunk, blocked)
         if bool(bad.any()):

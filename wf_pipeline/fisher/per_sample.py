@@ -14,13 +14,14 @@ for what only shows at run time (a weight used outside its module, an input chan
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 # Layers with a per-sample rule; a subclass qualifies only if it keeps the stock forward.
 _RULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -55,7 +56,7 @@ def layerwise_blocker(model: nn.Module, params: Mapping[str, Tensor]) -> str | N
     caller cross-checks the first chunk against plain autograd.
     """
     owners = weight_owners(model, params)
-    for name, modules in zip(params, owners):
+    for name, modules in zip(params, owners, strict=True):
         if not modules:
             return f"parameter {name!r} is not the weight of a Linear or Conv1d/2d/3d layer"
     for mod_name, module in model.named_modules():
@@ -105,7 +106,7 @@ class LayerRecorder:
     calls: dict[int, list[_Call]] = field(default_factory=dict)
     problem: str | None = None
 
-    def __enter__(self) -> "LayerRecorder":
+    def __enter__(self) -> LayerRecorder:
         self._handles = [m.register_forward_hook(self._hook) for m in dict.fromkeys(self.modules)]
         return self
 
@@ -152,11 +153,7 @@ def linear_grads(module: nn.Linear, inputs: Tensor, grad_out: Tensor, groups: in
 
 
 # Weight gradient of a convolution, by the weight's number of dimensions (1-d, 2-d, 3-d convs).
-_CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {
-    3: torch.nn.grad.conv1d_weight,
-    4: torch.nn.grad.conv2d_weight,
-    5: torch.nn.grad.conv3d_weight,
-}
+_CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {3: conv1d_weight, 4: conv2d_weight, 5: conv3d_weight}
 
 
 # Below this many output positions per sample (e.g. 7x7 maps) an im2col product beats the grouped
