@@ -11,7 +11,7 @@ from tests.cli_helpers import run_cli
 
 BASE = {
     "name": "t",
-    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1},
+    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "weights": None},
     "data": {"dataset": "digits"},
     "pruning": {"method": "magnitude", "final_sparsity": 0.5, "schedule": {"start_epoch": 0, "end_epoch": 1}},
     "finetune": {"epochs": 2},

@@ -39,12 +39,13 @@ def _trust(allowed: bool) -> None:
     set_trust_recipe_code(allowed)
 
 
-def _load(path: Path, overrides: list[str] | None, base: Path | None = None):
+def _load(path: Path, overrides: list[str] | None, base: Path | None = None, *, prunes: bool = False):
+    """The validated recipe; `prunes`: the command prunes, so the recipe must name its model's weights."""
     from rich.markup import escape
 
     from wf_pipeline.recipe.loader import load_recipe
 
-    recipe, notes = load_recipe(path, overrides or [], base)
+    recipe, notes = load_recipe(path, overrides or [], base, require_weights=prunes)
     for note in notes:
         err_console.print(f"[dim]note: {escape(note)}[/dim]")
     return recipe
@@ -67,8 +68,8 @@ def compress(
     from wf_pipeline.progress import NullReporter
 
     _trust(trust_recipe_code)
-    recipe = _load(recipe_path, overrides, base)
-    check_recipe(recipe)
+    recipe = _load(recipe_path, overrides, base, prunes=True)
+    check_recipe(recipe)  # everything that can be checked before a run directory exists
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 draws progress
         outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=NullReporter())
         return
@@ -135,6 +136,7 @@ def oneshot(
     from wf_pipeline.device import resolve_device, seed_everything
     from wf_pipeline.models import build_model
     from wf_pipeline.oneshot import run_oneshot_sweep, sweep_markdown, write_sweep
+    from wf_pipeline.recipe.checks import check_recipe
     from wf_pipeline.pruning.settings import METHODS
     from wf_pipeline.rundir import open_run_dir
 
@@ -144,9 +146,10 @@ def oneshot(
         raise WFError(f"--method: unknown method {unknown[0]!r}", f"choose from {', '.join(METHODS)}")
     sparsities = _split_floats(sparsity)
     _trust(trust_recipe_code)
-    recipe = _load(recipe_path, overrides)
+    recipe = _load(recipe_path, overrides, prunes=True)
     if recipe.output.run_name is None:
         recipe.output.run_name = f"{recipe.name}-oneshot"
+    check_recipe(recipe)
     run = open_run_dir(recipe, overwrite=overwrite, kind="oneshot")
     seed_everything(recipe.seed, recipe.deterministic)
     device = resolve_device(recipe.device)
@@ -229,7 +232,7 @@ def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None, base: Base
     from wf_pipeline.recipe.checks import check_recipe
 
     _trust(trust_recipe_code)
-    recipe = _load(recipe_path, overrides, base)
+    recipe = _load(recipe_path, overrides, base, prunes=True)
     for note in check_recipe(recipe):
         console.print(note)
     console.print(f"[green]ok[/green]: {recipe_path}")
@@ -259,7 +262,12 @@ def recipe_convert(
     recipe = _load(recipe_path, overrides, base)
     text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if output:
-        write_text(output, text)
+        if output.is_dir():
+            raise WFError(f"--output: {output} is a folder", f"give a file name, e.g. {output / 'recipe.yaml'}")
+        try:
+            write_text(output, text)
+        except OSError as exc:
+            raise WFError(f"--output: cannot write {output}: {exc.strerror or exc}", "give a writable file path") from None
         console.print(f"wrote {output}")
     else:
         console.print(text, end="", markup=False, highlight=False)

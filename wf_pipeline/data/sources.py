@@ -165,5 +165,13 @@ def load_imagefolder(cfg: DataConfig):  # -> tuple[Dataset, Dataset]
         + [transforms.ToTensor(), *norm]
     )
     test_tf = transforms.Compose([*evaluation, transforms.ToTensor(), *norm])
+
+    def folder(path: Path, transform):  # noqa: ANN001, ANN202
+        try:
+            return datasets.ImageFolder(str(path), transform)
+        except FileNotFoundError as exc:  # no class folders, or no images in them
+            raise WFError(f"data.root: {path} holds no images in class folders ({str(exc).splitlines()[0][:120]})",
+                          "arrange images as <root>/train/<class>/x.jpg and <root>/val/<class>/y.jpg") from exc
+
     # The Fisher pool comes from the training images with the evaluation transform (no random crops).
-    return datasets.ImageFolder(str(root / "train"), train_tf), datasets.ImageFolder(str(test_dir), test_tf), datasets.ImageFolder(str(root / "train"), test_tf)
+    return folder(root / "train", train_tf), folder(test_dir, test_tf), folder(root / "train", test_tf)

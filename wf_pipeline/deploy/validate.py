@@ -229,6 +229,27 @@ def _synthetic_inputs(session, test_data_shape: tuple[int, ...] | None, batch_si
     return rng.standard_normal((batch_size, *shape)).astype(np.float32)
 
 
+def _check_input_fits(session, sample_shape: tuple[int, ...], path: Path) -> None:
+    """The test data's per-sample shape must be one the ONNX input accepts (fixed dims must match)."""
+    dims = session.get_inputs()[0].shape[1:]
+    fits = len(dims) == len(sample_shape) and all(
+        not isinstance(dim, int) or dim == size for dim, size in zip(dims, sample_shape))
+    if not fits:
+        wanted = "x".join(str(d) if isinstance(d, int) else "?" for d in dims)
+        raise WFError(f"{path} takes inputs of {wanted} per sample, but the recipe's test data is "
+                      f"{'x'.join(map(str, sample_shape))}",
+                      "give the recipe the model was made for (data.dataset, data.image_size, model.in_channels)")
+
+
+def _check_classes_fit(logits: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Every test label must be one of the model's outputs (a 5-class model cannot score 10-class data)."""
+    if logits.ndim != 2:
+        raise WFError(f"{path} outputs shape {logits.shape}, not (batch, classes) logits", "validate a classifier")
+    if labels.size and (int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0):
+        raise WFError(f"{path} has {logits.shape[1]} outputs, but the recipe's test data has labels up to "
+                      f"{int(labels.max())}", "give the recipe the model was made for (its data and model.num_classes)")
+
+
 def validate_model(
     onnx_path: Path,
     *,
@@ -286,10 +307,17 @@ def validate_model(
             array = _to_numpy(inputs)
             sample_shape = tuple(array.shape[1:])
             label_array = labels.detach().cpu().numpy().reshape(-1)
+            if batch_index == 0:
+                _check_input_fits(session, sample_shape, onnx_path)
+                if baseline_session is not None:
+                    _check_input_fits(baseline_session, sample_shape, Path(baseline_path))  # type: ignore[arg-type]
             logits = run_logits(session, array)
+            _check_classes_fit(logits, label_array, onnx_path)
             correct += int(np.sum(logits.argmax(1) == label_array))
             if baseline_session is not None:
-                baseline_correct += int(np.sum(run_logits(baseline_session, array).argmax(1) == label_array))
+                baseline_logits = run_logits(baseline_session, array)
+                _check_classes_fit(baseline_logits, label_array, Path(baseline_path))  # type: ignore[arg-type]
+                baseline_correct += int(np.sum(baseline_logits.argmax(1) == label_array))
             if parity is not None and not parity.full:
                 parity.add(array, logits)
             seen += array.shape[0]

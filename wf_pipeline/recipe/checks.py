@@ -1,10 +1,21 @@
-"""Checks beyond the schema that need the outside world: files exist, the model builds, layers match."""
+"""Checks beyond the schema that need the outside world, so that `compress` fails here, in seconds,
+instead of mid-run: the run directory can be made, files exist, the model builds and loads its
+weights, the data loads and one batch of it goes through the model (channels, class count), the
+layer selection is not empty, and the Fisher statistics fit in memory. Nothing is written."""
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from wf_pipeline.errors import RecipeError
 from wf_pipeline.recipe.schema import Recipe
+
+# Errors a model raises when the data does not fit it (wrong channels, images too small, ...).
+_MISFIT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
 def _check_data_available(recipe: Recipe) -> None:
@@ -17,27 +28,130 @@ def _check_data_available(recipe: Recipe) -> None:
         _fashion_raw_folder(cfg)  # raises WFError naming data.root when the files are missing
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Raise RecipeError/WFError on the first problem; return notes describing what was checked."""
-    from wf_pipeline.models import build_model
+def _check_weights_file(recipe: Recipe) -> bool:
+    """True when the weights are a local file or built-in (loaded by the check); hub names are only named."""
     from wf_pipeline.models.zoo import is_torchvision_weights_name
-    from wf_pipeline.pruning.selection import select_prunable
 
     weights = recipe.model.weights
-    hub_weights = bool(weights) and is_torchvision_weights_name(weights)  # type: ignore[arg-type]
-    if weights and not weights.startswith("builtin:") and not hub_weights:
-        if not Path(weights).expanduser().is_file():
-            raise RecipeError(f"model.weights: file not found: {weights}",
-                              "give an existing checkpoint path (relative to the current folder)")
-    if recipe.export.enabled and not recipe.export.filename.endswith(".onnx"):
-        raise RecipeError(f"export.filename: {recipe.export.filename!r} must end with .onnx", "e.g. model.onnx")
+    if not weights:
+        return False
+    if is_torchvision_weights_name(weights):
+        return False
+    if not weights.startswith("builtin:") and not Path(weights).expanduser().is_file():
+        raise RecipeError(f"model.weights: file not found: {weights}",
+                          "give an existing checkpoint path (relative to the current folder)")
+    return True
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _check_forward(model: nn.Module, data, recipe: Recipe) -> list[str]:  # data: DataBundle
+    """One small batch of test data through the model in eval mode: shapes and class count."""
+    cfg = recipe.model
+    if data.num_train < 1:
+        raise RecipeError("data: the training split is empty", "check data.root / data.train_subset")
+    shape = f"{data.in_channels}x{data.image_size}x{data.image_size}"
+    if cfg.in_channels != data.in_channels:
+        raise RecipeError(f"model.in_channels: {cfg.in_channels}, but the {recipe.data.dataset} images have "
+                          f"{data.in_channels} channel(s) ({shape})", f"set model.in_channels: {data.in_channels}")
+    batch = next(iter(data.test_batches(batch_size=2)), None)
+    if batch is None:
+        raise RecipeError("data: the test split is empty", "check data.root / data.test_subset")
+    inputs = batch[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(inputs)
+    except _MISFIT_ERRORS as exc:
+        raise RecipeError(f"model: {cfg.name} cannot run on the data ({shape} images): {_one_line(exc)}",
+                          "check model.name, model.in_channels and data.image_size") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != inputs.shape[0]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RecipeError(f"model: {cfg.name} returns {got} for a batch of {inputs.shape[0]}, not (batch, classes) logits",
+                          "use a classification model")
+    outputs, classes = int(out.shape[1]), int(data.num_classes)
+    if outputs < classes:
+        raise RecipeError(f"model.num_classes: the model has {outputs} outputs but the {recipe.data.dataset} data "
+                          f"has {classes} classes", f"set model.num_classes: {classes}")
+    if not torch.isfinite(out).all():
+        raise RecipeError(f"model: {cfg.name} gives non-finite outputs on the data", "check model.weights")
+    notes = [f"data {recipe.data.dataset}: {data.num_train:,} training images of {shape}, {classes} classes; "
+             "one batch runs through the model"]
+    if outputs > classes:
+        notes.append(f"note: the model has {outputs} outputs for {classes} classes")
+    return notes
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fisher_memory_bytes(sizes: list[int], recipe: Recipe) -> tuple[int, int]:
+    """Approximate bytes of the block-diagonal Fisher statistics and of one chunk of gradients.
+
+    Statistics are held in fp64 when asked for or when there are fewer gradients than the block
+    size (the inverse's precision rule); gradients are fp32 rows over the block-padded weights.
+    """
+    wf = recipe.pruning.woodfisher
+    block = wf.block_size
+    blocks = sum(math.ceil(n / block) for n in sizes)
+    itemsize = 8 if wf.dtype == "float64" or wf.num_grads < block else 4
+    return blocks * block * block * itemsize, min(wf.chunk_size, wf.num_grads) * blocks * block * 4
+
+
+def _check_fisher_memory(recipe: Recipe, sizes: list[int]) -> None:
+    if recipe.pruning.method not in ("woodfisher", "woodtaylor"):
+        return
+    limit = _physical_memory()
+    if limit is None:
+        return
+    statistics, chunk = fisher_memory_bytes(sizes, recipe)
+    if statistics + chunk <= limit:
+        return
+    gb = 1024 ** 3
+    wf = recipe.pruning.woodfisher
+    if statistics >= chunk:
+        raise RecipeError(
+            f"pruning.woodfisher.block_size: the block-diagonal Fisher of {sum(sizes):,} weights in blocks of "
+            f"{wf.block_size:,} needs about {statistics / gb:.3g} GB, more than this machine's {limit / gb:.1f} GB",
+            "lower pruning.woodfisher.block_size (the paper uses 128)")
+    raise RecipeError(
+        f"pruning.woodfisher.chunk_size: {min(wf.chunk_size, wf.num_grads):,} gradients of {sum(sizes):,} weights "
+        f"need about {chunk / gb:.3g} GB, more than this machine's {limit / gb:.1f} GB",
+        "lower pruning.woodfisher.chunk_size")
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Raise RecipeError/WFError on the first problem; return notes describing what was checked."""
+    from wf_pipeline.data import build_data
+    from wf_pipeline.models import build_model
+    from wf_pipeline.rundir import check_run_location
+
+    check_run_location(recipe)
+    load = _check_weights_file(recipe)
     _check_data_available(recipe)
-    # Loading local weights here catches a checkpoint that does not fit the model; hub names are only named.
-    model = build_model(recipe.model, load=bool(weights) and not hub_weights)
+    model = build_model(recipe.model, load=load)  # a 'module:factory' runs only when trusted
     notes = [f"model {recipe.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters"]
+    data = build_data(recipe.data, recipe.seed)
+    notes += _check_forward(model, data, recipe)
     if recipe.pruning.method != "none":
-        params = select_prunable(model, recipe.pruning.layers, recipe.pruning.skip, recipe.pruning.min_layer_params)
-        count = sum(p.numel() for p in params.values())
-        notes.append(f"pruning {len(params)} layers, {count:,} weights, to {recipe.pruning.final_sparsity:.0%} "
-                     f"with {recipe.pruning.method}")
+        from wf_pipeline.gradual.plan import build_groups
+        from wf_pipeline.pruning import PruneSettings
+
+        groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning))
+        sizes = [p.numel() for group in groups for p in group.params.values()]
+        _check_fisher_memory(recipe, sizes)
+        for group in groups:
+            count = sum(p.numel() for p in group.params.values())
+            notes.append(f"pruning {len(group.params)} layers, {count:,} weights, to {group.final_sparsity:.0%} "
+                         f"with {recipe.pruning.method}" + (f" (group {group.name})" if len(groups) > 1 else ""))
     return notes

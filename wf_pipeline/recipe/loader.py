@@ -30,7 +30,13 @@ _HINTS = {
     "model_type": "give a mapping of this section's fields",
     "string_pattern_mismatch": "use only letters, digits, '.', '_' and '-'",
     "value_error": "fix the value as the message says",
+    "finite_number": "give a finite number (not .inf or .nan)",
 }
+
+# Bounds on a recipe's size after YAML aliases are expanded: a few anchors nested in each other
+# (an "alias bomb") would otherwise make validation and printing take unbounded time and memory.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -100,6 +106,42 @@ SPARSEML_DEFAULT_BASE: dict[str, Any] = {
 }
 
 
+def check_expansion(raw: Any, source: str) -> None:
+    """Refuse a parsed recipe whose values, with every alias expanded, exceed MAX_VALUES or MAX_DEPTH.
+
+    Walks the tree as a consumer would (an alias counts each time it is used), stopping at the bound,
+    so the check itself costs at most MAX_VALUES steps.
+    """
+    count = 0
+    stack: list[tuple[Any, int]] = [(raw, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"{source}: the recipe expands to more than {MAX_VALUES:,} values (nested YAML aliases?)",
+                              "write the values out; a recipe needs no anchors nested in anchors")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{source}: the recipe is nested more than {MAX_DEPTH} levels deep",
+                              "flatten it; no recipe field is nested that deep")
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values())
+            stack.extend((key, depth + 1) for key in node if isinstance(key, (tuple, frozenset)))
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((item, depth + 1) for item in node)
+
+
+def _safe_load(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+                          "check indentation and quoting") from exc
+    except RecursionError:
+        raise RecipeError(f"{source}: the YAML is nested too deeply to read", "flatten it") from None
+
+
 def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """YAML text -> raw dict in our format; SparseML recipes are translated (notes say how).
 
@@ -108,18 +150,19 @@ def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None
     from wf_pipeline.recipe import sparseml
 
     if "Modifier" in text:  # SparseML tags (!GMPruningModifier) are not plain YAML
-        raw = sparseml.load_sparseml_text(text)
+        try:
+            raw = sparseml.load_sparseml_text(text)
+        except RecursionError:
+            raise RecipeError(f"{source}: the YAML is nested too deeply to read", "flatten it") from None
+        check_expansion(raw, source)
         if sparseml.is_sparseml_recipe(raw):
             return sparseml.convert_sparseml(raw, base=base if base is not None else copy.deepcopy(SPARSEML_DEFAULT_BASE))
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
-                          "check indentation and quoting") from exc
-    if raw is None:
-        raw = {}
+    raw = _safe_load(text, source)
+    check_expansion(raw, source)
+    if raw is None or raw == {}:
+        raise RecipeError(f"{source}: the recipe is empty",
+                          "name at least the model and its weights (see recipes/default.yaml); "
+                          "an all-default recipe would prune a randomly initialised ResNet-20")
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: the recipe must be a mapping of sections (model, data, pruning, ...)",
                           "see recipes/ for examples")
@@ -135,11 +178,21 @@ def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
         raise explain_validation_error(exc, source) from None
 
 
+def check_weights_named(raw: dict[str, Any], source: str) -> None:
+    """A recipe that prunes must say which weights it starts from (`model.weights: null` for random ones)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "weights" not in model:
+        raise RecipeError(f"{source}: model.weights is not set, so the run would prune a randomly initialised model",
+                          "set model.weights to a checkpoint file or builtin:resnet20-fmnist "
+                          "(or to null to start from random weights on purpose)")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None,
-                base_path: str | Path | None = None) -> tuple[Recipe, list[str]]:
+                base_path: str | Path | None = None, *, require_weights: bool = False) -> tuple[Recipe, list[str]]:
     """Read, translate if needed, override, validate. Returns the recipe and translation notes.
 
-    `base_path` is a wf-pipeline recipe whose sections complete a SparseML recipe.
+    `base_path` is a wf-pipeline recipe whose sections complete a SparseML recipe. With
+    `require_weights` (commands that prune), the recipe must name `model.weights`.
     """
     path = Path(path)
     base = None
@@ -147,4 +200,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
         base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path))
     raw, notes = parse_recipe_text(read_recipe_text(path), str(path), base)
     raw = apply_overrides(raw, overrides or [])
-    return validate_recipe(raw, str(path)), notes
+    check_expansion(raw, str(path))
+    recipe = validate_recipe(raw, str(path))
+    if require_weights:
+        check_weights_named(raw, str(path))
+    return recipe, notes

@@ -24,7 +24,19 @@ from pydantic_core import InitErrorDetails
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` or `.nan` in any number field is refused at load, not met mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A run name or file name that stays where it is put: no folders, no leading '.' ('.', '..', hidden files).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def _plain_name(name: str, what: str) -> str:
+    if not _PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"{what} must be a plain name of at most 100 letters, digits, '.', '_' and '-', "
+                         "not starting with '.' (no folders)")
+    return name
 
 
 class ModelConfig(Strict):
@@ -365,10 +377,20 @@ class EvaluationConfig(Strict):
 class ExportConfig(Strict):
     enabled: bool = True
     opset: int = Field(17, ge=9, le=23)
-    filename: str = "model.onnx"
+    filename: str = Field("model.onnx", description="file name of the deployable model inside the run's export/ folder")
     sparse_storage: bool = Field(True, description="store zero-heavy weights compactly (bitmask + non-zeros, checker-clean)")
     sparse_threshold: float = Field(0.5, ge=0, le=1, description="min zero fraction to store a weight compactly")
     dynamic_batch: bool = True
+
+    @field_validator("filename")
+    @classmethod
+    def _inside_export_folder(cls, name: str) -> str:
+        _plain_name(name, "filename")
+        if not name.endswith(".onnx"):
+            raise ValueError("filename must end with .onnx, e.g. model.onnx")
+        if name == "dense_baseline.onnx":
+            raise ValueError("filename dense_baseline.onnx is taken by the dense baseline; choose another name")
+        return name
 
 
 class GatesConfig(Strict):
@@ -406,13 +428,11 @@ class OutputConfig(Strict):
     @field_validator("run_name")
     @classmethod
     def _safe_name(cls, name: str | None) -> str | None:
-        if name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise ValueError("run_name may only contain letters, digits, '.', '_' and '-'")
-        return name
+        return None if name is None else _plain_name(name, "run_name")
 
 
 class Recipe(Strict):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("run", description="the run's name (and its folder under output.root unless output.run_name)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
@@ -426,7 +446,12 @@ class Recipe(Strict):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return _plain_name(name, "name")
 
     @model_validator(mode="after")
     def _schedule_within_finetune(self) -> "Recipe":
