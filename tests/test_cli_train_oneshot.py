@@ -12,7 +12,7 @@ from tests.cli_helpers import run_cli
 
 TINY = {
     "name": "tiny",
-    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1},
+    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "weights": None},
     "data": {"dataset": "digits", "batch_size": 64, "fisher_pool": 200},
     "train": {"epochs": 2, "steps_per_epoch": 3, "optimizer": {"lr": 0.05}},
     "pruning": {"method": "none"},
