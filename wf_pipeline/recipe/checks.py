@@ -1,10 +1,9 @@
 """Checks beyond the schema that need the outside world, so that `compress` fails here, in seconds,
 instead of mid-run: the run directory can be made, files exist, the model builds and loads its
 weights, the data loads and one batch of it goes through the model (channels, class count), the
-layer selection is not empty, and the Fisher statistics fit in memory. Nothing is written."""
+layer selection is not empty, and one Fisher block fits in memory. Nothing is written."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -95,39 +94,32 @@ def _physical_memory() -> int | None:
         return None
 
 
-def fisher_memory_bytes(sizes: list[int], recipe: Recipe) -> tuple[int, int]:
-    """Approximate bytes of the block-diagonal Fisher statistics and of one chunk of gradients.
+def smallest_block_bytes(recipe: Recipe) -> int:
+    """Bytes one Fisher block needs at the least: its Gram matrix (B*B) or its gradient rows (N*B), in fp32.
 
-    Statistics are held in fp64 when asked for or when there are fewer gradients than the block
-    size (the inverse's precision rule); gradients are fp32 rows over the block-padded weights.
+    A step can stream blocks through memory a few at a time (fisher/plan.py), but never less than one block.
     """
     wf = recipe.pruning.woodfisher
-    block = wf.block_size
-    blocks = sum(math.ceil(n / block) for n in sizes)
-    itemsize = 8 if wf.dtype == "float64" or wf.num_grads < block else 4
-    return blocks * block * block * itemsize, min(wf.chunk_size, wf.num_grads) * blocks * block * 4
+    return min(wf.block_size, wf.num_grads) * wf.block_size * 4
 
 
-def _check_fisher_memory(recipe: Recipe, sizes: list[int]) -> None:
-    if recipe.pruning.method not in ("woodfisher", "woodtaylor"):
-        return
-    limit = _physical_memory()
-    if limit is None:
-        return
-    statistics, chunk = fisher_memory_bytes(sizes, recipe)
-    if statistics + chunk <= limit:
-        return
-    gb = 1024 ** 3
+def _check_fisher_memory(recipe: Recipe, sizes: list[int]) -> list[str]:
+    if recipe.pruning.method not in ("woodfisher", "woodtaylor") or not sizes:
+        return []
     wf = recipe.pruning.woodfisher
-    if statistics >= chunk:
+    limit = _physical_memory()
+    need = smallest_block_bytes(recipe)
+    if limit is not None and need > limit:
+        gb = 1024 ** 3
         raise RecipeError(
-            f"pruning.woodfisher.block_size: the block-diagonal Fisher of {sum(sizes):,} weights in blocks of "
-            f"{wf.block_size:,} needs about {statistics / gb:.3g} GB, more than this machine's {limit / gb:.1f} GB",
-            "lower pruning.woodfisher.block_size (the paper uses 128)")
-    raise RecipeError(
-        f"pruning.woodfisher.chunk_size: {min(wf.chunk_size, wf.num_grads):,} gradients of {sum(sizes):,} weights "
-        f"need about {chunk / gb:.3g} GB, more than this machine's {limit / gb:.1f} GB",
-        "lower pruning.woodfisher.chunk_size")
+            f"pruning.woodfisher.block_size: one Fisher block of {wf.block_size:,} weights needs at least "
+            f"{need / gb:.3g} GB, more than this machine's {limit / gb:.1f} GB", "lower pruning.woodfisher.block_size "
+            "(the paper uses 128)")
+    largest = max(sizes)
+    if wf.block_size > largest:
+        return [f"note: pruning.woodfisher.block_size {wf.block_size:,} exceeds the largest pruned layer "
+                f"({largest:,} weights); every layer is one zero-padded block"]
+    return []
 
 
 def check_recipe(recipe: Recipe) -> list[str]:
@@ -149,7 +141,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
 
         groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning))
         sizes = [p.numel() for group in groups for p in group.params.values()]
-        _check_fisher_memory(recipe, sizes)
+        notes += _check_fisher_memory(recipe, sizes)
         for group in groups:
             count = sum(p.numel() for p in group.params.values())
             notes.append(f"pruning {len(group.params)} layers, {count:,} weights, to {group.final_sparsity:.0%} "
