@@ -63,7 +63,7 @@ def compress(
     """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
     from wf_pipeline.cli_progress import RichReporter
     from wf_pipeline.pipeline import run_compress
-    from wf_pipeline.recipe.checks import check_recipe
+    from wf_pipeline.preflight import check_recipe
 
     from wf_pipeline.progress import NullReporter
 
@@ -136,7 +136,7 @@ def oneshot(
     from wf_pipeline.device import resolve_device, seed_everything
     from wf_pipeline.models import build_model
     from wf_pipeline.oneshot import run_oneshot_sweep, sweep_markdown, write_sweep
-    from wf_pipeline.recipe.checks import check_recipe
+    from wf_pipeline.preflight import check_recipe
     from wf_pipeline.pruning.settings import METHODS
     from wf_pipeline.rundir import open_run_dir
 
@@ -229,7 +229,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under a
 def recipe_check(recipe_path: RecipeArg, overrides: SetOption = None, base: BaseOption = None,
                  trust_recipe_code: TrustOption = False) -> None:
     """Validate a recipe: schema, files, model, layer selection, data."""
-    from wf_pipeline.recipe.checks import check_recipe
+    from wf_pipeline.preflight import check_recipe
 
     _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides, base, prunes=True)

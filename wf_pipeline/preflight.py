@@ -1,5 +1,5 @@
-"""Checks beyond the schema that need the outside world, so that `compress` fails here, in seconds,
-instead of mid-run: the run directory can be made, files exist, the model builds and loads its
+"""Preflight: the checks beyond the recipe's schema that need the outside world, so that `compress`
+fails here, in seconds, instead of mid-run (`wf-pipeline recipe check` runs exactly these): the run directory can be made, files exist, the model builds and loads its
 weights, the data loads and one batch of it goes through the model (channels, class count), the
 layer selection is not empty, and one Fisher block fits in memory. Nothing is written."""
 from __future__ import annotations
