@@ -172,7 +172,8 @@ def _tiny_onnx(path: Path, classes: int, side: int) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, fine for a 2-layer model
-@pytest.mark.parametrize("classes,side,words", [(5, 8, ["5 outputs", "labels up to 9"]), (10, 16, ["1x16x16", "1x8x8"])],
+@pytest.mark.parametrize("classes,side,words",
+                         [(5, 8, ["5 outputs", "labels up to 9"]), (10, 16, ["1x16x16", "1x8x8"])],
                          ids=["five-classes-vs-ten", "input-shape"])
 def test_validate_refuses_a_model_that_does_not_fit_the_data(tmp_path: Path, capsys, monkeypatch, classes, side,
                                                               words) -> None:
@@ -184,8 +185,11 @@ def test_validate_refuses_a_model_that_does_not_fit_the_data(tmp_path: Path, cap
     assert not (tmp_path / "validation").exists()
 
 
-@pytest.mark.parametrize("overrides", [["pruning.method=none"], ["pruning.final_sparsity=0", "pruning.initial_sparsity=0",
-                                                                  "pruning.schedule.end_epoch=0"]],
+DENSE_RUNS = [["pruning.method=none"],
+              ["pruning.final_sparsity=0", "pruning.initial_sparsity=0", "pruning.schedule.end_epoch=0"]]
+
+
+@pytest.mark.parametrize("overrides", DENSE_RUNS,
                          ids=["method-none", "final-sparsity-0"])
 def test_dense_run_exports_and_validates(tmp_path: Path, capsys, monkeypatch, overrides) -> None:
     root = tmp_path / "artifacts"

@@ -9,10 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-
-import pytest
 
 from tests.cli_helpers import run_cli
 from tests.test_distributed import free_port
@@ -145,7 +142,8 @@ def test_second_process_on_a_live_run_is_refused_and_a_dead_owner_blocks_nothing
 
 # ------------------------------------------------------------------------------------ exit codes, one process
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
-    result = run_cli(capsys, monkeypatch, "compress", str(TINY), *sets(f"output.root={tmp_path}", "pruning.woodfisher.damp=0"))
+    result = run_cli(capsys, monkeypatch, "compress", str(TINY),
+                     *sets(f"output.root={tmp_path}", "pruning.woodfisher.damp=0"))
     assert result.code == 2 and error_lines(result.err) == result.err.strip().splitlines() != []
     assert not list(tmp_path.iterdir())
 
@@ -213,7 +211,8 @@ def test_torchrun_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_torchrun_crash_exits_3_with_the_traceback_in_log(tmp_path: Path) -> None:
     (tmp_path / "buggy_model.py").write_text(BUGGY_MODEL)
     root = tmp_path / "artifacts"
-    result = torchrun(tmp_path, "--trust-recipe-code", *sets(f"output.root={root}", "model.name=buggy_model:build", *QUICK))
+    result = torchrun(tmp_path, "--trust-recipe-code",
+                      *sets(f"output.root={root}", "model.name=buggy_model:build", *QUICK))
     assert result.returncode == 3, result.stderr[-3000:]
     assert "ChildFailedError" not in result.stderr
     assert any("internal error" in line and "simulated bug" in line for line in error_lines(result.stderr))

@@ -22,8 +22,7 @@ def exit_code_of_failure(exitcode: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
-
+    # torch loads only here, after wf_pipeline's __init__ (run by the import above) set OMP_WAIT_POLICY.
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

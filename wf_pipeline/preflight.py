@@ -1,7 +1,8 @@
 """Preflight: the checks beyond the recipe's schema that need the outside world, so that `compress`
-fails here, in seconds, instead of mid-run (`wf-pipeline recipe check` runs exactly these): the run directory can be made, files exist, the model builds and loads its
-weights, the data loads and one batch of it goes through the model (channels, class count), the
-layer selection is not empty, and one Fisher block fits in memory. Nothing is written."""
+fails here, in seconds, instead of mid-run (`wf-pipeline recipe check` runs exactly these): the run
+directory can be made, files exist, the model builds and loads its weights, the data loads and one
+batch of it goes through the model (channels, class count), the layer selection is not empty, and
+one Fisher block fits in memory. Nothing is written."""
 from __future__ import annotations
 
 import os
@@ -72,7 +73,8 @@ def _check_forward(model: nn.Module, data, recipe: Recipe) -> list[str]:  # data
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != inputs.shape[0]:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RecipeError(f"model: {cfg.name} returns {got} for a batch of {inputs.shape[0]}, not (batch, classes) logits",
+        raise RecipeError(f"model: {cfg.name} returns {got} for a batch of {inputs.shape[0]}, "
+                          "not (batch, classes) logits",
                           "use a classification model")
     outputs, classes = int(out.shape[1]), int(data.num_classes)
     if outputs < classes:

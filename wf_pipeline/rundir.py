@@ -86,7 +86,8 @@ class RunLock:
                           "or choose another --set output.run_name=NEW") from None
         # Who holds it, for the message a second process prints (informational: the flock decides).
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        os.pwrite(fd, owner.encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -293,7 +294,7 @@ def _open_locked(recipe: Recipe, final: Path, lock: RunLock, *, resume: bool, ov
     return RunDir(final, lock=lock)
 
 
-def open_shared_run_dir(recipe: Recipe, dist: "DistContext", *, resume: bool = False, overwrite: bool = False,
+def open_shared_run_dir(recipe: Recipe, dist: DistContext, *, resume: bool = False, overwrite: bool = False,
                         kind: str = "compress") -> RunDir:
     """Every rank calls this: the main rank opens and locks the run directory, the others get a
     read-only handle to it, or every rank raises the main rank's input error (exit code 2 everywhere)."""

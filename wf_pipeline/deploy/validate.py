@@ -233,7 +233,7 @@ def _check_input_fits(session, sample_shape: tuple[int, ...], path: Path) -> Non
     """The test data's per-sample shape must be one the ONNX input accepts (fixed dims must match)."""
     dims = session.get_inputs()[0].shape[1:]
     fits = len(dims) == len(sample_shape) and all(
-        not isinstance(dim, int) or dim == size for dim, size in zip(dims, sample_shape))
+        not isinstance(dim, int) or dim == size for dim, size in zip(dims, sample_shape, strict=True))
     if not fits:
         wanted = "x".join(str(d) if isinstance(d, int) else "?" for d in dims)
         raise WFError(f"{path} takes inputs of {wanted} per sample, but the recipe's test data is "
