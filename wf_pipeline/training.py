@@ -14,6 +14,9 @@ from wf_pipeline.recipe.schema import LRPieceConfig, LRScheduleConfig, Optimizer
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, running_loss)
 
 
+_DECAYED_GROUP = 0  # index of the weight-decayed parameter group in build_optimizer's optimizers
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm and bias parameters, as in the paper's training setups.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
@@ -83,9 +86,26 @@ def lr_at(cfg: TrainingConfig, progress_epochs: float) -> float:
     return cfg.optimizer.lr * lr_factor(schedule, progress_epochs, cfg.epochs, cfg.optimizer.lr)
 
 
+def weight_decay_at(cfg: TrainingConfig, progress_epochs: float) -> float | None:
+    """The weight decay a piecewise schedule sets at an epoch; None when the schedule never changes it."""
+    pieces = cfg.lr_schedule
+    if not isinstance(pieces, list) or all(piece.weight_decay is None for piece in pieces):
+        return None
+    current = pieces[0]
+    for piece in pieces:
+        if progress_epochs >= piece.start_epoch:
+            current = piece
+    return cfg.optimizer.weight_decay if current.weight_decay is None else current.weight_decay
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    # build_optimizer puts the decayed parameters first; norms and biases (the second group) never decay.
+    optimizer.param_groups[_DECAYED_GROUP]["weight_decay"] = weight_decay
 
 
 @dataclass
@@ -113,7 +133,11 @@ def train_epoch(
     total_loss, correct, seen, step = 0.0, 0, 0, start_step
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        set_lr(optimizer, lr_at(cfg, epoch + step / steps_per_epoch))
+        at_epoch = epoch + step / steps_per_epoch
+        set_lr(optimizer, lr_at(cfg, at_epoch))
+        weight_decay = weight_decay_at(cfg, at_epoch)
+        if weight_decay is not None:
+            set_weight_decay(optimizer, weight_decay)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)

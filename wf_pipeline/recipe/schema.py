@@ -132,6 +132,9 @@ class LRPieceConfig(Strict):
         default_factory=list, description="step: epochs (absolute, inside the piece) at which lr is multiplied by gamma"
     )
     gamma: float = Field(0.1, gt=0, description="step: factor per step epoch; exponential: factor per epoch")
+    weight_decay: float | None = Field(
+        None, ge=0, description="weight decay during this piece (None: optimizer.weight_decay)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "LRPieceConfig":
@@ -162,6 +165,8 @@ class LRPieceConfig(Strict):
         data = handler(self)
         for name in self._unused_fields():
             data.pop(name, None)
+        if self.weight_decay is None:
+            data.pop("weight_decay", None)
         return data
 
 
@@ -242,14 +247,15 @@ class TrainingConfig(Strict):
                 f"lr_schedule pieces end at epoch {last.end_epoch} but training lasts {self.epochs} epochs; "
                 "extend the last piece or leave its end_epoch out"
             )
-        first_lr = pieces[0].lr
-        if first_lr > 0:  # optimizer.lr mirrors the starting rate, so an override of it cannot go unnoticed
-            if "lr" in self.optimizer.model_fields_set and self.optimizer.lr != first_lr:
-                raise ValueError(
-                    f"optimizer.lr ({self.optimizer.lr}) differs from the first lr_schedule piece's lr ({first_lr}); "
-                    "with a list of pieces each piece sets its rate: change the pieces and remove optimizer.lr"
-                )
-            self.optimizer.lr = first_lr
+        # optimizer.lr mirrors the first piece's rate (its end rate for a warmup from 0), so that an override
+        # of optimizer.lr, which the pieces would silently replace, is caught.
+        first_lr = pieces[0].lr if pieces[0].lr > 0 else pieces[0].final_lr
+        if "lr" in self.optimizer.model_fields_set and self.optimizer.lr != first_lr:
+            raise ValueError(
+                f"optimizer.lr ({self.optimizer.lr}) differs from the rate of the first lr_schedule piece "
+                f"({first_lr}); with a list of pieces each piece sets its rate: change the pieces and remove optimizer.lr"
+            )
+        self.optimizer.lr = first_lr
         return self
 
 
