@@ -173,3 +173,46 @@ def test_bad_pieces_name_the_piece_and_the_fix(finetune: dict[str, Any], words: 
     message = _error(finetune)
     for word in words:
         assert word in message, message
+
+
+def test_weight_decay_pieces_change_only_the_decayed_group() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    cfg = training(
+        epochs=3,
+        optimizer={"weight_decay": 0.0005},
+        lr_schedule=[
+            {"start_epoch": 0, "end_epoch": 2, "kind": "constant", "lr": 0.01},
+            {"start_epoch": 2, "kind": "constant", "lr": 0.01, "weight_decay": 0.0},
+        ],
+    )
+    optimizer = build_optimizer(model, cfg.optimizer)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
+    decays: list[tuple[float, float]] = []
+    record = lambda _: decays.append((optimizer.param_groups[0]["weight_decay"], optimizer.param_groups[1]["weight_decay"]))
+    for epoch in range(3):
+        train_epoch(model, batches, optimizer, cfg, epoch=epoch, steps_per_epoch=2, device=torch.device("cpu"),
+                    after_step=record)
+    assert decays == [(0.0005, 0.0)] * 4 + [(0.0, 0.0)] * 2
+
+
+def test_single_schedule_never_touches_weight_decay() -> None:
+    model = nn.Linear(3, 2)
+    cfg = training(epochs=1, optimizer={"weight_decay": 0.001})
+    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer.param_groups[0]["weight_decay"] = 0.123  # whatever the caller set stays
+    train_epoch(model, [(torch.randn(2, 3), torch.tensor([0, 1]))], optimizer, cfg, epoch=0, steps_per_epoch=1,
+                device=torch.device("cpu"))
+    assert optimizer.param_groups[0]["weight_decay"] == 0.123
+
+
+def test_optimizer_lr_mirrors_a_warmup_from_zero() -> None:
+    pieces = [
+        {"start_epoch": 0, "end_epoch": 1, "kind": "linear", "lr": 0.0, "final_lr": 0.01},
+        {"start_epoch": 1, "kind": "cosine", "lr": 0.01},
+    ]
+    cfg = training(epochs=4, lr_schedule=pieces)
+    assert cfg.optimizer.lr == 0.01
+    assert TrainingConfig.model_validate(cfg.model_dump()) == cfg
+    with pytest.raises(ValueError, match="differs from the rate of the first lr_schedule piece"):
+        training(epochs=4, optimizer={"lr": 0.5}, lr_schedule=pieces)
