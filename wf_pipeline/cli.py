@@ -259,8 +259,10 @@ def recipe_convert(
 
     from wf_pipeline.atomic_io import write_text
 
+    from wf_pipeline.recipe.sparseml import conversion_header
+
     recipe = _load(recipe_path, overrides, base)
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    text = conversion_header(recipe_path, base, overrides) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if output:
         if output.is_dir():
             raise WFError(f"--output: {output} is a folder", f"give a file name, e.g. {output / 'recipe.yaml'}")
@@ -270,7 +272,7 @@ def recipe_convert(
             raise WFError(f"--output: cannot write {output}: {exc.strerror or exc}", "give a writable file path") from None
         console.print(f"wrote {output}")
     else:
-        console.print(text, end="", markup=False, highlight=False)
+        console.print(text, end="", markup=False, highlight=False, soft_wrap=True)  # no wrapping: it is YAML
 
 
 _MULTI_VALUE_OPTIONS = {"--sparsity", "--method"}

@@ -99,13 +99,6 @@ def read_recipe_text(path: Path) -> str:
         raise RecipeError(f"cannot read recipe {path}: {exc}", "give a UTF-8 YAML file") from exc
 
 
-# What a SparseML recipe (which only says how to prune and train) runs on unless --base names a recipe.
-SPARSEML_DEFAULT_BASE: dict[str, Any] = {
-    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "weights": "builtin:resnet20-fmnist"},
-    "data": {"dataset": "fashion_mnist"},
-}
-
-
 def check_expansion(raw: Any, source: str) -> None:
     """Refuse a parsed recipe whose values, with every alias expanded, exceed MAX_VALUES or MAX_DEPTH.
 
@@ -145,7 +138,8 @@ def _safe_load(text: str, source: str) -> Any:
 def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """YAML text -> raw dict in our format; SparseML recipes are translated (notes say how).
 
-    `base` supplies the sections a SparseML recipe lacks (model, data, export, validate, ...).
+    `base` supplies the sections a SparseML recipe lacks (model, data, export, validate, ...); without it
+    the translation uses the bundled default model and data, and says so.
     """
     from wf_pipeline.recipe import sparseml
 
@@ -156,7 +150,7 @@ def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None
             raise RecipeError(f"{source}: the YAML is nested too deeply to read", "flatten it") from None
         check_expansion(raw, source)
         if sparseml.is_sparseml_recipe(raw):
-            return sparseml.convert_sparseml(raw, base=base if base is not None else copy.deepcopy(SPARSEML_DEFAULT_BASE))
+            return sparseml.convert_sparseml(raw, base=base)
     raw = _safe_load(text, source)
     check_expansion(raw, source)
     if raw is None or raw == {}:
@@ -167,7 +161,7 @@ def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None
         raise RecipeError(f"{source}: the recipe must be a mapping of sections (model, data, pruning, ...)",
                           "see recipes/ for examples")
     if sparseml.is_sparseml_recipe(raw):
-        return sparseml.convert_sparseml(raw, base=base if base is not None else copy.deepcopy(SPARSEML_DEFAULT_BASE))
+        return sparseml.convert_sparseml(raw, base=base)
     return raw, []
 
 

@@ -2,9 +2,13 @@
 
 SparseML's public recipe format: top-level variables (numbers, strings, lists or ``eval(...)``
 arithmetic over other variables) and lists of tagged modifiers under ``modifiers:`` or any
-``*_modifiers:`` key. We translate the modifiers that have a faithful equivalent in our recipe
-(epochs, learning rate, weight decay, one gradual magnitude or OBS/WoodFisher pruning schedule) and
-refuse everything else with a RecipeError that names the modifier and field.
+``*_modifiers:`` key. We translate the modifiers that have a faithful equivalent in our recipe (epochs,
+learning-rate and weight-decay schedules, gradual magnitude or OBS/WoodFisher pruning of one or several
+parameter groups, holding existing masks) and refuse everything else. Every problem of a recipe is
+reported in one error, each with its modifier, field and fix.
+
+A translation is always made for one model: the base recipe's (``--base``), or the bundled default.
+Every parameter name and pattern of the recipe is checked against that model, as SparseML does.
 
 Call sequence (the recipe loader does this)::
 
@@ -12,6 +16,9 @@ Call sequence (the recipe loader does this)::
     if is_sparseml_recipe(raw):
         raw, notes = convert_sparseml(raw, base=user_sections_or_None)
     recipe = Recipe.model_validate(raw)
+
+``translate_sparseml`` returns the same plus the per-field account written as the header of
+``recipe convert``'s output.
 """
 from __future__ import annotations
 
@@ -19,7 +26,8 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -31,15 +39,60 @@ from wf_pipeline.recipe.safe_eval import (
     is_eval_string,
     resolve_variables,
 )
+from wf_pipeline.recipe.sparseml_fields import (
+    Context,
+    Modifier,
+    Problem,
+    Record,
+    SparseMLRecipeError,
+    StopModifier,
+    show,
+)
+from wf_pipeline.recipe.sparseml_lr import (
+    LRModifiers,
+    compose,
+    parse_lr_class,
+    parse_lr_function,
+    parse_set_lr,
+    parse_weight_decay,
+)
+from wf_pipeline.recipe.sparseml_params import (
+    ALL,
+    ALL_PRUNABLE,
+    ModelParams,
+    describe_names,
+    layer_patterns,
+    match_entry,
+    select_with,
+)
+
+__all__ = [
+    "DEFAULT_BASE",
+    "MODIFIER_KEY",
+    "SparseMLRecipeError",
+    "Translation",
+    "conversion_header",
+    "convert_sparseml",
+    "is_sparseml_recipe",
+    "load_sparseml_text",
+    "translate_sparseml",
+]
 
 MODIFIER_KEY = "__modifier__"
 
-# SparseML's own defaults for optional OBSPruningModifier fields (they differ from ours, and a
-# faithful translation keeps the recipe's meaning).
-SPARSEML_OBS_DEFAULTS = {"num_grads": 1024, "damp": 1e-7, "fisher_block_size": 50, "num_recomputations": 1}
+# What a SparseML recipe (which only says how to prune and train) runs on unless a base recipe is given.
+DEFAULT_BASE: dict[str, Any] = {
+    "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "weights": "builtin:resnet20-fmnist"},
+    "data": {"dataset": "fashion_mnist"},
+}
+
+# SparseML's own defaults for optional OBSPruningModifier fields (they differ from ours, and a faithful
+# translation keeps the recipe's meaning). fisher_block_size's default changed between releases.
+SPARSEML_OBS_DEFAULTS = {"num_grads": 1024, "damp": 1e-7, "num_recomputations": 1}
+OBS_BLOCK_DEFAULT_UP_TO_1_4 = 50
+OBS_BLOCK_DEFAULT_FROM_1_5 = 1
 
 _EPOCH_TOLERANCE = 1e-6
-_LOGGING_ONLY_FIELDS = frozenset({"log_types", "constant_logging"})
 _PRUNING_TAGS = (
     "GMPruningModifier",
     "MagnitudePruningModifier",
@@ -53,23 +106,23 @@ _SUPPORTED_TAGS = (
     "LearningRateModifier",
     "SetWeightDecayModifier",
     *_PRUNING_TAGS,
+    "ConstantPruningModifier",
 )
 # Why well-known SparseML modifiers have no translation, to make the error actionable.
 _UNSUPPORTED_HINTS = {
     "QuantizationModifier": "wf-pipeline does not quantize; remove the quantization modifier",
-    "ConstantPruningModifier": "wf-pipeline has no 'hold the existing sparsity' mode; prune with a "
-    "GMPruningModifier/OBSPruningModifier or use a wf-pipeline recipe with pruning.method: none",
-    "MFACPruningModifier": "use !OBSPruningModifier (block-diagonal empirical Fisher, the WoodFisher method)",
+    "MFACPruningModifier": "use !OBSPruningModifier (block-diagonal empirical Fisher from fresh gradients, the "
+    "WoodFisher method); M-FAC's buffer of recent training gradients has no equivalent",
     "DistillationModifier": "knowledge distillation is not supported; remove the modifier",
     "LayerPruningModifier": "removing whole layers is not supported",
-    "StructuredPruningModifier": "wf-pipeline prunes unstructured weights only",
+    "StructuredPruningModifier": "wf-pipeline's SparseML translation prunes unstructured weights only",
     "ACDCPruningModifier": "AC/DC alternating pruning is not supported; use !GMPruningModifier",
     "MovementPruningModifier": "movement pruning is not supported; use !GMPruningModifier or !OBSPruningModifier",
     "TrainableParamsModifier": "freezing parameters is not supported; remove the modifier",
 }
 
 
-# --------------------------------------------------------------------------------------------
+# =============================================================================================
 # Loading
 
 
@@ -90,31 +143,38 @@ def _construct_modifier(loader: SparseMLLoader, tag_suffix: str, node: yaml.Node
             None, None, f"!{tag_suffix} must be followed by a mapping of its fields", node.start_mark
         )
     if MODIFIER_KEY in fields:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"field name {MODIFIER_KEY!r} is reserved", node.start_mark
-        )
+        raise yaml.constructor.ConstructorError(None, None, f"field name {MODIFIER_KEY!r} is reserved", node.start_mark)
     return {MODIFIER_KEY: tag_suffix, **fields}
 
 
 SparseMLLoader.add_multi_constructor("!", _construct_modifier)
 
-# YAML front matter of a Markdown recipe card: '---' (or '+++') ... '---' at the top of the file.
-_FRONT_MATTER = re.compile(r"\A\s*(?:---|\+\+\+)[ \t]*\r?\n(?P<yaml>.*?)^(?:---|\+\+\+|\.\.\.)[ \t]*\r?$", re.S | re.M)
+# A recipe card: optional blank lines and HTML comments (SparseML's cards open with a licence comment),
+# then YAML front matter between '---' (or '+++') lines, then Markdown.
+_LEADING_COMMENTS = re.compile(r"\A(?:\s*<!--.*?-->)*\s*", re.S)
+_FRONT_MATTER = re.compile(r"(?:---|\+\+\+)[ \t]*\r?\n(?P<yaml>.*?)^(?:---|\+\+\+|\.\.\.)[ \t]*\r?$", re.S | re.M)
+
+
+def recipe_yaml(text: str) -> str:
+    """The YAML part of a recipe: the front matter of a recipe card, or the whole text."""
+    start = _LEADING_COMMENTS.match(text)
+    offset = start.end() if start else 0
+    match = _FRONT_MATTER.match(text, offset)
+    return match.group("yaml") if match else text
 
 
 def load_sparseml_text(text: str) -> dict[str, Any]:
-    """Parse recipe text: plain YAML, YAML with ``!Modifier`` tags, or Markdown with YAML front matter.
+    """Parse recipe text: plain YAML, YAML with ``!Modifier`` tags, or a Markdown recipe card.
 
     For a plain wf-pipeline recipe the result equals ``yaml.safe_load(text)``.
     """
-    match = _FRONT_MATTER.match(text)
-    yaml_text = match.group("yaml") if match else text
     try:
-        raw = yaml.load(yaml_text, Loader=SparseMLLoader)  # noqa: S506 - SafeLoader subclass
+        raw = yaml.load(recipe_yaml(text), Loader=SparseMLLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
         raise RecipeError(
             f"cannot parse recipe YAML: {' '.join(str(exc).split())}",
-            hint="check indentation and that each modifier looks like '- !GMPruningModifier' followed by its fields",
+            hint="check indentation, that every *alias has its &anchor, and that each modifier looks like "
+            "'- !GMPruningModifier' followed by its fields",
         ) from exc
     if not isinstance(raw, dict):
         raise RecipeError(
@@ -140,711 +200,639 @@ def is_sparseml_recipe(raw: Any) -> bool:
     return any(isinstance(value, dict) and any(_is_modifier_list_key(k) for k in value) for value in raw.values())
 
 
-# --------------------------------------------------------------------------------------------
-# Reading one modifier's fields, with SparseML's loose typing and our error messages
-
-_MISSING: Any = object()
-
-
-@dataclass
-class _Context:
-    variables: dict[str, Any]
-    allow_rounding: bool
-    notes: list[str] = field(default_factory=list)
-
-
-class _Modifier:
-    def __init__(self, tag: str, location: str, fields: dict[str, Any], ctx: _Context) -> None:
-        self.tag = tag
-        self.location = location
-        self.fields = fields
-        self.ctx = ctx
-
-    @property
-    def label(self) -> str:
-        return f"!{self.tag} ({self.location})"
-
-    def error(self, field_name: str | None, message: str, hint: str | None = None) -> RecipeError:
-        where = f"{self.label} field '{field_name}'" if field_name else self.label
-        return RecipeError(f"SparseML {where}: {message}", hint=hint)
-
-    def check_fields(self, required: Iterable[str], optional: Iterable[str]) -> None:
-        required, optional = set(required), set(optional)
-        known = required | optional | _LOGGING_ONLY_FIELDS
-        for name in self.fields:
-            if name not in known:
-                raise self.error(
-                    name,
-                    "is not supported by the wf-pipeline translation",
-                    hint=f"remove it; supported fields of !{self.tag}: {', '.join(sorted(required | optional))}",
-                )
-        for name in sorted(required):
-            if name not in self.fields:
-                raise self.error(name, "is required but missing", hint=f"add '{name}:' to the modifier")
-        for name in sorted(_LOGGING_ONLY_FIELDS & set(self.fields)):
-            self.ctx.notes.append(f"{self.label}: ignored logging-only field '{name}'")
-
-    def has(self, name: str) -> bool:
-        return name in self.fields
-
-    def raw(self, name: str, default: Any = _MISSING) -> Any:
-        if name in self.fields:
-            return self.fields[name]
-        if default is _MISSING:
-            raise self.error(name, "is required but missing", hint=f"add '{name}:' to the modifier")
-        return default
-
-    def number(self, name: str, default: Any = _MISSING) -> float:
-        value = self.raw(name, default)
-        if isinstance(value, str) and value in self.ctx.variables:
-            value = self.ctx.variables[value]  # a bare reference to a recipe variable
-        if isinstance(value, bool):
-            raise self.error(name, f"expected a number, got {value}")
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads '1e-7' as a string; SparseML converts it with float()
-                value = float(value)
-            except ValueError:
-                raise self.error(name, f"expected a number, got {value!r}") from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(name, f"expected a finite number, got {value!r}")
-        return value
-
-    def integer(self, name: str, default: Any = _MISSING) -> int:
-        value = self.number(name, default)
-        if value != int(value):
-            raise self.error(name, f"expected a whole number, got {value}")
-        return int(value)
-
-    def boolean(self, name: str, default: Any = _MISSING) -> bool:
-        value = self.raw(name, default)
-        if isinstance(value, str) and value in self.ctx.variables:
-            value = self.ctx.variables[value]
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"  # SparseML's convert_to_bool accepts strings
-        if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {value!r}")
-        return value
-
-    def string(self, name: str, default: Any = _MISSING) -> str:
-        value = self.raw(name, default)
-        if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {value!r}")
-        return value
-
-    def require_unset(self, name: str, allowed: tuple[Any, ...], why: str) -> None:
-        if name in self.fields and self.fields[name] not in allowed:
-            raise self.error(name, f"value {self.fields[name]!r} is not supported: {why}", hint=f"remove '{name}'")
-
-    def whole_epoch(self, name: str, value: float) -> int:
-        """An epoch boundary as a whole number: exact, or rounded with a note when allowed."""
-        if value < 0:
-            raise self.error(name, f"negative epoch {value} is not supported", hint="start schedules at epoch 0")
-        rounded = round(value)
-        if abs(value - rounded) <= _EPOCH_TOLERANCE:
-            return int(rounded)
-        if not self.ctx.allow_rounding:
-            raise self.error(
-                name,
-                f"{value} is not a whole epoch; wf-pipeline schedules pruning and learning rates per epoch",
-                hint="use a whole number of epochs in the SparseML recipe (e.g. 2.0 instead of 2.5)",
-            )
-        self.ctx.notes.append(f"{self.label}: rounded {name} {value} to epoch {int(rounded)}")
-        return int(rounded)
-
-
-# --------------------------------------------------------------------------------------------
-# Typed summaries of the supported modifiers
+# =============================================================================================
+# What the modifiers say
 
 
 @dataclass
 class _EpochRange:
     start: float
     end: float
-    source: _Modifier
+    mod: Modifier
 
 
 @dataclass
-class _SetLR:
-    epoch: float  # <= 0 means "from the start"
-    lr: float
-    source: _Modifier
+class _Target:
+    """One sparsity target over one set of parameters: a pruning modifier, or one entry of its
+    ``final_sparsity`` map."""
 
-
-@dataclass
-class _LRFunction:
-    func: str
-    init_lr: float
-    final_lr: float
-    start: float
-    end: float
-    source: _Modifier
-
-
-@dataclass
-class _LRClass:
-    lr_class: str
-    kwargs: dict[str, Any]
-    init_lr: float
-    start: float
-    end: float
-    source: _Modifier
-
-
-@dataclass
-class _SetWeightDecay:
-    epoch: float
-    weight_decay: float
-    source: _Modifier
+    mod: Modifier
+    entries: list[str]
+    initial: float
+    final: float
+    schedule: dict[str, Any]
+    label: str  # group name
+    selected: list[str] = field(default_factory=list)
+    hold: bool = False  # a ConstantPruningModifier's parameters: existing zeros kept, nothing pruned
 
 
 @dataclass
 class _Pruning:
-    settings: dict[str, Any]  # our pruning section, minus layers
-    layers: list[str]
-    end_epoch: float
-    source: _Modifier
+    mod: Modifier
+    method: str
+    ranking: str
+    woodfisher: dict[str, Any] | None
+    start: float
+    end: float
+    leave_enabled: bool
+    targets: list[_Target]
+
+
+@dataclass
+class _Hold:
+    mod: Modifier
+    entries: list[str]
+    start: float
+    end: float  # -1: until training ends
 
 
 @dataclass
 class _Parsed:
     epoch_ranges: list[_EpochRange] = field(default_factory=list)
-    set_lrs: list[_SetLR] = field(default_factory=list)
-    lr_functions: list[_LRFunction] = field(default_factory=list)
-    lr_classes: list[_LRClass] = field(default_factory=list)
-    weight_decays: list[_SetWeightDecay] = field(default_factory=list)
+    lr: LRModifiers = field(default_factory=LRModifiers)
     prunings: list[_Pruning] = field(default_factory=list)
+    holds: list[_Hold] = field(default_factory=list)
 
     def last_epoch(self) -> float:
         """SparseML trains until the latest end_epoch of any modifier (its manager's max_epochs)."""
-        ends = [m.end for m in self.epoch_ranges]
-        ends += [m.end for m in self.lr_functions]
-        ends += [m.end for m in self.lr_classes if m.end >= 0]
-        ends += [p.end_epoch for p in self.prunings]
+        ends = [r.end for r in self.epoch_ranges] + self.lr.ends() + [p.end for p in self.prunings]
+        ends += [h.end for h in self.holds if h.end >= 0]
         return max(ends, default=-1.0)
 
 
-def _parse_epoch_range(mod: _Modifier, out: _Parsed) -> None:
+def _parse_epoch_range(mod: Modifier, out: _Parsed) -> None:
     mod.check_fields(required=("start_epoch", "end_epoch"), optional=())
-    start, end = mod.number("start_epoch"), mod.number("end_epoch")
+    start, end = mod.epoch("start_epoch"), mod.epoch("end_epoch")
     if end <= max(start, 0):
-        raise mod.error("end_epoch", f"must be after start_epoch ({start}), got {end}")
+        raise mod.stop("end_epoch", f"must be after start_epoch ({start}), got {end}", "give a later end_epoch")
     if start > 0:
-        mod.ctx.notes.append(
-            f"{mod.label}: start_epoch {start} ignored; fine-tuning always starts at epoch 0 "
-            "(SparseML's training loops also run from 0 to the last end_epoch)"
-        )
+        mod.ignored("start_epoch", f"{start:g}: fine-tuning always starts at epoch 0 (SparseML's training loops "
+                    "also run from 0 to the last end_epoch)")
+    else:
+        mod.became("start_epoch", "fine-tuning starts at epoch 0")
     out.epoch_ranges.append(_EpochRange(start, end, mod))
-
-
-def _parse_set_lr(mod: _Modifier, out: _Parsed) -> None:
-    mod.check_fields(required=("learning_rate",), optional=("start_epoch", "end_epoch", "param_groups"))
-    mod.require_unset("param_groups", (None,), "wf-pipeline uses one learning rate for all parameters")
-    if mod.raw("learning_rate") is None:
-        mod.ctx.notes.append(f"{mod.label}: learning_rate is null, the modifier does nothing")
-        return
-    lr = mod.number("learning_rate")
-    if lr <= 0:
-        raise mod.error("learning_rate", f"must be > 0, got {lr}")
-    if mod.has("end_epoch") and mod.number("end_epoch") >= 0:
-        mod.ctx.notes.append(f"{mod.label}: end_epoch ignored (SparseML ignores it too)")
-    out.set_lrs.append(_SetLR(mod.number("start_epoch", -1.0), lr, mod))
-
-
-def _parse_lr_function(mod: _Modifier, out: _Parsed) -> None:
-    mod.check_fields(
-        required=("lr_func", "init_lr", "final_lr", "start_epoch", "end_epoch"),
-        optional=("cycle_epochs", "param_groups", "update_frequency"),
-    )
-    mod.require_unset("param_groups", (None,), "wf-pipeline uses one learning rate for all parameters")
-    mod.require_unset("update_frequency", (-1, -1.0), "SparseML requires it to stay -1")
-    func = mod.string("lr_func")
-    if func not in ("linear", "cosine"):
-        raise mod.error(
-            "lr_func",
-            f"'{func}' has no wf-pipeline equivalent",
-            hint="use lr_func: linear or cosine (optionally after a linear warmup modifier)",
-        )
-    if mod.has("cycle_epochs"):
-        cycle = mod.number("cycle_epochs")
-        span = mod.number("end_epoch") - mod.number("start_epoch")
-        if cycle > 0 and abs(cycle - span) > _EPOCH_TOLERANCE:
-            raise mod.error("cycle_epochs", "restarting cycles have no wf-pipeline equivalent", hint="remove it")
-    init_lr, final_lr = mod.number("init_lr"), mod.number("final_lr")
-    if init_lr < 0 or final_lr < 0:
-        raise mod.error("init_lr" if init_lr < 0 else "final_lr", "learning rates must be >= 0")
-    start, end = mod.number("start_epoch"), mod.number("end_epoch")
-    if end <= max(start, 0):
-        raise mod.error("end_epoch", f"must be after start_epoch ({start}), got {end}")
-    out.lr_functions.append(_LRFunction(func, init_lr, final_lr, max(start, 0.0), end, mod))
-
-
-_LR_CLASS_KWARGS = {
-    "MultiStepLR": ("milestones", "gamma"),
-    "StepLR": ("step_size", "gamma"),
-    "ExponentialLR": ("gamma",),
-}
-
-
-def _parse_lr_class(mod: _Modifier, out: _Parsed) -> None:
-    mod.check_fields(
-        required=("lr_class", "lr_kwargs", "init_lr", "start_epoch"), optional=("end_epoch", "update_frequency")
-    )
-    mod.require_unset("update_frequency", (-1, -1.0), "SparseML requires it to stay -1")
-    lr_class = mod.string("lr_class")
-    if lr_class not in _LR_CLASS_KWARGS:
-        raise mod.error(
-            "lr_class", f"'{lr_class}' has no wf-pipeline equivalent", hint="use MultiStepLR, StepLR or ExponentialLR"
-        )
-    kwargs = mod.raw("lr_kwargs")
-    if not isinstance(kwargs, dict):
-        raise mod.error("lr_kwargs", f"expected a mapping, got {kwargs!r}")
-    expected = _LR_CLASS_KWARGS[lr_class]
-    for key in kwargs:
-        if key not in expected:
-            raise mod.error("lr_kwargs", f"key '{key}' is not supported for {lr_class}", hint=f"use only {expected}")
-    for key in expected:
-        if key not in kwargs:
-            raise mod.error("lr_kwargs", f"{lr_class} needs '{key}'", hint=f"add lr_kwargs.{key}")
-    init_lr = mod.number("init_lr")
-    if init_lr <= 0:
-        raise mod.error("init_lr", f"must be > 0, got {init_lr}")
-    start = mod.number("start_epoch")
-    if start > 0:
-        raise mod.error(
-            "start_epoch", f"{start}: a scheduler that starts mid-training has no wf-pipeline equivalent",
-            hint="start it at epoch 0 (or -1)",
-        )
-    out.lr_classes.append(_LRClass(lr_class, dict(kwargs), init_lr, 0.0, mod.number("end_epoch", -1.0), mod))
-
-
-def _parse_weight_decay(mod: _Modifier, out: _Parsed) -> None:
-    mod.check_fields(required=("weight_decay",), optional=("start_epoch", "param_groups"))
-    mod.require_unset("param_groups", (None,), "wf-pipeline uses one weight decay for all parameters")
-    start = mod.number("start_epoch", -1.0)
-    if start > 0:
-        raise mod.error(
-            "start_epoch", f"{start}: changing weight decay mid-training has no wf-pipeline equivalent",
-            hint="set it from epoch 0 (or -1)",
-        )
-    decay = mod.number("weight_decay")
-    if decay < 0:
-        raise mod.error("weight_decay", f"must be >= 0, got {decay}")
-    out.weight_decays.append(_SetWeightDecay(start, decay, mod))
 
 
 _COMMON_PRUNING_REQUIRED = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch", "update_frequency", "params")
 _COMMON_PRUNING_OPTIONAL = ("leave_enabled", "inter_func", "mask_type")
-_OBS_OPTIONAL = (
-    "global_sparsity",
-    "num_grads",
-    "damp",
-    "fisher_block_size",
-    "grad_sampler_kwargs",
-    "num_recomputations",
-)
-_INTER_FUNCS = {"cubic": "cubic", "linear": "linear"}
+_OBS_OPTIONAL = ("global_sparsity", "num_grads", "damp", "fisher_block_size", "grad_sampler_kwargs", "num_recomputations")
+_INTER_FUNCS = ("cubic", "linear")
 
 
-def _params_to_layers(mod: _Modifier) -> list[str]:
-    """SparseML `params` -> our `pruning.layers` regexes over parameter names.
-
-    SparseML matches 're:' patterns with re.match (anchored at the start only) and plain names
-    exactly. We emit patterns that behave the same under re.search, re.match and re.fullmatch.
-    """
-    params = mod.raw("params")
-    if isinstance(params, str):
-        params = [params]
-    if not isinstance(params, list) or not params or not all(isinstance(p, str) for p in params):
-        raise mod.error("params", f"expected a name, pattern or non-empty list of them, got {params!r}")
-    layers: list[str] = []
-    for param in params:
-        if param in ("__ALL_PRUNABLE__", "__ALL__"):
-            if param == "__ALL__":
-                mod.ctx.notes.append(
-                    f"{mod.label}: params __ALL__ -> all conv/linear weights (wf-pipeline never prunes "
-                    "biases or normalization parameters)"
-                )
-            pattern = ".*"
-        elif param.startswith("re:"):
-            body = param[3:]
+def _entries(mod: Modifier, name: str, value: Any) -> list[str]:
+    """A `params` value (or one list of a final_sparsity map) as a list of SparseML entries."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+        raise mod.stop(name, f"expected a name, pattern or non-empty list of them, got {value!r}",
+                       "list parameter names, 're:' patterns or __ALL_PRUNABLE__")
+    for entry in value:
+        if entry.startswith("re:"):
             try:
-                re.compile(body)
+                re.compile(entry[3:])
             except re.error as exc:
-                raise mod.error("params", f"invalid regex {body!r}: {exc}") from None
-            open_ended = body.endswith(".*") or (body.endswith("$") and not body.endswith("\\$"))
-            pattern = f"^(?:{body})" + ("" if open_ended else ".*")
-        else:
-            pattern = f"^{re.escape(param)}$"
-        if pattern not in layers:
-            layers.append(pattern)
-    if any(not p.startswith("^(?:") and p != ".*" for p in layers):
-        mod.ctx.notes.append(
-            f"{mod.label}: explicit parameter names are kept verbatim; they must match the parameter names "
-            "of the wf-pipeline model (check with 'wf-pipeline recipe show')"
-        )
-    return [".*"] if ".*" in layers else layers
+                raise mod.stop(name, f"invalid regex {entry[3:]!r}: {exc}", "fix the pattern") from None
+    return list(dict.fromkeys(value))
 
 
-def _parse_pruning(mod: _Modifier, out: _Parsed) -> None:
+def _sparsity(mod: Modifier, name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise mod.stop(name, f"expected a number, got {value!r}", "give a sparsity in [0, 1)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise mod.stop(name, f"must be in [0, 1), got {value!r}", "give a sparsity in [0, 1)")
+    return float(value)
+
+
+def _frequency(mod: Modifier, start: float, end: float) -> float:
+    """SparseML's update_frequency in (possibly fractional) epochs: ours is the same number."""
+    frequency = mod.number("update_frequency")
+    if start == end:
+        mod.ignored("update_frequency", f"one-shot pruning at epoch {start:g}: a single pruning step")
+        return 1.0
+    if frequency <= 0:
+        raise mod.stop("update_frequency", f"must be > 0 for gradual pruning, got {frequency}",
+                       "give the epochs between pruning steps, e.g. 0.5")
+    return float(frequency)
+
+
+def _parse_pruning(mod: Modifier, out: _Parsed) -> None:
     tag = mod.tag
     is_obs = tag == "OBSPruningModifier"
-    optional = _COMMON_PRUNING_OPTIONAL + (("phased",) if not is_obs else ())
-    if is_obs:
-        optional += _OBS_OPTIONAL
-    elif tag != "GlobalMagnitudePruningModifier":
+    optional = _COMMON_PRUNING_OPTIONAL + (_OBS_OPTIONAL if is_obs else ("phased",))
+    if not is_obs and tag != "GlobalMagnitudePruningModifier":
         optional += ("global_sparsity",)  # accepted by older SparseML GMPruningModifier versions
     mod.check_fields(required=_COMMON_PRUNING_REQUIRED, optional=optional)
-    if mod.has("phased") and mod.boolean("phased"):
-        raise mod.error("phased", "phased pruning (on/off every update) is not supported", hint="remove it")
+    if mod.has("phased"):
+        if mod.boolean("phased"):
+            mod.problem("phased", "phased pruning (on/off every update) is not supported", "remove it")
+        else:
+            mod.ignored("phased", "false is SparseML's default")
 
     mask_type = mod.raw("mask_type", "unstructured")
     if mask_type != "unstructured":
-        raise mod.error(
-            "mask_type",
-            f"{mask_type!r} sparsity is not supported; wf-pipeline prunes unstructured weights only",
-            hint="use mask_type: unstructured",
-        )
+        mod.problem("mask_type", f"{mask_type!r} sparsity is not supported; the translation prunes unstructured "
+                    "weights only", "use mask_type: unstructured")
+    elif mod.has("mask_type"):
+        mod.became("mask_type", "unstructured pruning (wf-pipeline's)")
+    else:
+        mod.defaulted("mask_type", "unstructured (SparseML's default)")
     if mod.raw("init_sparsity") == "__FROM_PARAM__":
-        raise mod.error(
-            "init_sparsity", "__FROM_PARAM__ (start from each parameter's current sparsity) is not supported",
-            hint="give a number, e.g. init_sparsity: 0.05",
-        )
-    if isinstance(mod.raw("final_sparsity"), dict):
-        raise mod.error(
-            "final_sparsity", "per-parameter sparsity targets are not supported; wf-pipeline prunes to one target",
-            hint="use a single final_sparsity and list the parameters under params",
-        )
-    init, final = mod.number("init_sparsity"), mod.number("final_sparsity")
-    for name, value in (("init_sparsity", init), ("final_sparsity", final)):
-        if not 0 <= value < 1:
-            raise mod.error(name, f"must be in [0, 1), got {value}")
-    if init > final:
-        raise mod.error("init_sparsity", f"{init} is above final_sparsity {final}")
+        mod.problem("init_sparsity", "__FROM_PARAM__ (start from each parameter's current sparsity) is not "
+                    "supported", "give a number, e.g. init_sparsity: 0.05")
+        init = None
+    else:
+        init = _sparsity(mod, "init_sparsity", mod._deref(mod.raw("init_sparsity")))
 
-    start_raw, end_raw = mod.number("start_epoch"), mod.number("end_epoch")
-    start, end = mod.whole_epoch("start_epoch", start_raw), mod.whole_epoch("end_epoch", end_raw)
+    start, end = mod.epoch("start_epoch"), mod.epoch("end_epoch")
+    if start < 0:
+        raise mod.stop("start_epoch", f"{start:g}: a pruning schedule needs a start epoch >= 0", "start at epoch 0")
     if end < start:
-        raise mod.error("end_epoch", f"{end_raw} is before start_epoch {start_raw}")
-    frequency = _pruning_frequency(mod, start, end)
+        raise mod.stop("end_epoch", f"{end:g} is before start_epoch {start:g}", "give an end_epoch >= start_epoch")
+    frequency = _frequency(mod, start, end)
 
     inter_func = mod.string("inter_func", "cubic")
     if inter_func not in _INTER_FUNCS:
-        raise mod.error(
-            "inter_func", f"'{inter_func}' has no wf-pipeline schedule", hint="use inter_func: cubic or linear"
-        )
-    if mod.has("leave_enabled") and not mod.boolean("leave_enabled"):
-        mod.ctx.notes.append(
-            f"{mod.label}: leave_enabled false ignored; wf-pipeline keeps pruned weights at zero until export"
-        )
+        mod.problem("inter_func", f"'{inter_func}' has no wf-pipeline schedule", "use inter_func: cubic or linear")
+    if not mod.has("inter_func"):
+        mod.defaulted("inter_func", "pruning schedule kind cubic (SparseML's default)")
+    leave_enabled = mod.boolean("leave_enabled", True)
+    if not mod.has("leave_enabled"):
+        mod.defaulted("leave_enabled", "true (SparseML's default): pruned weights stay zero after end_epoch")
 
     default_global = is_obs or tag == "GlobalMagnitudePruningModifier"
     global_ranking = mod.boolean("global_sparsity", default_global)
-    settings: dict[str, Any] = {
-        "method": "woodfisher" if is_obs else "magnitude",
-        "initial_sparsity": init,
-        "final_sparsity": final,
-        "ranking": "global" if global_ranking else "uniform",
-        "schedule": {"kind": _INTER_FUNCS[inter_func], "start_epoch": start, "end_epoch": end, "frequency": frequency},
-    }
-    if is_obs:
-        settings["woodfisher"] = _obs_settings(mod)
-    out.prunings.append(_Pruning(settings, _params_to_layers(mod), end_raw, mod))
+    schedule = {"kind": inter_func, "start_epoch": start, "end_epoch": end, "frequency": frequency}
+
+    final_raw = mod._deref(mod.raw("final_sparsity"))
+    targets: list[_Target] = []
+    if isinstance(final_raw, dict):
+        if global_ranking:
+            mod.problem("final_sparsity", "a map of per-parameter targets with global ranking has no clear meaning",
+                        "use one final_sparsity, or a layer-wise modifier (!GMPruningModifier) for the map")
+        params = mod.raw("params")
+        if params not in ([], None, ""):
+            mod.problem("params", f"must be [] when final_sparsity is a map (SparseML's rule), got {params!r}",
+                        "set params: [] and list the parameters in the final_sparsity map")
+        for index, (sparsity, entries) in enumerate(final_raw.items()):
+            value = _sparsity(mod, "final_sparsity", sparsity)
+            targets.append(_Target(mod, _entries(mod, "final_sparsity", entries), init or 0.0, value, dict(schedule),
+                                   label=f"{mod.location}.final_sparsity[{index}]"))
+    else:
+        final = _sparsity(mod, "final_sparsity", final_raw)
+        targets.append(_Target(mod, _entries(mod, "params", mod.raw("params")), init or 0.0, final, dict(schedule),
+                               label=mod.location))
+    for target in targets:
+        if init is not None and init > target.final:
+            mod.problem("init_sparsity", f"{init} is above final_sparsity {target.final}",
+                        "give init_sparsity <= final_sparsity")
+    woodfisher = _obs_settings(mod) if is_obs else None
+    method = "woodfisher" if is_obs else "magnitude"
+    out.prunings.append(_Pruning(mod, method, "global" if global_ranking else "uniform", woodfisher, start, end,
+                                 leave_enabled, targets))
 
 
-def _pruning_frequency(mod: _Modifier, start: int, end: int) -> int:
-    """SparseML update_frequency (epochs, may be fractional) -> our whole-epoch frequency."""
-    frequency = mod.number("update_frequency")
-    if frequency <= 0:
-        if start == end:
-            return 1  # one-shot: a single pruning step, the frequency is irrelevant
-        raise mod.error("update_frequency", f"must be > 0, got {frequency}")
-    rounded = round(frequency)
-    if abs(frequency - rounded) <= _EPOCH_TOLERANCE and rounded >= 1:
-        return int(rounded)
-    if start == end:
-        return 1
-    steps = _pruning_step_count(start, end, frequency)
-    if not mod.ctx.allow_rounding:
-        raise mod.error(
-            "update_frequency",
-            f"{frequency} epochs ({steps} pruning steps) is not a whole number of epochs; wf-pipeline prunes at "
-            "most once per epoch",
-            hint="set update_frequency to a whole number of epochs (1.0 prunes once per epoch)",
-        )
-    new = max(1, int(rounded))
-    new_steps = _pruning_step_count(start, end, new)
-    mod.ctx.notes.append(
-        f"{mod.label}: rounded update_frequency {frequency} to {new} epoch(s): "
-        f"{new_steps} pruning steps instead of {steps}"
-    )
-    return new
+def _sparseml_version(variables: dict[str, Any]) -> tuple[int, int] | None:
+    match = re.fullmatch(r"\s*v?(\d+)\.(\d+)(?:\.\d+)?\s*", str(variables.get("version", "")))
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def _pruning_step_count(start: int, end: int, frequency: float) -> int:
-    """Pruning steps at start, start+frequency, ... plus end_epoch itself (both tools always prune there)."""
-    grid = math.floor((end - start) / frequency + _EPOCH_TOLERANCE) + 1
-    last = start + (grid - 1) * frequency
-    return grid if abs(last - end) <= _EPOCH_TOLERANCE else grid + 1
-
-
-def _obs_settings(mod: _Modifier) -> dict[str, Any]:
-    for name, default in SPARSEML_OBS_DEFAULTS.items():
-        if not mod.has(name):
-            mod.ctx.notes.append(f"{mod.label}: {name} not set, using SparseML's default {default}")
+def _obs_settings(mod: Modifier) -> dict[str, Any]:
     woodfisher: dict[str, Any] = {
         "num_grads": mod.integer("num_grads", SPARSEML_OBS_DEFAULTS["num_grads"]),
-        "block_size": mod.integer("fisher_block_size", SPARSEML_OBS_DEFAULTS["fisher_block_size"]),
         "damp": mod.number("damp", SPARSEML_OBS_DEFAULTS["damp"]),
         "recompute_steps": mod.integer("num_recomputations", SPARSEML_OBS_DEFAULTS["num_recomputations"]),
         "fisher_type": "empirical",
         # SparseML's unstructured OBS update sums the single-weight OBS corrections: our 'independent'.
         "update": "independent",
     }
-    mod.ctx.notes.append(
-        f"{mod.label}: woodfisher.update 'independent' reproduces SparseML's summed single-weight OBS update; "
-        "set it to 'joint' for the exact joint update"
-    )
+    for name, ours in (("num_grads", "num_grads"), ("damp", "damp"), ("num_recomputations", "recompute_steps")):
+        if not mod.has(name):
+            mod.defaulted(name, f"pruning.woodfisher.{ours} = {woodfisher[ours]:g} (SparseML's default)")
+    if mod.has("fisher_block_size"):
+        woodfisher["block_size"] = mod.integer("fisher_block_size")
+    else:
+        version = _sparseml_version(mod.ctx.variables)
+        if version is not None and version >= (1, 5):
+            block, why = OBS_BLOCK_DEFAULT_FROM_1_5, f"SparseML {version[0]}.{version[1]}'s default (1 from 1.5 on)"
+        elif version is not None:
+            block, why = OBS_BLOCK_DEFAULT_UP_TO_1_4, f"SparseML {version[0]}.{version[1]}'s default (50 up to 1.4)"
+        else:
+            block, why = OBS_BLOCK_DEFAULT_UP_TO_1_4, ("SparseML's default up to 1.4; from 1.5 it is 1 (a diagonal "
+                                                       "Fisher): the recipe has no 'version:', so set fisher_block_size "
+                                                       "if it was written for 1.5 or later")
+            mod.ctx.note(f"{mod.label}: fisher_block_size not set: using 50, {why}")
+        woodfisher["block_size"] = block
+        mod.defaulted("fisher_block_size", f"pruning.woodfisher.block_size = {block} ({why})")
+    mod.ctx.note(f"{mod.label}: woodfisher.update 'independent' reproduces SparseML's summed single-weight OBS "
+                 "update; set it to 'joint' for the exact joint update")
     sampler = mod.raw("grad_sampler_kwargs", None) or {}
     if not isinstance(sampler, dict):
-        raise mod.error("grad_sampler_kwargs", f"expected a mapping, got {sampler!r}")
+        raise mod.stop("grad_sampler_kwargs", f"expected a mapping, got {sampler!r}", "write grad_sampler_kwargs: {batch_size: 8}")
     for key in sampler:
         if key != "batch_size":
-            raise mod.error(
-                "grad_sampler_kwargs", f"key '{key}' is not supported", hint="only grad_sampler_kwargs.batch_size maps"
-            )
+            mod.problem("grad_sampler_kwargs", f"key '{key}' is not supported", "only grad_sampler_kwargs.batch_size maps")
     if "batch_size" in sampler:
         batch = sampler["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, (int, float)) or batch != int(batch) or batch < 1:
-            raise mod.error("grad_sampler_kwargs", f"batch_size must be a positive whole number, got {batch!r}")
+            raise mod.stop("grad_sampler_kwargs", f"batch_size must be a positive whole number, got {batch!r}",
+                           "e.g. batch_size: 8")
         woodfisher["grad_batch_size"] = int(batch)
     else:
-        mod.ctx.notes.append(
-            f"{mod.label}: grad_sampler_kwargs.batch_size not set (SparseML would use the training batch size); "
-            "keeping pruning.woodfisher.grad_batch_size from the base recipe or its default"
-        )
-    for name in ("num_grads", "block_size", "recompute_steps"):
-        if woodfisher[name] < 1:
-            field_name = "fisher_block_size" if name == "block_size" else name
-            raise mod.error(field_name, f"must be >= 1, got {woodfisher[name]}")
+        mod.defaulted("grad_sampler_kwargs", "pruning.woodfisher.grad_batch_size from the base recipe or its "
+                      "default (SparseML would use the training batch size)")
+    for name, ours in (("num_grads", "num_grads"), ("fisher_block_size", "block_size"), ("num_recomputations", "recompute_steps")):
+        if woodfisher[ours] < 1:
+            mod.problem(name, f"must be >= 1, got {woodfisher[ours]}", "give a whole number >= 1")
     if woodfisher["damp"] <= 0:
-        raise mod.error("damp", f"must be > 0, got {woodfisher['damp']}")
+        mod.problem("damp", f"must be > 0, got {woodfisher['damp']}", "give a small positive dampening, e.g. 1e-7")
     return woodfisher
 
 
-_PARSERS = {
+def _parse_constant(mod: Modifier, out: _Parsed) -> None:
+    """ConstantPruningModifier: keep the zeros its parameters have (masks held), nothing more."""
+    mod.check_fields(required=("params",), optional=("start_epoch", "end_epoch", "update_frequency"))
+    if mod.has("update_frequency"):
+        mod.ignored("update_frequency", "masks are held at every step")
+    start = max(mod.epoch("start_epoch", -1.0), 0.0)
+    end = mod.epoch("end_epoch", -1.0)
+    out.holds.append(_Hold(mod, _entries(mod, "params", mod.raw("params")), start, end))
+
+
+_PARSERS: dict[str, Callable[[Modifier, Any], None]] = {
     "EpochRangeModifier": _parse_epoch_range,
-    "SetLearningRateModifier": _parse_set_lr,
-    "LearningRateFunctionModifier": _parse_lr_function,
-    "LearningRateModifier": _parse_lr_class,
-    "SetWeightDecayModifier": _parse_weight_decay,
+    "SetLearningRateModifier": lambda mod, out: parse_set_lr(mod, out.lr),
+    "LearningRateFunctionModifier": lambda mod, out: parse_lr_function(mod, out.lr),
+    "LearningRateModifier": lambda mod, out: parse_lr_class(mod, out.lr),
+    "SetWeightDecayModifier": lambda mod, out: parse_weight_decay(mod, out.lr),
+    "ConstantPruningModifier": _parse_constant,
     **{tag: _parse_pruning for tag in _PRUNING_TAGS},
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Composing our sections from the parsed modifiers
+# =============================================================================================
+# Training length
 
 
-def _same(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def _compose_epochs(parsed: _Parsed, ctx: _Context) -> int | None:
+def _compose_epochs(parsed: _Parsed, ctx: Context) -> int | None:
     last = parsed.last_epoch()
     if last < 0:
         return None
     if parsed.epoch_ranges:
         declared = max(r.end for r in parsed.epoch_ranges)
+        source = max(parsed.epoch_ranges, key=lambda r: r.end).mod
         if declared + _EPOCH_TOLERANCE < last:
-            ctx.notes.append(
-                f"EpochRangeModifier ends at {declared} but another modifier runs until {last}; "
-                f"fine-tuning for {last} epochs as SparseML would"
-            )
-        source = max(parsed.epoch_ranges, key=lambda r: r.end).source
+            ctx.note(f"EpochRangeModifier ends at {declared:g} but another modifier runs until {last:g}; "
+                     f"fine-tuning for {last:g} epochs as SparseML would")
     else:
-        ctx.notes.append(f"no EpochRangeModifier: fine-tuning until the last modifier ends (epoch {last})")
+        ctx.note(f"no EpochRangeModifier: fine-tuning until the last modifier ends (epoch {last:g}), as SparseML does")
         source = None
     if abs(last - round(last)) <= _EPOCH_TOLERANCE:
-        return int(round(last))
-    if ctx.allow_rounding:
+        epochs = int(round(last))
+    elif ctx.allow_rounding:
         epochs = math.ceil(last)
-        ctx.notes.append(f"rounded the training length {last} up to {epochs} epochs")
-        return epochs
-    if source is not None:
-        raise source.error("end_epoch", f"{last} is not a whole number of epochs", hint="use e.g. 10.0")
-    raise RecipeError(
-        f"SparseML recipe: training ends at epoch {last}, not a whole number of epochs",
-        hint="add '!EpochRangeModifier' with a whole end_epoch, or use whole epochs in the modifiers",
-    )
-
-
-def _lr_schedule(kind: str, **values: Any) -> dict[str, Any]:
-    schedule = {"kind": kind, "warmup_epochs": 0.0, "step_epochs": [], "gamma": 0.1, "final_lr": 0.0}
-    schedule.update(values)
-    return schedule
-
-
-def _unsupported_lr(parsed: _Parsed, why: str) -> RecipeError:
-    names = [m.source.label for m in (*parsed.set_lrs, *parsed.lr_functions, *parsed.lr_classes)]
-    return RecipeError(
-        f"SparseML learning-rate modifiers {', '.join(names)}: {why}",
-        hint="wf-pipeline supports one schedule over all fine-tuning epochs: a constant rate, step decays "
-        "(several SetLearningRateModifiers with one ratio, MultiStepLR/StepLR/ExponentialLR), or linear/cosine "
-        "decay from epoch 0 to the end, optionally after one linear warmup modifier",
-    )
-
-
-def _compose_lr(parsed: _Parsed, epochs: int | None, ctx: _Context) -> tuple[float | None, dict[str, Any] | None]:
-    """Map the learning-rate modifiers onto (optimizer.lr, lr_schedule), or refuse them."""
-    if parsed.lr_classes:
-        return _compose_lr_class(parsed, epochs, ctx)
-    if parsed.lr_functions:
-        return _compose_lr_functions(parsed, epochs, ctx)
-    if parsed.set_lrs:
-        return _compose_set_lrs(parsed, ctx)
-    return None, None
-
-
-def _initial_set_lrs_overridden(parsed: _Parsed, ctx: _Context, by: str) -> None:
-    for item in parsed.set_lrs:
-        if item.epoch > 0:
-            raise _unsupported_lr(parsed, f"a SetLearningRateModifier at epoch {item.epoch} cannot combine with {by}")
-        ctx.notes.append(f"{item.source.label}: learning_rate {item.lr} is overridden by {by} from epoch 0")
-
-
-def _compose_lr_class(parsed: _Parsed, epochs: int | None, ctx: _Context) -> tuple[float, dict[str, Any]]:
-    if len(parsed.lr_classes) > 1 or parsed.lr_functions:
-        raise _unsupported_lr(parsed, "more than one learning-rate schedule")
-    item = parsed.lr_classes[0]
-    mod = item.source
-    _initial_set_lrs_overridden(parsed, ctx, by=mod.label)
-    gamma = _positive_kwarg(mod, item.kwargs, "gamma")
-    horizon = epochs if item.end < 0 else item.end
-    if item.lr_class == "MultiStepLR":
-        milestones = item.kwargs["milestones"]
-        if not isinstance(milestones, list) or not milestones:
-            raise mod.error("lr_kwargs", f"milestones must be a non-empty list, got {milestones!r}")
-        steps = sorted({_kwarg_epoch(mod, "milestones", m) for m in milestones})
+        ctx.note(f"rounded the training length {last:g} up to {epochs} epochs")
     else:
-        size = _positive_kwarg(mod, item.kwargs, "step_size") if item.lr_class == "StepLR" else 1.0
-        size_epochs = _kwarg_epoch(mod, "step_size", size)
-        if horizon is None:
-            raise mod.error("end_epoch", "the number of epochs is unknown", hint="add an !EpochRangeModifier")
-        steps = list(range(size_epochs, int(math.ceil(horizon)), size_epochs))
-        if item.lr_class == "ExponentialLR":
-            ctx.notes.append(f"{mod.label}: ExponentialLR decays once per epoch in SparseML -> step decay every epoch")
-    if item.end >= 0 and epochs is not None and item.end < epochs:
-        ctx.notes.append(f"{mod.label}: the rate stays at its last value after end_epoch {item.end}, as in SparseML")
-    if steps and steps[0] <= 0:
-        raise mod.error("lr_kwargs", f"milestones must be after epoch 0, got {steps[0]}")
-    return item.init_lr, _lr_schedule("step", step_epochs=steps, gamma=gamma)
-
-
-def _positive_kwarg(mod: _Modifier, kwargs: dict[str, Any], key: str) -> float:
-    value = kwargs[key]
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise mod.error("lr_kwargs", f"{key} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise mod.error("lr_kwargs", f"{key} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _kwarg_epoch(mod: _Modifier, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise mod.error("lr_kwargs", f"{key} must be epochs (numbers), got {value!r}")
-    return mod.whole_epoch(f"lr_kwargs.{key}", float(value))
-
-
-def _compose_lr_functions(parsed: _Parsed, epochs: int | None, ctx: _Context) -> tuple[float, dict[str, Any]]:
-    functions = sorted(parsed.lr_functions, key=lambda f: f.start)
-    if len(functions) > 2:
-        raise _unsupported_lr(parsed, f"{len(functions)} LearningRateFunctionModifiers")
-    main = functions[-1]
-    _initial_set_lrs_overridden(parsed, ctx, by=functions[0].source.label)
-    if epochs is not None and not _same(main.end, epochs):
-        raise _unsupported_lr(
-            parsed, f"the schedule ends at epoch {main.end} but fine-tuning lasts {epochs} epochs"
-        )
-    if len(functions) == 1:
-        if main.start > 0:
-            raise _unsupported_lr(parsed, f"the schedule starts at epoch {main.start}, not 0")
-        if main.init_lr <= 0:
-            raise main.source.error("init_lr", "must be > 0 without a warmup modifier")
-        return main.init_lr, _lr_schedule(main.func, final_lr=main.final_lr)
-    warmup = functions[0]
-    if warmup.func != "linear" or warmup.start > 0 or not _same(warmup.end, main.start):
-        raise _unsupported_lr(
-            parsed, "two schedules are only supported as a linear warmup from epoch 0 followed directly by the decay"
-        )
-    if not _same(warmup.final_lr, main.init_lr) or warmup.init_lr > main.init_lr:
-        raise _unsupported_lr(
-            parsed,
-            f"the warmup must rise to the decay's init_lr ({main.init_lr}), "
-            f"got {warmup.init_lr} -> {warmup.final_lr}",
-        )
-    if warmup.init_lr > 0:
-        ctx.notes.append(
-            f"{warmup.source.label}: the warmup starts at lr {warmup.init_lr} in SparseML; "
-            "wf-pipeline's linear warmup starts from 0"
-        )
-    return main.init_lr, _lr_schedule(main.func, warmup_epochs=float(warmup.end), final_lr=main.final_lr)
-
-
-def _compose_set_lrs(parsed: _Parsed, ctx: _Context) -> tuple[float, dict[str, Any]]:
-    changes = sorted(parsed.set_lrs, key=lambda s: s.epoch)
-    first = changes[0]
-    if first.epoch > 0:
-        raise _unsupported_lr(
-            parsed, f"the first SetLearningRateModifier starts at epoch {first.epoch}; the starting rate is unknown"
-        )
-    later = changes[1:]
-    if any(c.epoch <= 0 for c in later):
-        raise _unsupported_lr(parsed, "several SetLearningRateModifiers all start at epoch 0")
-    if not later:
-        return first.lr, _lr_schedule("constant")
-    ratios = [float(f"{b.lr / a.lr:.12g}") for a, b in zip(changes, later)]  # drop float noise (0.1000...02)
-    if not all(math.isclose(r, ratios[0], rel_tol=1e-6) for r in ratios):
-        raise _unsupported_lr(parsed, f"the rate changes by different factors ({', '.join(f'{r:g}' for r in ratios)})")
-    steps = [c.source.whole_epoch("start_epoch", c.epoch) for c in later]
-    ctx.notes.append(f"SetLearningRateModifiers -> step schedule: x{ratios[0]:g} at epochs {steps}")
-    return first.lr, _lr_schedule("step", step_epochs=steps, gamma=ratios[0])
-
-
-def _compose_pruning(parsed: _Parsed, ctx: _Context) -> dict[str, Any] | None:
-    if not parsed.prunings:
+        where = source.where("end_epoch") if source is not None else "recipe"
+        ctx.problem(where, f"training ends at epoch {last:g}, not a whole number of epochs",
+                    "end the last modifier (or an !EpochRangeModifier) on a whole epoch, e.g. 10.0")
         return None
-    first = parsed.prunings[0]
-    layers = list(first.layers)
-    for other in parsed.prunings[1:]:
-        differing = sorted(
-            key
-            for key in set(first.settings) | set(other.settings)
-            if first.settings.get(key) != other.settings.get(key)
-        )
-        if differing:
-            details = "; ".join(
-                f"{key}: {first.settings.get(key)!r} vs {other.settings.get(key)!r}" for key in differing
-            )
-            raise RecipeError(
-                f"SparseML {first.source.label} and {other.source.label} differ ({details}); "
-                "wf-pipeline runs one pruning schedule",
-                hint="merge them into one modifier with the same method, sparsity and schedule and list all params, "
-                "or convert them separately",
-            )
-        layers += [pattern for pattern in other.layers if pattern not in layers]
-        ctx.notes.append(f"merged the params of {other.source.label} into {first.source.label} (same schedule)")
-    if ".*" in layers:
-        layers = [".*"]
-    pruning = copy.deepcopy(first.settings)
-    pruning["layers"] = layers
+    for item in parsed.epoch_ranges:
+        item.mod.became("end_epoch", f"finetune.epochs = {epochs}" if item.mod is source else
+                        f"(a later EpochRangeModifier sets finetune.epochs = {epochs})")
+    return epochs
+
+
+# =============================================================================================
+# Parameters: SparseML's names and patterns against the model
+
+
+def _match_target(target: _Target, model: ModelParams, field_name: str, ctx: Context) -> None:
+    """Fill `target.selected` (conv/linear weights, model order); record problems and notes."""
+    mod = target.mod
+    missing: list[str] = []
+    selected: set[str] = set()
+    for entry in target.entries:
+        match = match_entry(entry, model)
+        if not match.prunable and not match.other:
+            missing.append(entry)
+            continue
+        if not match.prunable:
+            mod.problem(field_name, f"{entry!r} matches only parameters wf-pipeline never prunes "
+                        f"({describe_names(match.other)}; it prunes conv/linear weights)",
+                        "remove it, or name conv/linear weights")
+            continue
+        if match.other:
+            if match.explicit:  # cannot happen for one name, kept for clarity
+                continue
+            kinds = sorted({model.params[name].module_type for name in match.other})
+            ctx.note(f"{mod.label}: {entry!r} also matches {len(match.other)} parameter(s) SparseML would prune "
+                     f"but wf-pipeline does not ({', '.join(kinds)}: {describe_names(match.other, 4)}); wf-pipeline "
+                     "prunes conv/linear weights only, so they stay dense")
+        selected.update(match.prunable)
+    if missing:
+        ctx.problem(mod.where(field_name),
+                    f"{len(missing)} of {len(target.entries)} parameter names/patterns match no parameter of "
+                    f"{model.description}: {', '.join(missing)}",
+                    "pass --base with a wf-pipeline recipe whose model has these parameters (model.name: a "
+                    "torchvision name or 'module:factory'), or fix the names")
+    target.selected = [name for name in model.prunable if name in selected]
+
+
+def _check_overlaps(targets: list[_Target], ctx: Context) -> None:
+    owner: dict[str, _Target] = {}
+    for target in targets:
+        clash = [name for name in target.selected if name in owner]
+        for name in clash:
+            other = owner[name]
+            if other.mod is target.mod and not target.hold:
+                continue  # the same modifier's map: SparseML keeps a parameter's first sparsity
+            ctx.problem(f"{other.mod.label} and {target.mod.label}",
+                        f"both select {describe_names(clash)}",
+                        "give every parameter to one pruning modifier")
+            break
+        for name in target.selected:
+            owner.setdefault(name, target)
+    for target in targets:  # the first entry of a map that names a parameter wins, as in SparseML
+        first = [name for name in target.selected if owner[name] is target]
+        target.selected = first
+
+
+# =============================================================================================
+# Pruning
+
+
+def _hold_targets(parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx: Context,
+                  model: ModelParams) -> tuple[list[_Target], set[str]]:
+    """ConstantPruningModifiers: accepted where they only hold masks.
+
+    Returns the hold groups (parameters no pruning modifier prunes: their existing zeros are kept) and
+    the pruned parameters a ConstantPruningModifier holds once their pruning ends.
+    """
+    targets: list[_Target] = []
+    held_after_pruning: set[str] = set()
+    for hold in parsed.holds:
+        mod = hold.mod
+        if 0 <= hold.end < epochs:
+            mod.problem("end_epoch", f"releasing the masks at epoch {hold.end:g} lets pruned weights grow back "
+                        f"before training ends (epoch {epochs}); wf-pipeline holds masks to the end",
+                        "remove end_epoch (or set -1)")
+            continue
+        if mod.has("end_epoch"):
+            mod.became("end_epoch", "masks held until export (wf-pipeline never releases them)")
+        target = _Target(mod, hold.entries, 0.0, 0.0, {"kind": "constant", "start_epoch": 0.0, "end_epoch": 0.0,
+                                                       "frequency": 1.0}, label=mod.location, hold=True)
+        _match_target(target, model, "params", ctx)
+        early = sorted({pruned[name].mod.label for name in target.selected
+                        if name in pruned and hold.start < pruned[name].end})
+        if early:
+            mod.problem("start_epoch", f"holds masks from epoch {hold.start:g} while {', '.join(early)} still prunes "
+                        "the same parameters", "start it where those pruning modifiers end (or leave it out)")
+            continue
+        own = [name for name in target.selected if name not in pruned]
+        redundant = [name for name in target.selected if name in pruned]
+        held_after_pruning.update(redundant)
+        if redundant:
+            ctx.note(f"{mod.label}: the masks of {len(redundant)} parameter(s) it holds are kept anyway: "
+                     "wf-pipeline never releases masks")
+        if own and hold.start > 0:
+            ctx.note(f"{mod.label}: the existing zeros of {describe_names(own, 4)} are held from epoch 0, not from "
+                     f"epoch {hold.start:g} (the same unless those weights have exact zeros that training before "
+                     f"epoch {hold.start:g} would fill)")
+        target.selected = own
+        if mod.has("start_epoch"):
+            mod.became("start_epoch", "masks held from the start of fine-tuning" if not own or hold.start <= 0
+                       else f"held from epoch 0 (see note), SparseML: {hold.start:g}")
+        if own:
+            targets.append(target)
+        else:
+            mod.became("params", "nothing to add: wf-pipeline keeps every pruned weight at zero until export")
+    return targets, held_after_pruning
+
+
+def _check_leave_enabled(prunings: list[_Pruning], held: set[str], epochs: int, ctx: Context) -> None:
+    for pruning in prunings:
+        mod = pruning.mod
+        if pruning.leave_enabled:
+            if mod.has("leave_enabled"):
+                mod.became("leave_enabled", "pruned weights stay zero until export (always so in wf-pipeline)")
+            continue
+        released = [n for t in pruning.targets for n in t.selected if n not in held]
+        if pruning.end < epochs and released:
+            mod.problem("leave_enabled", f"false releases the masks at epoch {pruning.end:g}, so pruned weights grow "
+                        f"back before training ends (epoch {epochs}); wf-pipeline keeps them pruned",
+                        "set leave_enabled: true, or hold the masks with a !ConstantPruningModifier from end_epoch")
+        else:
+            mod.ignored("leave_enabled", "false changes nothing here: training ends with the pruning, or a "
+                        "ConstantPruningModifier holds the masks")
+
+
+def _group_dict(target: _Target, patterns: list[str]) -> dict[str, Any]:
+    return {
+        "name": target.label,
+        "layers": patterns,
+        "initial_sparsity": target.initial,
+        "final_sparsity": target.final,
+        "schedule": dict(target.schedule),
+    }
+
+
+def _merge_same(targets: list[_Target], ranking: str, ctx: Context) -> list[_Target]:
+    """Layer-wise targets with the same sparsities and schedule prune as one: merge them (exact)."""
+    if ranking != "uniform":
+        return targets
+    merged: list[_Target] = []
+    for target in targets:
+        twin = next((m for m in merged if not target.hold and not m.hold and m.initial == target.initial
+                     and m.final == target.final and m.schedule == target.schedule), None)
+        if twin is None:
+            merged.append(_Target(target.mod, list(target.entries), target.initial, target.final,
+                                  dict(target.schedule), target.label, list(target.selected), target.hold))
+            continue
+        twin.entries += [e for e in target.entries if e not in twin.entries]
+        twin.selected += target.selected
+        ctx.note(f"merged {target.label} into {twin.label}: same sparsities and schedule, layer-wise ranking")
+    return merged
+
+
+def _compose_pruning(parsed: _Parsed, model: ModelParams, epochs: int | None, ctx: Context) -> dict[str, Any] | None:
+    prunings = parsed.prunings
+    targets = [t for p in prunings for t in p.targets]
+    for target in targets:
+        _match_target(target, model, "final_sparsity" if target.label != target.mod.location else "params", ctx)
+    _check_overlaps(targets, ctx)
+    pruned = {name: p for p in prunings for t in p.targets for name in t.selected}
+    training_end = epochs if epochs is not None else 0
+    holds, held_after_pruning = _hold_targets(parsed, pruned, training_end, ctx, model)
+    _check_leave_enabled(prunings, held_after_pruning, training_end, ctx)
+
+    if not prunings:
+        if not parsed.holds:
+            return None
+        names = [n for t in holds for n in t.selected]
+        patterns = layer_patterns([e for t in holds for e in t.entries], names, model) if names else [".*"]
+        for hold in parsed.holds:
+            hold.mod.became("params", f"pruning.layers = {patterns} with pruning.method none: existing zeros are held")
+        return {"method": "none", "layers": patterns}
+
+    first = prunings[0]
+    for other in prunings[1:]:
+        for what, a, b in (("method", first.method, other.method), ("ranking", first.ranking, other.ranking),
+                           ("OBS settings", first.woodfisher, other.woodfisher)):
+            if a != b:
+                ctx.problem(f"{first.mod.label} and {other.mod.label}",
+                            f"differ in {what} ({a!r} vs {b!r}); wf-pipeline prunes every group with one method, "
+                            "one ranking and one set of OBS settings", "make them agree, or convert them separately")
+    targets = _merge_same(targets, first.ranking, ctx) + holds
+    pruning: dict[str, Any] = {"method": first.method, "ranking": first.ranking}
+    if first.woodfisher is not None:
+        pruning["woodfisher"] = first.woodfisher
+    if len(targets) == 1:
+        only = targets[0]
+        patterns = layer_patterns(only.entries, only.selected, model)
+        pruning.update(initial_sparsity=only.initial, final_sparsity=only.final, schedule=dict(only.schedule),
+                       layers=patterns)
+        _record_pruning_fields(prunings, {only.label: "pruning"}, first.ranking)
+        return pruning
+    groups = []
+    where: dict[str, str] = {}
+    for index, target in enumerate(targets):
+        groups.append(_group_dict(target, layer_patterns(target.entries, target.selected, model)))
+        where.setdefault(target.label, f"pruning.groups[{index}]")
+    pruning["groups"] = groups
+    _record_pruning_fields(prunings, where, first.ranking)
+    for target in holds:
+        target.mod.became("params", f"{where[target.label]}: a group held at sparsity 0 (its existing zeros kept)")
     return pruning
 
 
-# --------------------------------------------------------------------------------------------
-# Entry point
+def _record_pruning_fields(prunings: list[_Pruning], where: dict[str, str], ranking: str) -> None:
+    for pruning in prunings:
+        mod = pruning.mod
+        places = [where.get(t.label) for t in pruning.targets]
+        merged_into = [p for p in places if p is not None] or ["pruning"]
+        place = merged_into[0] if len(set(merged_into)) == 1 else " / ".join(dict.fromkeys(merged_into))
+        targets = {
+            "params": f"{place}.layers",
+            "init_sparsity": f"{place}.initial_sparsity = {pruning.targets[0].initial:g}",
+            "final_sparsity": f"{place}.final_sparsity" + (
+                f" = {pruning.targets[0].final:g}" if len(pruning.targets) == 1 else " (one group per target)"),
+            "start_epoch": f"{place}.schedule.start_epoch = {pruning.start:g}",
+            "end_epoch": f"{place}.schedule.end_epoch = {pruning.end:g}",
+            "update_frequency": f"{place}.schedule.frequency = {pruning.targets[0].schedule['frequency']:g} epochs "
+            "(the stage turns it into optimizer steps, no rounding)",
+            "inter_func": f"{place}.schedule.kind = {pruning.targets[0].schedule['kind']}",
+            "global_sparsity": f"pruning.ranking = {ranking}",
+            "num_grads": "pruning.woodfisher.num_grads", "damp": "pruning.woodfisher.damp",
+            "fisher_block_size": "pruning.woodfisher.block_size",
+            "num_recomputations": "pruning.woodfisher.recompute_steps",
+            "grad_sampler_kwargs": "pruning.woodfisher.grad_batch_size",
+        }
+        for name in mod.unrecorded_fields():
+            if name in targets:
+                mod.became(name, targets[name])
+        if not mod.has("global_sparsity"):
+            mod.defaulted("global_sparsity", f"pruning.ranking = {ranking} ({'global' if ranking == 'global' else 'layer-wise'} "
+                          f"for !{mod.tag}, SparseML's default)")
+        mod.ctx.records.append(Record(f"{mod.location} !{mod.tag}", "", "became", f"pruning.method = {pruning.method}"))
+
+
+# =============================================================================================
+# Base recipe: model, and its skip / min_layer_params against the recipe's explicit names
+
+
+def _model_params(base: dict[str, Any], from_user: bool) -> ModelParams:
+    """The parameters of the base recipe's model, built without weights (on the meta device when possible)."""
+    import torch
+    from pydantic import ValidationError
+
+    from wf_pipeline.models import build_model
+    from wf_pipeline.recipe.schema import ModelConfig
+
+    section = base.get("model", {}) if isinstance(base.get("model", {}), dict) else None
+    if section is None:
+        raise RecipeError("base recipe: 'model' must be a mapping", hint="fix the base recipe")
+    try:
+        cfg = ModelConfig.model_validate(section)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        place = ".".join(str(p) for p in err["loc"])
+        raise RecipeError(f"base recipe: model.{place}: {err['msg']}", hint="fix the base recipe's model section") from None
+    try:
+        with torch.device("meta"):  # names and shapes only: no memory for the weights
+            model = build_model(cfg, load=False)
+    except Exception:  # noqa: BLE001 - some factories cannot build on meta; build for real then
+        model = build_model(cfg, load=False)
+    origin = "from the --base recipe" if from_user else "the bundled default (no --base recipe given)"
+    return ModelParams.from_module(model, f"model {cfg.name} ({origin})")
+
+
+def _apply_base_selection(pruning: dict[str, Any], base_pruning: dict[str, Any], model: ModelParams,
+                          explicit: set[str], ctx: Context) -> None:
+    """Base `pruning.skip` / `min_layer_params` must not change what the SparseML recipe prunes: where they
+    drop a parameter the recipe names explicitly, the recipe wins; where they drop one it selects by a
+    pattern, the conflict is an error."""
+    skip = [p for p in base_pruning.get("skip", []) or [] if isinstance(p, str)]
+    minimum = base_pruning.get("min_layer_params", 0) or 0
+    if not skip and not minimum:
+        return
+    groups = pruning.get("groups") or [{"layers": pruning.get("layers", [".*"]), "name": "pruning"}]
+    selected = [n for g in groups for n in select_with(g["layers"], [], 0, model)]
+    kept = set(select_with([".*"], skip, int(minimum), model))
+    dropped = [n for n in selected if n not in kept]
+    if not dropped:
+        return
+    by_pattern = [n for n in dropped if n not in explicit]
+    if by_pattern:
+        ctx.problem("base recipe pruning.skip / min_layer_params",
+                    f"would leave {describe_names(by_pattern)} dense, which the SparseML recipe prunes (selected "
+                    f"by a pattern or __ALL_PRUNABLE__)",
+                    "remove those entries from the base recipe's pruning.skip / min_layer_params, or leave the "
+                    "parameters out of the SparseML params")
+        return
+    conflicting = [p for p in skip if any(re.search(p, n) for n in dropped)]
+    pruning["skip"] = [p for p in skip if p not in conflicting]
+    if any(model.params[n].numel < minimum for n in dropped):
+        pruning["min_layer_params"] = 0
+    ctx.note(f"the SparseML recipe names {describe_names(dropped)} explicitly: they are pruned although the base "
+             f"recipe's pruning.skip {conflicting} / min_layer_params {minimum} would leave them dense")
+
+
+# =============================================================================================
+# Entry points
+
+
+@dataclass
+class Translation:
+    raw: dict[str, Any]
+    notes: list[str]
+    records: list[Record]
+    model: str
+    variables: dict[str, Any]
+
+    def header(self, source: str = "") -> str:
+        """A YAML comment block: what every SparseML field became, was defaulted to, or why it was ignored."""
+        lines = [f"Translated from the SparseML recipe {source}".rstrip() + " by wf-pipeline recipe convert.",
+                 f"Runs on {self.model}; every parameter name and pattern was checked against it.",
+                 "Sections SparseML does not describe (model, data, optimizer name and momentum, export, validate, "
+                 "...) come from the base recipe or wf-pipeline's defaults."]
+        if self.variables:
+            lines += ["", "Recipe variables (after evaluation):"]
+            lines += [f"  {name} = {show(value)}" for name, value in self.variables.items()]
+        for outcome, title in (("became", "What each SparseML field became:"),
+                               ("defaulted", "Not set in the SparseML recipe (defaulted):"),
+                               ("ignored", "Ignored, and why:")):
+            chosen = [r for r in self.records if r.outcome == outcome]
+            if chosen:
+                lines += ["", title]
+                lines += [f"  {r.source}" + ("" if r.value in ("", "(not set)") else f" = {r.value}") + f" -> {r.detail}"
+                          for r in chosen]
+        notes = [note for note in self.notes if not note.startswith("runs on ")]  # said at the top
+        if notes:
+            lines += ["", "Notes:"] + [f"  {note}" for note in notes]
+        return "".join(f"# {line}".rstrip() + "\n" for line in lines) + "\n"
 
 
 def _evaluate_values(value: Any, variables: dict[str, Any]) -> Any:
@@ -853,42 +841,35 @@ def _evaluate_values(value: Any, variables: dict[str, Any]) -> Any:
     if isinstance(value, list):
         return [_evaluate_values(item, variables) for item in value]
     if isinstance(value, dict):
-        return {key: _evaluate_values(item, variables) for key, item in value.items()}
+        return {_evaluate_values(key, variables): _evaluate_values(item, variables) for key, item in value.items()}
     return value
 
 
-def _collect_modifiers(raw: dict[str, Any], ctx: _Context) -> list[_Modifier]:
-    modifiers: list[_Modifier] = []
+def _collect_modifiers(raw: dict[str, Any], ctx: Context) -> list[Modifier]:
+    modifiers: list[Modifier] = []
     for key, entries in raw.items():
-        if not _is_modifier_list_key(key):
-            continue
-        if entries is None:
+        if not _is_modifier_list_key(key) or entries is None:
             continue
         if not isinstance(entries, list):
-            raise RecipeError(
-                f"SparseML recipe: '{key}' must be a list of modifiers, got {type(entries).__name__}",
-                hint=f"write it as '{key}:' followed by lines like '  - !GMPruningModifier'",
-            )
+            ctx.problem(f"recipe '{key}'", f"must be a list of modifiers, got {type(entries).__name__}",
+                        f"write it as '{key}:' followed by lines like '  - !GMPruningModifier'")
+            continue
         for index, entry in enumerate(entries):
             location = f"{key}[{index}]"
             if not isinstance(entry, dict) or MODIFIER_KEY not in entry:
-                raise RecipeError(
-                    f"SparseML recipe: {location} is not a tagged modifier",
-                    hint="each entry must start with a tag such as '- !GMPruningModifier'",
-                )
-            tag = str(entry[MODIFIER_KEY])
-            if tag.startswith("pytorch."):
-                tag = tag[len("pytorch.") :]
-            fields = {name: value for name, value in entry.items() if name != MODIFIER_KEY}
+                ctx.problem(f"recipe {location}", "is not a tagged modifier",
+                            "each entry must start with a tag such as '- !GMPruningModifier'")
+                continue
+            tag = str(entry[MODIFIER_KEY]).removeprefix("pytorch.")
             evaluated: dict[str, Any] = {}
-            for name, value in fields.items():
+            for name, value in entry.items():
+                if name == MODIFIER_KEY:
+                    continue
                 try:
                     evaluated[name] = _evaluate_values(value, ctx.variables)
                 except ExpressionError as exc:
-                    raise RecipeError(
-                        f"SparseML !{tag} ({location}) field '{name}': {exc.message}", hint=exc.hint
-                    ) from exc
-            modifiers.append(_Modifier(tag, location, evaluated, ctx))
+                    ctx.problem(f"!{tag} ({location}) field '{name}'", exc.message, exc.hint or "fix the expression")
+            modifiers.append(Modifier(tag, location, evaluated, ctx))
     return modifiers
 
 
@@ -904,16 +885,27 @@ def _merge_into(target: dict[str, Any], key: str, values: dict[str, Any], where:
     return section
 
 
-def convert_sparseml(
-    raw: dict[str, Any], *, base: dict[str, Any] | None = None, allow_rounding: bool = False
-) -> tuple[dict[str, Any], list[str]]:
-    """Translate a loaded SparseML recipe into a raw wf-pipeline recipe dict plus translation notes.
+def _explicit_names(parsed: _Parsed) -> set[str]:
+    entries = [e for p in parsed.prunings for t in p.targets for e in t.entries]
+    entries += [e for h in parsed.holds for e in h.entries]
+    return {e for e in entries if not e.startswith("re:") and e not in (ALL_PRUNABLE, ALL)}
 
-    ``base`` holds the user's own wf-pipeline sections (model, data, export, ...); the SparseML
-    recipe supplies only ``pruning`` and ``finetune`` values, merged over ``base`` (schema defaults
-    fill whatever neither gives). With ``allow_rounding`` fractional epochs and update frequencies
-    are rounded to whole epochs (each change recorded in the notes) instead of refused.
-    The caller validates the result with ``Recipe.model_validate``.
+
+def translate_sparseml(
+    raw: dict[str, Any],
+    *,
+    base: dict[str, Any] | None = None,
+    model: ModelParams | None = None,
+    allow_rounding: bool = False,
+) -> Translation:
+    """Translate a loaded SparseML recipe into a raw wf-pipeline recipe dict, notes and a per-field account.
+
+    ``base`` holds the user's own wf-pipeline sections (model, data, export, ...); without one the bundled
+    default model and data are used (and said so). The SparseML recipe supplies only ``pruning`` and
+    ``finetune`` values, merged over ``base``. ``model`` (the parameters of the model the recipe will run
+    on) is built from the base recipe's model section unless given. With ``allow_rounding`` a training
+    length that is not a whole number of epochs is rounded up (noted) instead of refused.
+    Raises :class:`SparseMLRecipeError` listing every problem found. The caller validates the result.
     """
     if not isinstance(raw, dict):
         raise RecipeError(f"SparseML recipe must be a mapping, got {type(raw).__name__}")
@@ -928,53 +920,123 @@ def convert_sparseml(
     if not any(_is_modifier_list_key(key) for key in raw):
         raise RecipeError("not a SparseML recipe: no 'modifiers:' or '*_modifiers:' list", hint="add the modifiers")
 
+    from_user = base is not None
+    result = copy.deepcopy(base if base is not None else DEFAULT_BASE)
     raw_variables = {key: value for key, value in raw.items() if not _is_modifier_list_key(key)}
     try:
         variables = resolve_variables(raw_variables)
     except ExpressionError as exc:
         raise RecipeError(f"SparseML recipe: {exc.message}", hint=exc.hint) from exc
-    ctx = _Context(variables=variables, allow_rounding=allow_rounding)
-    evaluated = {name: variables[name] for name, value in raw_variables.items() if is_eval_string(value)}
-    if evaluated:
-        ctx.notes.append("evaluated variables: " + ", ".join(f"{k}={v!r}" for k, v in evaluated.items()))
+    ctx = Context(variables=variables, allow_rounding=allow_rounding)
+    if model is None:
+        model = _model_params(result, from_user)
+    ctx.note(f"runs on {model.description}" + ("" if from_user else
+             "; pass --base with a wf-pipeline recipe to choose the model and data"))
 
     parsed = _Parsed()
-    for mod in _collect_modifiers(raw, ctx):
+    modifiers = _collect_modifiers(raw, ctx)
+    for mod in modifiers:
         parser = _PARSERS.get(mod.tag)
         if parser is None:
             hint = _UNSUPPORTED_HINTS.get(mod.tag, f"supported modifiers: {', '.join(_SUPPORTED_TAGS)}")
-            raise mod.error(None, "this modifier has no wf-pipeline translation", hint=hint)
-        parser(mod, parsed)
+            mod.problem(None, "this modifier has no wf-pipeline translation", hint)
+            continue
+        try:
+            parser(mod, parsed)
+        except StopModifier:
+            pass
 
-    result = copy.deepcopy(base) if base else {}
     finetune: dict[str, Any] = {}
     epochs = _compose_epochs(parsed, ctx)
     if epochs is not None:
         finetune["epochs"] = epochs
-    lr, schedule = _compose_lr(parsed, epochs, ctx)
-    optimizer: dict[str, Any] = {}
-    if lr is not None:
-        optimizer["lr"] = lr
-    else:
-        ctx.notes.append(
-            "no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults"
-        )
-    if parsed.weight_decays:
-        optimizer["weight_decay"] = parsed.weight_decays[-1].weight_decay
-    if optimizer:
-        finetune["optimizer"] = optimizer
+    base_finetune = result.get("finetune") if isinstance(result.get("finetune"), dict) else {}
+    base_optimizer = base_finetune.get("optimizer") if isinstance(base_finetune.get("optimizer"), dict) else {}
+    lr = compose(parsed.lr, epochs or 0, base_optimizer.get("lr") if from_user else None, ctx)
+    if lr.optimizer:
+        finetune["optimizer"] = dict(lr.optimizer)
+    pruning = _compose_pruning(parsed, model, epochs, ctx)
+    base_pruning = result.get("pruning") if isinstance(result.get("pruning"), dict) else {}
+    if pruning is not None:
+        _apply_base_selection(pruning, base_pruning, model, _explicit_names(parsed), ctx)
+
+    for mod in modifiers:  # every field is accounted for in the header
+        for name in mod.unrecorded_fields():
+            if not any(p.where.startswith(mod.label) for p in ctx.problems):
+                mod.became(name, "read (see the notes)")
+    if ctx.problems:
+        raise SparseMLRecipeError(ctx.problems)
+
     if finetune:
         section = _merge_into(result, "finetune", finetune, "")
-        if schedule is not None:
-            section["lr_schedule"] = schedule  # replaced whole: leftovers from base would change its meaning
-
-    pruning = _compose_pruning(parsed, ctx)
+        if lr.schedule is not None:
+            section["lr_schedule"] = lr.schedule  # replaced whole: leftovers from base would change its meaning
     if pruning is not None:
-        _merge_into(result, "pruning", pruning, "")
-        result["pruning"]["layers"] = pruning["layers"]
+        section = _merge_into(result, "pruning", {k: v for k, v in pruning.items() if k != "groups"}, "")
+        if "groups" in pruning:
+            for unused in ("layers", "initial_sparsity", "final_sparsity", "schedule"):
+                section.pop(unused, None)  # not read when groups are given: base leftovers would only mislead
+            section["groups"] = pruning["groups"]
+        else:
+            section["layers"] = pruning["layers"]
+            section.pop("groups", None)
     elif isinstance(result.get("pruning"), dict):
-        ctx.notes.append("no pruning modifier: keeping the base recipe's pruning section")
+        ctx.note("no pruning modifier: keeping the base recipe's pruning section")
     else:
         result["pruning"] = {"method": "none"}
-        ctx.notes.append("no pruning modifier: pruning.method set to none (fine-tuning only)")
-    return result, ctx.notes
+        ctx.note("no pruning modifier: pruning.method set to none (fine-tuning only)")
+    shown = {name: value for name, value in variables.items() if not isinstance(value, (dict, list)) or len(str(value)) < 200}
+    return Translation(result, ctx.notes, _in_recipe_order(ctx.records, modifiers), model.description, shown)
+
+
+def _in_recipe_order(records: list[Record], modifiers: list[Modifier]) -> list[Record]:
+    """Records sorted as the recipe is written: by modifier, then by field (defaults after written fields)."""
+    position: dict[str, tuple[int, int]] = {}
+    for index, mod in enumerate(modifiers):
+        position[f"{mod.location} !{mod.tag}"] = (index, -1)
+        for order, name in enumerate(mod.fields):
+            position[mod.source(name)] = (index, order)
+
+    def key(record: Record) -> tuple[int, int]:
+        if record.source in position:
+            return position[record.source]
+        owner = record.source.rsplit(".", 1)[0]
+        return (position.get(owner, (len(modifiers), 0))[0], len(record.source) + 10_000)
+
+    return sorted(records, key=key)
+
+
+def convert_sparseml(
+    raw: dict[str, Any],
+    *,
+    base: dict[str, Any] | None = None,
+    model: ModelParams | None = None,
+    allow_rounding: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """``translate_sparseml`` returning just (raw wf-pipeline recipe dict, notes)."""
+    translation = translate_sparseml(raw, base=base, model=model, allow_rounding=allow_rounding)
+    return translation.raw, translation.notes
+
+
+def problems_of(exc: RecipeError) -> list[Problem]:
+    """The problems behind a translation error (one for errors raised before translating)."""
+    if isinstance(exc, SparseMLRecipeError):
+        return exc.problems
+    return [Problem("recipe", exc.message, exc.hint or "")]
+
+
+def conversion_header(path: str | Path, base_path: str | Path | None = None, overrides: list[str] | None = None) -> str:
+    """The comment block `recipe convert` writes above a translated SparseML recipe ('' for our own recipes)."""
+    from wf_pipeline.recipe.loader import parse_recipe_text, read_recipe_text
+
+    text = read_recipe_text(Path(path))
+    if "Modifier" not in text:
+        return ""
+    raw = load_sparseml_text(text)
+    if not is_sparseml_recipe(raw):
+        return ""
+    base = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path))[0] if base_path else None
+    header = translate_sparseml(raw, base=base).header(str(path))
+    if overrides:
+        header = header[:-1] + f"# --set overrides applied after the translation: {', '.join(overrides)}\n\n"
+    return header
