@@ -2,8 +2,9 @@
 
 SparseML recipes compute values from top-level variables, e.g. ``end_epoch: eval(num_epochs - 2)``.
 We never hand those strings to Python's ``eval``: the expression is parsed with :mod:`ast` and walked
-here, allowing only numbers, booleans, strings, variable names, arithmetic, comparisons, boolean logic,
-conditional expressions and a handful of pure functions. Every other construct is rejected by name.
+here, allowing what SparseML recipes evaluate: numbers, variable names, arithmetic and the functions
+abs/float/int/min/max/round. Every other construct (comparisons, conditionals, strings, attribute
+access, ...) is rejected by name.
 """
 from __future__ import annotations
 
@@ -19,10 +20,7 @@ MAX_EXPRESSION_NODES = 200
 MAX_ABS_EXPONENT = 64  # 2**64 is plenty for epochs, sparsities and learning rates
 MAX_ABS_INT = 2**63  # keeps int arithmetic cheap: no bignum blow-ups via repeated products
 
-_HINT = (
-    "eval(...) expressions may use numbers, variable names, + - * / // % **, comparisons, "
-    "and/or/not, 'a if cond else b' and min/max/round/abs/int/float"
-)
+_HINT = "eval(...) expressions may use numbers, variable names, + - * / // % ** and min/max/round/abs/int/float"
 
 _BINARY_OPERATORS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -36,15 +34,6 @@ _BINARY_OPERATORS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
 _UNARY_OPERATORS: dict[type[ast.unaryop], Callable[[Any], Any]] = {
     ast.UAdd: operator.pos,
     ast.USub: operator.neg,
-    ast.Not: operator.not_,
-}
-_COMPARISONS: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-    ast.Lt: operator.lt,
-    ast.LtE: operator.le,
-    ast.Gt: operator.gt,
-    ast.GtE: operator.ge,
 }
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "min": min,
@@ -71,6 +60,9 @@ _FORBIDDEN_NAMES: dict[type[ast.AST], str] = {
     ast.Starred: "star-unpacking",
     ast.NamedExpr: "assignment expressions (':=')",
     ast.JoinedStr: "f-strings",
+    ast.Compare: "comparisons",
+    ast.BoolOp: "and/or",
+    ast.IfExp: "conditional expressions ('a if c else b')",
     ast.Await: "await",
     ast.Yield: "yield",
     ast.YieldFrom: "yield",
@@ -97,8 +89,8 @@ def eval_body(value: str) -> str:
 def evaluate_expression(expression: str, variables: Mapping[str, Any]) -> Any:
     """Evaluate one arithmetic expression over ``variables`` without Python's eval/exec.
 
-    A bare variable name returns that variable's value whatever its type (SparseML uses
-    ``eval(prune_params)`` to reuse a list); arithmetic only accepts numbers and booleans.
+    A bare variable name returns that variable's value whatever its type (SparseML recipes use
+    ``eval(prune_params)`` to reuse a list, ``eval(inter_func)`` a string); arithmetic only accepts numbers.
     """
     tree = _parse(expression)
     return _Evaluator(expression, variables).visit(tree.body)
@@ -180,7 +172,7 @@ def _parse(expression: str) -> ast.Expression:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float))  # bool is an int subclass, as in Python arithmetic
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _type_name(value: Any) -> str:
@@ -203,9 +195,9 @@ class _Evaluator:
         return handler(node)
 
     def visit_Constant(self, node: ast.Constant) -> Any:
-        if isinstance(node.value, (bool, int, float, str)):
+        if isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
             return self._checked(node.value)
-        raise self.fail(f"constant {node.value!r} of type {_type_name(node.value)} is not allowed")
+        raise self.fail(f"constant {node.value!r} of type {_type_name(node.value)} is not allowed (numbers only)")
 
     def visit_Name(self, node: ast.Name) -> Any:
         name = node.id
@@ -245,36 +237,9 @@ class _Evaluator:
         if op is None:
             raise self.fail(f"operator {type(node.op).__name__} is not allowed")
         operand = self.visit(node.operand)
-        if not isinstance(node.op, ast.Not) and not _is_number(operand):
+        if not _is_number(operand):
             raise self.fail(f"unary {'-' if isinstance(node.op, ast.USub) else '+'} needs a number")
         return self._checked(op(operand))
-
-    def visit_BoolOp(self, node: ast.BoolOp) -> Any:
-        is_and = isinstance(node.op, ast.And)
-        value: Any = None
-        for operand in node.values:  # short-circuits like Python
-            value = self.visit(operand)
-            if bool(value) != is_and:
-                return value
-        return value
-
-    def visit_Compare(self, node: ast.Compare) -> bool:
-        left = self.visit(node.left)
-        for op_node, right_node in zip(node.ops, node.comparators):
-            op = _COMPARISONS.get(type(op_node))
-            if op is None:
-                raise self.fail(f"comparison {type(op_node).__name__} is not allowed")
-            right = self.visit(right_node)
-            try:
-                if not op(left, right):
-                    return False
-            except TypeError as exc:
-                raise self.fail(f"cannot compare {_type_name(left)} with {_type_name(right)}") from exc
-            left = right
-        return True
-
-    def visit_IfExp(self, node: ast.IfExp) -> Any:
-        return self.visit(node.body) if self.visit(node.test) else self.visit(node.orelse)
 
     def visit_Call(self, node: ast.Call) -> Any:
         if not isinstance(node.func, ast.Name):
@@ -303,13 +268,11 @@ class _Evaluator:
             raise self.fail(f"{name}() failed: {exc}") from exc
 
     def _checked(self, value: Any) -> Any:
-        if not isinstance(value, (bool, int, float, str)):  # e.g. (-8) ** 0.5 is complex
+        if not _is_number(value):  # e.g. (-8) ** 0.5 is complex
             raise self.fail(f"result {value!r} is not a real number")
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(f"result {value} is not a finite number")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ABS_INT:
+        if isinstance(value, int) and abs(value) > MAX_ABS_INT:
             raise self.fail("integer result is too large (limit 2**63)")
-        if isinstance(value, str) and len(value) > MAX_EXPRESSION_CHARS:
-            raise self.fail("string result is too long")
         return value
 

@@ -679,12 +679,14 @@ def _compose_pruning(parsed: _Parsed, model: ModelParams, epochs: int | None, ct
 
     first = prunings[0]
     for other in prunings[1:]:
-        for what, a, b in (("method", first.method, other.method), ("ranking", first.ranking, other.ranking),
-                           ("OBS settings", first.woodfisher, other.woodfisher)):
-            if a != b:
-                ctx.problem(f"{first.mod.label} and {other.mod.label}",
-                            f"differ in {what} ({a!r} vs {b!r}); wf-pipeline prunes every group with one method, "
-                            "one ranking and one set of OBS settings", "make them agree, or convert them separately")
+        aspects = [("method", first.method, other.method), ("ranking", first.ranking, other.ranking)]
+        if first.method == other.method:
+            aspects.append(("OBS settings", first.woodfisher, other.woodfisher))
+        differing = [f"{what} ({a!r} vs {b!r})" for what, a, b in aspects if a != b]
+        if differing:
+            ctx.problem(f"{first.mod.label} and {other.mod.label}",
+                        f"differ in {', '.join(differing)}; wf-pipeline prunes every group with one method, "
+                        "one ranking and one set of OBS settings", "make them agree, or convert them separately")
     targets = _merge_same(targets, first.ranking, ctx) + holds
     pruning: dict[str, Any] = {"method": first.method, "ranking": first.ranking}
     if first.woodfisher is not None:
@@ -952,7 +954,10 @@ def translate_sparseml(
         finetune["epochs"] = epochs
     base_finetune = result.get("finetune") if isinstance(result.get("finetune"), dict) else {}
     base_optimizer = base_finetune.get("optimizer") if isinstance(base_finetune.get("optimizer"), dict) else {}
-    lr = compose(parsed.lr, epochs or 0, base_optimizer.get("lr") if from_user else None, ctx)
+    if epochs is None and parsed.last_epoch() >= 0:
+        lr = compose(LRModifiers(), 0, None, ctx)  # the training length is wrong: already a problem
+    else:
+        lr = compose(parsed.lr, epochs or 0, base_optimizer.get("lr") if from_user else None, ctx)
     if lr.optimizer:
         finetune["optimizer"] = dict(lr.optimizer)
     pruning = _compose_pruning(parsed, model, epochs, ctx)

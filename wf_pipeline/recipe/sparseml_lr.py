@@ -268,6 +268,19 @@ def compose(mods: LRModifiers, epochs: int, base_lr: float | None, ctx: Context)
         else:
             ctx.note("no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults")
         return result
+    if epochs <= 0:  # no training length (a recipe of one-shot steps): only a rate set from the start can apply
+        for item in mods.set_lrs:
+            if item.epoch <= 0:
+                result.optimizer["lr"] = item.lr
+                result.schedule = {"kind": "constant"}
+                for name in item.mod.unrecorded_fields():
+                    item.mod.became(name, "finetune.optimizer.lr" if name == "learning_rate" else "from the start")
+            else:
+                item.mod.ignored("learning_rate", "no fine-tuning epochs to apply it to")
+        for curve in mods.curves:
+            if curve.mod is not None:
+                curve.mod.problem(None, "a learning-rate schedule needs fine-tuning epochs", "add an !EpochRangeModifier")
+        return result
     for item in mods.set_lrs:
         if item.epoch >= epochs > 0:
             item.mod.ignored("learning_rate", f"set at epoch {item.epoch:g}, when training (epochs={epochs}) is over")
