@@ -671,6 +671,20 @@ def test_leave_enabled_false_is_refused_when_weights_would_grow_back() -> None:
     held = gmp(leave_enabled=False) + "  - !ConstantPruningModifier\n    start_epoch: 4.0\n    params: __ALL_PRUNABLE__\n"
     raw, _ = convert_text(held)  # the masks are held from where pruning ends
     assert raw["pruning"]["layers"] == [".*"]
+    late = held.replace("start_epoch: 4.0\n    params: __ALL_PRUNABLE__", "start_epoch: 5.0\n    params: __ALL_PRUNABLE__")
+    (problem,) = problems(late)  # between epochs 4 and 5 SparseML would let them regrow
+    assert problem.where.endswith("field 'leave_enabled'")
+
+
+def test_overlapping_constant_pruning_modifiers_hold_each_weight_once() -> None:
+    text = gmp(params=["re:layer1.*"])
+    for params in ("['re:layer[23].*']", "['re:layer3.*', 'fc.weight']"):
+        text += f"  - !ConstantPruningModifier\n    start_epoch: 4.0\n    params: {params}\n"
+    raw, _ = convert_text(text)
+    pruned, first, second = raw["pruning"]["groups"]
+    assert first["layers"] == ["^(?:layer[23].*)"] and first["final_sparsity"] == 0.0
+    assert second["layers"] == [r"^fc\.weight$"]  # layer3 is already held by the first
+    Recipe.model_validate(raw)
 
 
 # ---------------------------------------------------------------------------------------------

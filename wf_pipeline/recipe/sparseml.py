@@ -573,6 +573,7 @@ def _hold_targets(parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx
     """
     targets: list[_Target] = []
     held_after_pruning: set[str] = set()
+    already_held: set[str] = set()
     for hold in parsed.holds:
         mod = hold.mod
         if 0 <= hold.end < epochs:
@@ -591,9 +592,11 @@ def _hold_targets(parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx
             mod.problem("start_epoch", f"holds masks from epoch {hold.start:g} while {', '.join(early)} still prunes "
                         "the same parameters", "start it where those pruning modifiers end (or leave it out)")
             continue
-        own = [name for name in target.selected if name not in pruned]
+        own = [name for name in target.selected if name not in pruned and name not in already_held]
+        already_held.update(own)
         redundant = [name for name in target.selected if name in pruned]
-        held_after_pruning.update(redundant)
+        # masks handed over where pruning ends; a later start would let SparseML's weights regrow in between
+        held_after_pruning.update(n for n in redundant if hold.start <= pruned[n].end + _EPOCH_TOLERANCE)
         if redundant:
             ctx.note(f"{mod.label}: the masks of {len(redundant)} parameter(s) it holds are kept anyway: "
                      "wf-pipeline never releases masks")
