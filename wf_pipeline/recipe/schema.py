@@ -228,7 +228,7 @@ class TrainingConfig(Strict):
             raise ValueError("lr_schedule is an empty list; give at least one piece or a single schedule mapping")
         if pieces[0].start_epoch != 0:
             raise ValueError(f"lr_schedule.0 starts at epoch {pieces[0].start_epoch}; the first piece starts at 0")
-        for index, (piece, following) in enumerate(zip(pieces, pieces[1:])):
+        for index, (piece, following) in enumerate(zip(pieces, pieces[1:], strict=False)):
             if piece.end_epoch is None:
                 raise ValueError(f"lr_schedule.{index} has no end_epoch; only the last piece may leave it out")
             if following.start_epoch != piece.end_epoch:

@@ -42,7 +42,6 @@ from wf_pipeline.recipe.safe_eval import (
 from wf_pipeline.recipe.sparseml_fields import (
     Context,
     Modifier,
-    Problem,
     Record,
     SparseMLRecipeError,
     StopModifier,
@@ -344,7 +343,7 @@ def _parse_pruning(mod: Modifier, out: _Parsed) -> None:
                     "supported", "give a number, e.g. init_sparsity: 0.05")
         init = None
     else:
-        init = _sparsity(mod, "init_sparsity", mod._deref(mod.raw("init_sparsity")))
+        init = _sparsity(mod, "init_sparsity", mod.deref(mod.raw("init_sparsity")))
 
     start, end = mod.epoch("start_epoch"), mod.epoch("end_epoch")
     if start < 0:
@@ -366,7 +365,7 @@ def _parse_pruning(mod: Modifier, out: _Parsed) -> None:
     global_ranking = mod.boolean("global_sparsity", default_global)
     schedule = {"kind": inter_func, "start_epoch": start, "end_epoch": end, "frequency": frequency}
 
-    final_raw = mod._deref(mod.raw("final_sparsity"))
+    final_raw = mod.deref(mod.raw("final_sparsity"))
     targets: list[_Target] = []
     if isinstance(final_raw, dict):
         if global_ranking:
@@ -682,7 +681,8 @@ def _compose_pruning(parsed: _Parsed, model: ModelParams, epochs: int | None, ct
 
     first = prunings[0]
     for other in prunings[1:]:
-        aspects = [("method", first.method, other.method), ("ranking", first.ranking, other.ranking)]
+        aspects: list[tuple[str, Any, Any]] = [("method", first.method, other.method),
+                                               ("ranking", first.ranking, other.ranking)]
         if first.method == other.method:
             aspects.append(("OBS settings", first.woodfisher, other.woodfisher))
         differing = [f"{what} ({a!r} vs {b!r})" for what, a, b in aspects if a != b]
@@ -890,6 +890,11 @@ def _merge_into(target: dict[str, Any], key: str, values: dict[str, Any], where:
     return section
 
 
+def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _explicit_names(parsed: _Parsed) -> set[str]:
     entries = [e for p in parsed.prunings for t in p.targets for e in t.entries]
     entries += [e for h in parsed.holds for e in h.entries]
@@ -955,8 +960,8 @@ def translate_sparseml(
     epochs = _compose_epochs(parsed, ctx)
     if epochs is not None:
         finetune["epochs"] = epochs
-    base_finetune = result.get("finetune") if isinstance(result.get("finetune"), dict) else {}
-    base_optimizer = base_finetune.get("optimizer") if isinstance(base_finetune.get("optimizer"), dict) else {}
+    base_finetune = _section(result, "finetune")
+    base_optimizer = _section(base_finetune, "optimizer")
     if epochs is None and parsed.last_epoch() >= 0:
         lr = compose(LRModifiers(), 0, None, ctx)  # the training length is wrong: already a problem
     else:
@@ -964,7 +969,7 @@ def translate_sparseml(
     if lr.optimizer:
         finetune["optimizer"] = dict(lr.optimizer)
     pruning = _compose_pruning(parsed, model, epochs, ctx)
-    base_pruning = result.get("pruning") if isinstance(result.get("pruning"), dict) else {}
+    base_pruning = _section(result, "pruning")
     if pruning is not None:
         _apply_base_selection(pruning, base_pruning, model, _explicit_names(parsed), ctx)
 
@@ -1024,13 +1029,6 @@ def convert_sparseml(
     """``translate_sparseml`` returning just (raw wf-pipeline recipe dict, notes)."""
     translation = translate_sparseml(raw, base=base, model=model, allow_rounding=allow_rounding)
     return translation.raw, translation.notes
-
-
-def problems_of(exc: RecipeError) -> list[Problem]:
-    """The problems behind a translation error (one for errors raised before translating)."""
-    if isinstance(exc, SparseMLRecipeError):
-        return exc.problems
-    return [Problem("recipe", exc.message, exc.hint or "")]
 
 
 def conversion_header(path: str | Path, base_path: str | Path | None = None, overrides: list[str] | None = None) -> str:

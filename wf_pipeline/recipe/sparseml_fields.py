@@ -162,13 +162,13 @@ class Modifier:
             raise self.stop(name, "is required but missing", f"add '{name}:' to the modifier")
         return default
 
-    def _deref(self, value: Any) -> Any:
+    def deref(self, value: Any) -> Any:
         if isinstance(value, str) and value in self.ctx.variables:
             return self.ctx.variables[value]  # a bare reference to a recipe variable
         return value
 
     def number(self, name: str, default: Any = _MISSING) -> float:
-        value = self._deref(self.raw(name, default))
+        value = self.deref(self.raw(name, default))
         if isinstance(value, bool):
             raise self.stop(name, f"expected a number, got {value}", "give a number")
         if isinstance(value, str):
@@ -187,7 +187,7 @@ class Modifier:
         return int(value)
 
     def boolean(self, name: str, default: Any = _MISSING) -> bool:
-        value = self._deref(self.raw(name, default))
+        value = self.deref(self.raw(name, default))
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"  # SparseML's convert_to_bool accepts strings
         if not isinstance(value, bool):
@@ -195,7 +195,7 @@ class Modifier:
         return value
 
     def string(self, name: str, default: Any = _MISSING) -> str:
-        value = self._deref(self.raw(name, default))
+        value = self.deref(self.raw(name, default))
         if not isinstance(value, str):
             raise self.stop(name, f"expected a string, got {value!r}", "give a string")
         return value

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from wf_pipeline.recipe.sparseml_fields import Context, Modifier, StopModifier
+from wf_pipeline.recipe.sparseml_fields import Context, Modifier
 
 _TOLERANCE = 1e-9
 
@@ -269,22 +269,22 @@ def compose(mods: LRModifiers, epochs: int, base_lr: float | None, ctx: Context)
             ctx.note("no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults")
         return result
     if epochs <= 0:  # no training length (a recipe of one-shot steps): only a rate set from the start can apply
-        for item in mods.set_lrs:
-            if item.epoch <= 0:
-                result.optimizer["lr"] = item.lr
+        for set_lr in mods.set_lrs:
+            if set_lr.epoch <= 0:
+                result.optimizer["lr"] = set_lr.lr
                 result.schedule = {"kind": "constant"}
-                for name in item.mod.unrecorded_fields():
-                    item.mod.became(name, "finetune.optimizer.lr" if name == "learning_rate" else "from the start")
+                for name in set_lr.mod.unrecorded_fields():
+                    set_lr.mod.became(name, "finetune.optimizer.lr" if name == "learning_rate" else "from the start")
             else:
-                item.mod.ignored("learning_rate", "no fine-tuning epochs to apply it to")
+                set_lr.mod.ignored("learning_rate", "no fine-tuning epochs to apply it to")
         for curve in mods.curves:
             if curve.mod is not None:
                 curve.mod.problem(None, "a learning-rate schedule needs fine-tuning epochs", "add an !EpochRangeModifier")
         return result
-    for item in mods.set_lrs:
-        if item.epoch >= epochs > 0:
-            item.mod.ignored("learning_rate", f"set at epoch {item.epoch:g}, when training (epochs={epochs}) is over")
-            item.mod.ignored("start_epoch", "after the end of training")
+    for set_lr in mods.set_lrs:
+        if set_lr.epoch >= epochs > 0:
+            set_lr.mod.ignored("learning_rate", f"set at epoch {set_lr.epoch:g}, when training (epochs={epochs}) is over")
+            set_lr.mod.ignored("start_epoch", "after the end of training")
     mods = LRModifiers([s for s in mods.set_lrs if s.epoch < epochs or epochs == 0], mods.curves, mods.weight_decays)
     pieces = _lr_pieces(mods, float(epochs), base_lr, ctx)
     if pieces is None:
@@ -304,7 +304,7 @@ def _lr_pieces(mods: LRModifiers, epochs: float, base_lr: float | None, ctx: Con
             size, horizon = -curve.step_epochs[0], curve.end if curve.end is not None else epochs
             curve.step_epochs = [size * k for k in range(1, math.ceil(horizon / size - _TOLERANCE))]
     ok = True
-    for first, second in zip(curves, curves[1:]):
+    for first, second in zip(curves, curves[1:], strict=False):
         first_end = first.end if first.end is not None else epochs
         if first_end > second.start + _TOLERANCE:
             assert first.mod is not None and second.mod is not None
@@ -321,7 +321,9 @@ def _lr_pieces(mods: LRModifiers, epochs: float, base_lr: float | None, ctx: Con
         return None
 
     pieces: list[_Piece] = []
-    cursor, held, held_from = 0.0, None, None  # the rate in force and who set it
+    cursor: float = 0.0
+    held: float | None = None  # the rate in force
+    held_from: SetLR | Curve | None = None  # and what set it
     set_lrs = sorted(mods.set_lrs, key=lambda s: s.epoch)
 
     def fill(until: float) -> bool:
