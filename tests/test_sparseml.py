@@ -15,6 +15,7 @@ import yaml
 from wf_pipeline.errors import RecipeError, WFError
 from wf_pipeline.recipe import safe_eval, sparseml, sparseml_fields, sparseml_lr, sparseml_params
 from wf_pipeline.recipe.safe_eval import ExpressionError, evaluate_expression, resolve_variables
+from wf_pipeline.models.zoo import set_trust_recipe_code
 from wf_pipeline.recipe.schema import Recipe
 from wf_pipeline.recipe.sparseml import (
     SparseMLRecipeError,
@@ -58,6 +59,14 @@ def gmp(tag: str = "GMPruningModifier", epochs: float = 6.0, **overrides: Any) -
                       for k, v in fields.items() if v is not None)
     return (f"modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: {epochs}\n"
             f"  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n  - !{tag}\n{lines}\n")
+
+
+@pytest.fixture
+def trusted() -> Any:
+    """Let tests build the `tests.sparseml_zoo_models:*` factories (user code needs trust)."""
+    set_trust_recipe_code(True)
+    yield
+    set_trust_recipe_code(False)
 
 
 def params_model(names: list[str], prunable: bool = True) -> ModelParams:
@@ -602,7 +611,7 @@ def test_learning_rate_problems_name_the_modifiers() -> None:
     assert problem.where.endswith("field 'lr_func'") and "cyclic_linear" in problem.message
 
 
-def test_weight_decay_changes_ride_on_the_pieces() -> None:
+def test_weight_decay_changes_ride_on_the_pieces(trusted: None) -> None:
     raw, _ = convert_sparseml(load_fixture("zoo_mobilenet_sparsity_map.md"),
                               base={"model": {"name": "tests.sparseml_zoo_models:zoo_mobilenet"}})
     assert raw["finetune"]["lr_schedule"] == [
@@ -869,7 +878,8 @@ def test_no_pruning_modifier_means_fine_tuning_only_unless_base_prunes() -> None
         ("zoo_mobilenet_sparsity_map.md", {"model": {"name": "tests.sparseml_zoo_models:zoo_mobilenet"}}),
     ],
 )
-def test_header_accounts_for_every_field_of_every_modifier(recipe: str, base: dict[str, Any] | None) -> None:
+def test_header_accounts_for_every_field_of_every_modifier(recipe: str, base: dict[str, Any] | None,
+                                                            trusted: None) -> None:
     raw = load_fixture(recipe)
     header = translate_sparseml(raw, base=base).header(recipe)
     assert all(line.startswith("#") for line in header.strip().splitlines())

@@ -17,6 +17,7 @@ import yaml
 from tests.cli_helpers import run_cli
 from wf_pipeline.gradual.plan import build_groups, plan_events
 from wf_pipeline.models import build_model
+from wf_pipeline.models.zoo import set_trust_recipe_code
 from wf_pipeline.pruning import PruneSettings
 from wf_pipeline.pruning.schedule import pruning_epochs
 from wf_pipeline.recipe.loader import load_recipe
@@ -47,20 +48,25 @@ def test_published_style_recipes_convert_without_edits_and_the_stage_takes_them(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "converted.yaml"
+    trust = ["--trust-recipe-code"] if "zoo" in base else []  # the zoo models are 'module:factory' code
     result = run_cli(capsys, monkeypatch, "recipe", "convert", str(FIXTURES / recipe), "--base", str(FIXTURES / base),
-                     "-o", str(out))
+                     "-o", str(out), *trust)
     assert result.code == 0, result.err
     text = out.read_text()
     assert text.startswith("# Translated from the SparseML recipe")
     converted = Recipe.model_validate(yaml.safe_load(text))  # the written file is a valid wf-pipeline recipe
-    assert converted == load_recipe(FIXTURES / recipe, base_path=FIXTURES / base)[0]
-    check = run_cli(capsys, monkeypatch, "recipe", "check", str(out))
+    set_trust_recipe_code(bool(trust))
+    try:
+        assert converted == load_recipe(FIXTURES / recipe, base_path=FIXTURES / base)[0]
+    finally:
+        set_trust_recipe_code(False)
+    check = run_cli(capsys, monkeypatch, "recipe", "check", str(out), *trust)
     assert check.code == 0, check.err
 
     if converted.pruning.method == "none":
         assert groups == {}
         return
-    model = build_model(converted.model, load=False)
+    model = build_model(converted.model, load=False, trust_code=True)
     planned = build_groups(model, converted.pruning, PruneSettings.from_config(converted.pruning))
     assert {g.name: len(g.params) for g in planned} == groups
     for group in planned:
@@ -71,9 +77,13 @@ def test_published_style_recipes_convert_without_edits_and_the_stage_takes_them(
 
 
 def test_fractional_frequency_becomes_exact_optimizer_steps() -> None:
-    recipe, _ = load_recipe(FIXTURES / "zoo_resnet50_card.md", base_path=FIXTURES / "base_zoo_resnet50.yaml")
+    set_trust_recipe_code(True)
+    try:
+        recipe, _ = load_recipe(FIXTURES / "zoo_resnet50_card.md", base_path=FIXTURES / "base_zoo_resnet50.yaml")
+    finally:
+        set_trust_recipe_code(False)
     assert recipe.pruning.schedule.frequency == 0.4
-    model = build_model(recipe.model, load=False)
+    model = build_model(recipe.model, load=False, trust_code=True)
     planned = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning))
     events = plan_events(planned, steps_per_epoch=10)
     assert [e.step for e in events] == list(range(0, 61, 4))  # every 0.4 epochs = 4 of 10 steps, no rounding
@@ -102,6 +112,13 @@ def _zoo_names(recipe: str) -> list[str]:
     return [name for mod in raw["pruning_modifiers"] for name in mod["params"]]
 
 
+def test_a_factory_base_needs_trust_to_be_checked(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_cli(capsys, monkeypatch, "recipe", "convert", str(FIXTURES / "zoo_resnet50_card.md"), "--base",
+                     str(FIXTURES / "base_zoo_resnet50.yaml"))
+    assert result.code == 2 and "--trust-recipe-code" in result.err
+
+
 def test_without_base_the_zoo_card_fails_against_the_bundled_model(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -122,7 +139,7 @@ def test_recipes_that_do_more_than_we_can_are_refused_in_one_line(
     recipe: str, words: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     result = run_cli(capsys, monkeypatch, "recipe", "convert", str(FIXTURES / recipe), "--base",
-                     str(FIXTURES / "base_zoo_mobilenet.yaml"))
+                     str(FIXTURES / "base_tv_resnet50.yaml"))
     assert result.code == 2
     (line,) = [line for line in result.err.splitlines() if line.startswith("error:")]
     for word in words:
@@ -151,6 +168,7 @@ def test_compress_runs_a_converted_recipe_end_to_end(tmp_path: Path, capsys: pyt
         "--base", str(FIXTURES / "base_zoo_mobilenet.yaml"),
         "--set", "finetune.steps_per_epoch=2", "--set", f"output.root={tmp_path}",
         "--set", "validate.repeats=2", "--set", "validate.warmup=0", "--set", "validate.parity_samples=16",
+        "--trust-recipe-code",
     )
     assert result.code == 0, result.err
     history = [yaml.safe_load(line) for line in (tmp_path / "sparseml-zoo-mobilenet" / "history.jsonl").read_text().splitlines()]

@@ -253,6 +253,7 @@ def recipe_convert(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the translated recipe here")] = None,
     overrides: SetOption = None,
     base: BaseOption = None,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Translate a SparseML recipe into a wf-pipeline recipe."""
     import yaml
@@ -261,6 +262,7 @@ def recipe_convert(
 
     from wf_pipeline.recipe.sparseml import conversion_header
 
+    _trust(trust_recipe_code)  # the translation builds the base recipe's model to check parameter names
     recipe = _load(recipe_path, overrides, base)
     text = conversion_header(recipe_path, base, overrides) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if output:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
-from wf_pipeline.errors import RecipeError
+from wf_pipeline.errors import RecipeError, WFError
 from wf_pipeline.recipe.safe_eval import (
     ExpressionError,
     eval_body,
@@ -768,6 +768,8 @@ def _model_params(base: dict[str, Any], from_user: bool) -> ModelParams:
     try:
         with torch.device("meta"):  # names and shapes only: no memory for the weights
             model = build_model(cfg, load=False)
+    except WFError:
+        raise  # e.g. an unknown model name, or user code not trusted: say so
     except Exception:  # noqa: BLE001 - some factories cannot build on meta; build for real then
         model = build_model(cfg, load=False)
     origin = "from the --base recipe" if from_user else "the bundled default (no --base recipe given)"
