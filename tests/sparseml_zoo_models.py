@@ -5,6 +5,7 @@ its ResNet-50, ``sections.1.0.point.conv.weight`` in its MobileNet), which torch
 These factories rebuild those layouts with tiny widths, so tests can convert such recipes with
 ``model.name: tests.sparseml_zoo_models:zoo_resnet50`` and run them quickly.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -55,7 +56,10 @@ class ZooResNet50(nn.Module):
         blocks, sections, cin = (3, 4, 6, 3), [], width
         for index, count in enumerate(blocks):
             mid, cout = width * 2**index, width * 4 * 2**index
-            layers = [_Bottleneck(cin if j == 0 else cout, mid, cout, 2 if (j == 0 and index > 0) else 1) for j in range(count)]
+            layers = [
+                _Bottleneck(cin if j == 0 else cout, mid, cout, 2 if (j == 0 and index > 0) else 1)
+                for j in range(count)
+            ]
             sections.append(nn.Sequential(*layers))
             cin = cout
         self.sections = nn.Sequential(*sections)
@@ -84,8 +88,14 @@ class ZooMobileNet(nn.Module):
         sizes, sections, cin = (1, 2, 2, 6, 2), [], width
         for index, count in enumerate(sizes):
             cout = width * 2 ** (index + 1)
-            sections.append(nn.Sequential(*[_DepthwiseSeparable(cin if j == 0 else cout, cout, 2 if j == 0 and index else 1)
-                                            for j in range(count)]))
+            sections.append(
+                nn.Sequential(
+                    *[
+                        _DepthwiseSeparable(cin if j == 0 else cout, cout, 2 if j == 0 and index else 1)
+                        for j in range(count)
+                    ]
+                )
+            )
             cin = cout
         self.sections = nn.Sequential(*sections)
         self.classifier = _Classifier(cin, num_classes)

@@ -1,4 +1,5 @@
 """Learning-rate schedules: the single-schedule form (unchanged) and lists of pieces, against hand-computed rates."""
+
 from __future__ import annotations
 
 import math
@@ -101,8 +102,21 @@ def test_piece_kinds_and_an_open_ended_last_piece() -> None:
             {"start_epoch": 8, "kind": "linear", "lr": 0.01, "final_lr": 0.002},  # runs to epochs=12
         ],
     )
-    expected = {0.0: 0.0, 0.5: 0.05, 2.0: 0.2, 2.9: 0.2, 3.0: 0.1, 5.0: 0.05, 6.0: 0.04, 7.0: 0.01, 7.5: 0.005,
-                8.0: 0.01, 10.0: 0.006, 11.0: 0.004, 12.0: 0.002}
+    expected = {
+        0.0: 0.0,
+        0.5: 0.05,
+        2.0: 0.2,
+        2.9: 0.2,
+        3.0: 0.1,
+        5.0: 0.05,
+        6.0: 0.04,
+        7.0: 0.01,
+        7.5: 0.005,
+        8.0: 0.01,
+        10.0: 0.006,
+        11.0: 0.004,
+        12.0: 0.002,
+    }
     for epoch, rate in expected.items():
         assert lr_at(cfg, epoch) == pytest.approx(rate, rel=1e-9, abs=1e-15), epoch
 
@@ -114,14 +128,30 @@ def test_train_epoch_sets_the_piecewise_rate_at_every_step() -> None:
     optimizer = build_optimizer(model, cfg.optimizer)
     batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(4)]
     seen: list[float] = []
-    train_epoch(model, batches, optimizer, cfg, epoch=9, steps_per_epoch=4, device=torch.device("cpu"),
-                after_step=lambda _: seen.append(optimizer.param_groups[0]["lr"]))
+    train_epoch(
+        model,
+        batches,
+        optimizer,
+        cfg,
+        epoch=9,
+        steps_per_epoch=4,
+        device=torch.device("cpu"),
+        after_step=lambda _: seen.append(optimizer.param_groups[0]["lr"]),
+    )
     # steps at epochs 9, 9.25, 9.5, 9.75 of the cosine 1 -> 10
     expected = [0.00025 + 0.00025 * 0.5 * (1 + math.cos(math.pi * (8 + k / 4) / 9)) for k in range(4)]
     assert seen == pytest.approx(expected, rel=1e-12)
     seen.clear()
-    train_epoch(model, batches, optimizer, cfg, epoch=10, steps_per_epoch=4, device=torch.device("cpu"),
-                after_step=lambda _: seen.append(optimizer.param_groups[0]["lr"]))
+    train_epoch(
+        model,
+        batches,
+        optimizer,
+        cfg,
+        epoch=10,
+        steps_per_epoch=4,
+        device=torch.device("cpu"),
+        after_step=lambda _: seen.append(optimizer.param_groups[0]["lr"]),
+    )
     assert seen[0] == pytest.approx(0.0005)  # the restart
 
 
@@ -146,25 +176,38 @@ def _error(finetune: dict[str, Any]) -> str:
 @pytest.mark.parametrize(
     ("finetune", "words"),
     [
-        ({"epochs": 15, "lr_schedule": RESTARTS[:1] + [dict(RESTARTS[1], start_epoch=2)] + RESTARTS[2:]},
-         ["lr_schedule.1 starts at epoch 2.0", "lr_schedule.0 ends at 1.0", "gaps"]),
+        (
+            {"epochs": 15, "lr_schedule": RESTARTS[:1] + [dict(RESTARTS[1], start_epoch=2)] + RESTARTS[2:]},
+            ["lr_schedule.1 starts at epoch 2.0", "lr_schedule.0 ends at 1.0", "gaps"],
+        ),
         ({"epochs": 15, "lr_schedule": RESTARTS[1:]}, ["lr_schedule.0 starts at epoch 1.0", "starts at 0"]),
         ({"epochs": 20, "lr_schedule": RESTARTS}, ["end at epoch 15.0", "lasts 20 epochs"]),
         ({"epochs": 8, "lr_schedule": RESTARTS}, ["lr_schedule.2 starts at epoch 10.0", "epochs=8"]),
-        ({"epochs": 15, "lr_schedule": [dict(RESTARTS[0], end_epoch=None)] + RESTARTS[1:]},
-         ["lr_schedule.0 has no end_epoch"]),
-        ({"epochs": 15, "lr_schedule": [dict(RESTARTS[0], final_lr=0.1)] + RESTARTS[1:]},
-         ["finetune.lr_schedule.0", "final_lr has no effect on a 'constant' piece"]),
-        ({"epochs": 15, "lr_schedule": RESTARTS[:2] + [dict(RESTARTS[2], kind="cosine_restart")]},
-         ["finetune.lr_schedule.2.kind", "cosine_restart"]),
-        ({"epochs": 15, "lr_schedule": RESTARTS[:2] + [dict(RESTARTS[2], speed=2)]},
-         ["finetune.lr_schedule.2.speed", "unknown field"]),
-        ({"epochs": 15, "lr_schedule": [dict(RESTARTS[0], end_epoch=0)] + RESTARTS[1:]},
-         ["end_epoch (0.0) must be after start_epoch"]),
-        ({"epochs": 6, "lr_schedule": [{"start_epoch": 0, "kind": "step", "lr": 0.1, "step_epochs": [0]}]},
-         ["step epoch 0.0 is outside the piece"]),
-        ({"epochs": 15, "optimizer": {"lr": 0.1}, "lr_schedule": RESTARTS},
-         ["optimizer.lr (0.1) differs", "0.0005"]),
+        (
+            {"epochs": 15, "lr_schedule": [dict(RESTARTS[0], end_epoch=None)] + RESTARTS[1:]},
+            ["lr_schedule.0 has no end_epoch"],
+        ),
+        (
+            {"epochs": 15, "lr_schedule": [dict(RESTARTS[0], final_lr=0.1)] + RESTARTS[1:]},
+            ["finetune.lr_schedule.0", "final_lr has no effect on a 'constant' piece"],
+        ),
+        (
+            {"epochs": 15, "lr_schedule": RESTARTS[:2] + [dict(RESTARTS[2], kind="cosine_restart")]},
+            ["finetune.lr_schedule.2.kind", "cosine_restart"],
+        ),
+        (
+            {"epochs": 15, "lr_schedule": RESTARTS[:2] + [dict(RESTARTS[2], speed=2)]},
+            ["finetune.lr_schedule.2.speed", "unknown field"],
+        ),
+        (
+            {"epochs": 15, "lr_schedule": [dict(RESTARTS[0], end_epoch=0)] + RESTARTS[1:]},
+            ["end_epoch (0.0) must be after start_epoch"],
+        ),
+        (
+            {"epochs": 6, "lr_schedule": [{"start_epoch": 0, "kind": "step", "lr": 0.1, "step_epochs": [0]}]},
+            ["step epoch 0.0 is outside the piece"],
+        ),
+        ({"epochs": 15, "optimizer": {"lr": 0.1}, "lr_schedule": RESTARTS}, ["optimizer.lr (0.1) differs", "0.0005"]),
         ({"epochs": 15, "lr_schedule": []}, ["empty list"]),
         ({"epochs": 15, "lr_schedule": {"kind": "cosin"}}, ["finetune.lr_schedule.kind", "cosin"]),
     ],
@@ -189,10 +232,21 @@ def test_weight_decay_pieces_change_only_the_decayed_group() -> None:
     optimizer = build_optimizer(model, cfg.optimizer)
     batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
     decays: list[tuple[float, float]] = []
-    record = lambda _: decays.append((optimizer.param_groups[0]["weight_decay"], optimizer.param_groups[1]["weight_decay"]))
+
+    def record(_):
+        return decays.append((optimizer.param_groups[0]["weight_decay"], optimizer.param_groups[1]["weight_decay"]))
+
     for epoch in range(3):
-        train_epoch(model, batches, optimizer, cfg, epoch=epoch, steps_per_epoch=2, device=torch.device("cpu"),
-                    after_step=record)
+        train_epoch(
+            model,
+            batches,
+            optimizer,
+            cfg,
+            epoch=epoch,
+            steps_per_epoch=2,
+            device=torch.device("cpu"),
+            after_step=record,
+        )
     assert decays == [(0.0005, 0.0)] * 4 + [(0.0, 0.0)] * 2
 
 
@@ -201,8 +255,15 @@ def test_single_schedule_never_touches_weight_decay() -> None:
     cfg = training(epochs=1, optimizer={"weight_decay": 0.001})
     optimizer = build_optimizer(model, cfg.optimizer)
     optimizer.param_groups[0]["weight_decay"] = 0.123  # whatever the caller set stays
-    train_epoch(model, [(torch.randn(2, 3), torch.tensor([0, 1]))], optimizer, cfg, epoch=0, steps_per_epoch=1,
-                device=torch.device("cpu"))
+    train_epoch(
+        model,
+        [(torch.randn(2, 3), torch.tensor([0, 1]))],
+        optimizer,
+        cfg,
+        epoch=0,
+        steps_per_epoch=1,
+        device=torch.device("cpu"),
+    )
     assert optimizer.param_groups[0]["weight_decay"] == 0.123
 
 

@@ -1,4 +1,5 @@
 """SparseML recipe translation: the safe eval(...) evaluator, the tagged-YAML loader and the converter."""
+
 from __future__ import annotations
 
 import ast
@@ -13,21 +14,26 @@ import pytest
 import yaml
 
 from wf_pipeline.errors import RecipeError, WFError
+from wf_pipeline.models.catalog import model_params
+from wf_pipeline.models.zoo import set_trust_recipe_code
 from wf_pipeline.recipe import safe_eval, sparseml, sparseml_fields, sparseml_lr, sparseml_params
 from wf_pipeline.recipe.safe_eval import ExpressionError, evaluate_expression, resolve_variables
-from wf_pipeline.models.zoo import set_trust_recipe_code
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.recipe.sparseml import (
-    SparseMLRecipeError,
-    convert_sparseml,
-    is_sparseml_recipe,
-    load_sparseml_text,
-    translate_sparseml,
-)
+from wf_pipeline.recipe.sparseml import SparseMLRecipeError, Translation, is_sparseml_recipe, load_sparseml_text
 from wf_pipeline.recipe.sparseml_params import ModelParams, ParamInfo
 from wf_pipeline.training import lr_at
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sparseml"
+
+
+def translate_sparseml(raw: dict[str, Any], **kwargs: Any) -> Translation:
+    kwargs.setdefault("model", model_params)  # the models package builds the model the recipe runs on
+    return sparseml.translate_sparseml(raw, **kwargs)
+
+
+def convert_sparseml(raw: dict[str, Any], **kwargs: Any) -> tuple[dict[str, Any], list[str]]:
+    translation = translate_sparseml(raw, **kwargs)
+    return translation.raw, translation.notes
 
 
 def load_fixture(name: str) -> dict[str, Any]:
@@ -55,10 +61,15 @@ def gmp(tag: str = "GMPruningModifier", epochs: float = 6.0, **overrides: Any) -
         "update_frequency": 1.0,
     }
     fields.update(overrides)
-    lines = "\n".join(f"    {k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                      for k, v in fields.items() if v is not None)
-    return (f"modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: {epochs}\n"
-            f"  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n  - !{tag}\n{lines}\n")
+    lines = "\n".join(
+        f"    {k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in fields.items()
+        if v is not None
+    )
+    return (
+        f"modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0.0\n    end_epoch: {epochs}\n"
+        f"  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n  - !{tag}\n{lines}\n"
+    )
 
 
 @pytest.fixture
@@ -158,9 +169,7 @@ def test_safe_eval_refuses_oversized_expressions() -> None:
 @pytest.mark.parametrize("module", [safe_eval, sparseml, sparseml_fields, sparseml_lr, sparseml_params])
 def test_modules_never_call_python_eval_or_exec(module: Any) -> None:
     tree = ast.parse(inspect.getsource(module))
-    called = {
-        node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-    }
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert not called & {"eval", "exec", "compile", "__import__"}
 
 
@@ -176,8 +185,15 @@ def test_resolve_variables_in_dependency_order() -> None:
             "alias": "eval(params)",
         }
     )
-    assert resolved == {"end": 10, "span": 9, "start": 1, "total": 12, "name": "cosine", "params": ["re:.*"],
-                        "alias": ["re:.*"]}
+    assert resolved == {
+        "end": 10,
+        "span": 9,
+        "start": 1,
+        "total": 12,
+        "name": "cosine",
+        "params": ["re:.*"],
+        "alias": ["re:.*"],
+    }
 
 
 def test_resolve_variables_detects_cycles() -> None:
@@ -199,7 +215,9 @@ def test_resolve_variables_names_the_broken_variable() -> None:
 def test_loader_records_modifier_tags() -> None:
     raw = load_fixture("gmp_cosine.yaml")
     assert [m["__modifier__"] for m in raw["modifiers"]] == [
-        "EpochRangeModifier", "LearningRateFunctionModifier", "GMPruningModifier",
+        "EpochRangeModifier",
+        "LearningRateFunctionModifier",
+        "GMPruningModifier",
     ]
     assert raw["modifiers"][2]["params"] == "eval(prune_params)"
 
@@ -220,7 +238,8 @@ def test_recipe_card_after_a_licence_comment_parses_like_its_front_matter() -> N
     ["", "\n\n", "<!-- licence -->\n", "<!--\nmulti\nline\n-->\n\n<!-- second -->\n\n", "  <!-- x -->  \n"],
 )
 def test_front_matter_after_any_leading_comments_and_blank_lines(prefix: str) -> None:
-    card = prefix + "---\nnum_epochs: 3\nmodifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: 3\n---\n\n# Title\n\nText with --- in it.\n"
+    front = "num_epochs: 3\nmodifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: 3\n"
+    card = prefix + "---\n" + front + "---\n\n# Title\n\nText with --- in it.\n"
     raw = load_sparseml_text(card)
     assert raw["num_epochs"] == 3 and raw["modifiers"][0]["__modifier__"] == "EpochRangeModifier"
 
@@ -247,8 +266,13 @@ def test_loader_refuses_python_tags_and_bad_yaml() -> None:
 
 
 def test_is_sparseml_recipe() -> None:
-    for name in ("gmp_cosine.yaml", "obs_split.yaml", "global_magnitude_steps.yaml", "recipe_card.md",
-                 "zoo_resnet50_card.md"):
+    for name in (
+        "gmp_cosine.yaml",
+        "obs_split.yaml",
+        "global_magnitude_steps.yaml",
+        "recipe_card.md",
+        "zoo_resnet50_card.md",
+    ):
         assert is_sparseml_recipe(load_fixture(name)), name
     assert is_sparseml_recipe({"stage_0": {"pruning_modifiers": []}})
     assert not is_sparseml_recipe(Recipe().to_dict())
@@ -262,29 +286,55 @@ def test_is_sparseml_recipe() -> None:
 
 def test_the_model_is_always_stated() -> None:
     _, notes = convert_sparseml(load_fixture("gmp_cosine.yaml"))
-    assert notes[0] == ("runs on model resnet20 (the bundled default (no --base recipe given)); pass --base with a "
-                        "wf-pipeline recipe to choose the model and data")
-    raw, notes = convert_sparseml(load_fixture("gmp_cosine.yaml"),
-                                  base={"model": {"name": "resnet32", "in_channels": 1}, "data": {"dataset": "digits"}})
+    assert notes[0] == (
+        "runs on model resnet20 (the bundled default (no --base recipe given)); pass --base with a "
+        "wf-pipeline recipe to choose the model and data"
+    )
+    raw, notes = convert_sparseml(
+        load_fixture("gmp_cosine.yaml"),
+        base={"model": {"name": "resnet32", "in_channels": 1}, "data": {"dataset": "digits"}},
+    )
     assert notes[0] == "runs on model resnet32 (from the --base recipe)"
     assert raw["model"]["name"] == "resnet32" and raw["data"] == {"dataset": "digits"}
 
 
 RESNET50_NAMES = [  # a torchvision ResNet-50 recipe: 10 of these 17 names happen to exist in ResNet-20
-    "conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight", "layer1.0.conv3.weight",
-    "layer1.0.downsample.0.weight", "layer1.1.conv1.weight", "layer1.1.conv2.weight", "layer1.1.conv3.weight",
-    "layer2.0.conv1.weight", "layer2.0.conv2.weight", "layer2.0.conv3.weight", "layer3.0.conv1.weight",
-    "layer3.0.conv2.weight", "layer3.0.conv3.weight", "layer4.0.conv1.weight", "layer4.0.conv2.weight", "fc.weight",
+    "conv1.weight",
+    "layer1.0.conv1.weight",
+    "layer1.0.conv2.weight",
+    "layer1.0.conv3.weight",
+    "layer1.0.downsample.0.weight",
+    "layer1.1.conv1.weight",
+    "layer1.1.conv2.weight",
+    "layer1.1.conv3.weight",
+    "layer2.0.conv1.weight",
+    "layer2.0.conv2.weight",
+    "layer2.0.conv3.weight",
+    "layer3.0.conv1.weight",
+    "layer3.0.conv2.weight",
+    "layer3.0.conv3.weight",
+    "layer4.0.conv1.weight",
+    "layer4.0.conv2.weight",
+    "fc.weight",
 ]
 
 
 def test_a_recipe_for_another_architecture_fails_naming_what_the_model_lacks() -> None:
     (problem,) = problems(gmp(params=RESNET50_NAMES))
-    lacking = ["layer1.0.conv3.weight", "layer1.0.downsample.0.weight", "layer1.1.conv3.weight",
-               "layer2.0.conv3.weight", "layer3.0.conv3.weight", "layer4.0.conv1.weight", "layer4.0.conv2.weight"]
+    lacking = [
+        "layer1.0.conv3.weight",
+        "layer1.0.downsample.0.weight",
+        "layer1.1.conv3.weight",
+        "layer2.0.conv3.weight",
+        "layer3.0.conv3.weight",
+        "layer4.0.conv1.weight",
+        "layer4.0.conv2.weight",
+    ]
     assert problem.where == "!GMPruningModifier (modifiers[2]) field 'params'"
-    assert problem.message == (f"7 of 17 parameter names/patterns match no parameter of model resnet20 (the bundled "
-                               f"default (no --base recipe given)): {', '.join(lacking)}")
+    assert problem.message == (
+        f"7 of 17 parameter names/patterns match no parameter of model resnet20 (the bundled "
+        f"default (no --base recipe given)): {', '.join(lacking)}"
+    )
     assert "--base" in problem.fix and "module:factory" in problem.fix
     # with the right model it converts
     raw, _ = convert_text(gmp(params=RESNET50_NAMES), base={"model": {"name": "resnet50", "in_channels": 1}})
@@ -310,8 +360,16 @@ def test_patterns_that_match_batchnorm_weights_are_noted_not_silently_narrowed()
     assert "'bn1.weight' matches only parameters wf-pipeline never prunes" in problem.message
 
 
-PARAM_NAMES = ["conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv1.weight_orig", "layer1.0.bn1.weight",
-               "layer2.1.conv2.weight", "fc.weight", "fc.bias", "xfc.weight"]
+PARAM_NAMES = [
+    "conv1.weight",
+    "layer1.0.conv1.weight",
+    "layer1.0.conv1.weight_orig",
+    "layer1.0.bn1.weight",
+    "layer2.1.conv2.weight",
+    "fc.weight",
+    "fc.bias",
+    "xfc.weight",
+]
 
 
 @pytest.mark.parametrize("pattern", [".*conv.*", ".*weight", "layer[12]\\.\\d\\.conv1", "fc\\.weight$", "conv1"])
@@ -360,8 +418,11 @@ def test_base_skip_or_min_layer_params_dropping_pattern_selected_weights_is_an_e
 
 def test_gmp_cosine_recipe() -> None:
     raw, notes = convert_sparseml(load_fixture("gmp_cosine.yaml"))
-    assert raw["finetune"] == {"epochs": 12, "optimizer": {"lr": 0.05},
-                               "lr_schedule": {"kind": "cosine", "final_lr": 0.0005}}
+    assert raw["finetune"] == {
+        "epochs": 12,
+        "optimizer": {"lr": 0.05},
+        "lr_schedule": {"kind": "cosine", "final_lr": 0.0005},
+    }
     assert raw["pruning"] == {
         "method": "magnitude",
         "ranking": "uniform",  # GMPruningModifier is layer-wise unless global_sparsity is set
@@ -382,8 +443,13 @@ def test_obs_recipe_maps_to_woodfisher_and_its_warmup_exactly() -> None:
     assert (pruning["initial_sparsity"], pruning["final_sparsity"]) == (0.7, 0.95)
     assert pruning["schedule"] == {"kind": "cubic", "start_epoch": 2.0, "end_epoch": 8.0, "frequency": 2.0}
     assert pruning["woodfisher"] == {
-        "num_grads": 256, "block_size": 64, "damp": 1e-7,  # written '1e-7', which YAML 1.1 reads as a string
-        "recompute_steps": 2, "grad_batch_size": 8, "fisher_type": "empirical", "update": "independent",
+        "num_grads": 256,
+        "block_size": 64,
+        "damp": 1e-7,  # written '1e-7', which YAML 1.1 reads as a string
+        "recompute_steps": 2,
+        "grad_batch_size": 8,
+        "fisher_type": "empirical",
+        "update": "independent",
     }
     assert raw["finetune"]["optimizer"] == {"lr": 0.01, "weight_decay": 0.0001}
     assert raw["finetune"]["lr_schedule"] == [  # a warmup from 0, then the decay: two exact pieces
@@ -475,16 +541,31 @@ def _second(body: str, **changes: str) -> str:
 
 def test_modifiers_with_different_targets_become_groups() -> None:
     body = gmp(params=["re:layer1.*"])
-    text = body + "  - !GMPruningModifier\n" + body.split("  - !GMPruningModifier\n")[1].replace(
-        "re:layer1.*", "re:layer2.*").replace("final_sparsity: 0.8", "final_sparsity: 0.9").replace(
-        "update_frequency: 1.0", "update_frequency: 0.5")
+    text = (
+        body
+        + "  - !GMPruningModifier\n"
+        + body.split("  - !GMPruningModifier\n")[1]
+        .replace("re:layer1.*", "re:layer2.*")
+        .replace("final_sparsity: 0.8", "final_sparsity: 0.9")
+        .replace("update_frequency: 1.0", "update_frequency: 0.5")
+    )
     raw, _ = convert_text(text)
     assert "layers" not in raw["pruning"] and "final_sparsity" not in raw["pruning"]
     assert raw["pruning"]["groups"] == [
-        {"name": "modifiers[2]", "layers": ["^(?:layer1.*)"], "initial_sparsity": 0.05, "final_sparsity": 0.8,
-         "schedule": {"kind": "cubic", "start_epoch": 0.0, "end_epoch": 4.0, "frequency": 1.0}},
-        {"name": "modifiers[3]", "layers": ["^(?:layer2.*)"], "initial_sparsity": 0.05, "final_sparsity": 0.9,
-         "schedule": {"kind": "cubic", "start_epoch": 0.0, "end_epoch": 4.0, "frequency": 0.5}},
+        {
+            "name": "modifiers[2]",
+            "layers": ["^(?:layer1.*)"],
+            "initial_sparsity": 0.05,
+            "final_sparsity": 0.8,
+            "schedule": {"kind": "cubic", "start_epoch": 0.0, "end_epoch": 4.0, "frequency": 1.0},
+        },
+        {
+            "name": "modifiers[3]",
+            "layers": ["^(?:layer2.*)"],
+            "initial_sparsity": 0.05,
+            "final_sparsity": 0.9,
+            "schedule": {"kind": "cubic", "start_epoch": 0.0, "end_epoch": 4.0, "frequency": 0.5},
+        },
     ]
     recipe = Recipe.model_validate(raw)
     assert [g.final_sparsity for g in recipe.pruning.groups] == [0.8, 0.9]
@@ -505,8 +586,11 @@ def test_same_settings_merge_when_layer_wise_but_not_when_global() -> None:
 
 def test_a_parameter_in_two_modifiers_is_an_error() -> None:
     body = gmp(params=["re:layer1.*"])
-    second = body.split("  - !GMPruningModifier\n")[1].replace("re:layer1.*", "layer1.0.conv1.weight").replace(
-        "final_sparsity: 0.8", "final_sparsity: 0.9")
+    second = (
+        body.split("  - !GMPruningModifier\n")[1]
+        .replace("re:layer1.*", "layer1.0.conv1.weight")
+        .replace("final_sparsity: 0.8", "final_sparsity: 0.9")
+    )
     (problem,) = problems(body + "  - !GMPruningModifier\n" + second)
     assert problem.where == "!GMPruningModifier (modifiers[2]) and !GMPruningModifier (modifiers[3])"
     assert "both select layer1.0.conv1.weight" in problem.message
@@ -520,12 +604,16 @@ def test_modifiers_with_different_methods_are_refused() -> None:
 
 
 def test_final_sparsity_map_becomes_one_group_per_target() -> None:
-    text = gmp(params=[], final_sparsity={0.7: ["layer1.0.conv1.weight", "re:layer2.*"],
-                                           0.9: ["fc.weight", "layer1.0.conv1.weight"]})
+    text = gmp(
+        params=[],
+        final_sparsity={0.7: ["layer1.0.conv1.weight", "re:layer2.*"], 0.9: ["fc.weight", "layer1.0.conv1.weight"]},
+    )
     raw, _ = convert_text(text)
     groups = raw["pruning"]["groups"]
     assert [(g["name"], g["final_sparsity"]) for g in groups] == [
-        ("modifiers[2].final_sparsity[0]", 0.7), ("modifiers[2].final_sparsity[1]", 0.9)]
+        ("modifiers[2].final_sparsity[0]", 0.7),
+        ("modifiers[2].final_sparsity[1]", 0.9),
+    ]
     assert groups[0]["layers"] == [r"^layer1\.0\.conv1\.weight$", "^(?:layer2.*)"]
     assert groups[1]["layers"] == [r"^fc\.weight$"]  # layer1.0.conv1.weight keeps its first target, as in SparseML
     Recipe.model_validate(raw)
@@ -543,8 +631,9 @@ def _rates(raw: dict[str, Any], epochs: list[float]) -> list[float]:
 
 
 def test_warm_restarts_after_a_set_rate() -> None:
-    raw, _ = convert_sparseml(load_fixture("tv_mobilenetv2_restarts.yaml"),
-                              base={"model": {"name": "mobilenet_v2", "in_channels": 1}})
+    raw, _ = convert_sparseml(
+        load_fixture("tv_mobilenetv2_restarts.yaml"), base={"model": {"name": "mobilenet_v2", "in_channels": 1}}
+    )
     assert raw["finetune"]["lr_schedule"] == [
         {"start_epoch": 0, "end_epoch": 1, "kind": "constant", "lr": 0.0005},
         {"start_epoch": 1, "end_epoch": 10, "kind": "cosine", "lr": 0.0005, "final_lr": 0.00025},
@@ -581,8 +670,10 @@ def test_a_rate_held_after_a_function_ends_and_a_later_set_rate() -> None:
 
 def test_learning_rate_classes() -> None:
     epoch_range = "  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: 6\n"
-    step_lr = ("  - !LearningRateModifier\n    start_epoch: 0\n    lr_class: StepLR\n"
-               "    lr_kwargs: {step_size: 2, gamma: 0.5}\n    init_lr: 0.1\n")
+    step_lr = (
+        "  - !LearningRateModifier\n    start_epoch: 0\n    lr_class: StepLR\n"
+        "    lr_kwargs: {step_size: 2, gamma: 0.5}\n    init_lr: 0.1\n"
+    )
     raw, _ = convert_text("modifiers:\n" + epoch_range + step_lr)
     assert raw["finetune"]["lr_schedule"] == {"kind": "step", "step_epochs": [2, 4], "gamma": 0.5}
     exp_lr = step_lr.replace("StepLR", "ExponentialLR").replace("{step_size: 2, gamma: 0.5}", "{gamma: 0.9}")
@@ -595,14 +686,17 @@ def test_learning_rate_classes() -> None:
 
 def test_learning_rate_problems_name_the_modifiers() -> None:
     epoch_range = "  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: 6\n"
-    cosine = ("  - !LearningRateFunctionModifier\n    start_epoch: {s}\n    end_epoch: {e}\n    lr_func: cosine\n"
-              "    init_lr: 0.1\n    final_lr: 0.0\n")
+    cosine = (
+        "  - !LearningRateFunctionModifier\n    start_epoch: {s}\n    end_epoch: {e}\n    lr_func: cosine\n"
+        "    init_lr: 0.1\n    final_lr: 0.0\n"
+    )
     (problem,) = problems("modifiers:\n" + epoch_range + cosine.format(s=0, e=4) + cosine.format(s=3, e=6))
     assert "both set the learning rate between epochs 3 and 4" in problem.message
     (problem,) = problems("modifiers:\n" + epoch_range + cosine.format(s=2, e=6))
     assert "the learning rate before epoch 2 is not set" in problem.message
-    raw, notes = convert_text("modifiers:\n" + epoch_range + cosine.format(s=2, e=6),
-                              base={"finetune": {"optimizer": {"lr": 0.3}}})
+    raw, notes = convert_text(
+        "modifiers:\n" + epoch_range + cosine.format(s=2, e=6), base={"finetune": {"optimizer": {"lr": 0.3}}}
+    )
     assert raw["finetune"]["lr_schedule"][0] == {"start_epoch": 0, "end_epoch": 2, "kind": "constant", "lr": 0.3}
     set_inside = "  - !SetLearningRateModifier\n    start_epoch: 3\n    learning_rate: 0.5\n"
     (problem,) = problems("modifiers:\n" + epoch_range + cosine.format(s=0, e=6) + set_inside)
@@ -612,24 +706,29 @@ def test_learning_rate_problems_name_the_modifiers() -> None:
 
 
 def test_weight_decay_changes_ride_on_the_pieces(trusted: None) -> None:
-    raw, _ = convert_sparseml(load_fixture("zoo_mobilenet_sparsity_map.md"),
-                              base={"model": {"name": "tests.sparseml_zoo_models:zoo_mobilenet"}})
+    raw, _ = convert_sparseml(
+        load_fixture("zoo_mobilenet_sparsity_map.md"),
+        base={"model": {"name": "tests.sparseml_zoo_models:zoo_mobilenet"}},
+    )
     assert raw["finetune"]["lr_schedule"] == [
         {"start_epoch": 0, "end_epoch": 2, "kind": "constant", "lr": 0.0004},
         {"start_epoch": 2, "end_epoch": 3, "kind": "constant", "lr": 0.0004, "weight_decay": 0.0},
     ]
-    text = gmp().replace("  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n",
-                         "  - !LearningRateFunctionModifier\n    start_epoch: 0\n    end_epoch: 6\n    lr_func: cosine\n"
-                         "    init_lr: 0.1\n    final_lr: 0.0\n  - !SetWeightDecayModifier\n    start_epoch: 3\n"
-                         "    weight_decay: 0.0\n")
+    text = gmp().replace(
+        "  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n",
+        "  - !LearningRateFunctionModifier\n    start_epoch: 0\n    end_epoch: 6\n    lr_func: cosine\n"
+        "    init_lr: 0.1\n    final_lr: 0.0\n  - !SetWeightDecayModifier\n    start_epoch: 3\n"
+        "    weight_decay: 0.0\n",
+    )
     (problem,) = problems(text)
     assert "falls inside the cosine learning-rate schedule" in problem.message
 
 
 def test_no_learning_rate_modifier_keeps_base_lr() -> None:
     base = {"model": {"name": "resnet20", "in_channels": 1}, "finetune": {"optimizer": {"lr": 0.3}}}
-    raw, notes = convert_text(gmp().replace("  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n", ""),
-                              base=base)
+    raw, notes = convert_text(
+        gmp().replace("  - !SetLearningRateModifier\n    start_epoch: 0.0\n    learning_rate: 0.01\n", ""), base=base
+    )
     recipe = Recipe.model_validate(raw)
     assert recipe.finetune.optimizer.lr == 0.3 and recipe.finetune.epochs == 6
     assert any("no learning-rate modifier" in note for note in notes)
@@ -646,13 +745,18 @@ def test_holding_masks_of_a_pruned_model_is_fine_tuning_with_masks_held() -> Non
 
 
 def test_holding_masks_after_pruning_adds_a_hold_group_for_unpruned_weights() -> None:
-    raw, notes = convert_sparseml(load_fixture("tv_densenet_hold.yaml"),
-                                  base={"model": {"name": "densenet121", "in_channels": 1}})
+    raw, notes = convert_sparseml(
+        load_fixture("tv_densenet_hold.yaml"), base={"model": {"name": "densenet121", "in_channels": 1}}
+    )
     pruned, hold = raw["pruning"]["groups"]
     assert pruned["final_sparsity"] == 0.9 and pruned["schedule"]["frequency"] == 0.5
-    assert hold == {"name": "finetuning_modifiers[0]", "layers": [r"^classifier\.weight$"], "initial_sparsity": 0.0,
-                    "final_sparsity": 0.0,
-                    "schedule": {"kind": "constant", "start_epoch": 0.0, "end_epoch": 0.0, "frequency": 1.0}}
+    assert hold == {
+        "name": "finetuning_modifiers[0]",
+        "layers": [r"^classifier\.weight$"],
+        "initial_sparsity": 0.0,
+        "final_sparsity": 0.0,
+        "schedule": {"kind": "constant", "start_epoch": 0.0, "end_epoch": 0.0, "frequency": 1.0},
+    }
     assert any("classifier.weight are held from epoch 0, not from epoch 10" in note for note in notes)
     Recipe.model_validate(raw)
 
@@ -660,10 +764,14 @@ def test_holding_masks_after_pruning_adds_a_hold_group_for_unpruned_weights() ->
 @pytest.mark.parametrize(
     ("constant", "words"),
     [
-        ("    start_epoch: 4.0\n    end_epoch: 5.0\n    params: __ALL_PRUNABLE__\n",
-         ["field 'end_epoch'", "releasing the masks at epoch 5 lets pruned weights grow back"]),
-        ("    start_epoch: 2.0\n    params: ['re:layer1.*']\n",
-         ["field 'start_epoch'", "while !GMPruningModifier (modifiers[2]) still prunes"]),
+        (
+            "    start_epoch: 4.0\n    end_epoch: 5.0\n    params: __ALL_PRUNABLE__\n",
+            ["field 'end_epoch'", "releasing the masks at epoch 5 lets pruned weights grow back"],
+        ),
+        (
+            "    start_epoch: 2.0\n    params: ['re:layer1.*']\n",
+            ["field 'start_epoch'", "while !GMPruningModifier (modifiers[2]) still prunes"],
+        ),
     ],
 )
 def test_a_constant_pruning_modifier_that_does_more_than_hold_masks_is_refused(constant: str, words: list[str]) -> None:
@@ -675,12 +783,19 @@ def test_a_constant_pruning_modifier_that_does_more_than_hold_masks_is_refused(c
 
 def test_leave_enabled_false_is_refused_when_weights_would_grow_back() -> None:
     (problem,) = problems(gmp(leave_enabled=False))
-    assert problem.where.endswith("field 'leave_enabled'") and "grow back before training ends (epoch 6)" in problem.message
+    assert (
+        problem.where.endswith("field 'leave_enabled'")
+        and "grow back before training ends (epoch 6)" in problem.message
+    )
     convert_text(gmp(leave_enabled=False, end_epoch=6.0))  # pruning ends with training: nothing regrows
-    held = gmp(leave_enabled=False) + "  - !ConstantPruningModifier\n    start_epoch: 4.0\n    params: __ALL_PRUNABLE__\n"
+    held = (
+        gmp(leave_enabled=False) + "  - !ConstantPruningModifier\n    start_epoch: 4.0\n    params: __ALL_PRUNABLE__\n"
+    )
     raw, _ = convert_text(held)  # the masks are held from where pruning ends
     assert raw["pruning"]["layers"] == [".*"]
-    late = held.replace("start_epoch: 4.0\n    params: __ALL_PRUNABLE__", "start_epoch: 5.0\n    params: __ALL_PRUNABLE__")
+    late = held.replace(
+        "start_epoch: 4.0\n    params: __ALL_PRUNABLE__", "start_epoch: 5.0\n    params: __ALL_PRUNABLE__"
+    )
     (problem,) = problems(late)  # between epochs 4 and 5 SparseML would let them regrow
     assert problem.where.endswith("field 'leave_enabled'")
 
@@ -878,8 +993,9 @@ def test_no_pruning_modifier_means_fine_tuning_only_unless_base_prunes() -> None
         ("zoo_mobilenet_sparsity_map.md", {"model": {"name": "tests.sparseml_zoo_models:zoo_mobilenet"}}),
     ],
 )
-def test_header_accounts_for_every_field_of_every_modifier(recipe: str, base: dict[str, Any] | None,
-                                                            trusted: None) -> None:
+def test_header_accounts_for_every_field_of_every_modifier(
+    recipe: str, base: dict[str, Any] | None, trusted: None
+) -> None:
     raw = load_fixture(recipe)
     header = translate_sparseml(raw, base=base).header(recipe)
     assert all(line.startswith("#") for line in header.strip().splitlines())
@@ -896,7 +1012,9 @@ def test_header_accounts_for_every_field_of_every_modifier(recipe: str, base: di
 def test_header_lists_what_became_what_was_defaulted_and_what_was_ignored() -> None:
     header = translate_sparseml(load_fixture("gmp_cosine.yaml")).header("gmp_cosine.yaml")
     assert "# Runs on model resnet20 (the bundled default (no --base recipe given))" in header
-    assert "#   modifiers[2] !GMPruningModifier.update_frequency = 1.0 -> pruning.schedule.frequency = 1 epochs" in header
+    assert (
+        "#   modifiers[2] !GMPruningModifier.update_frequency = 1.0 -> pruning.schedule.frequency = 1 epochs" in header
+    )
     assert "#   modifiers[1] !LearningRateFunctionModifier.init_lr = 0.05 -> finetune.optimizer.lr" in header
     assert "# Not set in the SparseML recipe (defaulted):" in header
     assert "#   modifiers[2] !GMPruningModifier.global_sparsity -> pruning.ranking = uniform" in header

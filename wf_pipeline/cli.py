@@ -43,9 +43,10 @@ def _load(path: Path, overrides: list[str] | None, base: Path | None = None, *, 
     """The validated recipe; `prunes`: the command prunes, so the recipe must name its model's weights."""
     from rich.markup import escape
 
+    from wf_pipeline.models.catalog import model_params
     from wf_pipeline.recipe.loader import load_recipe
 
-    recipe, notes = load_recipe(path, overrides or [], base, require_weights=prunes)
+    recipe, notes = load_recipe(path, overrides or [], base, require_weights=prunes, model_catalog=model_params)
     for note in notes:
         err_console.print(f"[dim]note: {escape(note)}[/dim]")
     return recipe
@@ -260,11 +261,13 @@ def recipe_convert(
 
     from wf_pipeline.atomic_io import write_text
 
-    from wf_pipeline.recipe.sparseml import conversion_header
+    from wf_pipeline.models.catalog import model_params
+    from wf_pipeline.recipe.loader import recipe_header
 
     _trust(trust_recipe_code)  # the translation builds the base recipe's model to check parameter names
     recipe = _load(recipe_path, overrides, base)
-    text = conversion_header(recipe_path, base, overrides) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    header = recipe_header(recipe_path, base, overrides, model_params)
+    text = header + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     if output:
         if output.is_dir():
             raise WFError(f"--output: {output} is a folder", f"give a file name, e.g. {output / 'recipe.yaml'}")

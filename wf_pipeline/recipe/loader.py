@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from wf_pipeline.errors import RecipeError
 from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.recipe.sparseml_params import ModelCatalog
 
 # Hints for pydantic's error types: what the user should do about each.
 _HINTS = {
@@ -135,11 +136,14 @@ def _safe_load(text: str, source: str) -> Any:
         raise RecipeError(f"{source}: the YAML is nested too deeply to read", "flatten it") from None
 
 
-def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None,
+                      model_catalog: ModelCatalog | None = None) -> tuple[dict[str, Any], list[str]]:
     """YAML text -> raw dict in our format; SparseML recipes are translated (notes say how).
 
     `base` supplies the sections a SparseML recipe lacks (model, data, export, validate, ...); without it
-    the translation uses the bundled default model and data, and says so.
+    the translation uses the bundled default model and data, and says so. `model_catalog` lists the
+    parameters of that model, which the translation checks the recipe's names against
+    (``wf_pipeline.models.catalog.model_params``).
     """
     from wf_pipeline.recipe import sparseml
 
@@ -150,7 +154,7 @@ def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None
             raise RecipeError(f"{source}: the YAML is nested too deeply to read", "flatten it") from None
         check_expansion(raw, source)
         if sparseml.is_sparseml_recipe(raw):
-            return sparseml.convert_sparseml(raw, base=base)
+            return sparseml.convert_sparseml(raw, base=base, model=_require_catalog(model_catalog, source))
     raw = _safe_load(text, source)
     check_expansion(raw, source)
     if raw is None or raw == {}:
@@ -161,8 +165,27 @@ def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None
         raise RecipeError(f"{source}: the recipe must be a mapping of sections (model, data, pruning, ...)",
                           "see recipes/ for examples")
     if sparseml.is_sparseml_recipe(raw):
-        return sparseml.convert_sparseml(raw, base=base)
+        return sparseml.convert_sparseml(raw, base=base, model=_require_catalog(model_catalog, source))
     return raw, []
+
+
+def _require_catalog(catalog: ModelCatalog | None, source: str) -> ModelCatalog:
+    if catalog is None:
+        raise RecipeError(f"{source} is a SparseML recipe: translating it needs the model's parameter names",
+                          "pass model_catalog=wf_pipeline.models.catalog.model_params")
+    return catalog
+
+
+def recipe_header(path: str | Path, base_path: str | Path | None, overrides: list[str] | None,
+                  model_catalog: ModelCatalog) -> str:
+    """The comment block above a translated SparseML recipe: what each field became ('' for our recipes)."""
+    from wf_pipeline.recipe import sparseml
+
+    base = None
+    if base_path is not None:
+        base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path), model_catalog=model_catalog)
+    return sparseml.conversion_header(read_recipe_text(Path(path)), str(path), model=model_catalog, base=base,
+                                      overrides=overrides)
 
 
 def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:
@@ -182,17 +205,19 @@ def check_weights_named(raw: dict[str, Any], source: str) -> None:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None,
-                base_path: str | Path | None = None, *, require_weights: bool = False) -> tuple[Recipe, list[str]]:
+                base_path: str | Path | None = None, *, require_weights: bool = False,
+                model_catalog: ModelCatalog | None = None) -> tuple[Recipe, list[str]]:
     """Read, translate if needed, override, validate. Returns the recipe and translation notes.
 
-    `base_path` is a wf-pipeline recipe whose sections complete a SparseML recipe. With
+    `base_path` is a wf-pipeline recipe whose sections complete a SparseML recipe; `model_catalog` lists
+    the parameters of its model (needed to translate a SparseML recipe, see `parse_recipe_text`). With
     `require_weights` (commands that prune), the recipe must name `model.weights`.
     """
     path = Path(path)
     base = None
     if base_path is not None:
-        base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path))
-    raw, notes = parse_recipe_text(read_recipe_text(path), str(path), base)
+        base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path), model_catalog=model_catalog)
+    raw, notes = parse_recipe_text(read_recipe_text(path), str(path), base, model_catalog)
     raw = apply_overrides(raw, overrides or [])
     check_expansion(raw, str(path))
     recipe = validate_recipe(raw, str(path))

@@ -20,18 +20,19 @@ Call sequence (the recipe loader does this)::
 ``translate_sparseml`` returns the same plus the per-field account written as the header of
 ``recipe convert``'s output.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from wf_pipeline.errors import RecipeError, WFError
+from wf_pipeline.errors import RecipeError
 from wf_pipeline.recipe.safe_eval import (
     ExpressionError,
     eval_body,
@@ -58,6 +59,7 @@ from wf_pipeline.recipe.sparseml_lr import (
 from wf_pipeline.recipe.sparseml_params import (
     ALL,
     ALL_PRUNABLE,
+    ModelCatalog,
     ModelParams,
     describe_names,
     layer_patterns,
@@ -265,8 +267,11 @@ def _parse_epoch_range(mod: Modifier, out: _Parsed) -> None:
     if end <= max(start, 0):
         raise mod.stop("end_epoch", f"must be after start_epoch ({start}), got {end}", "give a later end_epoch")
     if start > 0:
-        mod.ignored("start_epoch", f"{start:g}: fine-tuning always starts at epoch 0 (SparseML's training loops "
-                    "also run from 0 to the last end_epoch)")
+        mod.ignored(
+            "start_epoch",
+            f"{start:g}: fine-tuning always starts at epoch 0 (SparseML's training loops "
+            "also run from 0 to the last end_epoch)",
+        )
     else:
         mod.became("start_epoch", "fine-tuning starts at epoch 0")
     out.epoch_ranges.append(_EpochRange(start, end, mod))
@@ -274,7 +279,14 @@ def _parse_epoch_range(mod: Modifier, out: _Parsed) -> None:
 
 _COMMON_PRUNING_REQUIRED = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch", "update_frequency", "params")
 _COMMON_PRUNING_OPTIONAL = ("leave_enabled", "inter_func", "mask_type")
-_OBS_OPTIONAL = ("global_sparsity", "num_grads", "damp", "fisher_block_size", "grad_sampler_kwargs", "num_recomputations")
+_OBS_OPTIONAL = (
+    "global_sparsity",
+    "num_grads",
+    "damp",
+    "fisher_block_size",
+    "grad_sampler_kwargs",
+    "num_recomputations",
+)
 _INTER_FUNCS = ("cubic", "linear")
 
 
@@ -283,8 +295,11 @@ def _entries(mod: Modifier, name: str, value: Any) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
-        raise mod.stop(name, f"expected a name, pattern or non-empty list of them, got {value!r}",
-                       "list parameter names, 're:' patterns or __ALL_PRUNABLE__")
+        raise mod.stop(
+            name,
+            f"expected a name, pattern or non-empty list of them, got {value!r}",
+            "list parameter names, 're:' patterns or __ALL_PRUNABLE__",
+        )
     for entry in value:
         if entry.startswith("re:"):
             try:
@@ -312,8 +327,11 @@ def _frequency(mod: Modifier, start: float, end: float) -> float:
         mod.ignored("update_frequency", f"one-shot pruning at epoch {start:g}: a single pruning step")
         return 1.0
     if frequency <= 0:
-        raise mod.stop("update_frequency", f"must be > 0 for gradual pruning, got {frequency}",
-                       "give the epochs between pruning steps, e.g. 0.5")
+        raise mod.stop(
+            "update_frequency",
+            f"must be > 0 for gradual pruning, got {frequency}",
+            "give the epochs between pruning steps, e.g. 0.5",
+        )
     return float(frequency)
 
 
@@ -332,15 +350,21 @@ def _parse_pruning(mod: Modifier, out: _Parsed) -> None:
 
     mask_type = mod.raw("mask_type", "unstructured")
     if mask_type != "unstructured":
-        mod.problem("mask_type", f"{mask_type!r} sparsity is not supported; the translation prunes unstructured "
-                    "weights only", "use mask_type: unstructured")
+        mod.problem(
+            "mask_type",
+            f"{mask_type!r} sparsity is not supported; the translation prunes unstructured weights only",
+            "use mask_type: unstructured",
+        )
     elif mod.has("mask_type"):
         mod.became("mask_type", "unstructured pruning (wf-pipeline's)")
     else:
         mod.defaulted("mask_type", "unstructured (SparseML's default)")
     if mod.raw("init_sparsity") == "__FROM_PARAM__":
-        mod.problem("init_sparsity", "__FROM_PARAM__ (start from each parameter's current sparsity) is not "
-                    "supported", "give a number, e.g. init_sparsity: 0.05")
+        mod.problem(
+            "init_sparsity",
+            "__FROM_PARAM__ (start from each parameter's current sparsity) is not supported",
+            "give a number, e.g. init_sparsity: 0.05",
+        )
         init = None
     else:
         init = _sparsity(mod, "init_sparsity", mod.deref(mod.raw("init_sparsity")))
@@ -369,28 +393,49 @@ def _parse_pruning(mod: Modifier, out: _Parsed) -> None:
     targets: list[_Target] = []
     if isinstance(final_raw, dict):
         if global_ranking:
-            mod.problem("final_sparsity", "a map of per-parameter targets with global ranking has no clear meaning",
-                        "use one final_sparsity, or a layer-wise modifier (!GMPruningModifier) for the map")
+            mod.problem(
+                "final_sparsity",
+                "a map of per-parameter targets with global ranking has no clear meaning",
+                "use one final_sparsity, or a layer-wise modifier (!GMPruningModifier) for the map",
+            )
         params = mod.raw("params")
         if params not in ([], None, ""):
-            mod.problem("params", f"must be [] when final_sparsity is a map (SparseML's rule), got {params!r}",
-                        "set params: [] and list the parameters in the final_sparsity map")
+            mod.problem(
+                "params",
+                f"must be [] when final_sparsity is a map (SparseML's rule), got {params!r}",
+                "set params: [] and list the parameters in the final_sparsity map",
+            )
         for index, (sparsity, entries) in enumerate(final_raw.items()):
             value = _sparsity(mod, "final_sparsity", sparsity)
-            targets.append(_Target(mod, _entries(mod, "final_sparsity", entries), init or 0.0, value, dict(schedule),
-                                   label=f"{mod.location}.final_sparsity[{index}]"))
+            targets.append(
+                _Target(
+                    mod,
+                    _entries(mod, "final_sparsity", entries),
+                    init or 0.0,
+                    value,
+                    dict(schedule),
+                    label=f"{mod.location}.final_sparsity[{index}]",
+                )
+            )
     else:
         final = _sparsity(mod, "final_sparsity", final_raw)
-        targets.append(_Target(mod, _entries(mod, "params", mod.raw("params")), init or 0.0, final, dict(schedule),
-                               label=mod.location))
+        targets.append(
+            _Target(
+                mod, _entries(mod, "params", mod.raw("params")), init or 0.0, final, dict(schedule), label=mod.location
+            )
+        )
     for target in targets:
         if init is not None and init > target.final:
-            mod.problem("init_sparsity", f"{init} is above final_sparsity {target.final}",
-                        "give init_sparsity <= final_sparsity")
+            mod.problem(
+                "init_sparsity",
+                f"{init} is above final_sparsity {target.final}",
+                "give init_sparsity <= final_sparsity",
+            )
     woodfisher = _obs_settings(mod) if is_obs else None
     method = "woodfisher" if is_obs else "magnitude"
-    out.prunings.append(_Pruning(mod, method, "global" if global_ranking else "uniform", woodfisher, start, end,
-                                 leave_enabled, targets))
+    out.prunings.append(
+        _Pruning(mod, method, "global" if global_ranking else "uniform", woodfisher, start, end, leave_enabled, targets)
+    )
 
 
 def _sparseml_version(variables: dict[str, Any]) -> tuple[int, int] | None:
@@ -419,30 +464,51 @@ def _obs_settings(mod: Modifier) -> dict[str, Any]:
         elif version is not None:
             block, why = OBS_BLOCK_DEFAULT_UP_TO_1_4, f"SparseML {version[0]}.{version[1]}'s default (50 up to 1.4)"
         else:
-            block, why = OBS_BLOCK_DEFAULT_UP_TO_1_4, ("SparseML's default up to 1.4; from 1.5 it is 1 (a diagonal "
-                                                       "Fisher): the recipe has no 'version:', so set fisher_block_size "
-                                                       "if it was written for 1.5 or later")
+            block, why = (
+                OBS_BLOCK_DEFAULT_UP_TO_1_4,
+                (
+                    "SparseML's default up to 1.4; from 1.5 it is 1 (a diagonal "
+                    "Fisher): the recipe has no 'version:', so set fisher_block_size "
+                    "if it was written for 1.5 or later"
+                ),
+            )
             mod.ctx.note(f"{mod.label}: fisher_block_size not set: using 50, {why}")
         woodfisher["block_size"] = block
         mod.defaulted("fisher_block_size", f"pruning.woodfisher.block_size = {block} ({why})")
-    mod.ctx.note(f"{mod.label}: woodfisher.update 'independent' reproduces SparseML's summed single-weight OBS "
-                 "update; set it to 'joint' for the exact joint update")
+    mod.ctx.note(
+        f"{mod.label}: woodfisher.update 'independent' reproduces SparseML's summed single-weight OBS "
+        "update; set it to 'joint' for the exact joint update"
+    )
     sampler = mod.raw("grad_sampler_kwargs", None) or {}
     if not isinstance(sampler, dict):
-        raise mod.stop("grad_sampler_kwargs", f"expected a mapping, got {sampler!r}", "write grad_sampler_kwargs: {batch_size: 8}")
+        raise mod.stop(
+            "grad_sampler_kwargs", f"expected a mapping, got {sampler!r}", "write grad_sampler_kwargs: {batch_size: 8}"
+        )
     for key in sampler:
         if key != "batch_size":
-            mod.problem("grad_sampler_kwargs", f"key '{key}' is not supported", "only grad_sampler_kwargs.batch_size maps")
+            mod.problem(
+                "grad_sampler_kwargs", f"key '{key}' is not supported", "only grad_sampler_kwargs.batch_size maps"
+            )
     if "batch_size" in sampler:
         batch = sampler["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, (int, float)) or batch != int(batch) or batch < 1:
-            raise mod.stop("grad_sampler_kwargs", f"batch_size must be a positive whole number, got {batch!r}",
-                           "e.g. batch_size: 8")
+            raise mod.stop(
+                "grad_sampler_kwargs",
+                f"batch_size must be a positive whole number, got {batch!r}",
+                "e.g. batch_size: 8",
+            )
         woodfisher["grad_batch_size"] = int(batch)
     else:
-        mod.defaulted("grad_sampler_kwargs", "pruning.woodfisher.grad_batch_size from the base recipe or its "
-                      "default (SparseML would use the training batch size)")
-    for name, ours in (("num_grads", "num_grads"), ("fisher_block_size", "block_size"), ("num_recomputations", "recompute_steps")):
+        mod.defaulted(
+            "grad_sampler_kwargs",
+            "pruning.woodfisher.grad_batch_size from the base recipe or its "
+            "default (SparseML would use the training batch size)",
+        )
+    for name, ours in (
+        ("num_grads", "num_grads"),
+        ("fisher_block_size", "block_size"),
+        ("num_recomputations", "recompute_steps"),
+    ):
         if woodfisher[ours] < 1:
             mod.problem(name, f"must be >= 1, got {woodfisher[ours]}", "give a whole number >= 1")
     if woodfisher["damp"] <= 0:
@@ -483,8 +549,10 @@ def _compose_epochs(parsed: _Parsed, ctx: Context) -> int | None:
         declared = max(r.end for r in parsed.epoch_ranges)
         source = max(parsed.epoch_ranges, key=lambda r: r.end).mod
         if declared + _EPOCH_TOLERANCE < last:
-            ctx.note(f"EpochRangeModifier ends at {declared:g} but another modifier runs until {last:g}; "
-                     f"fine-tuning for {last:g} epochs as SparseML would")
+            ctx.note(
+                f"EpochRangeModifier ends at {declared:g} but another modifier runs until {last:g}; "
+                f"fine-tuning for {last:g} epochs as SparseML would"
+            )
     else:
         ctx.note(f"no EpochRangeModifier: fine-tuning until the last modifier ends (epoch {last:g}), as SparseML does")
         source = None
@@ -495,12 +563,19 @@ def _compose_epochs(parsed: _Parsed, ctx: Context) -> int | None:
         ctx.note(f"rounded the training length {last:g} up to {epochs} epochs")
     else:
         where = source.where("end_epoch") if source is not None else "recipe"
-        ctx.problem(where, f"training ends at epoch {last:g}, not a whole number of epochs",
-                    "end the last modifier (or an !EpochRangeModifier) on a whole epoch, e.g. 10.0")
+        ctx.problem(
+            where,
+            f"training ends at epoch {last:g}, not a whole number of epochs",
+            "end the last modifier (or an !EpochRangeModifier) on a whole epoch, e.g. 10.0",
+        )
         return None
     for item in parsed.epoch_ranges:
-        item.mod.became("end_epoch", f"finetune.epochs = {epochs}" if item.mod is source else
-                        f"(a later EpochRangeModifier sets finetune.epochs = {epochs})")
+        item.mod.became(
+            "end_epoch",
+            f"finetune.epochs = {epochs}"
+            if item.mod is source
+            else f"(a later EpochRangeModifier sets finetune.epochs = {epochs})",
+        )
     return epochs
 
 
@@ -519,24 +594,31 @@ def _match_target(target: _Target, model: ModelParams, field_name: str, ctx: Con
             missing.append(entry)
             continue
         if not match.prunable:
-            mod.problem(field_name, f"{entry!r} matches only parameters wf-pipeline never prunes "
-                        f"({describe_names(match.other)}; it prunes conv/linear weights)",
-                        "remove it, or name conv/linear weights")
+            mod.problem(
+                field_name,
+                f"{entry!r} matches only parameters wf-pipeline never prunes "
+                f"({describe_names(match.other)}; it prunes conv/linear weights)",
+                "remove it, or name conv/linear weights",
+            )
             continue
         if match.other:
             if match.explicit:  # cannot happen for one name, kept for clarity
                 continue
             kinds = sorted({model.params[name].module_type for name in match.other})
-            ctx.note(f"{mod.label}: {entry!r} also matches {len(match.other)} parameter(s) SparseML would prune "
-                     f"but wf-pipeline does not ({', '.join(kinds)}: {describe_names(match.other, 4)}); wf-pipeline "
-                     "prunes conv/linear weights only, so they stay dense")
+            ctx.note(
+                f"{mod.label}: {entry!r} also matches {len(match.other)} parameter(s) SparseML would prune "
+                f"but wf-pipeline does not ({', '.join(kinds)}: {describe_names(match.other, 4)}); wf-pipeline "
+                "prunes conv/linear weights only, so they stay dense"
+            )
         selected.update(match.prunable)
     if missing:
-        ctx.problem(mod.where(field_name),
-                    f"{len(missing)} of {len(target.entries)} parameter names/patterns match no parameter of "
-                    f"{model.description}: {', '.join(missing)}",
-                    "pass --base with a wf-pipeline recipe whose model has these parameters (model.name: a "
-                    "torchvision name or 'module:factory'), or fix the names")
+        ctx.problem(
+            mod.where(field_name),
+            f"{len(missing)} of {len(target.entries)} parameter names/patterns match no parameter of "
+            f"{model.description}: {', '.join(missing)}",
+            "pass --base with a wf-pipeline recipe whose model has these parameters (model.name: a "
+            "torchvision name or 'module:factory'), or fix the names",
+        )
     target.selected = [name for name in model.prunable if name in selected]
 
 
@@ -548,9 +630,11 @@ def _check_overlaps(targets: list[_Target], ctx: Context) -> None:
             other = owner[name]
             if other.mod is target.mod and not target.hold:
                 continue  # the same modifier's map: SparseML keeps a parameter's first sparsity
-            ctx.problem(f"{other.mod.label} and {target.mod.label}",
-                        f"both select {describe_names(clash)}",
-                        "give every parameter to one pruning modifier")
+            ctx.problem(
+                f"{other.mod.label} and {target.mod.label}",
+                f"both select {describe_names(clash)}",
+                "give every parameter to one pruning modifier",
+            )
             break
         for name in target.selected:
             owner.setdefault(name, target)
@@ -563,8 +647,9 @@ def _check_overlaps(targets: list[_Target], ctx: Context) -> None:
 # Pruning
 
 
-def _hold_targets(parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx: Context,
-                  model: ModelParams) -> tuple[list[_Target], set[str]]:
+def _hold_targets(
+    parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx: Context, model: ModelParams
+) -> tuple[list[_Target], set[str]]:
     """ConstantPruningModifiers: accepted where they only hold masks.
 
     Returns the hold groups (parameters no pruning modifier prunes: their existing zeros are kept) and
@@ -576,20 +661,34 @@ def _hold_targets(parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx
     for hold in parsed.holds:
         mod = hold.mod
         if 0 <= hold.end < epochs:
-            mod.problem("end_epoch", f"releasing the masks at epoch {hold.end:g} lets pruned weights grow back "
-                        f"before training ends (epoch {epochs}); wf-pipeline holds masks to the end",
-                        "remove end_epoch (or set -1)")
+            mod.problem(
+                "end_epoch",
+                f"releasing the masks at epoch {hold.end:g} lets pruned weights grow back "
+                f"before training ends (epoch {epochs}); wf-pipeline holds masks to the end",
+                "remove end_epoch (or set -1)",
+            )
             continue
         if mod.has("end_epoch"):
             mod.became("end_epoch", "masks held until export (wf-pipeline never releases them)")
-        target = _Target(mod, hold.entries, 0.0, 0.0, {"kind": "constant", "start_epoch": 0.0, "end_epoch": 0.0,
-                                                       "frequency": 1.0}, label=mod.location, hold=True)
+        target = _Target(
+            mod,
+            hold.entries,
+            0.0,
+            0.0,
+            {"kind": "constant", "start_epoch": 0.0, "end_epoch": 0.0, "frequency": 1.0},
+            label=mod.location,
+            hold=True,
+        )
         _match_target(target, model, "params", ctx)
-        early = sorted({pruned[name].mod.label for name in target.selected
-                        if name in pruned and hold.start < pruned[name].end})
+        early = sorted(
+            {pruned[name].mod.label for name in target.selected if name in pruned and hold.start < pruned[name].end}
+        )
         if early:
-            mod.problem("start_epoch", f"holds masks from epoch {hold.start:g} while {', '.join(early)} still prunes "
-                        "the same parameters", "start it where those pruning modifiers end (or leave it out)")
+            mod.problem(
+                "start_epoch",
+                f"holds masks from epoch {hold.start:g} while {', '.join(early)} still prunes the same parameters",
+                "start it where those pruning modifiers end (or leave it out)",
+            )
             continue
         own = [name for name in target.selected if name not in pruned and name not in already_held]
         already_held.update(own)
@@ -597,16 +696,24 @@ def _hold_targets(parsed: _Parsed, pruned: dict[str, _Pruning], epochs: int, ctx
         # masks handed over where pruning ends; a later start would let SparseML's weights regrow in between
         held_after_pruning.update(n for n in redundant if hold.start <= pruned[n].end + _EPOCH_TOLERANCE)
         if redundant:
-            ctx.note(f"{mod.label}: the masks of {len(redundant)} parameter(s) it holds are kept anyway: "
-                     "wf-pipeline never releases masks")
+            ctx.note(
+                f"{mod.label}: the masks of {len(redundant)} parameter(s) it holds are kept anyway: "
+                "wf-pipeline never releases masks"
+            )
         if own and hold.start > 0:
-            ctx.note(f"{mod.label}: the existing zeros of {describe_names(own, 4)} are held from epoch 0, not from "
-                     f"epoch {hold.start:g} (the same unless those weights have exact zeros that training before "
-                     f"epoch {hold.start:g} would fill)")
+            ctx.note(
+                f"{mod.label}: the existing zeros of {describe_names(own, 4)} are held from epoch 0, not from "
+                f"epoch {hold.start:g} (the same unless those weights have exact zeros that training before "
+                f"epoch {hold.start:g} would fill)"
+            )
         target.selected = own
         if mod.has("start_epoch"):
-            mod.became("start_epoch", "masks held from the start of fine-tuning" if not own or hold.start <= 0
-                       else f"held from epoch 0 (see note), SparseML: {hold.start:g}")
+            mod.became(
+                "start_epoch",
+                "masks held from the start of fine-tuning"
+                if not own or hold.start <= 0
+                else f"held from epoch 0 (see note), SparseML: {hold.start:g}",
+            )
         if own:
             targets.append(target)
         else:
@@ -623,12 +730,18 @@ def _check_leave_enabled(prunings: list[_Pruning], held: set[str], epochs: int, 
             continue
         released = [n for t in pruning.targets for n in t.selected if n not in held]
         if pruning.end < epochs and released:
-            mod.problem("leave_enabled", f"false releases the masks at epoch {pruning.end:g}, so pruned weights grow "
-                        f"back before training ends (epoch {epochs}); wf-pipeline keeps them pruned",
-                        "set leave_enabled: true, or hold the masks with a !ConstantPruningModifier from end_epoch")
+            mod.problem(
+                "leave_enabled",
+                f"false releases the masks at epoch {pruning.end:g}, so pruned weights grow "
+                f"back before training ends (epoch {epochs}); wf-pipeline keeps them pruned",
+                "set leave_enabled: true, or hold the masks with a !ConstantPruningModifier from end_epoch",
+            )
         else:
-            mod.ignored("leave_enabled", "false changes nothing here: training ends with the pruning, or a "
-                        "ConstantPruningModifier holds the masks")
+            mod.ignored(
+                "leave_enabled",
+                "false changes nothing here: training ends with the pruning, or a "
+                "ConstantPruningModifier holds the masks",
+            )
 
 
 def _group_dict(target: _Target, patterns: list[str]) -> dict[str, Any]:
@@ -647,11 +760,31 @@ def _merge_same(targets: list[_Target], ranking: str, ctx: Context) -> list[_Tar
         return targets
     merged: list[_Target] = []
     for target in targets:
-        twin = next((m for m in merged if not target.hold and not m.hold and m.initial == target.initial
-                     and m.final == target.final and m.schedule == target.schedule), None)
+        twin = next(
+            (
+                m
+                for m in merged
+                if not target.hold
+                and not m.hold
+                and m.initial == target.initial
+                and m.final == target.final
+                and m.schedule == target.schedule
+            ),
+            None,
+        )
         if twin is None:
-            merged.append(_Target(target.mod, list(target.entries), target.initial, target.final,
-                                  dict(target.schedule), target.label, list(target.selected), target.hold))
+            merged.append(
+                _Target(
+                    target.mod,
+                    list(target.entries),
+                    target.initial,
+                    target.final,
+                    dict(target.schedule),
+                    target.label,
+                    list(target.selected),
+                    target.hold,
+                )
+            )
             continue
         twin.entries += [e for e in target.entries if e not in twin.entries]
         twin.selected += target.selected
@@ -681,15 +814,20 @@ def _compose_pruning(parsed: _Parsed, model: ModelParams, epochs: int | None, ct
 
     first = prunings[0]
     for other in prunings[1:]:
-        aspects: list[tuple[str, Any, Any]] = [("method", first.method, other.method),
-                                               ("ranking", first.ranking, other.ranking)]
+        aspects: list[tuple[str, Any, Any]] = [
+            ("method", first.method, other.method),
+            ("ranking", first.ranking, other.ranking),
+        ]
         if first.method == other.method:
             aspects.append(("OBS settings", first.woodfisher, other.woodfisher))
         differing = [f"{what} ({a!r} vs {b!r})" for what, a, b in aspects if a != b]
         if differing:
-            ctx.problem(f"{first.mod.label} and {other.mod.label}",
-                        f"differ in {', '.join(differing)}; wf-pipeline prunes every group with one method, "
-                        "one ranking and one set of OBS settings", "make them agree, or convert them separately")
+            ctx.problem(
+                f"{first.mod.label} and {other.mod.label}",
+                f"differ in {', '.join(differing)}; wf-pipeline prunes every group with one method, "
+                "one ranking and one set of OBS settings",
+                "make them agree, or convert them separately",
+            )
     targets = _merge_same(targets, first.ranking, ctx) + holds
     pruning: dict[str, Any] = {"method": first.method, "ranking": first.ranking}
     if first.woodfisher is not None:
@@ -697,8 +835,9 @@ def _compose_pruning(parsed: _Parsed, model: ModelParams, epochs: int | None, ct
     if len(targets) == 1:
         only = targets[0]
         patterns = layer_patterns(only.entries, only.selected, model)
-        pruning.update(initial_sparsity=only.initial, final_sparsity=only.final, schedule=dict(only.schedule),
-                       layers=patterns)
+        pruning.update(
+            initial_sparsity=only.initial, final_sparsity=only.final, schedule=dict(only.schedule), layers=patterns
+        )
         _record_pruning_fields(prunings, {only.label: "pruning"}, first.ranking)
         return pruning
     groups = []
@@ -722,15 +861,16 @@ def _record_pruning_fields(prunings: list[_Pruning], where: dict[str, str], rank
         targets = {
             "params": f"{place}.layers",
             "init_sparsity": f"{place}.initial_sparsity = {pruning.targets[0].initial:g}",
-            "final_sparsity": f"{place}.final_sparsity" + (
-                f" = {pruning.targets[0].final:g}" if len(pruning.targets) == 1 else " (one group per target)"),
+            "final_sparsity": f"{place}.final_sparsity"
+            + (f" = {pruning.targets[0].final:g}" if len(pruning.targets) == 1 else " (one group per target)"),
             "start_epoch": f"{place}.schedule.start_epoch = {pruning.start:g}",
             "end_epoch": f"{place}.schedule.end_epoch = {pruning.end:g}",
             "update_frequency": f"{place}.schedule.frequency = {pruning.targets[0].schedule['frequency']:g} epochs "
             "(the stage turns it into optimizer steps, no rounding)",
             "inter_func": f"{place}.schedule.kind = {pruning.targets[0].schedule['kind']}",
             "global_sparsity": f"pruning.ranking = {ranking}",
-            "num_grads": "pruning.woodfisher.num_grads", "damp": "pruning.woodfisher.damp",
+            "num_grads": "pruning.woodfisher.num_grads",
+            "damp": "pruning.woodfisher.damp",
             "fisher_block_size": "pruning.woodfisher.block_size",
             "num_recomputations": "pruning.woodfisher.recompute_steps",
             "grad_sampler_kwargs": "pruning.woodfisher.grad_batch_size",
@@ -739,8 +879,11 @@ def _record_pruning_fields(prunings: list[_Pruning], where: dict[str, str], rank
             if name in targets:
                 mod.became(name, targets[name])
         if not mod.has("global_sparsity"):
-            mod.defaulted("global_sparsity", f"pruning.ranking = {ranking} ({'global' if ranking == 'global' else 'layer-wise'} "
-                          f"for !{mod.tag}, SparseML's default)")
+            mod.defaulted(
+                "global_sparsity",
+                f"pruning.ranking = {ranking} ({'global' if ranking == 'global' else 'layer-wise'} "
+                f"for !{mod.tag}, SparseML's default)",
+            )
         mod.ctx.records.append(Record(f"{mod.location} !{mod.tag}", "", "became", f"pruning.method = {pruning.method}"))
 
 
@@ -748,36 +891,9 @@ def _record_pruning_fields(prunings: list[_Pruning], where: dict[str, str], rank
 # Base recipe: model, and its skip / min_layer_params against the recipe's explicit names
 
 
-def _model_params(base: dict[str, Any], from_user: bool) -> ModelParams:
-    """The parameters of the base recipe's model, built without weights (on the meta device when possible)."""
-    import torch
-    from pydantic import ValidationError
-
-    from wf_pipeline.models import build_model
-    from wf_pipeline.recipe.schema import ModelConfig
-
-    section = base.get("model", {}) if isinstance(base.get("model", {}), dict) else None
-    if section is None:
-        raise RecipeError("base recipe: 'model' must be a mapping", hint="fix the base recipe")
-    try:
-        cfg = ModelConfig.model_validate(section)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        place = ".".join(str(p) for p in err["loc"])
-        raise RecipeError(f"base recipe: model.{place}: {err['msg']}", hint="fix the base recipe's model section") from None
-    try:
-        with torch.device("meta"):  # names and shapes only: no memory for the weights
-            model = build_model(cfg, load=False)
-    except WFError:
-        raise  # e.g. an unknown model name, or user code not trusted: say so
-    except Exception:  # noqa: BLE001 - some factories cannot build on meta; build for real then
-        model = build_model(cfg, load=False)
-    origin = "from the --base recipe" if from_user else "the bundled default (no --base recipe given)"
-    return ModelParams.from_module(model, f"model {cfg.name} ({origin})")
-
-
-def _apply_base_selection(pruning: dict[str, Any], base_pruning: dict[str, Any], model: ModelParams,
-                          explicit: set[str], ctx: Context) -> None:
+def _apply_base_selection(
+    pruning: dict[str, Any], base_pruning: dict[str, Any], model: ModelParams, explicit: set[str], ctx: Context
+) -> None:
     """Base `pruning.skip` / `min_layer_params` must not change what the SparseML recipe prunes: where they
     drop a parameter the recipe names explicitly, the recipe wins; where they drop one it selects by a
     pattern, the conflict is an error."""
@@ -793,18 +909,22 @@ def _apply_base_selection(pruning: dict[str, Any], base_pruning: dict[str, Any],
         return
     by_pattern = [n for n in dropped if n not in explicit]
     if by_pattern:
-        ctx.problem("base recipe pruning.skip / min_layer_params",
-                    f"would leave {describe_names(by_pattern)} dense, which the SparseML recipe prunes (selected "
-                    f"by a pattern or __ALL_PRUNABLE__)",
-                    "remove those entries from the base recipe's pruning.skip / min_layer_params, or leave the "
-                    "parameters out of the SparseML params")
+        ctx.problem(
+            "base recipe pruning.skip / min_layer_params",
+            f"would leave {describe_names(by_pattern)} dense, which the SparseML recipe prunes (selected "
+            f"by a pattern or __ALL_PRUNABLE__)",
+            "remove those entries from the base recipe's pruning.skip / min_layer_params, or leave the "
+            "parameters out of the SparseML params",
+        )
         return
     conflicting = [p for p in skip if any(re.search(p, n) for n in dropped)]
     pruning["skip"] = [p for p in skip if p not in conflicting]
     if any(model.params[n].numel < minimum for n in dropped):
         pruning["min_layer_params"] = 0
-    ctx.note(f"the SparseML recipe names {describe_names(dropped)} explicitly: they are pruned although the base "
-             f"recipe's pruning.skip {conflicting} / min_layer_params {minimum} would leave them dense")
+    ctx.note(
+        f"the SparseML recipe names {describe_names(dropped)} explicitly: they are pruned although the base "
+        f"recipe's pruning.skip {conflicting} / min_layer_params {minimum} would leave them dense"
+    )
 
 
 # =============================================================================================
@@ -821,21 +941,27 @@ class Translation:
 
     def header(self, source: str = "") -> str:
         """A YAML comment block: what every SparseML field became, was defaulted to, or why it was ignored."""
-        lines = [f"Translated from the SparseML recipe {source}".rstrip() + " by wf-pipeline recipe convert.",
-                 f"Runs on {self.model}; every parameter name and pattern was checked against it.",
-                 "Sections SparseML does not describe (model, data, optimizer name and momentum, export, validate, "
-                 "...) come from the base recipe or wf-pipeline's defaults."]
+        lines = [
+            f"Translated from the SparseML recipe {source}".rstrip() + " by wf-pipeline recipe convert.",
+            f"Runs on {self.model}; every parameter name and pattern was checked against it.",
+            "Sections SparseML does not describe (model, data, optimizer name and momentum, export, validate, "
+            "...) come from the base recipe or wf-pipeline's defaults.",
+        ]
         if self.variables:
             lines += ["", "Recipe variables (after evaluation):"]
             lines += [f"  {name} = {show(value)}" for name, value in self.variables.items()]
-        for outcome, title in (("became", "What each SparseML field became:"),
-                               ("defaulted", "Not set in the SparseML recipe (defaulted):"),
-                               ("ignored", "Ignored, and why:")):
+        for outcome, title in (
+            ("became", "What each SparseML field became:"),
+            ("defaulted", "Not set in the SparseML recipe (defaulted):"),
+            ("ignored", "Ignored, and why:"),
+        ):
             chosen = [r for r in self.records if r.outcome == outcome]
             if chosen:
                 lines += ["", title]
-                lines += [f"  {r.source}" + ("" if r.value in ("", "(not set)") else f" = {r.value}") + f" -> {r.detail}"
-                          for r in chosen]
+                lines += [
+                    f"  {r.source}" + ("" if r.value in ("", "(not set)") else f" = {r.value}") + f" -> {r.detail}"
+                    for r in chosen
+                ]
         notes = [note for note in self.notes if not note.startswith("runs on ")]  # said at the top
         if notes:
             lines += ["", "Notes:"] + [f"  {note}" for note in notes]
@@ -858,14 +984,20 @@ def _collect_modifiers(raw: dict[str, Any], ctx: Context) -> list[Modifier]:
         if not _is_modifier_list_key(key) or entries is None:
             continue
         if not isinstance(entries, list):
-            ctx.problem(f"recipe '{key}'", f"must be a list of modifiers, got {type(entries).__name__}",
-                        f"write it as '{key}:' followed by lines like '  - !GMPruningModifier'")
+            ctx.problem(
+                f"recipe '{key}'",
+                f"must be a list of modifiers, got {type(entries).__name__}",
+                f"write it as '{key}:' followed by lines like '  - !GMPruningModifier'",
+            )
             continue
         for index, entry in enumerate(entries):
             location = f"{key}[{index}]"
             if not isinstance(entry, dict) or MODIFIER_KEY not in entry:
-                ctx.problem(f"recipe {location}", "is not a tagged modifier",
-                            "each entry must start with a tag such as '- !GMPruningModifier'")
+                ctx.problem(
+                    f"recipe {location}",
+                    "is not a tagged modifier",
+                    "each entry must start with a tag such as '- !GMPruningModifier'",
+                )
                 continue
             tag = str(entry[MODIFIER_KEY]).removeprefix("pytorch.")
             evaluated: dict[str, Any] = {}
@@ -906,17 +1038,18 @@ def _explicit_names(parsed: _Parsed) -> set[str]:
 def translate_sparseml(
     raw: dict[str, Any],
     *,
+    model: ModelParams | ModelCatalog,
     base: dict[str, Any] | None = None,
-    model: ModelParams | None = None,
     allow_rounding: bool = False,
 ) -> Translation:
     """Translate a loaded SparseML recipe into a raw wf-pipeline recipe dict, notes and a per-field account.
 
     ``base`` holds the user's own wf-pipeline sections (model, data, export, ...); without one the bundled
     default model and data are used (and said so). The SparseML recipe supplies only ``pruning`` and
-    ``finetune`` values, merged over ``base``. ``model`` (the parameters of the model the recipe will run
-    on) is built from the base recipe's model section unless given. With ``allow_rounding`` a training
-    length that is not a whole number of epochs is rounded up (noted) instead of refused.
+    ``finetune`` values, merged over ``base``. ``model`` gives the parameters of the model the recipe will
+    run on: a :class:`ModelParams`, or a catalog function that builds them from the base recipe
+    (``wf_pipeline.models.catalog.model_params``). With ``allow_rounding`` a training length that is not a
+    whole number of epochs is rounded up (noted) instead of refused.
     Raises :class:`SparseMLRecipeError` listing every problem found. The caller validates the result.
     """
     if not isinstance(raw, dict):
@@ -940,10 +1073,12 @@ def translate_sparseml(
     except ExpressionError as exc:
         raise RecipeError(f"SparseML recipe: {exc.message}", hint=exc.hint) from exc
     ctx = Context(variables=variables, allow_rounding=allow_rounding)
-    if model is None:
-        model = _model_params(result, from_user)
-    ctx.note(f"runs on {model.description}" + ("" if from_user else
-             "; pass --base with a wf-pipeline recipe to choose the model and data"))
+    if not isinstance(model, ModelParams):
+        model = model(result, from_user)
+    ctx.note(
+        f"runs on {model.description}"
+        + ("" if from_user else "; pass --base with a wf-pipeline recipe to choose the model and data")
+    )
 
     parsed = _Parsed()
     modifiers = _collect_modifiers(raw, ctx)
@@ -1000,7 +1135,9 @@ def translate_sparseml(
     else:
         result["pruning"] = {"method": "none"}
         ctx.note("no pruning modifier: pruning.method set to none (fine-tuning only)")
-    shown = {name: value for name, value in variables.items() if not isinstance(value, (dict, list)) or len(str(value)) < 200}
+    shown = {
+        name: value for name, value in variables.items() if not isinstance(value, (dict, list)) or len(str(value)) < 200
+    }
     return Translation(result, ctx.notes, _in_recipe_order(ctx.records, modifiers), model.description, shown)
 
 
@@ -1024,27 +1161,30 @@ def _in_recipe_order(records: list[Record], modifiers: list[Modifier]) -> list[R
 def convert_sparseml(
     raw: dict[str, Any],
     *,
+    model: ModelParams | ModelCatalog,
     base: dict[str, Any] | None = None,
-    model: ModelParams | None = None,
     allow_rounding: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """``translate_sparseml`` returning just (raw wf-pipeline recipe dict, notes)."""
-    translation = translate_sparseml(raw, base=base, model=model, allow_rounding=allow_rounding)
+    translation = translate_sparseml(raw, model=model, base=base, allow_rounding=allow_rounding)
     return translation.raw, translation.notes
 
 
-def conversion_header(path: str | Path, base_path: str | Path | None = None, overrides: list[str] | None = None) -> str:
+def conversion_header(
+    text: str,
+    source: str,
+    *,
+    model: ModelParams | ModelCatalog,
+    base: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> str:
     """The comment block `recipe convert` writes above a translated SparseML recipe ('' for our own recipes)."""
-    from wf_pipeline.recipe.loader import parse_recipe_text, read_recipe_text
-
-    text = read_recipe_text(Path(path))
     if "Modifier" not in text:
         return ""
     raw = load_sparseml_text(text)
     if not is_sparseml_recipe(raw):
         return ""
-    base = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path))[0] if base_path else None
-    header = translate_sparseml(raw, base=base).header(str(path))
+    header = translate_sparseml(raw, model=model, base=base).header(source)
     if overrides:
         header = header[:-1] + f"# --set overrides applied after the translation: {', '.join(overrides)}\n\n"
     return header

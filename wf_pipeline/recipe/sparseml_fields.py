@@ -5,11 +5,13 @@ reported together at the end, each with its place and its fix), *records* (what 
 became, was defaulted to, or why it was ignored: the header of a converted recipe) and *notes* (choices
 worth telling the user on every run).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from wf_pipeline.errors import RecipeError
 
@@ -131,7 +133,7 @@ class Modifier:
 
     def unrecorded_fields(self) -> list[str]:
         prefix = f"{self.location} !{self.tag}."
-        seen = {r.source[len(prefix):] for r in self.ctx.records if r.source.startswith(prefix)}
+        seen = {r.source[len(prefix) :] for r in self.ctx.records if r.source.startswith(prefix)}
         return [name for name in self.fields if name not in seen]
 
     # ---------------------------------------------------------------- reading
@@ -142,8 +144,11 @@ class Modifier:
         supported = ", ".join(sorted(required | optional))
         for name in self.fields:
             if name not in known:
-                self.problem(name, "is not supported by the wf-pipeline translation",
-                             f"remove it; supported fields of !{self.tag}: {supported}")
+                self.problem(
+                    name,
+                    "is not supported by the wf-pipeline translation",
+                    f"remove it; supported fields of !{self.tag}: {supported}",
+                )
         missing = sorted(name for name in required if name not in self.fields)
         for name in missing:
             self.problem(name, "is required but missing", f"add '{name}:' to the modifier")

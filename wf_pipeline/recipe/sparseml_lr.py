@@ -7,6 +7,7 @@ leaves it at its end value. That timeline maps exactly onto contiguous pieces: o
 scheduler, constant pieces in between. Weight decay changes (SetWeightDecayModifier after epoch 0) ride on
 the pieces. When the whole timeline is one piece, the familiar single-schedule form is written instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,16 +107,22 @@ def parse_lr_function(mod: Modifier, out: LRModifiers) -> None:
     _require_unset(mod, "update_frequency", (-1, -1.0), "SparseML requires it to stay -1")
     func = mod.string("lr_func")
     if func not in ("linear", "cosine"):
-        raise mod.stop("lr_func", f"'{func}' has no wf-pipeline equivalent",
-                       "use lr_func: linear or cosine (restarts: one modifier per cycle)")
+        raise mod.stop(
+            "lr_func",
+            f"'{func}' has no wf-pipeline equivalent",
+            "use lr_func: linear or cosine (restarts: one modifier per cycle)",
+        )
     start, end = max(mod.epoch("start_epoch"), 0.0), mod.epoch("end_epoch")
     if end <= start:
         raise mod.stop("end_epoch", f"must be after start_epoch ({start}), got {end}", "give a later end_epoch")
     if mod.has("cycle_epochs"):
         cycle = mod.number("cycle_epochs")
         if cycle > 0 and not _same(cycle, end - start):
-            raise mod.stop("cycle_epochs", f"cycles of {cycle} epochs inside one modifier are not supported",
-                           "write one !LearningRateFunctionModifier per cycle (each becomes a schedule piece)")
+            raise mod.stop(
+                "cycle_epochs",
+                f"cycles of {cycle} epochs inside one modifier are not supported",
+                "write one !LearningRateFunctionModifier per cycle (each becomes a schedule piece)",
+            )
         mod.ignored("cycle_epochs", "one cycle over the whole range, as without it")
     init_lr, final_lr = mod.number("init_lr"), mod.number("final_lr")
     for name, value in (("init_lr", init_lr), ("final_lr", final_lr)):
@@ -139,19 +146,26 @@ def _positive_kwarg(mod: Modifier, kwargs: dict[str, Any], key: str) -> float:
         try:
             value = float(value)
         except ValueError:
-            raise mod.stop("lr_kwargs", f"{key} must be a number, got {value!r}", f"give lr_kwargs.{key} a number") from None
+            raise mod.stop(
+                "lr_kwargs", f"{key} must be a number, got {value!r}", f"give lr_kwargs.{key} a number"
+            ) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise mod.stop("lr_kwargs", f"{key} must be a positive number, got {value!r}", f"give lr_kwargs.{key} > 0")
     return float(value)
 
 
 def parse_lr_class(mod: Modifier, out: LRModifiers) -> None:
-    mod.check_fields(required=("lr_class", "lr_kwargs", "init_lr", "start_epoch"), optional=("end_epoch", "update_frequency"))
+    mod.check_fields(
+        required=("lr_class", "lr_kwargs", "init_lr", "start_epoch"), optional=("end_epoch", "update_frequency")
+    )
     _require_unset(mod, "update_frequency", (-1, -1.0), "SparseML requires it to stay -1")
     lr_class = mod.string("lr_class")
     if lr_class not in _LR_CLASS_KWARGS:
-        raise mod.stop("lr_class", f"'{lr_class}' has no wf-pipeline equivalent",
-                       "use MultiStepLR, StepLR or ExponentialLR (or LearningRateFunctionModifiers)")
+        raise mod.stop(
+            "lr_class",
+            f"'{lr_class}' has no wf-pipeline equivalent",
+            "use MultiStepLR, StepLR or ExponentialLR (or LearningRateFunctionModifiers)",
+        )
     kwargs = mod.raw("lr_kwargs")
     if not isinstance(kwargs, dict):
         raise mod.stop("lr_kwargs", f"expected a mapping, got {kwargs!r}", "write lr_kwargs: {gamma: 0.1, ...}")
@@ -159,25 +173,36 @@ def parse_lr_class(mod: Modifier, out: LRModifiers) -> None:
     unknown = [key for key in kwargs if key not in expected]
     missing = [key for key in expected if key not in kwargs]
     if unknown or missing:
-        raise mod.stop("lr_kwargs", f"{lr_class} takes {', '.join(expected)} (unknown: {unknown or 'none'}, "
-                       f"missing: {missing or 'none'})", f"use exactly lr_kwargs keys {list(expected)}")
+        raise mod.stop(
+            "lr_kwargs",
+            f"{lr_class} takes {', '.join(expected)} (unknown: {unknown or 'none'}, missing: {missing or 'none'})",
+            f"use exactly lr_kwargs keys {list(expected)}",
+        )
     init_lr = mod.number("init_lr")
     if init_lr <= 0:
         raise mod.stop("init_lr", f"must be > 0, got {init_lr}", "give a positive rate")
     start = mod.epoch("start_epoch")
     if start > 0:
-        raise mod.stop("start_epoch", f"{start}: a torch scheduler that starts mid-training is not translated "
-                       "(its milestones count from its own start)",
-                       "start it at epoch 0 (or -1), or use !LearningRateFunctionModifier / !SetLearningRateModifier")
+        raise mod.stop(
+            "start_epoch",
+            f"{start}: a torch scheduler that starts mid-training is not translated "
+            "(its milestones count from its own start)",
+            "start it at epoch 0 (or -1), or use !LearningRateFunctionModifier / !SetLearningRateModifier",
+        )
     end = mod.epoch("end_epoch", -1.0)
     gamma = _positive_kwarg(mod, kwargs, "gamma")
     if lr_class == "MultiStepLR":
         milestones = kwargs["milestones"]
-        if not isinstance(milestones, list) or not milestones or any(
-            isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in milestones
+        if (
+            not isinstance(milestones, list)
+            or not milestones
+            or any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in milestones)
         ):
-            raise mod.stop("lr_kwargs", f"milestones must be a non-empty list of epochs > 0, got {milestones!r}",
-                           "e.g. milestones: [30, 60]")
+            raise mod.stop(
+                "lr_kwargs",
+                f"milestones must be a non-empty list of epochs > 0, got {milestones!r}",
+                "e.g. milestones: [30, 60]",
+            )
         steps = sorted({float(m) for m in milestones})
         curve = Curve("step", 0.0, None if end < 0 else end, init_lr, step_epochs=steps, gamma=gamma, mod=mod)
     else:
@@ -252,8 +277,11 @@ def compose(mods: LRModifiers, epochs: int, base_lr: float | None, ctx: Context)
     initial_decays = [w for w in mods.weight_decays if w.epoch <= 0]
     later_decays = sorted((w for w in mods.weight_decays if w.epoch > 0), key=lambda w: w.epoch)
     if len(initial_decays) > 1:
-        ctx.problem(", ".join(w.mod.label for w in initial_decays), "several SetWeightDecayModifiers start at epoch 0",
-                    "keep one")
+        ctx.problem(
+            ", ".join(w.mod.label for w in initial_decays),
+            "several SetWeightDecayModifiers start at epoch 0",
+            "keep one",
+        )
     for item in initial_decays[-1:]:
         result.optimizer["weight_decay"] = item.weight_decay
         item.mod.became("weight_decay", f"finetune.optimizer.weight_decay = {item.weight_decay:g}")
@@ -262,11 +290,16 @@ def compose(mods: LRModifiers, epochs: int, base_lr: float | None, ctx: Context)
     if not mods.set_lrs and not mods.curves:
         if later_decays:
             for item in later_decays:
-                item.mod.problem("start_epoch", f"a weight decay change at epoch {item.epoch:g} needs the learning-rate "
-                                 "schedule stated in the recipe (wf-pipeline changes weight decay where a schedule piece starts)",
-                                 "add a !SetLearningRateModifier at epoch 0 (or the recipe's learning-rate modifiers)")
+                item.mod.problem(
+                    "start_epoch",
+                    f"a weight decay change at epoch {item.epoch:g} needs the learning-rate "
+                    "schedule stated in the recipe (wf-pipeline changes weight decay where a schedule piece starts)",
+                    "add a !SetLearningRateModifier at epoch 0 (or the recipe's learning-rate modifiers)",
+                )
         else:
-            ctx.note("no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults")
+            ctx.note(
+                "no learning-rate modifier: finetune.optimizer.lr and lr_schedule come from the base recipe or defaults"
+            )
         return result
     if epochs <= 0:  # no training length (a recipe of one-shot steps): only a rate set from the start can apply
         for set_lr in mods.set_lrs:
@@ -279,11 +312,15 @@ def compose(mods: LRModifiers, epochs: int, base_lr: float | None, ctx: Context)
                 set_lr.mod.ignored("learning_rate", "no fine-tuning epochs to apply it to")
         for curve in mods.curves:
             if curve.mod is not None:
-                curve.mod.problem(None, "a learning-rate schedule needs fine-tuning epochs", "add an !EpochRangeModifier")
+                curve.mod.problem(
+                    None, "a learning-rate schedule needs fine-tuning epochs", "add an !EpochRangeModifier"
+                )
         return result
     for set_lr in mods.set_lrs:
         if set_lr.epoch >= epochs > 0:
-            set_lr.mod.ignored("learning_rate", f"set at epoch {set_lr.epoch:g}, when training (epochs={epochs}) is over")
+            set_lr.mod.ignored(
+                "learning_rate", f"set at epoch {set_lr.epoch:g}, when training (epochs={epochs}) is over"
+            )
             set_lr.mod.ignored("start_epoch", "after the end of training")
     mods = LRModifiers([s for s in mods.set_lrs if s.epoch < epochs or epochs == 0], mods.curves, mods.weight_decays)
     pieces = _lr_pieces(mods, float(epochs), base_lr, ctx)
@@ -308,14 +345,17 @@ def _lr_pieces(mods: LRModifiers, epochs: float, base_lr: float | None, ctx: Con
         first_end = first.end if first.end is not None else epochs
         if first_end > second.start + _TOLERANCE:
             assert first.mod is not None and second.mod is not None
-            ctx.problem(f"{first.mod.label} and {second.mod.label}",
-                        f"both set the learning rate between epochs {second.start:g} and {min(first_end, epochs):g}",
-                        "let each learning-rate modifier end where the next one starts")
+            ctx.problem(
+                f"{first.mod.label} and {second.mod.label}",
+                f"both set the learning rate between epochs {second.start:g} and {min(first_end, epochs):g}",
+                "let each learning-rate modifier end where the next one starts",
+            )
             ok = False
     starts = [s for s in mods.set_lrs if s.epoch <= 0]
     if len(starts) > 1:
-        ctx.problem(", ".join(s.mod.label for s in starts), "several SetLearningRateModifiers all start at epoch 0",
-                    "keep one")
+        ctx.problem(
+            ", ".join(s.mod.label for s in starts), "several SetLearningRateModifiers all start at epoch 0", "keep one"
+        )
         ok = False
     if not ok:
         return None
@@ -340,13 +380,18 @@ def _lr_pieces(mods: LRModifiers, epochs: float, base_lr: float | None, ctx: Con
         nonlocal held
         if held is None:
             if base_lr is None:
-                ctx.problem("recipe", f"the learning rate before epoch {end:g} is not set by any modifier "
-                            "(SparseML used the training script's optimizer rate)",
-                            "add a !SetLearningRateModifier at epoch 0, or set finetune.optimizer.lr in the --base recipe")
+                ctx.problem(
+                    "recipe",
+                    f"the learning rate before epoch {end:g} is not set by any modifier "
+                    "(SparseML used the training script's optimizer rate)",
+                    "add a !SetLearningRateModifier at epoch 0, or set finetune.optimizer.lr in the --base recipe",
+                )
                 return False
             held = base_lr
-            ctx.note(f"epochs {start:g}-{end:g}: the base recipe's finetune.optimizer.lr {base_lr:g} (no SparseML "
-                     "modifier sets the rate there)")
+            ctx.note(
+                f"epochs {start:g}-{end:g}: the base recipe's finetune.optimizer.lr {base_lr:g} (no SparseML "
+                "modifier sets the rate there)"
+            )
         piece = _Piece("constant", start, end, held)
         if isinstance(held_from, SetLR):
             piece.sources.append((held_from.mod, "lr"))
@@ -361,20 +406,37 @@ def _lr_pieces(mods: LRModifiers, epochs: float, base_lr: float | None, ctx: Con
         end = min(curve.end if curve.end is not None else epochs, epochs)
         for item in set_lrs:
             if _same(item.epoch, curve.start) and curve.mod is not None:
-                item.mod.ctx.note(f"{item.mod.label}: learning_rate {item.lr:g} is overridden by {curve.mod.label} "
-                                  f"from epoch {curve.start:g}")
-                item.mod.ignored("learning_rate", f"overridden at once by {curve.mod.label}, which sets the rate "
-                                 f"from epoch {curve.start:g}")
+                item.mod.ctx.note(
+                    f"{item.mod.label}: learning_rate {item.lr:g} is overridden by {curve.mod.label} "
+                    f"from epoch {curve.start:g}"
+                )
+                item.mod.ignored(
+                    "learning_rate",
+                    f"overridden at once by {curve.mod.label}, which sets the rate from epoch {curve.start:g}",
+                )
                 if item.mod.has("start_epoch"):
                     item.mod.ignored("start_epoch", "the modifier is overridden")
             elif curve.start < item.epoch < end and curve.mod is not None:
-                ctx.problem(f"{item.mod.label} and {curve.mod.label}",
-                            f"the rate is set at epoch {item.epoch:g} inside the {curve.kind} schedule "
-                            f"({curve.start:g}-{end:g})", "move the SetLearningRateModifier to where the schedule ends")
+                ctx.problem(
+                    f"{item.mod.label} and {curve.mod.label}",
+                    f"the rate is set at epoch {item.epoch:g} inside the {curve.kind} schedule "
+                    f"({curve.start:g}-{end:g})",
+                    "move the SetLearningRateModifier to where the schedule ends",
+                )
                 return None
         steps = [e for e in curve.step_epochs if curve.start < e < end]
-        pieces.append(_Piece(curve.kind, curve.start, end, curve.lr, curve.final_lr, steps, curve.gamma,
-                             sources=[(curve.mod, "piece")] if curve.mod is not None else []))
+        pieces.append(
+            _Piece(
+                curve.kind,
+                curve.start,
+                end,
+                curve.lr,
+                curve.final_lr,
+                steps,
+                curve.gamma,
+                sources=[(curve.mod, "piece")] if curve.mod is not None else [],
+            )
+        )
         held, held_from, cursor = curve.value_at_end(end), curve, end
     if not fill(epochs):
         return None
@@ -385,8 +447,9 @@ def _split(piece: _Piece, at: float) -> tuple[_Piece, _Piece]:
     """Two pieces that give the same rates as `piece` (constant, linear or step) on either side of `at`."""
     value = piece.value_at(at)
     before = replace(piece, end=at, step_epochs=[e for e in piece.step_epochs if e < at], sources=list(piece.sources))
-    after = replace(piece, start=at, lr=value, step_epochs=[e for e in piece.step_epochs if e > at],
-                    sources=list(piece.sources))
+    after = replace(
+        piece, start=at, lr=value, step_epochs=[e for e in piece.step_epochs if e > at], sources=list(piece.sources)
+    )
     if piece.kind == "linear":
         before.final_lr = value
     for part in (before, after):
@@ -404,11 +467,15 @@ def _apply_weight_decays(pieces: list[_Piece], changes: list[SetWeightDecay], ct
         piece = pieces[index]
         if piece.start < change.epoch:
             if piece.kind in ("cosine",):
-                change.mod.problem("start_epoch", f"epoch {change.epoch:g} falls inside the cosine learning-rate "
-                                   f"schedule ({piece.start:g}-{piece.end:g}); wf-pipeline changes weight decay where "
-                                   "a schedule piece starts", "move it to where the learning-rate schedule ends")
+                change.mod.problem(
+                    "start_epoch",
+                    f"epoch {change.epoch:g} falls inside the cosine learning-rate "
+                    f"schedule ({piece.start:g}-{piece.end:g}); wf-pipeline changes weight decay where "
+                    "a schedule piece starts",
+                    "move it to where the learning-rate schedule ends",
+                )
                 return None
-            pieces[index: index + 1] = list(_split(piece, change.epoch))
+            pieces[index : index + 1] = list(_split(piece, change.epoch))
         for later in pieces:
             if later.start >= change.epoch:
                 later.weight_decay = change.weight_decay
@@ -452,7 +519,12 @@ def _single_form(piece: _Piece) -> dict[str, Any] | None:
 
 
 def _piece_dict(piece: _Piece) -> dict[str, Any]:
-    out: dict[str, Any] = {"start_epoch": _tidy(piece.start), "end_epoch": _tidy(piece.end), "kind": piece.kind, "lr": piece.lr}
+    out: dict[str, Any] = {
+        "start_epoch": _tidy(piece.start),
+        "end_epoch": _tidy(piece.end),
+        "kind": piece.kind,
+        "lr": piece.lr,
+    }
     if piece.kind in ("linear", "cosine"):
         out["final_lr"] = piece.final_lr
     if piece.kind == "step":
@@ -465,8 +537,14 @@ def _piece_dict(piece: _Piece) -> dict[str, Any]:
 
 # Which part of a piece each SparseML field sets.
 _FIELD_ATTRIBUTE = {
-    "learning_rate": "lr", "init_lr": "lr", "final_lr": "final_lr", "lr_func": "kind", "lr_class": "kind",
-    "lr_kwargs": "step_epochs/gamma", "start_epoch": "start_epoch", "end_epoch": "end_epoch",
+    "learning_rate": "lr",
+    "init_lr": "lr",
+    "final_lr": "final_lr",
+    "lr_func": "kind",
+    "lr_class": "kind",
+    "lr_kwargs": "step_epochs/gamma",
+    "start_epoch": "start_epoch",
+    "end_epoch": "end_epoch",
     "weight_decay": "weight_decay",
 }
 

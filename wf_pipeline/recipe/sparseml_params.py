@@ -7,14 +7,15 @@ An entry that matches nothing is an error there (``params_strict``), and so it i
 prunes conv/linear weights only, so what an entry matches beyond them (BatchNorm weights, biases) is
 reported rather than silently dropped.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
-
-from wf_pipeline.pruning.selection import prunable_weight_names
 
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
 ALL = "__ALL__"
@@ -35,12 +36,11 @@ class ModelParams:
     params: dict[str, ParamInfo] = field(default_factory=dict)
 
     @classmethod
-    def from_module(cls, model: nn.Module, description: str) -> "ModelParams":
-        prunable = set(prunable_weight_names(model))
+    def from_module(cls, model: nn.Module, description: str, prunable_names: Iterable[str]) -> ModelParams:
+        """`prunable_names`: the weights the pruning stage can prune (conv/linear weights)."""
+        prunable = set(prunable_names)
         owners = {
-            id(param): type(module).__name__
-            for module in model.modules()
-            for param in module.parameters(recurse=False)
+            id(param): type(module).__name__ for module in model.modules() for param in module.parameters(recurse=False)
         }
         params = {
             name: ParamInfo(param.numel(), owners.get(id(param), "?"), name in prunable)
@@ -51,6 +51,10 @@ class ModelParams:
     @property
     def prunable(self) -> list[str]:
         return [name for name, info in self.params.items() if info.prunable]
+
+
+# Builds the ModelParams of a raw recipe's model section; the bool says whether the recipe is the user's.
+ModelCatalog = Callable[[dict[str, Any], bool], ModelParams]
 
 
 @dataclass
@@ -126,7 +130,9 @@ def select_with(patterns: list[str], skip: list[str], min_layer_params: int, mod
     keep = [re.compile(p) for p in patterns]
     drop = [re.compile(p) for p in skip]
     return [
-        name for name in model.prunable
-        if any(p.search(name) for p in keep) and not any(p.search(name) for p in drop)
+        name
+        for name in model.prunable
+        if any(p.search(name) for p in keep)
+        and not any(p.search(name) for p in drop)
         and model.params[name].numel >= min_layer_params
     ]
