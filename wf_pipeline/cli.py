@@ -63,16 +63,13 @@ def compress(
 ) -> None:
     """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
     from wf_pipeline.cli_progress import RichReporter
-    from wf_pipeline.pipeline import run_compress
-    from wf_pipeline.preflight import check_recipe
-
     from wf_pipeline.progress import NullReporter
+    from wf_pipeline.stages import run_compress
 
     _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides, base, prunes=True)
-    check_recipe(recipe)  # everything that can be checked before a run directory exists
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 draws progress
-        outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=NullReporter())
+    if _rank() != 0:  # under torchrun only rank 0 draws progress
+        run_compress(recipe, resume=resume, overwrite=overwrite, reporter=NullReporter())
         return
     with RichReporter(console) as reporter:
         outcome = run_compress(recipe, resume=resume, overwrite=overwrite, reporter=reporter)
@@ -97,15 +94,13 @@ def train(
 ) -> None:
     """Train the recipe's model densely (train section), e.g. to make a pretrained checkpoint."""
     from wf_pipeline.cli_progress import RichReporter
-    from wf_pipeline.rundir import open_run_dir
-    from wf_pipeline.train_dense import run_dense_training
+    from wf_pipeline.stages import run_train
 
     _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides)
-    run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
     with RichReporter(console) as reporter:
-        metrics = run_dense_training(recipe, run, save_to=save_to, reporter=reporter)
-    console.print(f"test accuracy {metrics.final_accuracy:.4f}; run directory {run.path}")
+        outcome = run_train(recipe, resume=resume, overwrite=overwrite, save_to=save_to, reporter=reporter)
+    console.print(f"test accuracy {outcome.metrics.final_accuracy:.4f}; run directory {outcome.run_dir}")
 
 
 def _split_floats(values: list[str]) -> list[float]:
@@ -133,13 +128,9 @@ def oneshot(
     trust_recipe_code: TrustOption = False,
 ) -> None:
     """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown and a plot."""
-    from wf_pipeline.data import build_data
-    from wf_pipeline.device import resolve_device, seed_everything
-    from wf_pipeline.models import build_model
-    from wf_pipeline.oneshot import run_oneshot_sweep, sweep_markdown, write_sweep
-    from wf_pipeline.preflight import check_recipe
+    from wf_pipeline.oneshot import sweep_markdown
     from wf_pipeline.pruning.settings import METHODS
-    from wf_pipeline.rundir import open_run_dir
+    from wf_pipeline.stages import run_oneshot
 
     methods = [m for value in method for m in value.replace(",", " ").split()]
     unknown = [m for m in methods if m not in METHODS]
@@ -148,19 +139,10 @@ def oneshot(
     sparsities = _split_floats(sparsity)
     _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides, prunes=True)
-    if recipe.output.run_name is None:
-        recipe.output.run_name = f"{recipe.name}-oneshot"
-    check_recipe(recipe)
-    run = open_run_dir(recipe, overwrite=overwrite, kind="oneshot")
-    seed_everything(recipe.seed, recipe.deterministic)
-    device = resolve_device(recipe.device)
-    data = build_data(recipe.data, recipe.seed)
-    model = build_model(recipe.model)
-    sweep = run_oneshot_sweep(model, data, recipe.pruning, sparsities, methods, device, recalibrate_bn=recalibrate_bn,
-                              progress=console.print, seed=recipe.seed)
-    paths = write_sweep(sweep, run.file("oneshot"))
-    console.print(sweep_markdown(sweep))
-    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    outcome = run_oneshot(recipe, sparsities, methods, recalibrate_bn=recalibrate_bn, overwrite=overwrite,
+                          progress=console.print)
+    console.print(sweep_markdown(outcome.sweep))
+    console.print(f"wrote {outcome.files['json']}, {outcome.files['markdown']}, {outcome.files['plot']}")
 
 
 @app.command()
@@ -181,10 +163,8 @@ def validate(
     trust_recipe_code: TrustOption = False,
 ) -> None:
     """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity. Exit 0 pass, 1 gate failed, 2 bad input."""
-    from wf_pipeline.data import build_data
-    from wf_pipeline.deploy.validate import ValidationSettings, validate_model
-    from wf_pipeline.reporting.validation_outputs import write_validation_outputs
     from wf_pipeline.recipe.loader import validate_recipe
+    from wf_pipeline.stages import run_validate
 
     _trust(trust_recipe_code)
     recipe = _load(recipe_path, overrides)
@@ -194,25 +174,12 @@ def validate(
     gates_raw = {**recipe.validate_.gates.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
     gates = validate_recipe(recipe.to_dict() | {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw}},
                             "command-line gates").validate_.gates
-    for path, what in ((model_path, "model"), (baseline, "--baseline"), (checkpoint, "--checkpoint")):
-        if path is not None and not path.is_file():
-            raise WFError(f"{what}: file not found: {path}", "give an existing file")
-    torch_model = None
-    if checkpoint is not None:
-        from wf_pipeline.models import build_model
-
-        torch_model = build_model(recipe.model.model_copy(update={"weights": str(checkpoint)})).eval()
-    data = build_data(recipe.data, recipe.seed)
-    settings = ValidationSettings.from_config(recipe.validate_)
-    result = validate_model(model_path, torch_model=torch_model, test_data=data.test_tensors(), baseline_path=baseline,
-                            settings=settings, gates=gates)
-    out_dir = out or model_path.parent / "validation"
-    write_validation_outputs(result, out_dir)
-    for gate in result.gates:
+    outcome = run_validate(recipe, model_path, baseline=baseline, checkpoint=checkpoint, out=out, gates=gates)
+    for gate in outcome.result.gates:
         status = {True: "[green]PASS[/green]", None: "[yellow]SKIP[/yellow]", False: "[red]FAIL[/red]"}[gate.passed]
         console.print(f"{status} {gate.message}")
-    console.print(f"wrote {out_dir}")
-    if not result.passed:
+    console.print(f"wrote {outcome.out_dir}")
+    if not outcome.result.passed:
         raise typer.Exit(1)
 
 

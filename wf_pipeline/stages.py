@@ -1,0 +1,204 @@
+"""The jobs the commands run, one function each: `run_compress`, `run_oneshot`, `run_train`, `run_validate`.
+
+Each takes a validated recipe (plus the job's own arguments), checks what can be checked before any
+file is written (:func:`wf_pipeline.preflight.check_recipe`), does the whole job and returns a typed
+outcome. `cli.py` only parses arguments, calls one of these and maps the outcome to an exit code.
+
+`run_compress` is the product: load → gradual pruning with fine-tuning → export → validate → report.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from wf_pipeline.atomic_io import torch_save, write_json
+from wf_pipeline.data import DataBundle, build_data
+from wf_pipeline.device import resolve_device, seed_everything
+from wf_pipeline.models import build_model
+from wf_pipeline.preflight import check_recipe
+from wf_pipeline.progress import NullReporter, Reporter
+from wf_pipeline.recipe.schema import GatesConfig, Recipe
+from wf_pipeline.reporting.metrics import RunMetrics
+from wf_pipeline.rundir import RunDir, open_run_dir, open_shared_run_dir
+from wf_pipeline.training import evaluate
+
+if TYPE_CHECKING:  # without importing ONNX Runtime at start-up
+    from wf_pipeline.deploy.validate import ValidationResult
+    from wf_pipeline.oneshot import SweepResult
+
+
+# ===================================================================== compress
+@dataclass
+class CompressOutcome:
+    run_dir: Path
+    metrics: RunMetrics
+    gates_passed: bool | None = None
+    failed_gates: list[str] = field(default_factory=list)
+    report: Path | None = None
+
+
+def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+                 reporter: Reporter | None = None) -> CompressOutcome:
+    """Prune the recipe's model gradually with fine-tuning, export it, validate it in ONNX Runtime, report.
+
+    Under torchrun every rank calls this; the main rank owns the run directory and writes every file.
+    """
+    from wf_pipeline.distributed import barrier, init_distributed, shutdown
+    from wf_pipeline.gradual import run_pruning_stage
+
+    reporter = reporter or NullReporter()
+    check_recipe(recipe)  # everything that can fail before a run directory exists
+    dist = init_distributed(recipe.device)
+    try:
+        # The main rank creates (or reopens) and locks the run directory; the others get a read-only handle.
+        run = open_shared_run_dir(recipe, dist, resume=resume, overwrite=overwrite)
+        log = run.logger()
+        seed_everything(recipe.seed, recipe.deterministic)
+        device = resolve_device(recipe.device)
+        started = time.time()
+        reporter.message(f"run directory: {run.path}")
+        data = build_data(recipe.data, recipe.seed)
+        model = build_model(recipe.model).to(device)
+        dense = copy.deepcopy(model).cpu()
+        dense_accuracy, _ = evaluate(model, data.test_batches(), device)
+        reporter.message(f"dense test accuracy: {dense_accuracy:.4f}")
+        log.info("dense accuracy %.4f", dense_accuracy)
+        stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume,
+                                  initial_accuracy=dense_accuracy)  # already measured above
+        metrics = RunMetrics.from_dict({"dense_accuracy": dense_accuracy, **stage.metrics})
+        metrics.num_params = sum(p.numel() for p in stage.model.parameters())
+        outcome = CompressOutcome(run.path, metrics)
+        if dist.is_main:
+            pruned = stage.model
+            torch_save(run.file("checkpoints", "pruned.pt"), {k: v.detach().cpu() for k, v in pruned.state_dict().items()})
+            masks = {k: v.cpu() for k, v in stage.masks.masks.items()}
+            if recipe.export.enabled:
+                reporter.message("exporting ONNX")
+                t0 = time.perf_counter()
+                onnx_path, baseline_path = _export(recipe, run, pruned, dense, data, masks)
+                metrics.add_timing("export_s", time.perf_counter() - t0)
+                metrics.onnx = str(onnx_path)
+                if recipe.validate_.enabled:
+                    reporter.message("validating in ONNX Runtime")
+                    t0 = time.perf_counter()
+                    result = _validate(recipe, run.file("validation"), onnx_path, baseline_path, pruned, data,
+                                       recipe.validate_.gates)
+                    metrics.add_timing("validate_s", time.perf_counter() - t0)
+                    outcome.gates_passed = result.passed
+                    outcome.failed_gates = [g.name for g in result.failed_gates]
+                    metrics.gates_passed = result.passed
+            metrics.total_seconds = time.time() - started
+            run.write_metrics(metrics.to_dict())
+            from wf_pipeline.reporting.report import write_report
+
+            outcome.report = write_report(run.path)
+            run.mark_finished(outcome.gates_passed, outcome.failed_gates)
+            log.info("done: %s", {k: v for k, v in metrics.to_dict().items() if not isinstance(v, dict)})
+        barrier()
+        return outcome
+    finally:
+        shutdown()
+
+
+def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.nn.Module, data: DataBundle,
+            masks: dict[str, torch.Tensor] | None) -> tuple[Path, Path]:
+    """Export the pruned model (compact storage if asked) and the dense baseline it is judged against."""
+    from wf_pipeline.deploy.export import export_onnx
+
+    out = run.file("export")
+    sample = data.sample_input(2)
+    cfg = recipe.export
+    result = export_onnx(pruned.cpu().eval(), sample, out / cfg.filename, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+                         sparse_storage=cfg.sparse_storage, sparse_threshold=cfg.sparse_threshold, masks=masks)
+    baseline = export_onnx(dense.cpu().eval(), sample, out / "dense_baseline.onnx", opset=cfg.opset,
+                           dynamic_batch=cfg.dynamic_batch, sparse_storage=False)
+    write_json(out / "export.json", {"pruned": result.to_dict(), "dense_baseline": baseline.to_dict()})
+    if not result.sparsity_matches:
+        # A bug, not a user error, but the user needs to know where the evidence is.
+        raise RuntimeError(f"exported ONNX sparsity does not match the PyTorch masks; see {out / 'export.json'}")
+    return result.path, baseline.path
+
+
+def _validate(recipe: Recipe, out_dir: Path, onnx_path: Path, baseline_path: Path | None,
+              torch_model: torch.nn.Module | None, data: DataBundle, gates: GatesConfig) -> "ValidationResult":
+    from wf_pipeline.deploy.validate import ValidationSettings, validate_model
+    from wf_pipeline.reporting.validation_outputs import write_validation_outputs
+
+    result = validate_model(onnx_path, torch_model=None if torch_model is None else torch_model.cpu().eval(),
+                            test_data=data.test_tensors(), baseline_path=baseline_path,
+                            settings=ValidationSettings.from_config(recipe.validate_), gates=gates)
+    write_validation_outputs(result, out_dir)
+    return result
+
+
+# ===================================================================== train
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    metrics: RunMetrics
+
+
+def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, save_to: Path | None = None,
+              reporter: Reporter | None = None) -> TrainOutcome:
+    """Train the recipe's model densely (its `train` section), e.g. to make a pretrained checkpoint."""
+    from wf_pipeline.train_dense import run_dense_training
+
+    check_recipe(recipe)
+    run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
+    metrics = run_dense_training(recipe, run, save_to=save_to, reporter=reporter)
+    return TrainOutcome(run.path, metrics)
+
+
+# ===================================================================== one-shot sweep
+@dataclass
+class OneshotOutcome:
+    run_dir: Path
+    sweep: "SweepResult"
+    files: dict[str, Path]
+
+
+def run_oneshot(recipe: Recipe, sparsities: list[float], methods: list[str], *, recalibrate_bn: bool = False,
+                overwrite: bool = False, progress: Callable[[str], Any] | None = None) -> OneshotOutcome:
+    """Prune the pretrained model once per (method, sparsity), no fine-tuning; write JSON, Markdown and a plot."""
+    from wf_pipeline.oneshot import run_oneshot_sweep, write_sweep
+
+    if recipe.output.run_name is None:
+        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"run_name": f"{recipe.name}-oneshot"})})
+    check_recipe(recipe)
+    run = open_run_dir(recipe, overwrite=overwrite, kind="oneshot")
+    seed_everything(recipe.seed, recipe.deterministic)
+    device = resolve_device(recipe.device)
+    data = build_data(recipe.data, recipe.seed)
+    model = build_model(recipe.model)
+    sweep = run_oneshot_sweep(model, data, recipe.pruning, sparsities, methods, device, recalibrate_bn=recalibrate_bn,
+                              progress=progress, seed=recipe.seed)
+    return OneshotOutcome(run.path, sweep, write_sweep(sweep, run.file("oneshot")))
+
+
+# ===================================================================== validate
+@dataclass
+class ValidateOutcome:
+    result: "ValidationResult"
+    out_dir: Path
+
+
+def run_validate(recipe: Recipe, model_path: Path, *, baseline: Path | None = None, checkpoint: Path | None = None,
+                 out: Path | None = None, gates: GatesConfig | None = None) -> ValidateOutcome:
+    """Verify an ONNX model in ONNX Runtime on the recipe's test data and gate it (recipe gates by default)."""
+    from wf_pipeline.errors import WFError
+
+    for path, what in ((model_path, "model"), (baseline, "--baseline"), (checkpoint, "--checkpoint")):
+        if path is not None and not path.is_file():
+            raise WFError(f"{what}: file not found: {path}", "give an existing file")
+    torch_model = None
+    if checkpoint is not None:
+        torch_model = build_model(recipe.model.model_copy(update={"weights": str(checkpoint)})).eval()
+    data = build_data(recipe.data, recipe.seed)
+    out_dir = out or model_path.parent / "validation"
+    result = _validate(recipe, out_dir, model_path, baseline, torch_model, data, gates or recipe.validate_.gates)
+    return ValidateOutcome(result, out_dir)
