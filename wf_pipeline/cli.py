@@ -39,6 +39,13 @@ def _trust(allowed: bool) -> None:
     set_trust_recipe_code(allowed)
 
 
+BudgetOption = Annotated[Optional[float], typer.Option("--memory-budget", metavar="GB", help="memory one WoodFisher step may use (sets pruning.woodfisher.memory_budget_gb)")]
+
+
+def _with_budget(overrides: list[str] | None, budget: float | None) -> list[str] | None:
+    return overrides if budget is None else [*(overrides or []), f"pruning.woodfisher.memory_budget_gb={budget}"]
+
+
 def _load(path: Path, overrides: list[str] | None, base: Path | None = None, *, prunes: bool = False):
     """The validated recipe; `prunes`: the command prunes, so the recipe must name its model's weights."""
     from rich.markup import escape
@@ -60,6 +67,7 @@ def compress(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
     base: BaseOption = None,
     trust_recipe_code: TrustOption = False,
+    memory_budget: BudgetOption = None,
 ) -> None:
     """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
     from wf_pipeline.cli_progress import RichReporter
@@ -67,7 +75,7 @@ def compress(
     from wf_pipeline.stages import run_compress
 
     _trust(trust_recipe_code)
-    recipe = _load(recipe_path, overrides, base, prunes=True)
+    recipe = _load(recipe_path, _with_budget(overrides, memory_budget), base, prunes=True)
     if _rank() != 0:  # under torchrun only rank 0 draws progress
         run_compress(recipe, resume=resume, overwrite=overwrite, reporter=NullReporter())
         return
@@ -126,6 +134,7 @@ def oneshot(
     overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     trust_recipe_code: TrustOption = False,
+    memory_budget: BudgetOption = None,
 ) -> None:
     """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown and a plot."""
     from wf_pipeline.oneshot import sweep_markdown
@@ -138,7 +147,7 @@ def oneshot(
         raise WFError(f"--method: unknown method {unknown[0]!r}", f"choose from {', '.join(METHODS)}")
     sparsities = _split_floats(sparsity)
     _trust(trust_recipe_code)
-    recipe = _load(recipe_path, overrides, prunes=True)
+    recipe = _load(recipe_path, _with_budget(overrides, memory_budget), prunes=True)
     outcome = run_oneshot(recipe, sparsities, methods, recalibrate_bn=recalibrate_bn, overwrite=overwrite,
                           progress=console.print)
     console.print(sweep_markdown(outcome.sweep))

@@ -62,8 +62,12 @@ def run_oneshot_sweep(
     recalibrate_bn: bool = False,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
+    spill_dir: Path | None = None,
 ) -> SweepResult:
-    """Each (method, sparsity) starts from a fresh copy of the pretrained model."""
+    """Each (method, sparsity) starts from a fresh copy of the pretrained model.
+
+    WoodFisher statistics beyond the memory budget may be spilled under `spill_dir` (the run directory).
+    """
     model = model.to(device)
     dense_acc, _ = evaluate(model, data.test_batches(), device)
     sweep = SweepResult(dense_acc)
@@ -76,7 +80,7 @@ def run_oneshot_sweep(
             settings = PruneSettings.from_config(pruning.model_copy(update={"method": method}))
             started = time.perf_counter()
             report = prune_step(pruned, params, masks, sparsity, settings, fisher_batches,
-                                generator=torch.Generator().manual_seed(seed))
+                                generator=torch.Generator().manual_seed(seed), spill_dir=spill_dir)
             seconds = time.perf_counter() - started
             if recalibrate_bn:
                 recalibrate_batchnorm(pruned, data.train_batches(0), device)
@@ -84,8 +88,13 @@ def run_oneshot_sweep(
             sweep.results.append({"method": method, "sparsity": sparsity, "accuracy": accuracy, "loss": loss,
                                   "achieved_sparsity": report.achieved_sparsity, "prune_seconds": seconds,
                                   "per_layer_sparsity": report.per_layer_sparsity})
+            plan = report.extra.get("fisher_plan_summary")
+            if plan:
+                sweep.results[-1]["fisher_plan"] = report.extra["fisher_plan"]
             if progress:
                 progress(f"{method} @ {sparsity:.0%}: accuracy {accuracy:.4f} ({seconds:.1f} s)")
+                if plan and sparsity == sparsities[0]:
+                    progress(plan)
     return sweep
 
 

@@ -176,7 +176,7 @@ def run_oneshot(recipe: Recipe, sparsities: list[float], methods: list[str], *, 
     data = build_data(recipe.data, recipe.seed)
     model = build_model(recipe.model)
     sweep = run_oneshot_sweep(model, data, recipe.pruning, sparsities, methods, device, recalibrate_bn=recalibrate_bn,
-                              progress=progress, seed=recipe.seed)
+                              progress=progress, seed=recipe.seed, spill_dir=run.path)
     return OneshotOutcome(run.path, sweep, write_sweep(sweep, run.file("oneshot")))
 
 

@@ -11,9 +11,11 @@ with the whole inverse in memory.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -38,7 +40,6 @@ from wf_pipeline.fisher.plan import (
     make_plan,
     resident_bytes,
 )
-from wf_pipeline.pruning.obs import obs_update
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
@@ -157,6 +158,8 @@ class GroupedInverse:
         self.dtype = torch.float64 if plan.representation == "lowrank" else job.stat_dtype
         self._kept: _GroupStats | None = None
         self._spilled: dict[int, tuple[Path, torch.Size, torch.dtype, BlockLayout]] = {}
+        # Spill files go even if the step fails between collection and update.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(spill_dir), True) if spill_dir is not None else None
 
     # ----------------------------------------------------------------- phase 2: update
     def _revisit(self, index: int, group: BlockGroup) -> _GroupStats:
@@ -180,6 +183,8 @@ class GroupedInverse:
     def obs_update(self, weights: Tensor, pruned: Tensor, update: str = "joint",
                    use_grad_mean: bool = False) -> tuple[Tensor, float | None]:
         """:func:`~wf_pipeline.pruning.obs.obs_update` group by group (it is block-local): same result."""
+        from wf_pipeline.pruning.obs import obs_update  # pruning imports this module: import when used
+
         out = torch.empty_like(weights)
         predicted: float | None = 0.0
         order = list(enumerate(self.plan.groups))
@@ -205,8 +210,8 @@ class GroupedInverse:
         """Remove spill files (idempotent)."""
         self._kept = None
         self._spilled.clear()
-        if self.spill_dir is not None:
-            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
             self.spill_dir = None
 
     def __enter__(self) -> "GroupedInverse":
@@ -214,6 +219,27 @@ class GroupedInverse:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SPILL_PREFIX = "fisher-spill-"
+
+
+def remove_stale_spills(root: Path) -> None:
+    """Remove spill folders left by processes that are gone (a killed run; they can be many GB)."""
+    for folder in root.glob(f"{SPILL_PREFIX}*"):
+        pid = folder.name[len(SPILL_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_tensor(tensor: Tensor, path: Path) -> None:
@@ -256,6 +282,7 @@ def measure_plan_inputs(
     max_chunk: int,
     vectors: int = 1,
     spill_root: Path | None = None,
+    allow_lowrank: bool = True,
 ) -> PlanInputs:
     """What the plan needs, measured: one probe forward for the activations, the free disk for spills.
 
@@ -284,7 +311,7 @@ def measure_plan_inputs(
         input_bytes=sample.numel() * sample.element_size(),
         max_chunk=max_chunk,
         vectors=vectors,
-        allow_lowrank=job.reduce_fn is None,
+        allow_lowrank=allow_lowrank and job.reduce_fn is None,
         spill_free_bytes=free_disk,
         threads=torch.get_num_threads(),
     )
@@ -297,13 +324,15 @@ def plan_fisher_step(
     max_chunk: int,
     vectors: int = 1,
     spill_root: Path | None = None,
+    allow_lowrank: bool = True,
 ) -> FisherPlan:
     """Measure the inputs and make the plan (WFError naming the smallest budget if none fits).
 
     In a multi-process run every rank must call this; ranks agree on the smallest budget, so all make the
     same plan (each statistic is summed across ranks group by group).
     """
-    inputs = measure_plan_inputs(job, max_chunk=max_chunk, vectors=vectors, spill_root=spill_root)
+    inputs = measure_plan_inputs(job, max_chunk=max_chunk, vectors=vectors, spill_root=spill_root,
+                                 allow_lowrank=allow_lowrank)
     device = next(iter(job.params.values())).device
     if job.reduce_fn is not None:
         budget_bytes = agree_min(budget_bytes, job.reduce_fn, device)
@@ -433,7 +462,8 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
         if spill_root is None:
             raise ValueError("a plan that spills to disk needs plan.spill_root")
         spill_root.mkdir(parents=True, exist_ok=True)
-        spill_dir = Path(tempfile.mkdtemp(prefix="fisher-spill-", dir=spill_root))
+        remove_stale_spills(spill_root)
+        spill_dir = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_root))
     result = GroupedInverse(plan, layout, job, source, spill_dir)
     try:
         if plan.gradient_passes > 1:
@@ -457,6 +487,8 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
                     result.grad_mean[g0 + f0 : g0 + f1] = part  # type: ignore[index]
                     result.newton[g0 + f0 : g0 + f1] = inverse.matvec(part)  # type: ignore[index]
             job.add_time("inverse", time.perf_counter() - t0)
+            if job.progress is not None:
+                job.progress("inverse", group.stop, layout.num_blocks)
             if index == last and plan.keep_last:
                 result._kept = stats
             elif plan.revisit == "disk":

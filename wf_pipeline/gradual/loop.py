@@ -213,7 +213,7 @@ class _Stage:
         with _PhaseProgress(self.reporter, label) as progress:
             report = prune_step(self.model, group.params, self.masks, event.target, group.pruner, batches=batches,
                                 reduce_fn=all_reduce_sum_ if self.dist.enabled else None, progress=progress,
-                                generator=generator)
+                                generator=generator, spill_dir=self.run.path)
         # Momentum and Adam moments at newly pruned positions must not push those weights back.
         self.masks.apply(self.model)
         self.masks.mask_optimizer_state(self.model, self.optimizer)
@@ -227,7 +227,10 @@ class _Stage:
                                    **{k: v for k, v in report.to_dict().items() if k != "per_layer_sparsity"}})
         self._record({"kind": "prune", **where, "target_sparsity": report.target_sparsity,
                       "achieved_sparsity": report.achieved_sparsity, "test_accuracy_after": accuracy,
-                      "timings": report.timings, "method": report.method, "num_grads": report.num_grads})
+                      "timings": report.timings, "method": report.method, "num_grads": report.num_grads,
+                      **({"fisher_plan": report.extra["fisher_plan"]} if "fisher_plan" in report.extra else {})})
+        if "fisher_plan_summary" in report.extra:
+            self.reporter.message(report.extra["fisher_plan_summary"])
         self.reporter.message(
             f"pruned {group.name if len(self.groups) > 1 else ''}to {report.achieved_sparsity:.2%} "
             f"(target {event.target:.2%}) at epoch {event.epoch:g} in {report.timings.get('total', 0.0):.1f}s: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ def prune_step(
     reduce_fn: ReduceFn | None = None,
     progress: Progress | None = None,
     generator: torch.Generator | None = None,
+    spill_dir: Path | None = None,
 ) -> PruneReport:
     """Prune `params` in place until ``target_sparsity`` of all their weights are zero.
 
@@ -65,7 +67,9 @@ def prune_step(
     rank's ``num_grads`` (to learn the total N before accumulating), then on the statistics: the block
     Gram sums, the gradient sum and the float64 sample count (diagonal Fisher: the squared-gradient sum
     instead of the Gram). The model is in eval mode while gradients are computed, then every
-    submodule's mode is restored.
+    submodule's mode is restored. WoodFisher/WoodTaylor may spill statistics that exceed their memory
+    budget to a temporary folder under `spill_dir` (removed when the step ends); without one they
+    recompute them instead.
     """
     if not 0.0 <= target_sparsity < 1.0:
         raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
@@ -74,7 +78,7 @@ def prune_step(
     pruner = settings if isinstance(settings, Pruner) else build_pruner(settings)
     started = time.perf_counter()
     view = PruneView(params, masks)
-    ctx = StepContext(model, batches, loss_fn, reduce_fn, progress, generator)
+    ctx = StepContext(model, batches, loss_fn, reduce_fn, progress, generator, spill_dir=spill_dir)
     if pruner.needs_gradients:
         ctx.timings["accumulate"] = 0.0
     kept = view.flat_kept()

@@ -325,6 +325,11 @@ class WoodFisherConfig(Strict):
     nonfinite: Literal["error", "skip"] = Field(
         "error", description="a Fisher gradient with NaN/Inf: stop naming it, or skip it (replaced by more samples, count reported)"
     )
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="memory (GB) one WoodFisher step may allocate for Fisher statistics, gradient chunks "
+        "and cached samples; blocks that do not fit are streamed through it in groups (default: half the memory "
+        "available when the step starts)"
+    )
 
 
 class PruningConfig(Strict):

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -54,6 +55,7 @@ class StepContext:
     timings: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "inverse": 0.0, "obs": 0.0})
     num_grads: int = 0  # gradients in the Fisher statistics built so far (all ranks)
     extra: dict[str, Any] = field(default_factory=dict)
+    spill_dir: Path | None = None  # where statistics that do not fit the memory budget may be spilled
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds

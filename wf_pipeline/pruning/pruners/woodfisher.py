@@ -1,7 +1,10 @@
 """WoodFisher and WoodTaylor: OBS pruning with a block-diagonal inverse of the empirical Fisher.
 
 Statistics are the block inverse ``F⁻¹`` (and, for WoodTaylor, the mean gradient ḡ); the maths of the
-scores and of the exact joint update lives in :mod:`wf_pipeline.pruning.obs`.
+scores and of the exact joint update lives in :mod:`wf_pipeline.pruning.obs`. Each collection is planned
+within ``pruning.woodfisher.memory_budget_gb`` first (:mod:`wf_pipeline.pruning.pruners.planned`): when the
+whole inverse does not fit, its blocks are streamed through the budget in groups, scores use the kept
+diagonal, and the update revisits the groups (the same weights and updates as in memory).
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from wf_pipeline.fisher.inverse import (
     accumulation_dtype,
 )
 from wf_pipeline.pruning.obs import obs_scores, obs_update, woodtaylor_scores
+from wf_pipeline.fisher.streamed import GroupedInverse
 from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
+from wf_pipeline.pruning.pruners.planned import booked, collect_streamed, make_job, plan_step
 from wf_pipeline.pruning.pruners.statistics import accumulate_gradients, total_gradient_count
 
 
@@ -29,14 +34,25 @@ class InverseFisherStats:
     grad_mean: Tensor | None = None  # WoodTaylor's first-order term, in the inverse's dtype
 
 
-class WoodFisherPruner(FlatPruner[InverseFisherStats]):
+@dataclass
+class StreamedFisherStats:
+    """A planned collection that did not keep the whole inverse: per-weight vectors, groups revisited at update."""
+
+    grouped: GroupedInverse
+    ctx: StepContext  # the update's revisits book their time here
+
+
+Stats = InverseFisherStats | StreamedFisherStats
+
+
+class WoodFisherPruner(FlatPruner[Stats]):
     """OBS with ``ρ_q = w_q² / (2 [F⁻¹]_qq)`` and the exact joint (or the paper's summed) update."""
 
     name = "woodfisher"
     needs_gradients = True
     uses_gradient_mean = False
 
-    def collect(self, view: PruneView, ctx: StepContext) -> InverseFisherStats:
+    def collect(self, view: PruneView, ctx: StepContext) -> Stats:
         settings = self.settings
         if ctx.reduce_fn is not None and settings.route == "woodbury":
             raise WFError(
@@ -45,13 +61,27 @@ class WoodFisherPruner(FlatPruner[InverseFisherStats]):
             )
         layout = BlockLayout(view.sizes, settings.block_size)
         total = total_gradient_count(settings, ctx.reduce_fn, view.device)
+        woodbury = settings.route == "woodbury"
+        dtype = settings.torch_dtype if woodbury else accumulation_dtype(total, layout.block_size, settings.torch_dtype)
+        job = make_job(view, ctx, settings, dtype)
+        plan = plan_step(view, ctx, settings, job, vectors=3 if self.uses_gradient_mean else 1,
+                         allow_lowrank=not woodbury)
+        ctx.extra["num_blocks"] = layout.num_blocks
+        ctx.extra["route"] = settings.route
+        if plan.streamed or plan.representation != "gram":
+            if woodbury:
+                raise WFError(
+                    f"pruning.woodfisher.route 'woodbury' keeps every block in memory, which does not fit the budget "
+                    f"({plan.summary()})",
+                    hint="use route: fast (the same inverse, streamed through the budget) or raise memory_budget_gb",
+                )
+            return StreamedFisherStats(collect_streamed(job, plan, ctx, with_grad_mean=self.uses_gradient_mean), ctx)
         acc: BlockGramAccumulator | WoodburyAccumulator
-        if settings.route == "woodbury":
-            acc = WoodburyAccumulator(layout, settings.damp, total, dtype=settings.torch_dtype, device=view.device)
+        if woodbury:
+            acc = WoodburyAccumulator(layout, settings.damp, total, dtype=dtype, device=view.device)
         else:
-            dtype = accumulation_dtype(total, layout.block_size, settings.torch_dtype)
             acc = BlockGramAccumulator(layout, dtype=dtype, device=view.device)
-        accumulate_gradients(acc, view, ctx, settings, layout=layout)
+        accumulate_gradients(acc, view, ctx, settings.replace(chunk_size=plan.chunk_size), layout=layout)
         ctx.num_grads += acc.num_samples  # summed over ranks
         t0 = time.perf_counter()
         inverse = acc.inverse(settings.damp, progress=ctx.progress)
@@ -60,16 +90,25 @@ class WoodFisherPruner(FlatPruner[InverseFisherStats]):
         grad_mean = acc.mean_gradient().to(dtype) if self.uses_gradient_mean else None
         ctx.extra["fisher_dtype"] = str(dtype).replace("torch.", "")
         ctx.extra["repaired_blocks"] = ctx.extra.get("repaired_blocks", 0) + inverse.repaired_blocks
-        ctx.extra["num_blocks"] = layout.num_blocks
-        ctx.extra["route"] = settings.route
         return InverseFisherStats(inverse, grad_mean)
 
-    def score(self, view: PruneView, stats: InverseFisherStats) -> Tensor:
+    def score(self, view: PruneView, stats: Stats) -> Tensor:
+        if isinstance(stats, StreamedFisherStats):
+            grouped = stats.grouped
+            return obs_scores(view.flat_weights(grouped.dtype), grouped.diag)
         weights = view.flat_weights(stats.inverse.blocks.dtype)
         return obs_scores(weights, stats.inverse.diag())
 
-    def update(self, view: PruneView, stats: InverseFisherStats, chosen: Tensor) -> Update:
+    def update(self, view: PruneView, stats: Stats, chosen: Tensor) -> Update:
         pruned = ~view.flat_kept() | chosen
+        if isinstance(stats, StreamedFisherStats):
+            grouped = stats.grouped
+            with grouped, booked(grouped.job, stats.ctx, outside_obs=True):
+                updated, predicted = grouped.obs_update(view.flat_weights(grouped.dtype), pruned,
+                                                        update=self.settings.update,
+                                                        use_grad_mean=self.uses_gradient_mean)
+            view.write_back(~pruned, updated)
+            return Update(predicted_loss_increase=predicted)
         weights = view.flat_weights(stats.inverse.blocks.dtype)
         updated, predicted = obs_update(stats.inverse, weights, pruned, update=self.settings.update,
                                         grad_mean=stats.grad_mean)
@@ -83,7 +122,10 @@ class WoodTaylorPruner(WoodFisherPruner):
     name = "woodtaylor"
     uses_gradient_mean = True
 
-    def score(self, view: PruneView, stats: InverseFisherStats) -> Tensor:
+    def score(self, view: PruneView, stats: Stats) -> Tensor:
+        if isinstance(stats, StreamedFisherStats):
+            grouped = stats.grouped
+            return woodtaylor_scores(view.flat_weights(grouped.dtype), grouped.diag, grouped.newton)
         assert stats.grad_mean is not None
         inverse = stats.inverse
         weights = view.flat_weights(inverse.blocks.dtype)
