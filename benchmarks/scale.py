@@ -1,0 +1,209 @@
+"""WoodFisher at ImageNet scale: one pruning step on torchvision ResNet-50 and MobileNetV2 at 224 px in a budget.
+
+Each case is one WoodFisher step (N=128 gradients, block size 128, λ=1e-5, all conv/linear weights, 50%
+target) on a randomly initialised torchvision model with synthetic 224-px images, run in a fresh
+subprocess so peak RSS (the child's own ``ru_maxrss``) belongs to that case alone. Per model it runs the
+budgeted step (``pruning.woodfisher.memory_budget_gb``) and, where its plan fits this machine, the
+in-memory step (all statistics in memory at once, one gradient pass), and reports peak RSS, the wall
+time split into gradients / statistics / inverse / update (+ spill I/O), and the plan (representation,
+groups, gradient passes, chunk, revisits, expected peak). Targets: ResNet-50 peak RSS <= 8 GB,
+MobileNetV2 <= 3 GB, budgeted time <= 1.5x the in-memory step where that fits.
+
+``--quick`` (CI, ~1-2 min on a quiet machine): ResNet-18 at 64 px, N=16, block 16, a budget tiny enough for several
+passes, both revisit modes (spill to disk and recompute), the in-memory step, and a check that the
+budgeted steps select the same weights and give weights equal to the in-memory ones within 1e-6.
+
+Usage: python benchmarks/scale.py [--quick] [--models resnet50 mobilenet_v2] [--max-in-memory-gb 12]
+Last stdout line: one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = {"num_grads": 128, "block_size": 128, "damp": 1e-5, "image_size": 224, "sparsity": 0.5}
+BUDGET_GB = {"resnet50": 6.5, "mobilenet_v2": 2.0}  # peak targets 8 and 3 GB, minus ~1 GB of torch + model
+TARGET_PEAK_GB = {"resnet50": 8.0, "mobilenet_v2": 3.0}
+QUICK = {"model": "resnet18", "num_grads": 16, "block_size": 16, "damp": 1e-5, "image_size": 64, "sparsity": 0.5,
+         "budget_gb": 0.9}
+
+
+# ===================================================================== child: one step
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One WoodFisher step as `case` says; returns its figures (run in a fresh process)."""
+    import torch
+    import torchvision
+
+    import wf_pipeline  # noqa: F401  (sets thread/OpenMP defaults before torch work)
+    from wf_pipeline.fisher.plan import resident_bytes
+    from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step, select_prunable
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(case["model"], weights=None, num_classes=1000).eval()
+    params = select_prunable(model, [".*"], [])
+    masks = MaskSet.dense(params)
+    n, px = case["num_grads"], case["image_size"]
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, px, px, generator=gen)
+    labels = torch.randint(0, 1000, (n,), generator=gen)
+    batches = lambda: [(images[i : i + 32], labels[i : i + 32]) for i in range(0, n, 32)]  # noqa: E731
+    settings = PruneSettings("woodfisher", num_grads=n, block_size=case["block_size"], damp=case["damp"],
+                             memory_budget_gb=case["budget_gb"], chunk_size=case.get("chunk_size", 100))
+    baseline = resident_bytes()
+    spill = case.get("spill_dir")
+    started = time.perf_counter()
+    report = prune_step(model, params, masks, case["sparsity"], settings, batches,
+                        spill_dir=None if spill is None else Path(spill))
+    seconds = time.perf_counter() - started
+    t = report.timings
+    plan = report.extra["fisher_plan"]
+    out: dict[str, Any] = {
+        "model": case["model"], "mode": case["mode"], "weights": sum(p.numel() for p in params.values()),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "baseline_rss_gb": baseline / 1e9, "seconds": seconds,
+        "split_s": {"gradients": t.get("gradients", 0.0), "statistics": t.get("accumulate", 0.0),
+                    "inverse": t.get("inverse", 0.0) - t.get("accumulate", 0.0), "update": t.get("obs", 0.0),
+                    "spill_io": t.get("spill", 0.0)},
+        "plan": {k: plan[k] for k in ("representation", "chunk_size", "revisit", "keep_last", "gradient_passes",
+                                      "budget_bytes", "peak_bytes", "baseline_bytes", "stats_bytes", "spill_bytes")}
+        | {"groups": plan["groups"], "summary": plan["summary"]},
+        "achieved_sparsity": report.achieved_sparsity,
+    }
+    if case.get("save_weights"):
+        torch.save({n: p.detach().clone() for n, p in params.items()} | {f"mask:{k}": v for k, v in masks.masks.items()},
+                   case["save_weights"])
+    return out
+
+
+def child_main(spec: str) -> None:
+    print(json.dumps(run_case(json.loads(spec))))
+
+
+def spawn(case: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one case in a fresh interpreter; its last stdout line is the result."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"model": case["model"], "mode": case["mode"], "error": " | ".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ===================================================================== parent
+def in_memory_plan(model_name: str, case: dict[str, Any], cap_gb: float) -> dict[str, Any]:
+    """Whether the all-in-memory plan fits `cap_gb` of budget (a one-sample probe, in a child as well)."""
+    probe = {**case, "mode": "probe"}
+    code = (
+        "import json,sys,torch,torchvision,wf_pipeline\n"
+        "from wf_pipeline.fisher.plan import plan_within, PlanInputs\n"
+        "from wf_pipeline.fisher.streamed import probe_activation_bytes\n"
+        "from wf_pipeline.pruning import select_prunable\n"
+        "from wf_pipeline.fisher.inverse import accumulation_dtype\n"
+        "c=json.loads(sys.argv[1]); m=torchvision.models.get_model(c['model'],num_classes=1000).eval()\n"
+        "p=select_prunable(m,['.*'],[]); x=torch.randn(1,3,c['image_size'],c['image_size'])\n"
+        "dt=accumulation_dtype(c['num_grads'],c['block_size'],torch.float32)\n"
+        "i=PlanInputs([q.numel() for q in p.values()],c['num_grads'],c['block_size'],torch.empty((),dtype=dt).element_size(),"
+        "activation_bytes=probe_activation_bytes(m,p,x),input_bytes=x.numel()*4,threads=torch.get_num_threads())\n"
+        "best=None\n"
+        "for gb in [g/4 for g in range(1,int(c['cap']*4)+1)]:\n"
+        "    q=plan_within(i,int(gb*1e9))\n"
+        "    if q is not None and q.revisit=='none': best={'budget_gb':gb,'peak_gb':q.peak_bytes/1e9,'chunk':q.chunk_size}; break\n"
+        "print(json.dumps(best))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps({**probe, "cap": cap_gb})], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    found = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+    return {"fits": found is not None, **(found or {})}
+
+
+def compare_weights(a: Path, b: Path) -> dict[str, Any]:
+    import torch
+
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    same_masks = all(torch.equal(x[k], y[k]) for k in x if k.startswith("mask:"))
+    wa = torch.cat([x[k].reshape(-1) for k in x if not k.startswith("mask:")])
+    wb = torch.cat([y[k].reshape(-1) for k in y if not k.startswith("mask:")])
+    return {"same_weights_selected": same_masks, "max_rel_diff": float((wa - wb).abs().max() / wa.abs().max())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 at 64 px, tiny budget, both revisit modes")
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
+    parser.add_argument("--max-in-memory-gb", type=float, default=12.0,
+                        help="run the in-memory step only if its plan needs at most this budget")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args.child)
+        return
+
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="scale-bench-", dir=ROOT / "artifacts" if (ROOT / "artifacts").is_dir() else None) as tmp:
+        if args.quick:
+            base = dict(QUICK)
+            saved = {}
+            for mode, extra in (("budgeted-disk", {"spill_dir": tmp}), ("budgeted-recompute", {}),
+                                ("in-memory", {"budget_gb": 8.0})):
+                saved[mode] = str(Path(tmp) / f"{mode}.pt")
+                if results and "chunk_size" in results[0].get("plan", {}):  # same chunks: fp32 sums in the same order
+                    extra["chunk_size"] = results[0]["plan"]["chunk_size"]
+                case = {**base, **extra, "mode": mode, "save_weights": saved[mode]}
+                results.append(spawn(case, args.timeout))
+                print(f"{mode}: {results[-1]}", file=sys.stderr, flush=True)
+            memory = next(r for r in results if r["mode"] == "in-memory")
+            for mode in ("budgeted-disk", "budgeted-recompute"):
+                row = next(r for r in results if r["mode"] == mode)
+                if "error" in row or "error" in memory:
+                    continue
+                summary[mode] = {**compare_weights(Path(saved[mode]), Path(saved["in-memory"])),
+                                 "time_ratio_vs_in_memory": row["seconds"] / memory["seconds"],
+                                 "gradient_passes": row["plan"]["gradient_passes"]}
+        else:
+            for name in args.models:
+                case = {**FULL, "model": name, "budget_gb": BUDGET_GB.get(name, 4.0), "spill_dir": tmp}
+                budgeted = spawn({**case, "mode": "budgeted"}, args.timeout)
+                results.append(budgeted)
+                print(f"{name} budgeted: {budgeted}", file=sys.stderr, flush=True)
+                fit = in_memory_plan(name, case, args.max_in_memory_gb)
+                entry: dict[str, Any] = {"in_memory_plan": fit}
+                if fit["fits"]:
+                    memory = spawn({**case, "mode": "in-memory", "budget_gb": fit["budget_gb"]}, args.timeout)
+                    results.append(memory)
+                    print(f"{name} in-memory: {memory}", file=sys.stderr, flush=True)
+                    if "error" not in memory and "error" not in budgeted:
+                        entry["time_ratio_vs_in_memory"] = budgeted["seconds"] / memory["seconds"]
+                        entry["time_target_met"] = entry["time_ratio_vs_in_memory"] <= 1.5
+                if "error" not in budgeted:
+                    target = TARGET_PEAK_GB.get(name)
+                    entry["peak_rss_gb"] = budgeted["peak_rss_gb"]
+                    entry["peak_target_gb"] = target
+                    entry["peak_target_met"] = None if target is None else budgeted["peak_rss_gb"] <= target
+                summary[name] = entry
+    for row in results:
+        if "error" in row:
+            print(f"{row['model']} {row['mode']}: FAILED {row['error']}")
+            continue
+        split = ", ".join(f"{k} {v:.1f}s" for k, v in row["split_s"].items())
+        print(f"{row['model']:>13} {row['mode']:<19} peak RSS {row['peak_rss_gb']:.2f} GB (plan {row['plan']['peak_bytes'] / 1e9:.2f}"
+              f" + {row['baseline_rss_gb']:.2f} resident), {row['seconds']:.1f}s: {split}")
+        print(f"{'':>13} {row['plan']['summary']}")
+    print(json.dumps({"benchmark": "scale", "quick": args.quick, "threads": os.cpu_count(),
+                      "load_avg_1m": os.getloadavg()[0], "summary": summary, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
