@@ -31,7 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"num_grads": 128, "block_size": 128, "damp": 1e-5, "image_size": 224, "sparsity": 0.5}
-BUDGET_GB = {"resnet50": 6.5, "mobilenet_v2": 2.0}  # peak targets 8 and 3 GB, minus ~1 GB of torch + model
+BUDGET_GB = {"resnet50": 6.5, "mobilenet_v2": 2.1}  # peak targets 8 and 3 GB, minus ~0.9 GB of torch + model
 TARGET_PEAK_GB = {"resnet50": 8.0, "mobilenet_v2": 3.0}
 QUICK = {"model": "resnet18", "num_grads": 16, "block_size": 16, "damp": 1e-5, "image_size": 64, "sparsity": 0.5,
          "budget_gb": 0.9}
@@ -100,8 +100,8 @@ def spawn(case: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 # ===================================================================== parent
-def in_memory_plan(model_name: str, case: dict[str, Any], cap_gb: float) -> dict[str, Any]:
-    """Whether the all-in-memory plan fits `cap_gb` of budget (a one-sample probe, in a child as well)."""
+def in_memory_plan(case: dict[str, Any], cap_gb: float) -> dict[str, Any]:
+    """Whether all statistics fit in memory at once within `cap_gb`, with the case's chunk (a probe, in a child)."""
     probe = {**case, "mode": "probe"}
     code = (
         "import json,sys,torch,torchvision,wf_pipeline\n"
@@ -113,18 +113,18 @@ def in_memory_plan(model_name: str, case: dict[str, Any], cap_gb: float) -> dict
         "p=select_prunable(m,['.*'],[]); x=torch.randn(1,3,c['image_size'],c['image_size'])\n"
         "dt=accumulation_dtype(c['num_grads'],c['block_size'],torch.float32)\n"
         "i=PlanInputs([q.numel() for q in p.values()],c['num_grads'],c['block_size'],torch.empty((),dtype=dt).element_size(),"
-        "activation_bytes=probe_activation_bytes(m,p,x),input_bytes=x.numel()*4,threads=torch.get_num_threads())\n"
-        "best=None\n"
-        "for gb in [g/4 for g in range(1,int(c['cap']*4)+1)]:\n"
-        "    q=plan_within(i,int(gb*1e9))\n"
-        "    if q is not None and q.revisit=='none': best={'budget_gb':gb,'peak_gb':q.peak_bytes/1e9,'chunk':q.chunk_size}; break\n"
-        "print(json.dumps(best))\n"
+        "activation_bytes=probe_activation_bytes(m,p,x),input_bytes=x.numel()*4,max_chunk=c['chunk_size'],"
+        "threads=torch.get_num_threads())\n"
+        "q=plan_within(i,int(c['cap']*1e9))\n"
+        "print(json.dumps({'fits':q is not None and q.revisit=='none','expected_peak_gb':None if q is None else q.peak_bytes/1e9,"
+        "'summary':None if q is None else q.summary()}))\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", code, json.dumps({**probe, "cap": cap_gb})], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=600)
-    found = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-    return {"fits": found is not None, **(found or {})}
+    if proc.returncode != 0:
+        return {"fits": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def compare_weights(a: Path, b: Path) -> dict[str, Any]:
@@ -178,10 +178,14 @@ def main() -> None:
                 budgeted = spawn({**case, "mode": "budgeted"}, args.timeout)
                 results.append(budgeted)
                 print(f"{name} budgeted: {budgeted}", file=sys.stderr, flush=True)
-                fit = in_memory_plan(name, case, args.max_in_memory_gb)
-                entry: dict[str, Any] = {"in_memory_plan": fit}
+                entry: dict[str, Any] = {}
+                if "error" not in budgeted:  # the in-memory step with the same chunks, if it fits this machine
+                    case["chunk_size"] = budgeted["plan"]["chunk_size"]
+                    fit = entry["in_memory_plan"] = in_memory_plan(case, args.max_in_memory_gb)
+                else:
+                    fit = {"fits": False}
                 if fit["fits"]:
-                    memory = spawn({**case, "mode": "in-memory", "budget_gb": fit["budget_gb"]}, args.timeout)
+                    memory = spawn({**case, "mode": "in-memory", "budget_gb": args.max_in_memory_gb}, args.timeout)
                     results.append(memory)
                     print(f"{name} in-memory: {memory}", file=sys.stderr, flush=True)
                     if "error" not in memory and "error" not in budgeted:

@@ -12,10 +12,10 @@ cached samples (``recompute``). The last group stays in memory through the ranki
 Memory model, in bytes the step allocates (the model and the process's own footprint excluded):
 
 ==========  ========================================================================================
-collect(g)  cache + vectors + stats(g) + chunk(n, g) + slices + engine
+collect(g)  cache + vectors + stats(g) + chunk(n, g) + slices
 rank        cache + vectors + 64·d  (+ stats(last) when the last group is kept)
-update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) + engine when recomputing)
-chunk(n, g) n·m·activations + 2·n·grad_bytes·(weights of the layers g touches)
+update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) when recomputing)
+chunk(n, g) n·m·activations + (3·n + 8)·grad_bytes·(weights of the layers g touches)
 ==========  ========================================================================================
 
 ``stats(g)`` is ``B²·stat_bytes`` per Gram block and ``N·B·grad_bytes`` per low-rank block; ``cache``
@@ -24,9 +24,11 @@ results kept between phases (the inverse's diagonal; WoodTaylor also the Newton 
 ``slices`` bounds the batched-solve temporaries (per worker thread, a slice of at most 64 blocks; low-rank
 blocks are also formed 256 at a time); ``64·d`` and ``32·d`` cover scoring, ranking and the
 full-length vectors of the update (measured ~50 bytes per weight for scores plus ranking); ``activations``
-is what one sample's forward saves for the backward, times two for the backward's own temporaries
-(measured 1.3–1.6 per sample on torchvision ResNet-50 and MobileNetV2 at 224 px), and ``engine`` is the
-per-sample gradient code's fixed scratch, ``2·grad_bytes·d`` (measured intercepts 0.1–0.2 GB on those).
+is what one sample's forward saves for the backward, times 1.5 for the backward's own temporaries
+(measured 1.0–1.6 on torchvision ResNet-50 and MobileNetV2 at 224 px). Per weight a chunk holds each
+sample's gradient up to three times (the per-sample engine's rows, a layer's intermediate, the
+block-major copy; measured on ResNet-18), and the first chunk of a pass is checked against plain
+autograd on two samples (about eight more gradient copies).
 
 Every phase gets 5% on top for the allocator (freed memory is not always returned at once).
 
@@ -51,11 +53,13 @@ RANK_BYTES_PER_WEIGHT = 64
 UPDATE_BYTES_PER_WEIGHT = 32
 GROUP_UPDATE_BYTES_PER_WEIGHT = 48
 VECTOR_BYTES = 8
-ACTIVATION_FACTOR = 2.0
+ACTIVATION_FACTOR = 1.5
 SLICE_BLOCKS = 64  # blocks per batched Cholesky/solve call (fisher.inverse, pruning.obs)
 SLICE_COPIES = 4  # matrices per block alive in one slice call (input, factor, result, system)
 LOWRANK_SLICE_BLOCKS = 256  # low-rank blocks formed at once from stored gradient rows
 ALLOCATOR_SLACK = 0.05  # on top of every phase: fragmentation and allocator caches (measured 3–4% on ResNet-18)
+GRADIENT_COPIES = 3  # per sample and weight in a chunk: engine rows, a layer's intermediate, block-major copy
+CHECK_COPIES = 8  # per weight: a pass's first chunk is checked on two samples, ~4 copies each (fisher.gradients)
 MIN_CHUNK = 8  # smaller chunks make Gram accumulation memory-bound; used only when nothing else fits
 SPILL_MARGIN = 1.1  # free disk wanted per spilled byte
 REVISITS = ("none", "disk", "recompute")
@@ -115,12 +119,9 @@ class PlanInputs:
         return formed + per_worker * (SLICE_COPIES * B * B + 2 * N * B + 2 * N * N)
 
     def chunk_bytes_per_weight(self, n: int) -> int:
-        """Per weight of the layers a pass touches: the chunk's gradients, their block-major copy, any promoted copy."""
+        """Per weight of the layers a pass touches: the chunk's gradient copies, any promoted copy, the first-chunk check."""
         promoted = self.stat_bytes if self.representation() == "gram" and self.stat_bytes != self.grad_bytes else 0
-        return n * (2 * self.grad_bytes + promoted)
-
-    def engine_bytes(self) -> int:
-        return 2 * self.grad_bytes * self.dim
+        return n * (GRADIENT_COPIES * self.grad_bytes + promoted) + CHECK_COPIES * self.grad_bytes
 
     def activation_chunk_bytes(self, n: int) -> int:
         return int(n * self.grad_batch_size * self.activation_bytes * ACTIVATION_FACTOR)
@@ -209,7 +210,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> 
     B = inputs.block_size
     per_block = inputs.block_bytes()
     vectors = inputs.vectors * VECTOR_BYTES * inputs.dim
-    fixed_collect = cache + vectors + inputs.slice_bytes() + inputs.activation_chunk_bytes(n) + inputs.engine_bytes()
+    fixed_collect = cache + vectors + inputs.slice_bytes() + inputs.activation_chunk_bytes(n)
     fixed_update = cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + inputs.slice_bytes()
     grad_per_weight = inputs.chunk_bytes_per_weight(n)
     groups: list[BlockGroup] = []
@@ -230,7 +231,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> 
             room_update = budget - fixed_update - stats - GROUP_UPDATE_BYTES_PER_WEIGHT * weights
             per_update = per_block + GROUP_UPDATE_BYTES_PER_WEIGHT * B
             if revisit == "recompute":
-                room_update -= inputs.activation_chunk_bytes(n) + inputs.engine_bytes() + grad_per_weight * touched
+                room_update -= inputs.activation_chunk_bytes(n) + grad_per_weight * touched
             fit = min(room_collect // per_block, room_update // per_update, left)
             if fit <= 0:
                 if not layers:
@@ -265,7 +266,7 @@ def _phase_bytes(inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: 
     slices = inputs.slice_bytes()
 
     def chunk(g: BlockGroup) -> int:
-        return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers)) + inputs.engine_bytes()
+        return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers))
 
     collect = max(cache + vectors + g.stats_bytes + chunk(g) + slices for g in groups)
     rank = cache + vectors + RANK_BYTES_PER_WEIGHT * inputs.dim + (groups[-1].stats_bytes if keep_last else 0)
