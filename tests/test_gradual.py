@@ -184,6 +184,7 @@ def _history_without_times(run_path: Path) -> list[dict[str, Any]]:
     for record in records:
         record.pop("elapsed_s", None)
         record.pop("timings", None)
+        record.pop("fisher_plan", None)  # like timings: the memory plan depends on the machine's free memory
     return records
 
 

@@ -45,13 +45,13 @@ def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, min_groups: int = 3) -> FisherPlan:
-    """A budget so small that the blocks need at least `min_groups` passes (chunks of 8 or more, to stay quick)."""
+    """A budget so small that the blocks need at least `min_groups` passes (chunks of 2 or more, to stay quick)."""
     inputs = measure_plan_inputs(job, max_chunk=chunk, spill_root=spill)
     low = smallest_budget(inputs)
     high = next(b for b in range(low, 100 * low, max(1, low // 50)) if plan_within(inputs, b).revisit == "none")
     for budget in range(high, low, -max(1, low // 200)):  # the roomiest budget that still needs the groups
         plan = plan_within(inputs, budget)
-        if plan is not None and plan.chunk_size >= 8 and len(plan.groups) >= min_groups:
+        if plan is not None and plan.chunk_size >= 2 and len(plan.groups) >= min_groups:
             plan.spill_root = None if spill is None else str(spill)
             return plan
     raise AssertionError("no budget gives the wanted plan")
