@@ -1,7 +1,6 @@
 """Block groups streamed through a tiny budget give the same pruning as the whole inverse in memory."""
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from wf_pipeline.fisher.inverse import BlockLayout, accumulation_dtype
-from wf_pipeline.fisher.plan import FisherPlan, make_plan, plan_within, smallest_budget
+from wf_pipeline.fisher.plan import FisherPlan, plan_within, smallest_budget
 from wf_pipeline.fisher.streamed import (
     FisherJob,
     collect_grouped_inverse,
@@ -20,10 +19,10 @@ from wf_pipeline.fisher.streamed import (
     sub_layout,
 )
 from wf_pipeline.pruning.masks import MaskSet
-from wf_pipeline.pruning.settings import PruneSettings
-from wf_pipeline.pruning.step import prune_step
 from wf_pipeline.pruning.obs import obs_scores, woodtaylor_scores
 from wf_pipeline.pruning.ranking import choose_pruned
+from wf_pipeline.pruning.settings import PruneSettings
+from wf_pipeline.pruning.step import prune_step
 
 DAMP = 1e-5
 

@@ -41,9 +41,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from wf_pipeline.errors import WFError
 
@@ -109,7 +110,7 @@ class PlanInputs:
         return B * B * self.stat_bytes if self.representation() == "gram" else self.num_grads * B * self.grad_bytes
 
     def slice_bytes(self) -> int:
-        """Temporaries of batched solves: per worker a slice of blocks; low-rank blocks are also formed a slice at a time."""
+        """Batched-solve temporaries: a slice of blocks per worker; low-rank blocks are formed a slice at a time too."""
         B, N = self.block_size, self.num_grads
         blocks = sum(self.blocks_per_layer)
         per_worker = min(SLICE_BLOCKS, blocks) * VECTOR_BYTES * self.threads
@@ -119,7 +120,7 @@ class PlanInputs:
         return formed + per_worker * (SLICE_COPIES * B * B + 2 * N * B + 2 * N * N)
 
     def chunk_bytes_per_weight(self, n: int) -> int:
-        """Per weight of the layers a pass touches: the chunk's gradient copies, any promoted copy, the first-chunk check."""
+        """Per weight of the layers a pass touches: the chunk's gradient copies, a promoted copy, the first check."""
         promoted = self.stat_bytes if self.representation() == "gram" and self.stat_bytes != self.grad_bytes else 0
         return n * (GRADIENT_COPIES * self.grad_bytes + promoted) + CHECK_COPIES * self.grad_bytes
 
@@ -186,7 +187,8 @@ class FisherPlan:
                    "recompute": "revisited by recomputing"}[self.revisit]
         base = f" + {_gb(self.baseline_bytes)} resident" if self.baseline_bytes else ""
         return (
-            f"Fisher plan: {self.dim:,} weights in {self.num_layers} layers, {kind}, {_gb(self.stats_bytes)} of statistics "
+            f"Fisher plan: {self.dim:,} weights in {self.num_layers} layers, {kind}, "
+            f"{_gb(self.stats_bytes)} of statistics "
             f"in {groups} group{'s' if groups > 1 else ''} (largest {_gb(largest)}), {self.gradient_passes} gradient "
             f"pass{'es' if self.gradient_passes > 1 else ''} of N={self.num_grads} in chunks of {self.chunk_size}, "
             f"groups {revisit}; expected peak {_gb(self.peak_bytes)} of a {_gb(self.budget_bytes)} budget{base}"
@@ -223,7 +225,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> 
         groups.append(BlockGroup(start, block, tuple(layers), stats, weights))
         start, stats, weights, layer_weights, layers = block, 0, 0, 0, []
 
-    for layer, (size, count) in enumerate(zip(inputs.sizes, inputs.blocks_per_layer)):
+    for layer, (size, count) in enumerate(zip(inputs.sizes, inputs.blocks_per_layer, strict=True)):
         left = count
         while left:
             touched = layer_weights + (0 if layer in layers else size)
@@ -261,7 +263,9 @@ def _chunk_candidates(inputs: PlanInputs) -> list[int]:
     return sorted(sizes, reverse=True)
 
 
-def _phase_bytes(inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: str, keep_last: bool, cache: int) -> dict[str, int]:
+def _phase_bytes(
+    inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: str, keep_last: bool, cache: int
+) -> dict[str, int]:
     vectors = inputs.vectors * VECTOR_BYTES * inputs.dim
     slices = inputs.slice_bytes()
 
@@ -271,7 +275,8 @@ def _phase_bytes(inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: 
     collect = max(cache + vectors + g.stats_bytes + chunk(g) + slices for g in groups)
     rank = cache + vectors + RANK_BYTES_PER_WEIGHT * inputs.dim + (groups[-1].stats_bytes if keep_last else 0)
     update = max(
-        cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + g.stats_bytes + GROUP_UPDATE_BYTES_PER_WEIGHT * g.weights
+        cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + g.stats_bytes
+        + GROUP_UPDATE_BYTES_PER_WEIGHT * g.weights
         + slices + (chunk(g) if revisit == "recompute" and not (keep_last and g is groups[-1]) else 0)
         for g in groups
     )
@@ -279,7 +284,7 @@ def _phase_bytes(inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: 
 
 
 def _try(inputs: PlanInputs, budget: int, revisit: str) -> FisherPlan | None:
-    """The plan for one revisit mode: chunks of at least MIN_CHUNK when possible, then fewest groups, then largest chunk."""
+    """The plan for one revisit mode: chunks >= MIN_CHUNK when possible, then fewest groups, then the largest chunk."""
     best: tuple[int, int, list[BlockGroup], int] | None = None  # (groups, -n, groups, cache)
     candidates = _chunk_candidates(inputs)
     floor = min(MIN_CHUNK, candidates[0])
@@ -354,7 +359,9 @@ def smallest_budget(inputs: PlanInputs) -> int:
     return hi
 
 
-def make_plan(inputs: PlanInputs, budget_bytes: int, *, field_name: str = "pruning.woodfisher.memory_budget_gb") -> FisherPlan:
+def make_plan(
+    inputs: PlanInputs, budget_bytes: int, *, field_name: str = "pruning.woodfisher.memory_budget_gb"
+) -> FisherPlan:
     """The plan for `budget_bytes`, or a one-line WFError naming the smallest budget that would work."""
     plan = plan_within(inputs, budget_bytes)
     if plan is not None:

@@ -16,17 +16,22 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from torch.func import functional_call
 
-from wf_pipeline.fisher.gradients import SampleStream, iter_gradient_chunks, sample_model_labels, unwrap_model
+from wf_pipeline.fisher.gradients import (
+    GradientStats,
+    SampleStream,
+    iter_gradient_chunks,
+    sample_model_labels,
+    unwrap_model,
+)
 from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout
 from wf_pipeline.fisher.parallel import map_slices
 from wf_pipeline.fisher.plan import (
@@ -57,7 +62,7 @@ def sub_layout(layout: BlockLayout, start: int, stop: int) -> tuple[BlockLayout,
     B = layout.block_size
     sizes: list[int] = []
     f0 = f1 = -1
-    for layer, (k0, k1) in enumerate(zip(layout.block_offsets, layout.block_offsets[1:])):
+    for layer, (k0, k1) in enumerate(zip(layout.block_offsets, layout.block_offsets[1:], strict=False)):
         b0, b1 = max(start, k0), min(stop, k1)
         if b0 >= b1:
             continue
@@ -111,7 +116,10 @@ class FisherJob:
     generator: torch.Generator | None = None
     progress: Progress | None = None
     reduce_fn: ReduceFn | None = None
+    nonfinite: str = "error"  # see iter_gradient_chunks; 'skip' drops, per group, rows non-finite in its layers
     timings: dict[str, float] = field(default_factory=dict)
+    engine: str = ""  # the per-sample gradient engine the passes used
+    skipped: int = 0  # non-finite gradient rows left out, over all passes
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -146,16 +154,20 @@ class _GroupStats:
 class GroupedInverse:
     """The diagonal of a block-diagonal inverse Fisher for every weight, with its groups revisitable."""
 
-    def __init__(self, plan: FisherPlan, layout: BlockLayout, job: FisherJob, source: "_GroupSource",
-                 spill_dir: Path | None) -> None:
+    def __init__(self, plan: FisherPlan, layout: BlockLayout, job: FisherJob, source: _GroupSource,
+                 spill_dir: Path | None, with_grad_mean: bool) -> None:
         self.plan, self.layout, self.job, self.source = plan, layout, job, source
         self.spill_dir = spill_dir
-        self.diag: Tensor | None = None
+        self.dtype = torch.float64 if plan.representation == "lowrank" else job.stat_dtype
+        device = next(iter(job.params.values())).device
+        self.diag = torch.empty(layout.dim, dtype=self.dtype, device=device)  # [F⁻¹]_qq, filled group by group
         self.grad_mean: Tensor | None = None  # WoodTaylor only
         self.newton: Tensor | None = None  # F⁻¹ḡ, WoodTaylor only
+        if with_grad_mean:
+            self.grad_mean = torch.empty(layout.dim, dtype=self.dtype, device=device)
+            self.newton = torch.empty(layout.dim, dtype=self.dtype, device=device)
         self.num_samples = 0
         self.repaired_blocks = 0
-        self.dtype = torch.float64 if plan.representation == "lowrank" else job.stat_dtype
         self._kept: _GroupStats | None = None
         self._spilled: dict[int, tuple[Path, torch.Size, torch.dtype, BlockLayout]] = {}
         # Spill files go even if the step fails between collection and update.
@@ -214,7 +226,7 @@ class GroupedInverse:
             self._cleanup()
             self.spill_dir = None
 
-    def __enter__(self) -> "GroupedInverse":
+    def __enter__(self) -> GroupedInverse:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -250,7 +262,7 @@ def _write_tensor(tensor: Tensor, path: Path) -> None:
 def _read_tensor(path: Path, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
     buffer = torch.empty(shape, dtype=dtype)
     with open(path, "rb") as source:
-        source.readinto(memoryview(buffer.numpy()).cast("B"))
+        source.readinto(buffer.numpy().data.cast("B"))
     return buffer.to(device)
 
 
@@ -394,7 +406,8 @@ class _GroupSource:
         gram = self.plan.representation == "gram"
         device = next(iter(params.values())).device
         acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device) if gram else None
-        rows = None if gram else torch.empty(count, job.num_grads, B, dtype=next(iter(params.values())).dtype, device=device)
+        grad_dtype = next(iter(params.values())).dtype
+        rows = None if gram else torch.empty(count, job.num_grads, B, dtype=grad_dtype, device=device)
         grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
         total = job.num_grads * self.plan.gradient_passes
         base = job.num_grads * self.passes_done
@@ -403,10 +416,11 @@ class _GroupSource:
             if job.progress is not None:
                 job.progress("gradients", base + done, total)
 
+        engine = GradientStats()
         chunks = iter_gradient_chunks(
             job.model, params, self.batches, num_grads=job.num_grads, grad_batch_size=job.grad_batch_size,
             chunk_size=self.plan.chunk_size, loss_fn=job.loss_fn, masks=job.masks, fisher_type=self.fisher_type,
-            generator=job.generator, progress=progress, layout=touched,
+            generator=job.generator, progress=progress, layout=touched, nonfinite=job.nonfinite, stats=engine,
         )
         offset = 0
         while True:
@@ -428,6 +442,7 @@ class _GroupSource:
             del chunk, part
             job.add_time("accumulate", time.perf_counter() - t1)
         self.passes_done += 1
+        job.engine, job.skipped = engine.engine, job.skipped + engine.skipped
         t0 = time.perf_counter()
         if acc is not None:
             if job.reduce_fn is not None:
@@ -464,15 +479,10 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
         spill_root.mkdir(parents=True, exist_ok=True)
         remove_stale_spills(spill_root)
         spill_dir = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_root))
-    result = GroupedInverse(plan, layout, job, source, spill_dir)
+    result = GroupedInverse(plan, layout, job, source, spill_dir, with_grad_mean)
     try:
         if plan.gradient_passes > 1:
             source.cache_samples()
-        device = next(iter(job.params.values())).device
-        result.diag = torch.empty(layout.dim, dtype=result.dtype, device=device)
-        if with_grad_mean:
-            result.grad_mean = torch.empty(layout.dim, dtype=result.dtype, device=device)
-            result.newton = torch.empty(layout.dim, dtype=result.dtype, device=device)
         last = len(plan.groups) - 1
         for index, group in enumerate(plan.groups):
             stats, mean = source.group_stats(group, with_mean=with_grad_mean)
@@ -482,10 +492,10 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
             _, g0, _ = sub_layout(layout, group.start, group.stop)
             for f0, f1, inverse in stats.slices():
                 result.diag[g0 + f0 : g0 + f1] = inverse.diag()
-                if mean is not None:
+                if mean is not None and result.grad_mean is not None and result.newton is not None:
                     part = mean[f0:f1].to(result.dtype)
-                    result.grad_mean[g0 + f0 : g0 + f1] = part  # type: ignore[index]
-                    result.newton[g0 + f0 : g0 + f1] = inverse.matvec(part)  # type: ignore[index]
+                    result.grad_mean[g0 + f0 : g0 + f1] = part
+                    result.newton[g0 + f0 : g0 + f1] = inverse.matvec(part)
             job.add_time("inverse", time.perf_counter() - t0)
             if job.progress is not None:
                 job.progress("inverse", group.stop, layout.num_blocks)

@@ -8,8 +8,8 @@ The plan goes to the step's report (``extra["fisher_plan"]``, one-line ``extra["
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -37,7 +37,7 @@ def make_job(view: PruneView, ctx: StepContext, settings: PruneSettings, stat_dt
         model=ctx.model, params=view.params, masks=view.masks.masks, batches=ctx.batches,
         num_grads=settings.num_grads, block_size=settings.block_size, damp=settings.damp, stat_dtype=stat_dtype,
         grad_batch_size=settings.grad_batch_size, fisher_type=settings.fisher_type, loss_fn=ctx.loss_fn,
-        generator=ctx.generator, progress=ctx.progress, reduce_fn=ctx.reduce_fn,
+        generator=ctx.generator, progress=ctx.progress, reduce_fn=ctx.reduce_fn, nonfinite=settings.nonfinite,
     )
 
 
@@ -76,6 +76,9 @@ def collect_streamed(job: FisherJob, plan: FisherPlan, ctx: StepContext, *, with
     with booked(job, ctx):
         grouped = collect_grouped_inverse(job, plan, with_grad_mean=with_grad_mean)
     ctx.num_grads += grouped.num_samples
+    ctx.extra["gradient_engine"] = job.engine
+    if job.skipped:
+        ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + job.skipped
     ctx.extra["fisher_dtype"] = str(grouped.dtype).replace("torch.", "")
     ctx.extra["repaired_blocks"] = ctx.extra.get("repaired_blocks", 0) + grouped.repaired_blocks
     return grouped

@@ -21,8 +21,8 @@ from wf_pipeline.fisher.inverse import (
     WoodburyAccumulator,
     accumulation_dtype,
 )
-from wf_pipeline.pruning.obs import obs_scores, obs_update, woodtaylor_scores
 from wf_pipeline.fisher.streamed import GroupedInverse
+from wf_pipeline.pruning.obs import obs_scores, obs_update, woodtaylor_scores
 from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
 from wf_pipeline.pruning.pruners.planned import booked, collect_streamed, make_job, plan_step
 from wf_pipeline.pruning.pruners.statistics import accumulate_gradients, total_gradient_count
@@ -125,6 +125,7 @@ class WoodTaylorPruner(WoodFisherPruner):
     def score(self, view: PruneView, stats: Stats) -> Tensor:
         if isinstance(stats, StreamedFisherStats):
             grouped = stats.grouped
+            assert grouped.newton is not None
             return woodtaylor_scores(view.flat_weights(grouped.dtype), grouped.diag, grouped.newton)
         assert stats.grad_mean is not None
         inverse = stats.inverse
