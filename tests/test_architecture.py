@@ -165,6 +165,34 @@ def test_no_module_imports_the_cli():
     assert not importers, f"the CLI only parses arguments and calls the stages; imported by {importers}"
 
 
+# SparseML compatibility is fenced in its own package; the recipe loader is its one way in.
+SPARSEML = f"{PACKAGE}.sparseml"
+SPARSEML_ENTRY = f"{PACKAGE}.recipe.loader"
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_only_the_recipe_loader_imports_the_sparseml_package():
+    graph = import_graph(ROOT, PACKAGE)
+    importers = sorted(m for m, targets in graph.items() if not _inside(m, SPARSEML)
+                       and any(_inside(t, SPARSEML) for t in targets))
+    assert importers == [SPARSEML_ENTRY], (
+        f"only {SPARSEML_ENTRY} may import {SPARSEML} (SparseML compatibility stays behind the recipe loader); "
+        f"imported by {importers}")
+    # ... and through the package's public names, not its inner modules
+    assert {t for t in graph[SPARSEML_ENTRY] if _inside(t, SPARSEML)} == {SPARSEML}
+
+
+def test_the_sparseml_package_imports_nothing_of_the_pipeline_above_it():
+    """It reads recipes into plain dicts: errors and the parameter catalog are all it needs."""
+    graph = import_graph(ROOT, PACKAGE)
+    outside = sorted({t for m, targets in graph.items() if _inside(m, SPARSEML)
+                      for t in targets if not _inside(t, SPARSEML)})
+    assert outside == [f"{PACKAGE}.errors", f"{PACKAGE}.param_catalog"], outside
+
+
 def test_no_import_cycles_between_modules():
     graph = without(import_graph(ROOT, PACKAGE), KNOWN_CYCLE_EDGES)
     found = cycles(graph)

@@ -24,7 +24,7 @@ from wf_pipeline.pruning import PruneSettings
 from wf_pipeline.pruning.schedule import pruning_epochs
 from wf_pipeline.recipe.loader import load_recipe
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.recipe.sparseml import load_sparseml_text
+from wf_pipeline.sparseml import load_sparseml_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sparseml"
 

@@ -1,7 +1,8 @@
 """The parameter catalog of the model a recipe names: what recipe translations check names against.
 
-The SparseML translation (in the recipe package, under everything) cannot build models itself; the
-caller hands it :func:`model_params`, which builds the model without weights and lists its parameters.
+The SparseML translation (wf_pipeline.sparseml, reached only through the recipe loader) cannot build
+models itself; the caller hands it :func:`model_params`, which builds the model without weights and
+lists its parameters.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pydantic import ValidationError
 
 from wf_pipeline.errors import RecipeError, WFError
 from wf_pipeline.models.zoo import build_model
+from wf_pipeline.param_catalog import ModelParams
 from wf_pipeline.pruning.selection import prunable_weight_names
 from wf_pipeline.recipe.schema import ModelConfig
-from wf_pipeline.recipe.sparseml_params import ModelParams
 
 
 def model_params(recipe: dict[str, Any], from_user: bool) -> ModelParams:

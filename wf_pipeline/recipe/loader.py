@@ -1,16 +1,24 @@
-"""Load a recipe file (ours or SparseML's), apply --set overrides, validate, and explain errors in one line."""
+"""Load a recipe file (ours or SparseML's), apply --set overrides, validate, and explain errors in one line.
+
+The one entry point of SparseML compatibility: this module is the only one outside `wf_pipeline.sparseml`
+that imports it (tests/test_architecture.py checks), so a SparseML recipe is translated here and the
+rest of the pipeline only ever sees our recipe.
+"""
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
+from wf_pipeline import sparseml
 from wf_pipeline.errors import RecipeError
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.recipe.sparseml_params import ModelCatalog
+
+if TYPE_CHECKING:
+    from wf_pipeline.param_catalog import ModelCatalog
 
 # Hints for pydantic's error types: what the user should do about each.
 _HINTS = {
@@ -145,8 +153,6 @@ def parse_recipe_text(text: str, source: str, base: dict[str, Any] | None = None
     parameters of that model, which the translation checks the recipe's names against
     (``wf_pipeline.models.catalog.model_params``).
     """
-    from wf_pipeline.recipe import sparseml
-
     if "Modifier" in text:  # SparseML tags (!GMPruningModifier) are not plain YAML
         try:
             raw = sparseml.load_sparseml_text(text)
@@ -179,8 +185,6 @@ def _require_catalog(catalog: ModelCatalog | None, source: str) -> ModelCatalog:
 def recipe_header(path: str | Path, base_path: str | Path | None, overrides: list[str] | None,
                   model_catalog: ModelCatalog) -> str:
     """The comment block above a translated SparseML recipe: what each field became ('' for our recipes)."""
-    from wf_pipeline.recipe import sparseml
-
     base = None
     if base_path is not None:
         base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path), model_catalog=model_catalog)

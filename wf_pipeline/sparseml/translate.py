@@ -14,7 +14,7 @@ Call sequence (the recipe loader does this)::
 
     raw = load_sparseml_text(text)            # also loads plain wf-pipeline YAML unchanged
     if is_sparseml_recipe(raw):
-        raw, notes = convert_sparseml(raw, base=user_sections_or_None)
+        raw, notes = convert_sparseml(raw, base=user_sections_or_None, model=model_catalog)
     recipe = Recipe.model_validate(raw)
 
 ``translate_sparseml`` returns the same plus the per-field account written as the header of
@@ -33,14 +33,8 @@ from typing import Any
 import yaml
 
 from wf_pipeline.errors import RecipeError
-from wf_pipeline.recipe.safe_eval import (
-    ExpressionError,
-    eval_body,
-    evaluate_expression,
-    is_eval_string,
-    resolve_variables,
-)
-from wf_pipeline.recipe.sparseml_fields import (
+from wf_pipeline.param_catalog import ModelCatalog, ModelParams
+from wf_pipeline.sparseml.fields import (
     Context,
     Modifier,
     Record,
@@ -48,7 +42,7 @@ from wf_pipeline.recipe.sparseml_fields import (
     StopModifier,
     show,
 )
-from wf_pipeline.recipe.sparseml_lr import (
+from wf_pipeline.sparseml.lr import (
     LRModifiers,
     compose,
     parse_lr_class,
@@ -56,15 +50,20 @@ from wf_pipeline.recipe.sparseml_lr import (
     parse_set_lr,
     parse_weight_decay,
 )
-from wf_pipeline.recipe.sparseml_params import (
+from wf_pipeline.sparseml.params import (
     ALL,
     ALL_PRUNABLE,
-    ModelCatalog,
-    ModelParams,
     describe_names,
     layer_patterns,
     match_entry,
     select_with,
+)
+from wf_pipeline.sparseml.safe_eval import (
+    ExpressionError,
+    eval_body,
+    evaluate_expression,
+    is_eval_string,
+    resolve_variables,
 )
 
 __all__ = [

@@ -11,50 +11,12 @@ reported rather than silently dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from torch import nn
+from wf_pipeline.param_catalog import ModelParams
 
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
 ALL = "__ALL__"
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    numel: int
-    module_type: str  # class name of the module that owns it, e.g. "Conv2d", "BatchNorm2d"
-    prunable: bool  # a conv/linear weight: what wf-pipeline can prune
-
-
-@dataclass
-class ModelParams:
-    """The parameters of the model a recipe will run on, in `named_parameters()` order."""
-
-    description: str  # e.g. "resnet50 (from the --base recipe)"
-    params: dict[str, ParamInfo] = field(default_factory=dict)
-
-    @classmethod
-    def from_module(cls, model: nn.Module, description: str, prunable_names: Iterable[str]) -> ModelParams:
-        """`prunable_names`: the weights the pruning stage can prune (conv/linear weights)."""
-        prunable = set(prunable_names)
-        owners = {
-            id(param): type(module).__name__ for module in model.modules() for param in module.parameters(recurse=False)
-        }
-        params = {
-            name: ParamInfo(param.numel(), owners.get(id(param), "?"), name in prunable)
-            for name, param in model.named_parameters()
-        }
-        return cls(description, params)
-
-    @property
-    def prunable(self) -> list[str]:
-        return [name for name, info in self.params.items() if info.prunable]
-
-
-# Builds the ModelParams of a raw recipe's model section; the bool says whether the recipe is the user's.
-ModelCatalog = Callable[[dict[str, Any], bool], ModelParams]
 
 
 @dataclass
