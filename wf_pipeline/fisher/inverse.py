@@ -12,18 +12,39 @@ Three routes build the same matrix:
   Peak memory ≈ the buffer (``d·B`` numbers) + one gradient chunk.
 * ``woodbury`` — :class:`WoodburyAccumulator`: the textbook rank-one Sherman–Morrison recursion
   ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (N + gᵀF⁻¹g)``, one gradient at a time, batched over blocks
-  (as the WoodFisher research code and SparseML do it). The reference; memory-bound and slow.
+  (as the WoodFisher research code and SparseML do it). The reference; memory-bound and slow, and
+  unstable in float32 at small λ, so :meth:`BlockFisherInverse.from_gradients` and the pruning step
+  always run it in float64.
 * ``lowrank`` — :func:`low_rank_inverse`: for ``N < B``, ``F⁻¹ = (1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per
   block from the ``N×B`` gradient slice ``A``; needs all gradients at once (``N·d`` numbers).
+
+Precision (see :mod:`wf_pipeline.fisher.conditioning`): every route holds each block to a relative
+accuracy ``rtol`` (default 1e-4). Blocks that float32 cannot hold (small λ next to large or
+rank-deficient gradients) are computed in float64; blocks even float64 cannot hold get jitter, which
+is recorded in :attr:`BlockFisherInverse.health` (callers warn and, above a threshold, refuse).
+NaN/Inf statistics raise :class:`~wf_pipeline.fisher.conditioning.FisherStatisticsError`.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from wf_pipeline.fisher.conditioning import (
+    DEFAULT_MAX_JITTER,
+    DEFAULT_RTOL,
+    ERROR_CONSTANT,
+    SAFETY,
+    FisherAccuracyError,
+    FisherStatisticsError,
+    InverseHealth,
+    frobenius_norms,
+    invert_checked_,
+    jittered_inverse,
+    unit_roundoff,
+)
 from wf_pipeline.fisher.parallel import map_slices
 
 Progress = Callable[[str, int, int], None]
@@ -110,6 +131,12 @@ class BlockLayout:
         """Bool ``(K, B)``: True at real (non-padded) coordinates."""
         return self.pad(torch.ones(self.dim, dtype=torch.bool, device=device), fill=False)
 
+    def layer_of_block(self, block: int) -> int:
+        for layer, k1 in enumerate(self.block_offsets[1:]):
+            if block < k1:
+                return layer
+        raise IndexError(f"block {block} out of range (0..{self.num_blocks - 1})")
+
     def block_length(self, block: int) -> int:
         """Number of real weights in block `block` (``B`` except for a layer's short last block)."""
         for layer, (k0, k1) in enumerate(zip(self.block_offsets, self.block_offsets[1:])):
@@ -119,22 +146,39 @@ class BlockLayout:
 
 
 def accumulation_dtype(num_samples: int, block_size: int, dtype: torch.dtype) -> torch.dtype:
-    """Precision for the Gram buffer: fp64 when ``N < B`` in fp32.
+    """Whole-buffer precision when nothing but N and B is known: fp64 when ``N < B`` in fp32.
 
-    With fewer gradients than the block size each block is rank-deficient, so ``λI + GᵀG/N`` has
-    eigenvalues as small as λ next to ones of order ``|g|²``; rounding the Gram to fp32 perturbs the
-    λ-directions by ~1e-7·|g|², i.e. a relative error of ~1e-2 in the inverse at λ = 1e-5. Small N makes
-    fp64 cheap (the accumulation costs ∝ N), so it is used automatically there.
+    With fewer gradients than the block size every block is rank-deficient, so ``λI + GᵀG/N`` has
+    eigenvalues as small as λ next to ones of order ``|g|²``. :class:`BlockGramAccumulator` given the
+    damping decides per block from the gradients' actual scale instead (which also covers rank-deficient
+    blocks with N ≥ B); this helper remains for callers that must size a buffer up front.
     """
     if dtype == torch.float32 and num_samples < block_size:
         return torch.float64
     return dtype
 
 
-class BlockFisherInverse:
-    """The inverse blocks ``(K, B, B)`` of a block-diagonal dampened Fisher, with flat accessors."""
+def _non_finite_error(layout: BlockLayout, blocks: Tensor) -> FisherStatisticsError:
+    layers = sorted({layout.layer_of_block(int(b)) for b in blocks[:10_000].tolist()})
+    shown = ", ".join(map(str, layers[:5])) + (", ..." if len(layers) > 5 else "")
+    return FisherStatisticsError(
+        f"the Fisher statistics contain NaN or Inf in {blocks.numel()} of {layout.num_blocks} blocks "
+        f"(selected layer {'indices' if len(layers) > 1 else 'index'} {shown})",
+        hint="a gradient is NaN/Inf or too large for float32: check the model's weights and the Fisher data "
+             "for non-finite values (raising damp does not help)",
+    )
 
-    def __init__(self, layout: BlockLayout, blocks: Tensor, damp: float, num_samples: int) -> None:
+
+class BlockFisherInverse:
+    """The inverse blocks ``(K, B, B)`` of a block-diagonal dampened Fisher, with flat accessors.
+
+    :attr:`health` records how it was computed: blocks promoted to float64, repairs (float64 retries,
+    jitter added to the damping) and the largest estimated relative error of a block.
+    """
+
+    def __init__(
+        self, layout: BlockLayout, blocks: Tensor, damp: float, num_samples: int, health: InverseHealth | None = None
+    ) -> None:
         expected = (layout.num_blocks, layout.block_size, layout.block_size)
         if tuple(blocks.shape) != expected:
             raise ValueError(f"blocks have shape {tuple(blocks.shape)}, expected {expected}")
@@ -142,7 +186,13 @@ class BlockFisherInverse:
         self.blocks = blocks
         self.damp = float(damp)
         self.num_samples = int(num_samples)
-        self.repaired_blocks = 0  # blocks that needed fp64 / extra jitter to factorise
+        self.health = health or InverseHealth(damp=self.damp, rtol=DEFAULT_RTOL, num_blocks=layout.num_blocks,
+                                              working_dtype=_dtype_name(blocks.dtype))
+
+    @property
+    def repaired_blocks(self) -> int:
+        """Blocks that needed a float64 retry or added jitter."""
+        return self.health.repaired_blocks
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -155,14 +205,23 @@ class BlockFisherInverse:
         sizes: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
         progress: Progress | None = None,
+        rtol: float = DEFAULT_RTOL,
+        max_jitter: float | None = DEFAULT_MAX_JITTER,
     ) -> "BlockFisherInverse":
-        """Inverse of ``damp·I + (1/N) Σ g gᵀ`` (block-diagonal) from gradient rows.
+        """Inverse of ``damp·I + (1/N) Σ g gᵀ`` (block-diagonal) from gradient rows, each block to `rtol`.
 
         `chunks` is an ``(N, d)`` tensor or an iterable of ``(n_i, d)`` chunks; `sizes` gives the layer
-        lengths along ``d`` (default: one layer). `dtype` defaults to the gradients' dtype.
+        lengths along ``d`` (default: one layer). `dtype` (default: the gradients' dtype) is the
+        precision of the result; blocks it cannot hold to `rtol` are computed in float64, as the pruning
+        step does (the ``woodbury`` route always runs in float64). Raises
+        :class:`~wf_pipeline.fisher.conditioning.FisherAccuracyError` when a block needed jitter above
+        ``max_jitter · damp`` (``None``: accept any repair; see :attr:`health`), and
+        :class:`~wf_pipeline.fisher.conditioning.FisherStatisticsError` for NaN/Inf gradients.
         """
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r}; expected one of {ROUTES}")
+        if not damp > 0 or not math.isfinite(damp):
+            raise ValueError(f"damp must be a positive finite number, got {damp}")
         chunk_list = [chunks] if isinstance(chunks, Tensor) else list(chunks)
         if not chunk_list:
             raise ValueError("no gradients given")
@@ -170,17 +229,21 @@ class BlockFisherInverse:
         layout = BlockLayout(sizes if sizes is not None else [first.shape[-1]], block_size)
         dtype = dtype or first.dtype
         if route == "lowrank":
-            return low_rank_inverse(torch.cat(chunk_list), layout, damp, dtype=dtype)
-        if route == "woodbury":
-            total = sum(c.shape[0] for c in chunk_list)
-            acc: BlockGramAccumulator | WoodburyAccumulator = WoodburyAccumulator(
-                layout, damp, total, dtype=dtype, device=first.device
-            )
+            inverse = low_rank_inverse(torch.cat(chunk_list), layout, damp, dtype=dtype, rtol=rtol)
         else:
-            acc = BlockGramAccumulator(layout, dtype=dtype, device=first.device)
-        for chunk in chunk_list:
-            acc.add(chunk)
-        return acc.inverse(damp, progress=progress)
+            if route == "woodbury":
+                total = sum(c.shape[0] for c in chunk_list)
+                acc: BlockGramAccumulator | WoodburyAccumulator = WoodburyAccumulator(
+                    layout, damp, total, dtype=dtype, device=first.device, working_dtype=torch.float64, rtol=rtol
+                )
+            else:
+                acc = BlockGramAccumulator(layout, dtype=dtype, device=first.device, damp=damp, rtol=rtol)
+            for chunk in chunk_list:
+                acc.add(chunk)
+            inverse = acc.inverse(damp, progress=progress)
+        if max_jitter is not None:
+            inverse.health.require(max_jitter)
+        return inverse
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -212,9 +275,12 @@ class BlockFisherInverse:
         return full[pos][:, pos]
 
     def to(self, *args: object, **kwargs: object) -> "BlockFisherInverse":
-        out = BlockFisherInverse(self.layout, self.blocks.to(*args, **kwargs), self.damp, self.num_samples)
-        out.repaired_blocks = self.repaired_blocks
-        return out
+        return BlockFisherInverse(self.layout, self.blocks.to(*args, **kwargs), self.damp, self.num_samples,
+                                  health=self.health)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # ===================================================================== accumulators
@@ -243,97 +309,222 @@ class _StatisticsMixin:
     def mean_gradient(self) -> Tensor:
         if self.num_samples == 0:
             raise ValueError("no gradients accumulated")
-        return self.grad_sum / self.num_samples
+        mean = self.grad_sum / self.num_samples
+        if not bool(torch.isfinite(mean).all()):
+            raise FisherStatisticsError(
+                "the mean gradient contains NaN or Inf",
+                hint="a gradient is NaN/Inf or too large for float32: check the model's weights and the Fisher data",
+            )
+        return mean
+
+
+def _block_sumsq(blocked: Tensor) -> Tensor:
+    """``Σ g²`` over the rows of each block of block-major gradients ``(K, n, B)``, in float64."""
+    return torch.linalg.vector_norm(blocked, dim=(1, 2)).double().square()
 
 
 class BlockGramAccumulator(_StatisticsMixin):
-    """Streams ``Σ g gᵀ`` per block (the fast route). Chunks and ranks can be added in any order."""
+    """Streams ``Σ g gᵀ`` per block (the fast route). Chunks and ranks can be added in any order.
 
-    def __init__(self, layout: BlockLayout, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    Given the damping, the accumulator keeps each block in `dtype` only while that precision can hold
+    its inverse to ``rtol`` (estimate in :mod:`wf_pipeline.fisher.conditioning`, checked before every
+    chunk from the block's running ``‖Σ g gᵀ‖_F``); a block about to exceed it is moved to float64
+    with its partial sum (whose rounding is still within budget) and continues there. Without `damp`
+    every block stays in `dtype`; :meth:`inverse` checks the result either way and repairs what it must.
+    """
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        damp: float | None = None,
+        rtol: float = DEFAULT_RTOL,
+    ) -> None:
         self.layout = layout
         self.dtype = dtype
-        self.gram = torch.zeros(layout.num_blocks, layout.block_size, layout.block_size, dtype=dtype, device=device)
+        self.damp = damp
+        self.rtol = float(rtol)
+        self.adaptive = damp is not None and unit_roundoff(dtype) > unit_roundoff(torch.float64)
+        K, B = layout.num_blocks, layout.block_size
+        self.gram = torch.zeros(K, B, B, dtype=dtype, device=device)  # the blocks held in `dtype`
+        self.low_index: Tensor | None = None  # block ids of `gram`'s rows; None: all blocks, in order
+        self.high = torch.zeros(0, B, B, dtype=torch.float64, device=device)  # promoted blocks
+        self.high_index = torch.zeros(0, dtype=torch.long, device=device)
+        self.adds = 0  # chunks folded in (each rounds the running sums once)
+        self.ranks = 1  # processes whose sums were added by reduce()
+        self._low_bound = torch.zeros(K, dtype=torch.float64, device=device)  # >= ‖low sum‖_F per block
+        self._carried = torch.zeros(K, dtype=torch.float64, device=device)  # rounding carried into float64
         self._init_stats(layout.dim, dtype, device)
 
+    # ----------------------------------------------------------------- adding
     def add(self, chunk: Tensor) -> None:
         """Fold in gradient rows ``(n, d)``."""
         self.add_blocked(self.layout.to_blocked(chunk.to(dtype=self.dtype, device=self.gram.device)))
 
     def add_blocked(self, blocked: Tensor) -> None:
-        """Fold in block-major gradient rows ``(K, n, B)``: one batched GEMM into the buffer."""
+        """Fold in block-major gradient rows ``(K, n, B)``: one batched GEMM per precision."""
         blocked = blocked.to(dtype=self.dtype, device=self.gram.device)
         if blocked.dim() != 3 or blocked.shape[0] != self.layout.num_blocks or blocked.shape[2] != self.layout.block_size:
             raise ValueError(f"expected block-major rows (K={self.layout.num_blocks}, n, B={self.layout.block_size})")
-        self.gram.baddbmm_(blocked.mT, blocked)
+        if self.adaptive:
+            self._promote_before(blocked)
+        if self.low_index is None:
+            self.gram.baddbmm_(blocked.mT, blocked)
+        elif self.low_index.numel():
+            low = blocked.index_select(0, self.low_index)
+            self.gram.baddbmm_(low.mT, low)
+        if self.high_index.numel():
+            high = blocked.index_select(0, self.high_index).double()
+            self.high.baddbmm_(high.mT, high)
+        self.adds += 1
         self._add_blocked_stats(blocked, self.layout)
 
-    def reduce(self, reduce_fn: ReduceFn) -> None:
-        """Sum the statistics across processes in place (e.g. ``dist.all_reduce``)."""
-        for stat in (self.gram, self.grad_sum, self.count):
-            reduce_fn(stat)
+    def _low_ids(self) -> Tensor:
+        if self.low_index is None:
+            return torch.arange(self.layout.num_blocks, device=self.gram.device)
+        return self.low_index
 
-    def inverse(self, damp: float, progress: Progress | None = None) -> BlockFisherInverse:
-        """Invert ``damp·I + gram/N`` in place (the buffer becomes the inverse; do not add after)."""
+    def _promote_before(self, blocked: Tensor) -> None:
+        """Move to float64 the blocks whose `dtype` sums would exceed the error budget with this chunk."""
+        low = self._low_ids()
+        if not low.numel():
+            return
+        chunk_sq = _block_sumsq(blocked).index_select(0, low)  # >= ‖chunk Gram‖_F
+        count = float(self.count) + blocked.shape[1]
+        # ERROR_CONSTANT·u·sqrt(adds+1)·‖S‖_F/count <= (rtol/SAFETY)·damp  <=>  ‖S‖_F <= limit
+        limit = (self.rtol / SAFETY) * self.damp * count / (
+            ERROR_CONSTANT * unit_roundoff(self.dtype) * math.sqrt(self.ranks * (self.adds + 1) + 1)
+        )
+        bound = self._low_bound.index_select(0, low) + chunk_sq
+        risky = (bound > limit).nonzero().squeeze(1)
+        if risky.numel():  # the bound may be loose: look at the actual sums of those blocks
+            exact = frobenius_norms(self.gram.index_select(0, risky)) + chunk_sq[risky]
+            bound[risky] = exact
+        self._low_bound[low] = bound  # valid once this chunk is added (promoted blocks no longer use it)
+        if risky.numel():
+            promote = risky[bound[risky] > limit]
+            if promote.numel():
+                self._promote(promote)
+
+    def _promote(self, positions: Tensor) -> None:
+        """Move the `gram` rows at `positions` (with their partial sums) to the float64 storage."""
+        low = self._low_ids()
+        ids = low[positions]
+        sums = self.gram.index_select(0, positions)
+        u = unit_roundoff(self.dtype)
+        self._carried[ids] = u * math.sqrt(self.ranks * self.adds + 1) * frobenius_norms(sums)
+        self.high = torch.cat([self.high, sums.double()])
+        self.high_index = torch.cat([self.high_index, ids])
+        keep = torch.ones(low.numel(), dtype=torch.bool, device=low.device)
+        keep[positions] = False
+        self.gram = self.gram[keep]
+        self.low_index = low[keep]
+
+    def reduce(self, reduce_fn: ReduceFn) -> None:
+        """Sum the statistics across processes in place (e.g. ``dist.all_reduce``).
+
+        All ranks must call it. With a damping-aware accumulator the ranks first agree on which blocks
+        are in float64 (one extra reduction of a ``K+1`` vector), so their buffers line up.
+        """
+        if self.adaptive:
+            flags = torch.zeros(self.layout.num_blocks + 1, dtype=torch.float64, device=self.gram.device)
+            flags[self.high_index] = 1.0
+            flags[-1] = 1.0  # counts the ranks
+            reduce_fn(flags)
+            self.ranks = max(1, int(round(float(flags[-1]))))
+            is_high = torch.zeros(self.layout.num_blocks, dtype=torch.bool, device=flags.device)
+            is_high[self.high_index] = True
+            newly = (flags[:-1] > 0) & ~is_high
+            if newly.any():
+                low = self._low_ids()
+                self._promote((newly[low]).nonzero().squeeze(1))
+            order = torch.argsort(self.high_index)  # same block order on every rank
+            self.high_index, self.high = self.high_index[order], self.high[order]
+            reduce_fn(self._carried)
+        for stat in (self.gram, self.high, self.grad_sum, self.count):
+            if stat.numel():
+                reduce_fn(stat)
+
+    # ----------------------------------------------------------------- inverting
+    def inverse(
+        self, damp: float, progress: Progress | None = None, max_jitter: float | None = None
+    ) -> BlockFisherInverse:
+        """Invert ``damp·I + gram/N`` (in place where possible; do not add after), each block to ``rtol``.
+
+        Blocks the estimate cannot certify are checked with their actual smallest eigenvalue and, if
+        needed, repaired (float64 retry, then jitter); see :attr:`BlockFisherInverse.health`. With
+        `max_jitter`, a repair adding more than ``max_jitter · damp`` raises
+        :class:`~wf_pipeline.fisher.conditioning.FisherAccuracyError`.
+        """
         n = self.num_samples
         if n == 0:
             raise ValueError("no gradients accumulated")
-        blocks = self.gram
-        blocks.div_(n)
-        blocks.diagonal(dim1=-2, dim2=-1).add_(damp)
-        total = blocks.shape[0]
-        repaired = sum(
-            map_slices(
-                lambda s, e: _cholesky_invert_(blocks[s:e], damp),
-                total,
-                INVERT_SLICE_BLOCKS,
-                on_done=None if progress is None else (lambda e: progress("inverse", e, total)),
-            )
+        if self.damp is not None and damp != self.damp:
+            raise ValueError(f"damp {damp} differs from the {self.damp} this accumulator planned its precision for")
+        K = self.layout.num_blocks
+        low_ids, high_ids = self._low_ids(), self.high_index
+        scale = math.sqrt(self.ranks * self.adds + 1)
+        total = K
+        done = {"n": 0}
+
+        def invert(mats: Tensor, ids: Tensor, u: float, carried: Tensor | None) -> list[dict[str, Any]]:
+            def one_slice(s: int, e: int) -> dict[str, Any]:
+                sums = mats[s:e]
+                norms = frobenius_norms(sums)
+                finite = torch.isfinite(norms)
+                if not bool(finite.all()):
+                    return {"non_finite": ids[s:e][~finite]}
+                perturbation = ERROR_CONSTANT * (u * scale * norms / n + u * damp)
+                if carried is not None:
+                    perturbation += ERROR_CONSTANT * carried[s:e] / n
+                sums.div_(n).diagonal(dim1=-2, dim2=-1).add_(damp)
+                return invert_checked_(sums, damp, perturbation, self.rtol)
+
+            base = done["n"]
+            out = map_slices(one_slice, mats.shape[0], INVERT_SLICE_BLOCKS,
+                             on_done=None if progress is None else (lambda e: progress("inverse", base + e, total)))
+            done["n"] += mats.shape[0]
+            return out
+
+        results = invert(self.gram, low_ids, unit_roundoff(self.dtype), None)
+        results += invert(self.high, high_ids, unit_roundoff(torch.float64), self._carried[high_ids])
+        bad = [r["non_finite"] for r in results if "non_finite" in r]
+        if bad:
+            raise _non_finite_error(self.layout, torch.cat(bad))
+        health = InverseHealth(
+            damp=float(damp), rtol=self.rtol, num_blocks=K, promoted_blocks=int(high_ids.numel()),
+            retried_blocks=sum(r["retried"] for r in results), jittered_blocks=sum(r["jittered"] for r in results),
+            max_jitter=max((r["max_jitter"] for r in results), default=0.0),
+            max_error_estimate=max((r["max_error"] for r in results), default=0.0),
+            working_dtype=_dtype_name(self.dtype) if not high_ids.numel() else f"{_dtype_name(self.dtype)}+float64",
+            route="fast",
         )
-        self.gram = torch.empty(0)  # the buffer now belongs to the inverse
-        result = BlockFisherInverse(self.layout, blocks, damp, n)
-        result.repaired_blocks = repaired
+        if not high_ids.numel():
+            blocks = self.gram  # inverted in place: the buffer now belongs to the inverse
+        else:
+            blocks = torch.empty(K, self.layout.block_size, self.layout.block_size, dtype=self.dtype,
+                                 device=self.gram.device)
+            if low_ids.numel():
+                blocks[low_ids] = self.gram
+            blocks[high_ids] = self.high.to(self.dtype)
+        self.gram, self.high = torch.empty(0), torch.empty(0)
+        result = BlockFisherInverse(self.layout, blocks, damp, n, health=health)
+        if max_jitter is not None:
+            health.require(max_jitter)
         return result
-
-
-def _invert_from_cholesky(chol: Tensor, out: Tensor) -> None:
-    """``out = (L Lᵀ)⁻¹`` for a batch of Cholesky factors (LAPACK potri, batched)."""
-    torch.cholesky_inverse(chol, out=out)
-
-
-def _cholesky_invert_(mats: Tensor, damp: float) -> int:
-    """Replace SPD matrices by their inverses; returns how many needed an fp64/jitter retry."""
-    chol, info = torch.linalg.cholesky_ex(mats)
-    bad = (info != 0).nonzero().squeeze(1)
-    if not bad.numel():
-        _invert_from_cholesky(chol, mats)
-        return 0
-    # Rounding in low precision can make λI + GᵀG/N look indefinite when λ is tiny: redo those blocks
-    # in fp64, adding jitter only if even that fails.
-    sub = mats[bad].double()
-    eye = torch.eye(sub.shape[-1], dtype=sub.dtype, device=sub.device)
-    jitter = 0.0
-    for _ in range(8):
-        sub_chol, sub_info = torch.linalg.cholesky_ex(sub + jitter * eye)
-        if not sub_info.any():
-            break
-        jitter = damp if jitter == 0.0 else jitter * 10
-    else:
-        raise FloatingPointError("Fisher blocks are not positive definite even with added jitter; raise damp")
-    sub_inv = torch.empty_like(sub)
-    _invert_from_cholesky(sub_chol, sub_inv)
-    good = (info == 0).nonzero().squeeze(1)
-    if good.numel():
-        good_inv = torch.empty_like(chol[good])
-        _invert_from_cholesky(chol[good], good_inv)
-        mats[good] = good_inv
-    mats[bad] = sub_inv.to(mats.dtype)
-    return int(bad.numel())
 
 
 class WoodburyAccumulator(_StatisticsMixin):
     """The rank-one Woodbury (Sherman–Morrison) recursion, batched over blocks (reference route).
 
-    ``num_samples`` (the final N) must be known up front because every update divides by it.
+    ``num_samples`` (the final N) must be known up front because every update divides by it. The
+    recursion runs in `working_dtype` (default `dtype`; the result is stored in `dtype`). It starts from
+    ``I/λ`` and passes through rank-deficient intermediates, so its rounding grows like
+    ``u·|g|²/λ``: in float32 at λ = 1e-5 it is off by 1e-3 at |g| ~ 1 and breaks down by |g| ~ 100,
+    which is why the library always runs it in float64. :meth:`inverse` estimates the error per block
+    and, when asked to check (`max_jitter` given), refuses blocks beyond ``rtol``: the recursion
+    cannot be repaired after the fact.
     """
 
     def __init__(
@@ -343,15 +534,20 @@ class WoodburyAccumulator(_StatisticsMixin):
         num_samples: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        working_dtype: torch.dtype | None = None,
+        rtol: float = DEFAULT_RTOL,
     ) -> None:
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
         self.layout = layout
         self.dtype = dtype
+        self.working_dtype = working_dtype or dtype
         self.damp = float(damp)
+        self.rtol = float(rtol)
         self.expected = int(num_samples)
-        eye = torch.eye(layout.block_size, dtype=dtype, device=device) / damp
+        eye = torch.eye(layout.block_size, dtype=self.working_dtype, device=device) / damp
         self.inv = eye.expand(layout.num_blocks, -1, -1).clone()
+        self._sumsq = torch.zeros(layout.num_blocks, dtype=torch.float64, device=device)
         self._init_stats(layout.dim, dtype, device)
 
     def add(self, chunk: Tensor) -> None:
@@ -363,45 +559,118 @@ class WoodburyAccumulator(_StatisticsMixin):
         blocked = blocked.to(dtype=self.dtype, device=self.inv.device)
         if self.num_samples + blocked.shape[1] > self.expected:
             raise ValueError(f"more than the announced {self.expected} gradients")
-        for i in range(blocked.shape[1]):
-            g = blocked[:, i, :].unsqueeze(-1)  # (K, B, 1)
+        work = blocked.to(self.working_dtype)
+        for i in range(work.shape[1]):
+            g = work[:, i, :].unsqueeze(-1)  # (K, B, 1)
             u = torch.bmm(self.inv, g)  # F⁻¹g
             denom = self.expected + torch.bmm(g.mT, u)  # (K, 1, 1)
             self.inv.baddbmm_(u, (u / denom).mT, alpha=-1)
+        self._sumsq += _block_sumsq(blocked)
         self._add_blocked_stats(blocked, self.layout)
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
         raise ValueError("the rank-one Woodbury route cannot be summed across processes; use route 'fast'")
 
-    def inverse(self, damp: float | None = None, progress: Progress | None = None) -> BlockFisherInverse:
+    def inverse(
+        self, damp: float | None = None, progress: Progress | None = None, max_jitter: float | None = None
+    ) -> BlockFisherInverse:
         if damp is not None and damp != self.damp:
             raise ValueError(f"damp {damp} differs from the recursion's {self.damp}")
         if self.num_samples != self.expected:
             raise ValueError(f"recursion announced N={self.expected} but got {self.num_samples} gradients")
+        finite = torch.isfinite(self._sumsq) & torch.isfinite(self.inv).flatten(1).all(1)
+        if not bool(finite.all()):
+            raise _non_finite_error(self.layout, (~finite).nonzero().squeeze(1))
+        # Every intermediate is rank-deficient (λ_min = λ), so only the a priori estimate applies.
+        u = unit_roundoff(self.working_dtype)
+        estimate = ERROR_CONSTANT * u * math.sqrt(self.expected + 1) * (self._sumsq / self.expected + self.damp) / self.damp
+        health = InverseHealth(damp=self.damp, rtol=self.rtol, num_blocks=self.layout.num_blocks,
+                               max_error_estimate=float(estimate.max()), working_dtype=_dtype_name(self.working_dtype),
+                               route="woodbury")
+        if max_jitter is not None:
+            health.require(max_jitter)  # the recursion cannot be repaired: a block beyond rtol is refused
         if progress is not None:
             progress("inverse", self.layout.num_blocks, self.layout.num_blocks)
-        return BlockFisherInverse(self.layout, self.inv, self.damp, self.expected)
+        return BlockFisherInverse(self.layout, self.inv.to(self.dtype), self.damp, self.expected, health=health)
 
 
 def low_rank_inverse(
-    grads: Tensor, layout: BlockLayout, damp: float, dtype: torch.dtype | None = None
+    grads: Tensor, layout: BlockLayout, damp: float, dtype: torch.dtype | None = None, rtol: float = DEFAULT_RTOL
 ) -> BlockFisherInverse:
-    """``F⁻¹ = (1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per block from all gradients ``(N, d)`` (cheap when N < B)."""
+    """``F⁻¹ = (1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per block from all gradients ``(N, d)`` (cheap when N < B).
+
+    The formula suits blocks with fewer gradients than real weights (N < r): there ``F`` has the
+    eigenvalue λ and the cancellation in ``I − Aᵀ(…)⁻¹A`` costs ~u·‖AᵀA/N‖/λ relative to ‖F⁻¹‖ = 1/λ.
+    With N ≥ r it would cost ~u·κ² (no λ-eigenvalue to measure against), so such blocks (e.g. a
+    layer's short last block) are inverted from their Gram like the fast route. Blocks `dtype` cannot
+    hold to `rtol` are computed in float64, and blocks even float64 cannot hold get jitter on the
+    explicit ``F`` (recorded in the result's ``health``).
+    """
     dtype = dtype or grads.dtype
     n = grads.shape[0]
-    padded = layout.pad(grads.to(dtype))  # (N, K, B)
     K, B = layout.num_blocks, layout.block_size
+    padded = layout.pad(grads.to(dtype))  # (N, K, B)
+    finite = torch.isfinite(padded).flatten(2).all(-1).all(0)
+    if not bool(finite.all()):
+        raise _non_finite_error(layout, (~finite).nonzero().squeeze(1))
     out = torch.empty(K, B, B, dtype=dtype, device=grads.device)
-    eye_b = torch.eye(B, dtype=dtype, device=grads.device)
-    eye_n = torch.eye(n, dtype=dtype, device=grads.device)
-    def invert(s: int, e: int) -> None:
-        a = padded[:, s:e].transpose(0, 1)  # (k, N, B)
-        small = torch.bmm(a, a.transpose(1, 2)) + (n * damp) * eye_n
-        x = torch.cholesky_solve(a, torch.linalg.cholesky(small))  # (NλI + AAᵀ)⁻¹A
-        out[s:e] = (eye_b - torch.bmm(a.transpose(1, 2), x)) / damp
+    # ‖AᵀA‖_F = ‖AAᵀ‖_F: each block's scale from the small N×N Gram, in float64
+    gram_norm = frobenius_norms(torch.einsum("nkb,mkb->knm", padded.double(), padded.double())) / n
+    lengths = torch.tensor([layout.block_length(k) for k in range(K)], device=grads.device)
+    u_low = unit_roundoff(dtype)
+    high = ERROR_CONSTANT * u_low * (gram_norm + damp) / damp > rtol / SAFETY
+    high &= u_low > unit_roundoff(torch.float64)
+    by_formula = lengths > n
+    stats: list[dict[str, Any]] = []
 
-    map_slices(invert, K, INVERT_SLICE_BLOCKS)
-    return BlockFisherInverse(layout, out, damp, n)
+    def formula_slice(ids: Tensor, work: torch.dtype) -> Callable[[int, int], None]:
+        def run(s: int, e: int) -> None:
+            idx = ids[s:e]
+            a = padded[:, idx].transpose(0, 1).to(work)  # (k, N, B)
+            eye_n = torch.eye(n, dtype=work, device=a.device)
+            chol, info = torch.linalg.cholesky_ex(torch.bmm(a, a.mT) + (n * damp) * eye_n)
+            inv = (torch.eye(B, dtype=work, device=a.device) - torch.bmm(a.mT, torch.cholesky_solve(a, chol))) / damp
+            perturbation = ERROR_CONSTANT * unit_roundoff(work) * math.sqrt(n + 1) * (gram_norm[idx] + damp)
+            estimate = perturbation / damp  # λ_min(F) = λ exactly here (N < r)
+            jitters: list[float] = []
+            for pos in ((info != 0) | (estimate > rtol)).nonzero().squeeze(1).tolist():
+                g = padded[:, int(idx[pos])].double()
+                f64 = g.mT @ g / n + damp * torch.eye(B, dtype=torch.float64, device=g.device)
+                jitter, inv64 = jittered_inverse(f64, damp, float(perturbation[pos]), rtol)
+                inv[pos] = inv64.to(work)
+                estimate[pos] = float(perturbation[pos]) / (damp + jitter)
+                jitters.append(jitter / damp)
+            out[idx] = inv.to(dtype)
+            stats.append({"retried": 0, "jittered": sum(j > 0 for j in jitters),
+                          "max_jitter": max(jitters, default=0.0), "max_error": float(estimate.max())})
+        return run
+
+    def gram_slice(ids: Tensor, work: torch.dtype) -> Callable[[int, int], None]:
+        def run(s: int, e: int) -> None:
+            idx = ids[s:e]
+            a = padded[:, idx].transpose(0, 1).to(work)
+            mats = torch.bmm(a.mT, a).div_(n)
+            mats.diagonal(dim1=-2, dim2=-1).add_(damp)
+            u = unit_roundoff(work)
+            perturbation = ERROR_CONSTANT * u * (math.sqrt(2) * gram_norm[idx] + damp)
+            stats.append(invert_checked_(mats, damp, perturbation, rtol))
+            out[idx] = mats.to(dtype)
+        return run
+
+    ids = torch.arange(K, device=grads.device)
+    for kind, make in ((by_formula, formula_slice), (~by_formula, gram_slice)):
+        for group, work in ((kind & ~high, dtype), (kind & high, torch.float64)):
+            members = ids[group]
+            if members.numel():
+                map_slices(make(members, work), members.numel(), INVERT_SLICE_BLOCKS)
+    health = InverseHealth(
+        damp=float(damp), rtol=rtol, num_blocks=K, promoted_blocks=int(high.sum()),
+        retried_blocks=sum(s["retried"] for s in stats), jittered_blocks=sum(s["jittered"] for s in stats),
+        max_jitter=max((s["max_jitter"] for s in stats), default=0.0),
+        max_error_estimate=max((s["max_error"] for s in stats), default=0.0), working_dtype=_dtype_name(dtype),
+        route="lowrank",
+    )
+    return BlockFisherInverse(layout, out, damp, n, health=health)
 
 
 class DiagonalAccumulator(_StatisticsMixin):
@@ -423,7 +692,15 @@ class DiagonalAccumulator(_StatisticsMixin):
             reduce_fn(stat)
 
     def fisher_diag(self, damp: float) -> Tensor:
-        """``damp + mean g²`` per weight."""
+        """``damp + mean g²`` per weight; NaN/Inf statistics raise instead of scoring with them."""
         if self.num_samples == 0:
             raise ValueError("no gradients accumulated")
-        return damp + self.sq_sum / self.num_samples
+        diag = damp + self.sq_sum / self.num_samples
+        bad = ~torch.isfinite(diag)
+        if bool(bad.any()):
+            raise FisherStatisticsError(
+                f"the diagonal Fisher statistics contain NaN or Inf for {int(bad.sum())} of {diag.numel()} weights",
+                hint="a gradient is NaN/Inf or too large for float32: check the model's weights and the Fisher data "
+                     "for non-finite values",
+            )
+        return diag
