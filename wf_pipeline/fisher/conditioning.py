@@ -84,6 +84,10 @@ class InverseHealth:
             route=self.route if self.route == other.route else "mixed",
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InverseHealth":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["repaired_blocks"] = self.repaired_blocks
@@ -118,6 +122,19 @@ class InverseHealth:
                 hint=f"raise pruning.woodfisher.damp to at least {self.effective_damp_max:.2g}, or accept the repair "
                      f"with pruning.woodfisher.max_repair_jitter: {_round_up(self.max_jitter)}",
             )
+
+
+def record_health(extra: dict[str, Any], health: InverseHealth) -> None:
+    """Fold an inverse's health into a pruning report's `extra` (summed over sub-steps).
+
+    Sets ``fisher_health`` (the counts), ``repaired_blocks`` and ``warnings`` (one line per kind of repair,
+    for the log and the run's history; empty when nothing was repaired).
+    """
+    if "fisher_health" in extra:
+        health = InverseHealth.from_dict(extra["fisher_health"]).merge(health)
+    extra["fisher_health"] = health.to_dict()
+    extra["repaired_blocks"] = health.repaired_blocks
+    extra["warnings"] = health.warnings()
 
 
 def _round_up(x: float) -> str:

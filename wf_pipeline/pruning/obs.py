@@ -13,15 +13,24 @@ The paper's "independent" update sums single-weight updates: ``δw = −n − M 
 Pruned weights end exactly zero. Everything is batched over blocks; the joint update solves
 ``(P M P + I − P) x = P t`` per block (P = diag of the pruned indicator), whose solution is
 ``(M_QQ)⁻¹ t_Q`` on Q and 0 elsewhere, for any number of pruned indices per block.
+
+WoodTaylor's Newton step ``n = F⁻¹ḡ`` grows like ``λ^-½`` as the damping shrinks (the quadratic
+model is flat along the Fisher's near-null directions, where ``F⁻¹`` is ``1/λ``), so it is taken
+as a trust-region step: :func:`newton_step_scale` scales it per layer to at most ``cap·‖w_layer‖``
+(the research code's update normalisation, applied to the Newton part only: ``cap = 0`` is exactly
+WoodFisher). With a scale η the update solves the same constrained problem with gradient ``ηḡ``
+(``t = w − ηn``), and the predicted loss increase is that of the true quadratic model (gradient ḡ).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.inverse import BlockFisherInverse
 from wf_pipeline.fisher.parallel import map_slices
 from wf_pipeline.pruning.ranking import choose_pruned
@@ -52,8 +61,47 @@ def woodtaylor_scores(weights: Tensor, inv_diag: Tensor, newton: Tensor) -> Tens
 
 
 def diag_fisher_scores(weights: Tensor, fisher_diag: Tensor) -> Tensor:
-    """``½ w_q² (λ + mean g_q²)``: loss increase from zeroing q under a diagonal Fisher."""
-    return 0.5 * weights.square() * fisher_diag
+    """``½ w_q² (λ + mean g_q²)``: loss increase from zeroing q under a diagonal Fisher (never NaN/Inf)."""
+    scores = 0.5 * weights.square() * fisher_diag
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteWeightsError(
+            f"diagonal-Fisher scores are NaN/Inf for {int((~torch.isfinite(scores)).sum())} of {scores.numel()} weights",
+            hint="the weights or the Fisher statistics are not finite (or overflow): check the model being pruned",
+        )
+    return scores
+
+
+class NonFiniteWeightsError(WFError):
+    """Weights going into, or coming out of, a pruning update are NaN/Inf."""
+
+
+def require_finite(weights: Tensor, what: str, sizes: Sequence[int] | None = None) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the layers (by index) where `weights` has NaN/Inf."""
+    bad = ~torch.isfinite(weights)
+    if not bool(bad.any()):
+        return
+    layers = [i for i, part in enumerate(bad.split(list(sizes))) if bool(part.any())] if sizes else []
+    where = f" (selected layer {'indices' if len(layers) > 1 else 'index'} {', '.join(map(str, layers[:5]))}" \
+            f"{', ...' if len(layers) > 5 else ''})" if layers else ""
+    raise NonFiniteWeightsError(
+        f"{what} contain NaN/Inf in {int(bad.sum())} of {weights.numel()} weights{where}",
+        hint="nothing was written to the model; check the model's weights and the Fisher data for non-finite "
+             "values (or a float32 overflow)",
+    )
+
+
+def newton_step_scale(newton: Tensor, weights: Tensor, sizes: Sequence[int], cap: float) -> Tensor:
+    """Per-weight η (constant per layer): ``η_l = min(1, cap·‖w_l‖ / ‖n_l‖)`` for the Newton step ``n``.
+
+    ``cap = 0`` gives η = 0 (no first-order step: WoodFisher); ``cap = inf`` gives the full step.
+    """
+    parts = []
+    for n_l, w_l in zip(newton.split(list(sizes)), weights.split(list(sizes))):
+        norm = float(torch.linalg.vector_norm(n_l.double()))
+        limit = cap * float(torch.linalg.vector_norm(w_l.double()))
+        eta = 1.0 if norm <= limit else (limit / norm if math.isfinite(limit) else 1.0)
+        parts.append(torch.full_like(n_l, eta))
+    return torch.cat(parts)
 
 
 def _spd_solve(mats: Tensor, rhs: Tensor) -> Tensor:
@@ -72,15 +120,22 @@ def obs_update(
     pruned: Tensor,
     update: str = "joint",
     grad_mean: Tensor | None = None,
+    newton_scale: Tensor | float | None = None,
 ) -> tuple[Tensor, float | None]:
     """Updated weights (pruned ones exactly 0) and the predicted loss increase.
 
-    `pruned` marks every pruned weight (already-zero ones may be included: their ``w_q = 0``
-    constraint keeps them at zero). With `grad_mean` the WoodTaylor first-order term is used.
-    ``update="none"`` only zeroes the pruned weights (no prediction is returned for it).
+    `pruned` marks the weights to prune now. Weights that are exactly zero are held at zero as well
+    (added to the constraint set), whether `pruned` lists them or not: they are the ones pruned
+    earlier, and the compensating update must not revive them. With `grad_mean` the WoodTaylor
+    first-order term is used, its Newton step scaled by `newton_scale` (per weight or scalar; default 1;
+    see :func:`newton_step_scale`). ``update="none"`` only zeroes the pruned weights (no prediction).
+    Raises :class:`NonFiniteWeightsError`, writing nothing, if the weights in or out are NaN/Inf.
     """
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; expected one of {UPDATES}")
+    sizes = inverse.layout.sizes
+    require_finite(weights, "the weights to prune", sizes)
+    pruned = pruned | (weights == 0)
     layout = inverse.layout
     dtype = inverse.blocks.dtype
     if update == "none":
@@ -92,10 +147,15 @@ def obs_update(
     if grad_mean is not None:
         g = layout.pad(grad_mean.to(dtype))
         newton = torch.bmm(M, g.unsqueeze(-1)).squeeze(-1)
-        free_gain = -0.5 * float((g * newton).sum())  # −½ ḡᵀF⁻¹ḡ: the Newton step's own gain
+        if newton_scale is not None:
+            eta = newton_scale if isinstance(newton_scale, float) else layout.pad(newton_scale.to(dtype))
+            newton = newton * eta
+            g_step = g * eta  # the gradient of the scaled problem: F·(ηn) = ηḡ
+        else:
+            g_step = g
     else:
+        g = g_step = torch.zeros_like(w)
         newton = torch.zeros_like(w)
-        free_gain = 0.0
     target = torch.where(p, w - newton, torch.zeros_like(w))  # P t
     delta = -newton
 
@@ -103,11 +163,13 @@ def obs_update(
         diag = M.diagonal(dim1=-2, dim2=-1)
         scaled = target / diag.clamp_min(torch.finfo(dtype).tiny)
         delta = delta - torch.bmm(M, scaled.unsqueeze(-1)).squeeze(-1)
-        predicted = float((target * scaled).sum()) / 2 + free_gain
+        # the sum of single-weight predictions ρ_q (each with the shared Newton gain)
+        predicted = float((target * scaled).sum()) / 2 + _newton_gain(g, g_step, newton)
     else:
         active = p.any(dim=1).nonzero().squeeze(1)  # only blocks with a pruned weight need a solve
+        x_all = torch.zeros_like(w)
 
-        def solve(s: int, e: int) -> float:
+        def solve(s: int, e: int) -> None:
             idx = active[s:e]
             m = M[idx]
             mask = p[idx].to(dtype)
@@ -115,11 +177,19 @@ def obs_update(
             x = _spd_solve(system, target[idx].unsqueeze(-1))  # (M_QQ)⁻¹ t_Q, zero off Q
             x = x * mask.unsqueeze(-1)  # exact zeros off Q whatever the rounding
             delta[idx] -= torch.bmm(m, x).squeeze(-1)  # slices own disjoint blocks
-            return 0.5 * float((target[idx].unsqueeze(-1) * x).sum())
+            x_all[idx] = x.squeeze(-1)
 
-        predicted = free_gain + sum(map_slices(solve, active.numel(), SOLVE_SLICE_BLOCKS))
+        map_slices(solve, active.numel(), SOLVE_SLICE_BLOCKS)
+        # ΔL = ḡᵀδ + ½δᵀFδ with Fδ = −ηḡ − x (x on Q, δ_Q = −w_Q): ΔL = (ḡ − ½ηḡ)ᵀδ + ½ w_Qᵀx
+        predicted = float(((g - 0.5 * g_step) * delta).sum()) + 0.5 * float((w * x_all).sum())
     new_weights = layout.unpad(w + delta).masked_fill(pruned, 0).to(weights.dtype)
+    require_finite(new_weights, "the OBS update produced weights that", sizes)
     return new_weights, predicted
+
+
+def _newton_gain(g: Tensor, g_step: Tensor, newton: Tensor) -> float:
+    """ΔL of the (scaled) Newton step alone, ``−ηn`` under the true model: ``−ḡᵀ(ηn) + ½ ηḡᵀ(ηn)``."""
+    return float((-(g * newton) + 0.5 * (g_step * newton)).sum())
 
 
 def obs_prune(
@@ -131,12 +201,13 @@ def obs_prune(
     grad_mean: Tensor | None = None,
     ranking: str = "global",
     sizes: Sequence[int] | None = None,
+    newton_cap: float | None = None,
 ) -> ObsResult:
     """OBS-prune a flat weight vector to `sparsity` (fraction of zeros, counting already-pruned ones).
 
-    Scores are WoodFisher's ``ρ`` (or WoodTaylor's with `grad_mean`); `kept` (bool, default all
-    True) marks weights still alive; `ranking` is ``global`` or ``uniform`` over `sizes` (default: the
-    inverse's layer sizes).
+    Scores are WoodFisher's ``ρ`` (or WoodTaylor's with `grad_mean`, its Newton step capped per layer
+    at ``newton_cap·‖w_layer‖`` when given); `kept` (bool, default all True) marks weights still alive;
+    `ranking` is ``global`` or ``uniform`` over `sizes` (default: the inverse's layer sizes).
     """
     if weights.shape != (inverse.dim,):
         raise ValueError(f"weights must be flat of length {inverse.dim}, got {tuple(weights.shape)}")
@@ -144,11 +215,17 @@ def obs_prune(
     dtype = inverse.blocks.dtype
     w = weights.to(dtype)
     diag = inverse.diag()
+    scale: Tensor | None = None
     if grad_mean is None:
         scores = obs_scores(w, diag)
     else:
-        scores = woodtaylor_scores(w, diag, inverse.matvec(grad_mean.to(dtype)))
+        newton = inverse.matvec(grad_mean.to(dtype))
+        if newton_cap is not None:
+            scale = newton_step_scale(newton, w, inverse.layout.sizes, newton_cap)
+            newton = newton * scale
+        scores = woodtaylor_scores(w, diag, newton)
     new = choose_pruned(scores, kept, list(sizes or inverse.layout.sizes), sparsity, ranking)
     pruned = ~kept | new
-    new_weights, predicted = obs_update(inverse, weights, pruned, update=update, grad_mean=grad_mean)
+    new_weights, predicted = obs_update(inverse, weights, pruned, update=update, grad_mean=grad_mean,
+                                        newton_scale=scale)
     return ObsResult(new_weights, pruned, new, predicted)

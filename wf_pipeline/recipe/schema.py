@@ -321,7 +321,24 @@ class WoodFisherConfig(Strict):
     recompute_steps: int = Field(1, ge=1, description="split each pruning step into this many Fisher recomputations")
     chunk_size: int = Field(100, ge=1, description="gradients computed and folded in per chunk (memory bound)")
     dtype: Literal["float32", "float64"] = "float32"
-    route: Literal["fast", "woodbury"] = Field("fast", description="fast GEMM+Cholesky or rank-one recursion")
+    route: Literal["fast", "woodbury"] = Field(
+        "fast", description="fast GEMM+Cholesky or the rank-one recursion (a slow reference, always run in float64)"
+    )
+    inverse_rtol: float = Field(
+        1e-4, gt=0, lt=1, allow_inf_nan=False,
+        description="relative accuracy each Fisher inverse block is held to; blocks float32 cannot hold are "
+        "computed in float64, blocks float64 cannot hold get jitter (see max_repair_jitter)",
+    )
+    max_repair_jitter: float = Field(
+        0.1, ge=0, allow_inf_nan=False,
+        description="largest extra damping a repair may add to a Fisher block, relative to damp; a step needing "
+        "more fails (raise damp, or raise this to accept it)",
+    )
+    newton_step_cap: float = Field(
+        0.003, ge=0, allow_inf_nan=False,
+        description="woodtaylor: largest norm of the Newton step F^-1 g relative to each layer's weight norm (the "
+        "step is scaled down to it; it grows like damp^-1/2); 0 = no first-order step (WoodFisher's update)",
+    )
     nonfinite: Literal["error", "skip"] = Field(
         "error", description="a Fisher gradient with NaN/Inf: stop naming it, or skip it (replaced by more samples, count reported)"
     )

@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from wf_pipeline.errors import WFError
+from wf_pipeline.fisher.conditioning import record_health
 from wf_pipeline.fisher.inverse import (
     BlockFisherInverse,
     BlockGramAccumulator,
@@ -22,7 +24,7 @@ from wf_pipeline.fisher.inverse import (
     accumulation_dtype,
 )
 from wf_pipeline.fisher.streamed import GroupedInverse
-from wf_pipeline.pruning.obs import obs_scores, obs_update, woodtaylor_scores
+from wf_pipeline.pruning.obs import newton_step_scale, obs_scores, obs_update, woodtaylor_scores
 from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
 from wf_pipeline.pruning.pruners.planned import booked, collect_streamed, make_job, plan_step
 from wf_pipeline.pruning.pruners.statistics import accumulate_gradients, total_gradient_count
@@ -32,6 +34,7 @@ from wf_pipeline.pruning.pruners.statistics import accumulate_gradients, total_g
 class InverseFisherStats:
     inverse: BlockFisherInverse
     grad_mean: Tensor | None = None  # WoodTaylor's first-order term, in the inverse's dtype
+    newton_scale: Tensor | None = None  # WoodTaylor: per-weight η capping the Newton step (see obs.py)
 
 
 @dataclass
@@ -77,20 +80,26 @@ class WoodFisherPruner(FlatPruner[Stats]):
                 )
             return StreamedFisherStats(collect_streamed(job, plan, ctx, with_grad_mean=self.uses_gradient_mean), ctx)
         acc: BlockGramAccumulator | WoodburyAccumulator
-        if woodbury:
-            acc = WoodburyAccumulator(layout, settings.damp, total, dtype=dtype, device=view.device)
-        else:
-            acc = BlockGramAccumulator(layout, dtype=dtype, device=view.device)
+        if woodbury:  # the recursion is unstable in float32: always run it in float64
+            acc = WoodburyAccumulator(layout, settings.damp, total, dtype=dtype, device=view.device,
+                                      working_dtype=torch.float64, rtol=settings.inverse_rtol)
+        else:  # blocks float32 cannot hold to inverse_rtol are accumulated in float64
+            acc = BlockGramAccumulator(layout, dtype=dtype, device=view.device, damp=settings.damp,
+                                       rtol=settings.inverse_rtol)
         accumulate_gradients(acc, view, ctx, settings.replace(chunk_size=plan.chunk_size), layout=layout)
         ctx.num_grads += acc.num_samples  # summed over ranks
         t0 = time.perf_counter()
-        inverse = acc.inverse(settings.damp, progress=ctx.progress)
+        inverse = acc.inverse(settings.damp, progress=ctx.progress, max_jitter=settings.max_repair_jitter)
         ctx.add_time("inverse", time.perf_counter() - t0)
         dtype = inverse.blocks.dtype
         grad_mean = acc.mean_gradient().to(dtype) if self.uses_gradient_mean else None
+        scale = None
+        if grad_mean is not None:
+            scale = newton_step_scale(inverse.matvec(grad_mean), view.flat_weights(dtype), view.sizes,
+                                      settings.newton_step_cap)
         ctx.extra["fisher_dtype"] = str(dtype).replace("torch.", "")
-        ctx.extra["repaired_blocks"] = ctx.extra.get("repaired_blocks", 0) + inverse.repaired_blocks
-        return InverseFisherStats(inverse, grad_mean)
+        record_health(ctx.extra, inverse.health)  # promotions and repairs: counts, jitter, warning lines
+        return InverseFisherStats(inverse, grad_mean, scale)
 
     def score(self, view: PruneView, stats: Stats) -> Tensor:
         if isinstance(stats, StreamedFisherStats):
@@ -111,7 +120,7 @@ class WoodFisherPruner(FlatPruner[Stats]):
             return Update(predicted_loss_increase=predicted)
         weights = view.flat_weights(stats.inverse.blocks.dtype)
         updated, predicted = obs_update(stats.inverse, weights, pruned, update=self.settings.update,
-                                        grad_mean=stats.grad_mean)
+                                        grad_mean=stats.grad_mean, newton_scale=stats.newton_scale)
         view.write_back(~pruned, updated)
         return Update(predicted_loss_increase=predicted)
 
@@ -127,8 +136,8 @@ class WoodTaylorPruner(WoodFisherPruner):
             grouped = stats.grouped
             assert grouped.newton is not None
             return woodtaylor_scores(view.flat_weights(grouped.dtype), grouped.diag, grouped.newton)
-        assert stats.grad_mean is not None
+        assert stats.grad_mean is not None and stats.newton_scale is not None
         inverse = stats.inverse
         weights = view.flat_weights(inverse.blocks.dtype)
-        return woodtaylor_scores(weights, inverse.diag(), inverse.matvec(stats.grad_mean))
+        return woodtaylor_scores(weights, inverse.diag(), inverse.matvec(stats.grad_mean) * stats.newton_scale)
 
