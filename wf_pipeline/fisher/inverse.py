@@ -520,11 +520,12 @@ class WoodburyAccumulator(_StatisticsMixin):
 
     ``num_samples`` (the final N) must be known up front because every update divides by it. The
     recursion runs in `working_dtype` (default `dtype`; the result is stored in `dtype`). It starts from
-    ``I/λ`` and passes through rank-deficient intermediates, so its rounding grows like
-    ``u·|g|²/λ``: in float32 at λ = 1e-5 it is off by 1e-3 at |g| ~ 1 and breaks down by |g| ~ 100,
-    which is why the library always runs it in float64. :meth:`inverse` estimates the error per block
-    and, when asked to check (`max_jitter` given), refuses blocks beyond ``rtol``: the recursion
-    cannot be repaired after the fact.
+    ``I/λ`` and cancels ~1/λ-sized terms at every step, so its rounding is ~u/λ in absolute terms: in
+    float32 at λ = 1e-5 it is off by 1e-3 at |g| ~ 1 and breaks down by |g| ~ 100 even when F is well
+    conditioned, which is why the library always runs it in float64. Its accuracy is checked after the
+    fact: the Gram ``Σ g gᵀ`` is kept alongside (in float64) and :meth:`inverse` measures the residual
+    ``‖X F − I‖`` of every block; with `max_jitter` given (checked mode) a block beyond ``rtol`` is refused
+    (the recursion cannot be repaired after the fact).
     """
 
     def __init__(
@@ -547,7 +548,7 @@ class WoodburyAccumulator(_StatisticsMixin):
         self.expected = int(num_samples)
         eye = torch.eye(layout.block_size, dtype=self.working_dtype, device=device) / damp
         self.inv = eye.expand(layout.num_blocks, -1, -1).clone()
-        self._sumsq = torch.zeros(layout.num_blocks, dtype=torch.float64, device=device)
+        self.check = BlockGramAccumulator(layout, dtype=torch.float64, device=device)  # for the residual
         self._init_stats(layout.dim, dtype, device)
 
     def add(self, chunk: Tensor) -> None:
@@ -565,7 +566,7 @@ class WoodburyAccumulator(_StatisticsMixin):
             u = torch.bmm(self.inv, g)  # F⁻¹g
             denom = self.expected + torch.bmm(g.mT, u)  # (K, 1, 1)
             self.inv.baddbmm_(u, (u / denom).mT, alpha=-1)
-        self._sumsq += _block_sumsq(blocked)
+        self.check.add_blocked(blocked)
         self._add_blocked_stats(blocked, self.layout)
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
@@ -578,12 +579,24 @@ class WoodburyAccumulator(_StatisticsMixin):
             raise ValueError(f"damp {damp} differs from the recursion's {self.damp}")
         if self.num_samples != self.expected:
             raise ValueError(f"recursion announced N={self.expected} but got {self.num_samples} gradients")
-        finite = torch.isfinite(self._sumsq) & torch.isfinite(self.inv).flatten(1).all(1)
+        n = self.expected
+        gram = self.check.gram
+        finite = torch.isfinite(frobenius_norms(gram)) & torch.isfinite(frobenius_norms(self.inv))
         if not bool(finite.all()):
             raise _non_finite_error(self.layout, (~finite).nonzero().squeeze(1))
-        # Every intermediate is rank-deficient (λ_min = λ), so only the a priori estimate applies.
-        u = unit_roundoff(self.working_dtype)
-        estimate = ERROR_CONSTANT * u * math.sqrt(self.expected + 1) * (self._sumsq / self.expected + self.damp) / self.damp
+        # X − F⁻¹ = (XF − I)F⁻¹, so ‖XF − I‖ bounds X's relative error. F comes from the independent
+        # float64 Gram: a small residual means both agree (were X right and F's rounding large, the
+        # residual would show that rounding instead, and the block is refused: nothing here can tell).
+        estimate = torch.empty(self.layout.num_blocks, dtype=torch.float64, device=gram.device)
+
+        def one_slice(s: int, e: int) -> None:
+            f = gram[s:e] / n
+            f.diagonal(dim1=-2, dim2=-1).add_(self.damp)
+            residual = torch.bmm(self.inv[s:e].double(), f)
+            residual.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+            estimate[s:e] = frobenius_norms(residual)
+
+        map_slices(one_slice, self.layout.num_blocks, INVERT_SLICE_BLOCKS)
         health = InverseHealth(damp=self.damp, rtol=self.rtol, num_blocks=self.layout.num_blocks,
                                max_error_estimate=float(estimate.max()), working_dtype=_dtype_name(self.working_dtype),
                                route="woodbury")
@@ -591,6 +604,7 @@ class WoodburyAccumulator(_StatisticsMixin):
             health.require(max_jitter)  # the recursion cannot be repaired: a block beyond rtol is refused
         if progress is not None:
             progress("inverse", self.layout.num_blocks, self.layout.num_blocks)
+        self.check = BlockGramAccumulator(self.layout, dtype=torch.float64, device=gram.device)  # free the Gram
         return BlockFisherInverse(self.layout, self.inv.to(self.dtype), self.damp, self.expected, health=health)
 
 

@@ -225,12 +225,16 @@ class _Stage:
             where["group"] = group.name
         self.state.reports.append({**where, "test_accuracy_after": accuracy,
                                    **{k: v for k, v in report.to_dict().items() if k != "per_layer_sparsity"}})
+        warnings = report.extra.get("warnings") or []  # Fisher repairs (float64 retries, added damping)
         self._record({"kind": "prune", **where, "target_sparsity": report.target_sparsity,
                       "achieved_sparsity": report.achieved_sparsity, "test_accuracy_after": accuracy,
                       "timings": report.timings, "method": report.method, "num_grads": report.num_grads,
-                      **({"fisher_plan": report.extra["fisher_plan"]} if "fisher_plan" in report.extra else {})})
+                      **({"fisher_plan": report.extra["fisher_plan"]} if "fisher_plan" in report.extra else {}),
+                      **({"warnings": warnings} if warnings else {})})
         if "fisher_plan_summary" in report.extra:
             self.reporter.message(report.extra["fisher_plan_summary"])
+        for line in warnings:
+            self.reporter.message(f"warning: {line}")
         self.reporter.message(
             f"pruned {group.name if len(self.groups) > 1 else ''}to {report.achieved_sparsity:.2%} "
             f"(target {event.target:.2%}) at epoch {event.epoch:g} in {report.timings.get('total', 0.0):.1f}s: "
