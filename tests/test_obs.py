@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockLayout
-from wf_pipeline.pruning.obs import obs_prune, obs_scores, obs_update, woodtaylor_scores
+from wf_pipeline.pruning.obs import (
+    NonFiniteWeightsError,
+    diag_fisher_scores,
+    newton_step_scale,
+    obs_prune,
+    obs_scores,
+    obs_update,
+    woodtaylor_scores,
+)
 
 
 
@@ -156,3 +164,70 @@ def test_obs_prune_picks_smallest_rho_and_counts_already_pruned() -> None:
     assert torch.all(result.weights[result.pruned] == 0)
     uniform = obs_prune(w, inverse, sparsity=0.5, ranking="uniform", update="none")
     assert [int(c.sum()) for c in uniform.pruned.split(SIZES)] == [5, 3]  # 5 and 3.5 -> total round(8.5) = 8
+
+
+# ============================================================ safeguards (issue 11)
+def test_obs_update_never_revives_weights_pruned_earlier() -> None:
+    """Zeros left out of `pruned` (pruned in an earlier step) stay zero: the compensation used to move them."""
+    hessian, inverse = block_hessian(seed=10)
+    w = torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(11))
+    earlier = torch.zeros(sum(SIZES), dtype=torch.bool)
+    earlier[[1, 2, 12]] = True
+    w[earlier] = 0.0
+    now = torch.zeros(sum(SIZES), dtype=torch.bool)
+    now[[0, 3, 13]] = True
+    for update in ("joint", "independent", "none"):
+        new_w, _ = obs_update(inverse, w, now, update=update)
+        assert torch.all(new_w[earlier] == 0) and torch.all(new_w[now] == 0), update
+    # and the result is the constrained optimum with the old zeros held
+    new_w, predicted = obs_update(inverse, w, now, update="joint")
+    delta = kkt_solution(hessian, w, now | earlier)
+    assert torch.allclose(new_w - w, delta, atol=1e-9)
+    assert predicted == pytest.approx(loss_increase(hessian, delta), rel=1e-9)
+
+
+def test_obs_update_refuses_non_finite_weights_in_or_out() -> None:
+    _, inverse = block_hessian(seed=12)
+    w = torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(13))
+    pruned = torch.zeros(sum(SIZES), dtype=torch.bool)
+    pruned[[0, 12]] = True
+    bad = w.clone()
+    bad[14] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="layer index 1"):
+        obs_update(inverse, bad, pruned)
+    broken = BlockFisherInverse(inverse.layout, inverse.blocks.clone(), 1.0, 1)
+    broken.blocks[0, 1, 0] = float("inf")  # e.g. an inverse that overflowed
+    with pytest.raises(NonFiniteWeightsError, match="OBS update produced"):
+        obs_update(broken, w, pruned)
+
+
+def test_diag_fisher_scores_never_nan() -> None:
+    with pytest.raises(NonFiniteWeightsError):
+        diag_fisher_scores(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 1.0]))
+    with pytest.raises(NonFiniteWeightsError):
+        diag_fisher_scores(torch.tensor([1.0, 2.0]), torch.tensor([float("inf"), 1.0]))
+
+
+def test_capped_newton_step_solves_the_scaled_problem_and_predicts_the_true_loss() -> None:
+    """With the Newton step scaled by η per layer, the update is the KKT solution for gradient ηḡ, and the
+    prediction is the loss change of that update under the true quadratic model (gradient ḡ)."""
+    hessian, inverse = block_hessian(seed=14)
+    g = torch.Generator().manual_seed(15)
+    w = torch.randn(sum(SIZES), generator=g)
+    grad = 3.0 * torch.randn(sum(SIZES), generator=g)
+    newton = inverse.matvec(grad)
+    scale = newton_step_scale(newton, w, SIZES, cap=0.05)
+    for (n_l, w_l, s_l) in zip(newton.split(SIZES), w.split(SIZES), scale.split(SIZES)):
+        assert float((n_l * s_l).norm()) == pytest.approx(min(float(n_l.norm()), 0.05 * float(w_l.norm())), rel=1e-9)
+        assert torch.all(s_l == s_l[0])  # one η per layer
+    pruned = torch.zeros(sum(SIZES), dtype=torch.bool)
+    pruned[[0, 3, 9, 12, 15]] = True
+    new_w, predicted = obs_update(inverse, w, pruned, grad_mean=grad, newton_scale=scale)
+    delta = kkt_solution(hessian, w, pruned, grad * scale)
+    assert torch.allclose(new_w - w, delta, atol=1e-9)
+    assert predicted == pytest.approx(loss_increase(hessian, delta, grad), rel=1e-9)
+    assert torch.equal(newton_step_scale(newton, w, SIZES, cap=0.0), torch.zeros_like(w))
+    assert torch.equal(newton_step_scale(newton, w, SIZES, cap=float("inf")), torch.ones_like(w))
+    # cap 0 is WoodFisher exactly; the default η = 1 is the uncapped WoodTaylor
+    assert torch.allclose(obs_update(inverse, w, pruned, grad_mean=grad, newton_scale=0.0)[0],
+                          obs_update(inverse, w, pruned)[0], atol=1e-12)
