@@ -405,7 +405,7 @@ class _GroupSource:
         layout, _, _ = sub_layout(self.layout, group.start, group.stop)
         gram = self.plan.representation == "gram"
         device = next(iter(params.values())).device
-        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device) if gram else None
+        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp) if gram else None
         grad_dtype = next(iter(params.values())).dtype
         rows = None if gram else torch.empty(count, job.num_grads, B, dtype=grad_dtype, device=device)
         grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
