@@ -387,7 +387,7 @@ def test_every_route_matches_the_exact_inverse_or_refuses(
     damp = 10.0**log_damp
     try:
         inv = BlockFisherInverse.from_gradients(list(grads.split(chunk)), block, damp, route=route, sizes=sizes,
-                                                dtype=dtype, max_jitter=0.0)
+                                                dtype=dtype, rtol=1e-4, max_jitter=0.0)
     except FisherAccuracyError as exc:
         assert "\n" not in str(exc) and exc.hint
         scale = float(BlockLayout(sizes, block).pad(grads.double()).square().sum((0, 2)).max()) / n

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from wf_pipeline.errors import WFError
 
-DEFAULT_RTOL = 1e-4  # relative accuracy every inverse block is held to (Frobenius norm, per block)
+DEFAULT_RTOL = 1e-3  # relative accuracy every inverse block is held to (Frobenius norm, per block)
 DEFAULT_MAX_JITTER = 0.1  # largest repair jitter accepted by default, relative to the damping
 ERROR_CONSTANT = 2.0  # see the module doc: a safety factor over the measured worst case
 SAFETY = 2.0  # accumulate in low precision only while the estimate stays below rtol / SAFETY
@@ -169,16 +169,22 @@ def largest_eigenvalue(mats: Tensor) -> Tensor:
     return (v * torch.bmm(m, v)).sum(1).amax(-1)
 
 
-def invert_checked_(mats: Tensor, damp: float, perturbation: Tensor, rtol: float) -> dict[str, Any]:
-    """Invert dampened Fisher blocks ``F = λI + G`` in place, each to relative accuracy `rtol` or repaired.
+def invert_checked_(
+    mats: Tensor, damp: float, perturbation: Tensor, rtol: float, repair_above: float | None = None
+) -> dict[str, Any]:
+    """Invert dampened Fisher blocks ``F = λI + G`` in place and estimate each block's relative error.
 
     `mats` holds ``F`` in its working precision; `perturbation` (per block, float64) is the estimated
-    absolute size of the rounding in ``F`` (see the module doc). Blocks whose estimate
-    ``perturbation / λ_min`` exceeds `rtol` after inversion, or whose Cholesky fails, are redone in
+    absolute size of the rounding in ``F`` (see the module doc). Blocks whose a priori estimate
+    ``perturbation / λ`` exceeds `rtol` are re-estimated with their actual ``λ_min``. Blocks whose
+    estimate still exceeds `repair_above` (default `rtol`), or whose Cholesky fails, are redone in
     float64 with the smallest jitter that brings the estimate under `rtol` (grown tenfold while the
-    factorisation still fails). Returns the number of blocks retried in float64 (without jitter) and
-    jittered, the largest jitter (relative to λ) and the largest estimate after repairs.
+    factorisation still fails). A caller that could not promote blocks in advance passes a large
+    `repair_above`: an estimate between the two is kept (and reported), since jitter would move the
+    block further from the exact inverse than the rounding did. Returns the number of blocks retried in
+    float64 (without jitter) and jittered, the largest jitter (relative to λ) and the largest estimate.
     """
+    repair_above = rtol if repair_above is None else max(repair_above, rtol)
     k = mats.shape[0]
     stats: dict[str, Any] = {"retried": 0, "jittered": 0, "max_jitter": 0.0, "max_error": 0.0}
     if k == 0:
@@ -186,9 +192,9 @@ def invert_checked_(mats: Tensor, damp: float, perturbation: Tensor, rtol: float
     estimate = perturbation / damp  # λ_min(F) >= λ, so this bounds the estimate a priori
     risky = (estimate > rtol).nonzero().squeeze(1)
     saved = {}  # float64 copies of F for blocks that may need a repair (taken before the in-place inverse)
-    if risky.numel():
-        copies = mats[risky].double()
-        saved = dict(zip(risky.tolist(), copies.unbind(0)))
+    keep = (estimate > repair_above).nonzero().squeeze(1)
+    if keep.numel():
+        saved = dict(zip(keep.tolist(), mats[keep].double().unbind(0)))
     chol, info = torch.linalg.cholesky_ex(mats)
     good = (info == 0).nonzero().squeeze(1)
     if good.numel() == k:
@@ -200,7 +206,7 @@ def invert_checked_(mats: Tensor, damp: float, perturbation: Tensor, rtol: float
     risky_ok = risky[info[risky] == 0]
     if risky_ok.numel():  # refine with the actual λ_min of the factorised blocks
         estimate[risky_ok] = perturbation[risky_ok] * largest_eigenvalue(mats[risky_ok])
-        to_jitter += risky_ok[estimate[risky_ok] > rtol].tolist()
+        to_jitter += risky_ok[estimate[risky_ok] > repair_above].tolist()
     for block in (info != 0).nonzero().squeeze(1).tolist():  # failed in their precision: retry in float64
         f64 = saved.get(block)
         if f64 is None:
@@ -209,7 +215,7 @@ def invert_checked_(mats: Tensor, damp: float, perturbation: Tensor, rtol: float
         if int(info64) == 0:
             inv64 = torch.cholesky_inverse(chol64)
             estimate[block] = perturbation[block] * largest_eigenvalue(inv64.unsqueeze(0))[0]
-            if float(estimate[block]) <= rtol:
+            if float(estimate[block]) <= repair_above:
                 mats[block] = inv64.to(mats.dtype)
                 stats["retried"] += 1
                 continue

@@ -50,6 +50,8 @@ from wf_pipeline.fisher.parallel import map_slices
 Progress = Callable[[str, int, int], None]
 ReduceFn = Callable[[Tensor], None]
 ROUTES = ("fast", "woodbury", "lowrank")
+# Without a precision plan, blocks are repaired (jitter) only when their estimated error reaches this.
+UNPLANNED_REPAIR_ABOVE = 0.1
 # Blocks inverted per batched Cholesky call: ~4 MB of temporaries per slice and worker (measured no slower than 256).
 INVERT_SLICE_BLOCKS = 64
 
@@ -349,11 +351,11 @@ class BlockGramAccumulator(_StatisticsMixin):
         K, B = layout.num_blocks, layout.block_size
         self.gram = torch.zeros(K, B, B, dtype=dtype, device=device)  # the blocks held in `dtype`
         self.low_index: Tensor | None = None  # block ids of `gram`'s rows; None: all blocks, in order
+        self.stale = torch.zeros(K, dtype=torch.bool, device=device)  # `gram` rows moved to float64 since
         self.high = torch.zeros(0, B, B, dtype=torch.float64, device=device)  # promoted blocks
         self.high_index = torch.zeros(0, dtype=torch.long, device=device)
         self.adds = 0  # chunks folded in (each rounds the running sums once)
         self.ranks = 1  # processes whose sums were added by reduce()
-        self._low_bound = torch.zeros(K, dtype=torch.float64, device=device)  # >= ‖low sum‖_F per block
         self._carried = torch.zeros(K, dtype=torch.float64, device=device)  # rounding carried into float64
         self._init_stats(layout.dim, dtype, device)
 
@@ -370,7 +372,7 @@ class BlockGramAccumulator(_StatisticsMixin):
         if self.adaptive:
             self._promote_before(blocked)
         if self.low_index is None:
-            self.gram.baddbmm_(blocked.mT, blocked)
+            self.gram.baddbmm_(blocked.mT, blocked)  # rows already moved to float64 are ignored from now on
         elif self.low_index.numel():
             low = blocked.index_select(0, self.low_index)
             self.gram.baddbmm_(low.mT, low)
@@ -388,38 +390,36 @@ class BlockGramAccumulator(_StatisticsMixin):
     def _promote_before(self, blocked: Tensor) -> None:
         """Move to float64 the blocks whose `dtype` sums would exceed the error budget with this chunk."""
         low = self._low_ids()
-        if not low.numel():
+        if not low.numel() or bool(self.stale.all()):
             return
-        chunk_sq = _block_sumsq(blocked).index_select(0, low)  # >= ‖chunk Gram‖_F
+        # ‖S + S_chunk‖_F <= ‖S‖_F + Σ g² over the chunk: one read of the buffer, no copy
+        bound = frobenius_norms(self.gram) + _block_sumsq(blocked).index_select(0, low)
         count = float(self.count) + blocked.shape[1]
         # ERROR_CONSTANT·u·sqrt(adds+1)·‖S‖_F/count <= (rtol/SAFETY)·damp  <=>  ‖S‖_F <= limit
         limit = (self.rtol / SAFETY) * self.damp * count / (
             ERROR_CONSTANT * unit_roundoff(self.dtype) * math.sqrt(self.ranks * (self.adds + 1) + 1)
         )
-        bound = self._low_bound.index_select(0, low) + chunk_sq
-        risky = (bound > limit).nonzero().squeeze(1)
-        if risky.numel():  # the bound may be loose: look at the actual sums of those blocks
-            exact = frobenius_norms(self.gram.index_select(0, risky)) + chunk_sq[risky]
-            bound[risky] = exact
-        self._low_bound[low] = bound  # valid once this chunk is added (promoted blocks no longer use it)
-        if risky.numel():
-            promote = risky[bound[risky] > limit]
-            if promote.numel():
-                self._promote(promote)
+        rows = ((bound > limit) & ~self.stale).nonzero().squeeze(1)
+        if rows.numel():
+            self._promote(rows)
 
-    def _promote(self, positions: Tensor) -> None:
-        """Move the `gram` rows at `positions` (with their partial sums) to the float64 storage."""
-        low = self._low_ids()
-        ids = low[positions]
-        sums = self.gram.index_select(0, positions)
-        u = unit_roundoff(self.dtype)
-        self._carried[ids] = u * math.sqrt(self.ranks * self.adds + 1) * frobenius_norms(sums)
+    def _promote(self, rows: Tensor) -> None:
+        """Move the `gram` rows `rows` (with their partial sums) to the float64 storage."""
+        ids = self._low_ids()[rows]
+        sums = self.gram.index_select(0, rows)
+        self._carried[ids] = unit_roundoff(self.dtype) * math.sqrt(self.ranks * self.adds + 1) * frobenius_norms(sums)
         self.high = torch.cat([self.high, sums.double()])
         self.high_index = torch.cat([self.high_index, ids])
-        keep = torch.ones(low.numel(), dtype=torch.bool, device=low.device)
-        keep[positions] = False
+        self.stale[rows] = True
+        if float(self.stale.float().mean()) > 0.25:  # stop computing dead rows once they cost more than a copy
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the `gram` rows already moved to float64."""
+        keep = ~self.stale
+        self.low_index = self._low_ids()[keep]
         self.gram = self.gram[keep]
-        self.low_index = low[keep]
+        self.stale = torch.zeros(self.low_index.numel(), dtype=torch.bool, device=self.gram.device)
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
         """Sum the statistics across processes in place (e.g. ``dist.all_reduce``).
@@ -437,8 +437,9 @@ class BlockGramAccumulator(_StatisticsMixin):
             is_high[self.high_index] = True
             newly = (flags[:-1] > 0) & ~is_high
             if newly.any():
-                low = self._low_ids()
-                self._promote((newly[low]).nonzero().squeeze(1))
+                self._promote((newly[self._low_ids()] & ~self.stale).nonzero().squeeze(1))
+            if bool(self.stale.any()):
+                self._compact()  # every rank now holds the same low rows, in block order
             order = torch.argsort(self.high_index)  # same block order on every rank
             self.high_index, self.high = self.high_index[order], self.high[order]
             reduce_fn(self._carried)
@@ -463,6 +464,12 @@ class BlockGramAccumulator(_StatisticsMixin):
         if self.damp is not None and damp != self.damp:
             raise ValueError(f"damp {damp} differs from the {self.damp} this accumulator planned its precision for")
         K = self.layout.num_blocks
+        if bool(self.stale.any()):
+            self._compact()
+        # Planned blocks only exceed rtol where even float64 cannot hold them: jitter those. Without a
+        # plan, fp32 blocks a little beyond rtol are kept as they are (and reported); jitter would move
+        # them further from the exact inverse than the rounding did.
+        repair_above = self.rtol if self.damp is not None else UNPLANNED_REPAIR_ABOVE
         low_ids, high_ids = self._low_ids(), self.high_index
         scale = math.sqrt(self.ranks * self.adds + 1)
         total = K
@@ -479,7 +486,7 @@ class BlockGramAccumulator(_StatisticsMixin):
                 if carried is not None:
                     perturbation += ERROR_CONSTANT * carried[s:e] / n
                 sums.div_(n).diagonal(dim1=-2, dim2=-1).add_(damp)
-                return invert_checked_(sums, damp, perturbation, self.rtol)
+                return invert_checked_(sums, damp, perturbation, self.rtol, repair_above)
 
             base = done["n"]
             out = map_slices(one_slice, mats.shape[0], INVERT_SLICE_BLOCKS,

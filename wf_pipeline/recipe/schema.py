@@ -325,7 +325,7 @@ class WoodFisherConfig(Strict):
         "fast", description="fast GEMM+Cholesky or the rank-one recursion (a slow reference, always run in float64)"
     )
     inverse_rtol: float = Field(
-        1e-4, gt=0, lt=1, allow_inf_nan=False,
+        1e-3, gt=0, lt=1, allow_inf_nan=False,
         description="relative accuracy each Fisher inverse block is held to; blocks float32 cannot hold are "
         "computed in float64, blocks float64 cannot hold get jitter (see max_repair_jitter)",
     )
