@@ -50,8 +50,9 @@ from wf_pipeline.fisher.parallel import map_slices
 Progress = Callable[[str, int, int], None]
 ReduceFn = Callable[[Tensor], None]
 ROUTES = ("fast", "woodbury", "lowrank")
-# Without a precision plan, blocks are repaired (jitter) only when their estimated error reaches this.
-UNPLANNED_REPAIR_ABOVE = 0.1
+# Without a precision plan, blocks are repaired only when they fail to factorise (their estimated
+# error is still reported): the estimate is conservative, and jitter changes the matrix.
+UNPLANNED_REPAIR_ABOVE = math.inf
 # Blocks inverted per batched Cholesky call: ~4 MB of temporaries per slice and worker (measured no slower than 256).
 INVERT_SLICE_BLOCKS = 64
 
@@ -377,7 +378,8 @@ class BlockGramAccumulator(_StatisticsMixin):
             low = blocked.index_select(0, self.low_index)
             self.gram.baddbmm_(low.mT, low)
         if self.high_index.numel():
-            high = blocked.index_select(0, self.high_index).double()
+            all_high = self.high_index.numel() == self.layout.num_blocks and bool(self.high_index.diff().ge(0).all())
+            high = blocked.double() if all_high else blocked.index_select(0, self.high_index).double()
             self.high.baddbmm_(high.mT, high)
         self.adds += 1
         self._add_blocked_stats(blocked, self.layout)
@@ -467,8 +469,8 @@ class BlockGramAccumulator(_StatisticsMixin):
         if bool(self.stale.any()):
             self._compact()
         # Planned blocks only exceed rtol where even float64 cannot hold them: jitter those. Without a
-        # plan, fp32 blocks a little beyond rtol are kept as they are (and reported); jitter would move
-        # them further from the exact inverse than the rounding did.
+        # plan, blocks beyond rtol are kept as they are (and reported): jitter would move them further
+        # from the exact inverse than the rounding did, unless they fail to factorise at all.
         repair_above = self.rtol if self.damp is not None else UNPLANNED_REPAIR_ABOVE
         low_ids, high_ids = self._low_ids(), self.high_index
         scale = math.sqrt(self.ranks * self.adds + 1)
@@ -530,7 +532,7 @@ class WoodburyAccumulator(_StatisticsMixin):
     ``I/λ`` and cancels ~1/λ-sized terms at every step, so its rounding is ~u/λ in absolute terms: in
     float32 at λ = 1e-5 it is off by 1e-3 at |g| ~ 1 and breaks down by |g| ~ 100 even when F is well
     conditioned, which is why the library always runs it in float64. Its accuracy is checked after the
-    fact: the Gram ``Σ g gᵀ`` is kept alongside (in float64) and :meth:`inverse` measures the residual
+    fact: the Gram ``Σ g gᵀ`` is kept alongside (in the working precision) and :meth:`inverse` measures the residual
     ``‖X F − I‖`` of every block; with `max_jitter` given (checked mode) a block beyond ``rtol`` is refused
     (the recursion cannot be repaired after the fact).
     """
@@ -555,7 +557,7 @@ class WoodburyAccumulator(_StatisticsMixin):
         self.expected = int(num_samples)
         eye = torch.eye(layout.block_size, dtype=self.working_dtype, device=device) / damp
         self.inv = eye.expand(layout.num_blocks, -1, -1).clone()
-        self.check = BlockGramAccumulator(layout, dtype=torch.float64, device=device)  # for the residual
+        self.check = BlockGramAccumulator(layout, dtype=self.working_dtype, device=device)  # for the residual
         self._init_stats(layout.dim, dtype, device)
 
     def add(self, chunk: Tensor) -> None:
@@ -592,14 +594,14 @@ class WoodburyAccumulator(_StatisticsMixin):
         if not bool(finite.all()):
             raise _non_finite_error(self.layout, (~finite).nonzero().squeeze(1))
         # X − F⁻¹ = (XF − I)F⁻¹, so ‖XF − I‖ bounds X's relative error. F comes from the independent
-        # float64 Gram: a small residual means both agree (were X right and F's rounding large, the
-        # residual would show that rounding instead, and the block is refused: nothing here can tell).
+        # Gram: a small residual means both agree (were X right and F's rounding large, the residual
+        # would show that rounding instead, and the block is refused: nothing here can tell which).
         estimate = torch.empty(self.layout.num_blocks, dtype=torch.float64, device=gram.device)
 
         def one_slice(s: int, e: int) -> None:
             f = gram[s:e] / n
             f.diagonal(dim1=-2, dim2=-1).add_(self.damp)
-            residual = torch.bmm(self.inv[s:e].double(), f)
+            residual = torch.bmm(self.inv[s:e].double(), f.double())
             residual.diagonal(dim1=-2, dim2=-1).sub_(1.0)
             estimate[s:e] = frobenius_norms(residual)
 
@@ -611,7 +613,7 @@ class WoodburyAccumulator(_StatisticsMixin):
             health.require(max_jitter)  # the recursion cannot be repaired: a block beyond rtol is refused
         if progress is not None:
             progress("inverse", self.layout.num_blocks, self.layout.num_blocks)
-        self.check = BlockGramAccumulator(self.layout, dtype=torch.float64, device=gram.device)  # free the Gram
+        self.check = BlockGramAccumulator(self.layout, dtype=self.working_dtype, device=gram.device)  # free it
         return BlockFisherInverse(self.layout, self.inv.to(self.dtype), self.damp, self.expected, health=health)
 
 
