@@ -12,8 +12,8 @@ from wf_pipeline.fisher.inverse import (
     BlockGramAccumulator,
     BlockLayout,
     DiagonalAccumulator,
-    accumulation_dtype,
     WoodburyAccumulator,
+    accumulation_dtype,
     low_rank_inverse,
 )
 
@@ -242,7 +242,9 @@ def test_public_from_gradients_promotes_like_the_pruning_step() -> None:
     inv64 = BlockFisherInverse.from_gradients(grads.double(), 128, 1e-5, dtype=torch.float64)
     assert worst_block_error(inv32, grads, 1e-5) <= 1e-4
     w = torch.randn(512, generator=g)
-    choose = lambda inv: torch.topk(w.square() / inv.diag().double(), 256, largest=False).indices.sort().values
+    def choose(inv: BlockFisherInverse) -> torch.Tensor:
+        return torch.topk(w.square() / inv.diag().double(), 256, largest=False).indices.sort().values
+
     assert torch.equal(choose(inv32), choose(inv64))
 
 
@@ -274,7 +276,8 @@ def test_huge_gradients_get_visible_jitter_and_refusal_above_the_threshold() -> 
         BlockFisherInverse.from_gradients(grads, 32, 1e-5, dtype=torch.float32)
     inv = BlockFisherInverse.from_gradients(grads, 32, 1e-5, dtype=torch.float32, max_jitter=None)
     h = inv.health
-    assert h.jittered_blocks == 2 and h.max_jitter > 1 and h.effective_damp_max == pytest.approx(1e-5 * (1 + h.max_jitter))
+    assert h.jittered_blocks == 2 and h.max_jitter > 1
+    assert h.effective_damp_max == pytest.approx(1e-5 * (1 + h.max_jitter))
     assert any("extra damping" in line for line in h.warnings())
     assert torch.isfinite(inv.blocks).all()
     # well-conditioned huge gradients (full rank, N >> B) need no repair at all
@@ -315,7 +318,7 @@ def test_distributed_reduce_agrees_on_promotions() -> None:
     big = torch.randn(5, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.1  # rank 5: needs fp64
     rows = [torch.cat([small[:, :128], small[:, 128:]], 1), torch.cat([big.repeat(10, 1)[:, :128], small[:, 128:]], 1)]
     accs = [BlockGramAccumulator(layout, damp=1e-6) for _ in rows]
-    for acc, r in zip(accs, rows):
+    for acc, r in zip(accs, rows, strict=True):
         acc.add(r.float())
     assert accs[0].high_index.numel() != accs[1].high_index.numel()
     reduce_pairwise(accs)

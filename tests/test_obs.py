@@ -16,7 +16,6 @@ from wf_pipeline.pruning.obs import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_default():
     """These checks are exact-arithmetic references: run them in fp64, then restore the default."""
@@ -217,7 +216,7 @@ def test_capped_newton_step_solves_the_scaled_problem_and_predicts_the_true_loss
     grad = 3.0 * torch.randn(sum(SIZES), generator=g)
     newton = inverse.matvec(grad)
     scale = newton_step_scale(newton, w, SIZES, cap=0.05)
-    for (n_l, w_l, s_l) in zip(newton.split(SIZES), w.split(SIZES), scale.split(SIZES)):
+    for n_l, w_l, s_l in zip(newton.split(SIZES), w.split(SIZES), scale.split(SIZES), strict=True):
         assert float((n_l * s_l).norm()) == pytest.approx(min(float(n_l.norm()), 0.05 * float(w_l.norm())), rel=1e-9)
         assert torch.all(s_l == s_l[0])  # one η per layer
     pruned = torch.zeros(sum(SIZES), dtype=torch.bool)

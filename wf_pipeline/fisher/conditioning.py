@@ -71,7 +71,7 @@ class InverseHealth:
     def effective_damp_max(self) -> float:
         return self.damp * (1.0 + self.max_jitter)
 
-    def merge(self, other: "InverseHealth") -> "InverseHealth":
+    def merge(self, other: InverseHealth) -> InverseHealth:
         """Combine the health of two inverses (e.g. the sub-steps of one pruning step)."""
         return InverseHealth(
             damp=self.damp, rtol=self.rtol, num_blocks=self.num_blocks + other.num_blocks,
@@ -85,7 +85,7 @@ class InverseHealth:
         )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InverseHealth":
+    def from_dict(cls, data: dict[str, Any]) -> InverseHealth:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +112,8 @@ class InverseHealth:
             raise FisherAccuracyError(
                 f"route {self.route!r} cannot hold the Fisher inverse to relative accuracy {self.rtol:g} in "
                 f"{self.working_dtype} at damp {self.damp:g} (estimated error up to {self.max_error_estimate:.2g})",
-                hint="use route: fast (it moves such blocks to float64 and repairs them), or raise pruning.woodfisher.damp",
+                hint="use route: fast (it moves such blocks to float64 and repairs them), "
+                     "or raise pruning.woodfisher.damp",
             )
         if self.max_jitter > max_jitter:
             raise FisherAccuracyError(
@@ -194,7 +195,7 @@ def invert_checked_(
     saved = {}  # float64 copies of F for blocks that may need a repair (taken before the in-place inverse)
     keep = (estimate > repair_above).nonzero().squeeze(1)
     if keep.numel():
-        saved = dict(zip(keep.tolist(), mats[keep].double().unbind(0)))
+        saved = dict(zip(keep.tolist(), mats[keep].double().unbind(0), strict=True))
     chol, info = torch.linalg.cholesky_ex(mats)
     good = (info == 0).nonzero().squeeze(1)
     if good.numel() == k:

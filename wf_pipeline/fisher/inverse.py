@@ -27,7 +27,8 @@ NaN/Inf statistics raise :class:`~wf_pipeline.fisher.conditioning.FisherStatisti
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +38,6 @@ from wf_pipeline.fisher.conditioning import (
     DEFAULT_RTOL,
     ERROR_CONSTANT,
     SAFETY,
-    FisherAccuracyError,
     FisherStatisticsError,
     InverseHealth,
     frobenius_norms,
@@ -70,7 +70,7 @@ class BlockLayout:
         self.blocks_per_layer = [math.ceil(n / block_size) for n in self.sizes]
         self.block_offsets = [0]
         self.flat_offsets = [0]
-        for n, k in zip(self.sizes, self.blocks_per_layer):
+        for n, k in zip(self.sizes, self.blocks_per_layer, strict=True):
             self.block_offsets.append(self.block_offsets[-1] + k)
             self.flat_offsets.append(self.flat_offsets[-1] + n)
         self.num_blocks = self.block_offsets[-1]
@@ -85,7 +85,7 @@ class BlockLayout:
         if device not in self._positions:
             parts = [
                 torch.arange(n, device=device) + k0 * self.block_size
-                for n, k0 in zip(self.sizes, self.block_offsets)
+                for n, k0 in zip(self.sizes, self.block_offsets, strict=False)  # offsets: one more
             ]
             self._positions[device] = torch.cat(parts)
         return self._positions[device]
@@ -142,7 +142,7 @@ class BlockLayout:
 
     def block_length(self, block: int) -> int:
         """Number of real weights in block `block` (``B`` except for a layer's short last block)."""
-        for layer, (k0, k1) in enumerate(zip(self.block_offsets, self.block_offsets[1:])):
+        for layer, (k0, k1) in enumerate(zip(self.block_offsets, self.block_offsets[1:], strict=False)):
             if k0 <= block < k1:
                 return min(self.block_size, self.sizes[layer] - (block - k0) * self.block_size)
         raise IndexError(f"block {block} out of range (0..{self.num_blocks - 1})")
@@ -210,7 +210,7 @@ class BlockFisherInverse:
         progress: Progress | None = None,
         rtol: float = DEFAULT_RTOL,
         max_jitter: float | None = DEFAULT_MAX_JITTER,
-    ) -> "BlockFisherInverse":
+    ) -> BlockFisherInverse:
         """Inverse of ``damp·I + (1/N) Σ g gᵀ`` (block-diagonal) from gradient rows, each block to `rtol`.
 
         `chunks` is an ``(N, d)`` tensor or an iterable of ``(n_i, d)`` chunks; `sizes` gives the layer
@@ -277,7 +277,7 @@ class BlockFisherInverse:
         pos = self.layout.positions(self.blocks.device)
         return full[pos][:, pos]
 
-    def to(self, *args: object, **kwargs: object) -> "BlockFisherInverse":
+    def to(self, *args: Any, **kwargs: Any) -> BlockFisherInverse:
         return BlockFisherInverse(self.layout, self.blocks.to(*args, **kwargs), self.damp, self.num_samples,
                                   health=self.health)
 
@@ -368,8 +368,9 @@ class BlockGramAccumulator(_StatisticsMixin):
     def add_blocked(self, blocked: Tensor) -> None:
         """Fold in block-major gradient rows ``(K, n, B)``: one batched GEMM per precision."""
         blocked = blocked.to(dtype=self.dtype, device=self.gram.device)
-        if blocked.dim() != 3 or blocked.shape[0] != self.layout.num_blocks or blocked.shape[2] != self.layout.block_size:
-            raise ValueError(f"expected block-major rows (K={self.layout.num_blocks}, n, B={self.layout.block_size})")
+        K, B = self.layout.num_blocks, self.layout.block_size
+        if blocked.dim() != 3 or blocked.shape[0] != K or blocked.shape[2] != B:
+            raise ValueError(f"expected block-major rows (K={K}, n, B={B})")
         if self.adaptive:
             self._promote_before(blocked)
         if self.low_index is None:
@@ -392,7 +393,7 @@ class BlockGramAccumulator(_StatisticsMixin):
     def _promote_before(self, blocked: Tensor) -> None:
         """Move to float64 the blocks whose `dtype` sums would exceed the error budget with this chunk."""
         low = self._low_ids()
-        if not low.numel() or bool(self.stale.all()):
+        if self.damp is None or not low.numel() or bool(self.stale.all()):
             return
         # ‖S + S_chunk‖_F <= ‖S‖_F + Σ g² over the chunk: one read of the buffer, no copy
         bound = frobenius_norms(self.gram) + _block_sumsq(blocked).index_select(0, low)

@@ -9,9 +9,10 @@ releases the GIL inside its kernels).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -55,7 +56,7 @@ def map_slices(
                     on_done(e)
             return results
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for (_, e), result in zip(bounds, pool.map(lambda b: fn(*b), bounds)):
+            for (_, e), result in zip(bounds, pool.map(lambda b: fn(*b), bounds), strict=True):
                 results.append(result)
                 if on_done is not None:
                     on_done(e)

@@ -63,9 +63,10 @@ def woodtaylor_scores(weights: Tensor, inv_diag: Tensor, newton: Tensor) -> Tens
 def diag_fisher_scores(weights: Tensor, fisher_diag: Tensor) -> Tensor:
     """``½ w_q² (λ + mean g_q²)``: loss increase from zeroing q under a diagonal Fisher (never NaN/Inf)."""
     scores = 0.5 * weights.square() * fisher_diag
-    if not bool(torch.isfinite(scores).all()):
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
         raise NonFiniteWeightsError(
-            f"diagonal-Fisher scores are NaN/Inf for {int((~torch.isfinite(scores)).sum())} of {scores.numel()} weights",
+            f"diagonal-Fisher scores are NaN/Inf for {int(bad.sum())} of {scores.numel()} weights",
             hint="the weights or the Fisher statistics are not finite (or overflow): check the model being pruned",
         )
     return scores
@@ -96,7 +97,7 @@ def newton_step_scale(newton: Tensor, weights: Tensor, sizes: Sequence[int], cap
     ``cap = 0`` gives η = 0 (no first-order step: WoodFisher); ``cap = inf`` gives the full step.
     """
     parts = []
-    for n_l, w_l in zip(newton.split(list(sizes)), weights.split(list(sizes))):
+    for n_l, w_l in zip(newton.split(list(sizes)), weights.split(list(sizes)), strict=True):
         norm = float(torch.linalg.vector_norm(n_l.double()))
         limit = cap * float(torch.linalg.vector_norm(w_l.double()))
         eta = 1.0 if norm <= limit else (limit / norm if math.isfinite(limit) else 1.0)
