@@ -623,65 +623,90 @@ def low_rank_inverse(
 ) -> BlockFisherInverse:
     """``F⁻¹ = (1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per block from all gradients ``(N, d)`` (cheap when N < B).
 
-    The formula suits blocks with fewer gradients than real weights (N < r): there ``F`` has the
-    eigenvalue λ and the cancellation in ``I − Aᵀ(…)⁻¹A`` costs ~u·‖AᵀA/N‖/λ relative to ‖F⁻¹‖ = 1/λ.
-    With N ≥ r it would cost ~u·κ² (no λ-eigenvalue to measure against), so such blocks (e.g. a
-    layer's short last block) are inverted from their Gram like the fast route. Blocks `dtype` cannot
-    hold to `rtol` are computed in float64, and blocks even float64 cannot hold get jitter on the
-    explicit ``F`` (recorded in the result's ``health``).
+    See :func:`low_rank_block_inverses` for the precision policy; `dtype` defaults to the gradients'.
     """
     dtype = dtype or grads.dtype
-    n = grads.shape[0]
-    K, B = layout.num_blocks, layout.block_size
-    padded = layout.pad(grads.to(dtype))  # (N, K, B)
-    finite = torch.isfinite(padded).flatten(2).all(-1).all(0)
+    lengths = [layout.block_length(k) for k in range(layout.num_blocks)]
+    blocks, health = low_rank_block_inverses(layout.to_blocked(grads), lengths, damp, grads.shape[0], dtype, rtol,
+                                             layout=layout)
+    return BlockFisherInverse(layout, blocks, damp, grads.shape[0], health=health)
+
+
+def low_rank_block_inverses(
+    rows: Tensor,
+    lengths: Sequence[int],
+    damp: float,
+    num_samples: int,
+    dtype: torch.dtype = torch.float64,
+    rtol: float = DEFAULT_RTOL,
+    layout: BlockLayout | None = None,
+) -> tuple[Tensor, InverseHealth]:
+    """Inverse blocks of ``λI + AᵀA/N`` from block-major rows ``A: (K, n, B)`` (zero-padded), N = `num_samples`.
+
+    The formula ``(1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` suits blocks with fewer rows than real weights (n < r,
+    `lengths` gives r per block): there ``F`` has the eigenvalue λ and the cancellation in
+    ``I − Aᵀ(…)⁻¹A`` costs ~u·‖AᵀA/N‖/λ relative to ‖F⁻¹‖ = 1/λ. With n ≥ r it would cost ~u·κ² (no
+    λ-eigenvalue to measure against), so such blocks (e.g. a layer's short last block) are inverted from
+    their Gram like the fast route. Blocks `dtype` cannot hold to `rtol` are computed in float64, and
+    blocks even float64 cannot hold get jitter on the explicit ``F``; the returned health records it.
+    Never raises a raw linear-algebra error; NaN/Inf rows raise
+    :class:`~wf_pipeline.fisher.conditioning.FisherStatisticsError`.
+    """
+    K, n, B = rows.shape
+    finite = torch.isfinite(rows).flatten(1).all(1)
     if not bool(finite.all()):
-        raise _non_finite_error(layout, (~finite).nonzero().squeeze(1))
-    out = torch.empty(K, B, B, dtype=dtype, device=grads.device)
-    # ‖AᵀA‖_F = ‖AAᵀ‖_F: each block's scale from the small N×N Gram, in float64
-    gram_norm = frobenius_norms(torch.einsum("nkb,mkb->knm", padded.double(), padded.double())) / n
-    lengths = torch.tensor([layout.block_length(k) for k in range(K)], device=grads.device)
+        bad = (~finite).nonzero().squeeze(1)
+        if layout is not None:
+            raise _non_finite_error(layout, bad)
+        raise FisherStatisticsError(f"the Fisher gradients contain NaN or Inf in {bad.numel()} of {K} blocks",
+                                    hint="a gradient is NaN/Inf or too large for float32")
+    out = torch.empty(K, B, B, dtype=dtype, device=rows.device)
+    # ‖AᵀA‖_F = ‖AAᵀ‖_F: each block's scale from the small n×n Gram, in float64
+    gram_norm = frobenius_norms(torch.bmm(rows.double(), rows.double().mT)) / num_samples
     u_low = unit_roundoff(dtype)
     high = ERROR_CONSTANT * u_low * (gram_norm + damp) / damp > rtol / SAFETY
     high &= u_low > unit_roundoff(torch.float64)
-    by_formula = lengths > n
+    by_formula = torch.tensor(list(lengths), device=rows.device) > n
     stats: list[dict[str, Any]] = []
 
     def formula_slice(ids: Tensor, work: torch.dtype) -> Callable[[int, int], None]:
         def run(s: int, e: int) -> None:
             idx = ids[s:e]
-            a = padded[:, idx].transpose(0, 1).to(work)  # (k, N, B)
+            a = rows[idx].to(work)  # (k, n, B)
             eye_n = torch.eye(n, dtype=work, device=a.device)
-            chol, info = torch.linalg.cholesky_ex(torch.bmm(a, a.mT) + (n * damp) * eye_n)
+            chol, info = torch.linalg.cholesky_ex(torch.bmm(a, a.mT) + (num_samples * damp) * eye_n)
             inv = (torch.eye(B, dtype=work, device=a.device) - torch.bmm(a.mT, torch.cholesky_solve(a, chol))) / damp
             perturbation = ERROR_CONSTANT * unit_roundoff(work) * math.sqrt(n + 1) * (gram_norm[idx] + damp)
-            estimate = perturbation / damp  # λ_min(F) = λ exactly here (N < r)
+            estimate = perturbation / damp  # λ_min(F) = λ exactly here (n < r)
             jitters: list[float] = []
+            retried = 0
             for pos in ((info != 0) | (estimate > rtol)).nonzero().squeeze(1).tolist():
-                g = padded[:, int(idx[pos])].double()
-                f64 = g.mT @ g / n + damp * torch.eye(B, dtype=torch.float64, device=g.device)
+                g = rows[int(idx[pos])].double()
+                f64 = g.mT @ g / num_samples + damp * torch.eye(B, dtype=torch.float64, device=g.device)
                 jitter, inv64 = jittered_inverse(f64, damp, float(perturbation[pos]), rtol)
                 inv[pos] = inv64.to(work)
                 estimate[pos] = float(perturbation[pos]) / (damp + jitter)
-                jitters.append(jitter / damp)
+                if jitter > 0:
+                    jitters.append(jitter / damp)
+                else:
+                    retried += 1
             out[idx] = inv.to(dtype)
-            stats.append({"retried": 0, "jittered": sum(j > 0 for j in jitters),
-                          "max_jitter": max(jitters, default=0.0), "max_error": float(estimate.max())})
+            stats.append({"retried": retried, "jittered": len(jitters), "max_jitter": max(jitters, default=0.0),
+                          "max_error": float(estimate.max())})
         return run
 
     def gram_slice(ids: Tensor, work: torch.dtype) -> Callable[[int, int], None]:
         def run(s: int, e: int) -> None:
             idx = ids[s:e]
-            a = padded[:, idx].transpose(0, 1).to(work)
-            mats = torch.bmm(a.mT, a).div_(n)
+            a = rows[idx].to(work)
+            mats = torch.bmm(a.mT, a).div_(num_samples)
             mats.diagonal(dim1=-2, dim2=-1).add_(damp)
-            u = unit_roundoff(work)
-            perturbation = ERROR_CONSTANT * u * (math.sqrt(2) * gram_norm[idx] + damp)
+            perturbation = ERROR_CONSTANT * unit_roundoff(work) * (math.sqrt(2) * gram_norm[idx] + damp)
             stats.append(invert_checked_(mats, damp, perturbation, rtol))
             out[idx] = mats.to(dtype)
         return run
 
-    ids = torch.arange(K, device=grads.device)
+    ids = torch.arange(K, device=rows.device)
     for kind, make in ((by_formula, formula_slice), (~by_formula, gram_slice)):
         for group, work in ((kind & ~high, dtype), (kind & high, torch.float64)):
             members = ids[group]
@@ -694,7 +719,7 @@ def low_rank_inverse(
         max_error_estimate=max((s["max_error"] for s in stats), default=0.0), working_dtype=_dtype_name(dtype),
         route="lowrank",
     )
-    return BlockFisherInverse(layout, out, damp, n, health=health)
+    return out, health
 
 
 class DiagonalAccumulator(_StatisticsMixin):

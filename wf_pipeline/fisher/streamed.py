@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from wf_pipeline.fisher.conditioning import DEFAULT_RTOL, InverseHealth
 from wf_pipeline.fisher.gradients import (
     GradientStats,
     SampleStream,
@@ -32,11 +33,9 @@ from wf_pipeline.fisher.gradients import (
     sample_model_labels,
     unwrap_model,
 )
-from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout
-from wf_pipeline.fisher.parallel import map_slices
+from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout, low_rank_block_inverses
 from wf_pipeline.fisher.plan import (
     LOWRANK_SLICE_BLOCKS,
-    SLICE_BLOCKS,
     BlockGroup,
     FisherPlan,
     PlanInputs,
@@ -76,25 +75,15 @@ def sub_layout(layout: BlockLayout, start: int, stop: int) -> tuple[BlockLayout,
     return BlockLayout(sizes, B), f0, f1
 
 
-def low_rank_blocks(rows: Tensor, damp: float, num_samples: int) -> Tensor:
+def low_rank_blocks(rows: Tensor, damp: float, num_samples: int, rtol: float = DEFAULT_RTOL,
+                    lengths: list[int] | None = None) -> Tensor:
     """``(1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per block from block-major rows ``A: (k, n, B)``, in fp64.
 
-    The Fisher is ``λI + AᵀA/N`` with ``N = num_samples``. Solved in fp64 because ``I − AᵀX`` cancels
-    to ``~Nλ/|g|²`` in the gradients' directions. Slices run one thread each (see fisher.parallel).
+    The Fisher is ``λI + AᵀA/N`` with ``N = num_samples``; checked and repaired like every inverse route
+    (:func:`~wf_pipeline.fisher.inverse.low_rank_block_inverses`, which also returns the health).
     """
-    k, n, B = rows.shape
-    out = torch.empty(k, B, B, dtype=torch.float64, device=rows.device)
-    eye_n = torch.eye(n, dtype=torch.float64, device=rows.device)
-    eye_b = torch.eye(B, dtype=torch.float64, device=rows.device)
-
-    def form(s: int, e: int) -> None:
-        a = rows[s:e].to(torch.float64)
-        small = torch.bmm(a, a.mT) + (num_samples * damp) * eye_n
-        x = torch.cholesky_solve(a, torch.linalg.cholesky(small))
-        out[s:e] = (eye_b - torch.bmm(a.mT, x)) / damp
-
-    map_slices(form, k, SLICE_BLOCKS)
-    return out
+    k, _, B = rows.shape
+    return low_rank_block_inverses(rows, lengths or [B] * k, damp, num_samples, torch.float64, rtol)[0]
 
 
 # ===================================================================== group statistics
@@ -110,6 +99,7 @@ class FisherJob:
     block_size: int
     damp: float
     stat_dtype: torch.dtype  # Gram precision (after promotion)
+    rtol: float = DEFAULT_RTOL  # accuracy each inverse block is held to (blocks beyond it go to float64)
     grad_batch_size: int = 1
     fisher_type: str = "empirical"
     loss_fn: LossFn = F.cross_entropy
@@ -129,10 +119,11 @@ class _GroupStats:
     """One group's inverse: in-place inverted Gram blocks, or gradient rows formed into blocks on demand."""
 
     def __init__(self, layout: BlockLayout, damp: float, num_samples: int, blocks: Tensor | None = None,
-                 rows: Tensor | None = None) -> None:
-        self.layout, self.damp, self.num_samples = layout, damp, num_samples
+                 rows: Tensor | None = None, rtol: float = DEFAULT_RTOL) -> None:
+        self.layout, self.damp, self.num_samples, self.rtol = layout, damp, num_samples, rtol
         self.blocks, self.rows = blocks, rows
         self.repaired_blocks = 0
+        self.health: InverseHealth | None = None  # Gram blocks: how they were inverted
 
     @property
     def payload(self) -> Tensor:
@@ -141,14 +132,17 @@ class _GroupStats:
     def slices(self) -> Iterator[tuple[int, int, BlockFisherInverse]]:
         """``(f0, f1, inverse)`` over consecutive block slices (the whole group for Gram blocks)."""
         if self.blocks is not None:
-            yield 0, self.layout.dim, BlockFisherInverse(self.layout, self.blocks, self.damp, self.num_samples)
+            yield 0, self.layout.dim, BlockFisherInverse(self.layout, self.blocks, self.damp, self.num_samples,
+                                                         health=self.health)
             return
         assert self.rows is not None
         for s in range(0, self.layout.num_blocks, LOWRANK_SLICE_BLOCKS):
             e = min(s + LOWRANK_SLICE_BLOCKS, self.layout.num_blocks)
             layout, f0, f1 = sub_layout(self.layout, s, e)
-            yield f0, f1, BlockFisherInverse(layout, low_rank_blocks(self.rows[s:e], self.damp, self.num_samples),
-                                             self.damp, self.num_samples)
+            lengths = [layout.block_length(i) for i in range(layout.num_blocks)]
+            blocks, health = low_rank_block_inverses(self.rows[s:e], lengths, self.damp, self.num_samples,
+                                                     torch.float64, self.rtol, layout=layout)
+            yield f0, f1, BlockFisherInverse(layout, blocks, self.damp, self.num_samples, health=health)
 
 
 class GroupedInverse:
@@ -168,6 +162,7 @@ class GroupedInverse:
             self.newton = torch.empty(layout.dim, dtype=self.dtype, device=device)
         self.num_samples = 0
         self.repaired_blocks = 0
+        self.health: InverseHealth | None = None  # every group's inverse, merged (promotions, repairs)
         self._kept: _GroupStats | None = None
         self._spilled: dict[int, tuple[Path, torch.Size, torch.dtype, BlockLayout]] = {}
         # Spill files go even if the step fails between collection and update.
@@ -183,8 +178,8 @@ class GroupedInverse:
             payload = _read_tensor(path, shape, dtype, self.layout_device)
             self.job.add_time("spill", time.perf_counter() - t0)
             if self.plan.representation == "gram":
-                return _GroupStats(layout, self.job.damp, self.num_samples, blocks=payload)
-            return _GroupStats(layout, self.job.damp, self.num_samples, rows=payload)
+                return _GroupStats(layout, self.job.damp, self.num_samples, blocks=payload, rtol=self.job.rtol)
+            return _GroupStats(layout, self.job.damp, self.num_samples, rows=payload, rtol=self.job.rtol)
         stats, _ = self.source.group_stats(group, with_mean=False)
         return stats
 
@@ -193,8 +188,10 @@ class GroupedInverse:
         return next(iter(self.job.params.values())).device
 
     def obs_update(self, weights: Tensor, pruned: Tensor, update: str = "joint",
-                   use_grad_mean: bool = False) -> tuple[Tensor, float | None]:
-        """:func:`~wf_pipeline.pruning.obs.obs_update` group by group (it is block-local): same result."""
+                   use_grad_mean: bool = False, newton_scale: Tensor | None = None) -> tuple[Tensor, float | None]:
+        """:func:`~wf_pipeline.pruning.obs.obs_update` group by group (it is block-local): same result.
+
+        `newton_scale` (per weight) caps WoodTaylor's Newton step as in the in-memory step."""
         from wf_pipeline.pruning.obs import obs_update  # pruning imports this module: import when used
 
         out = torch.empty_like(weights)
@@ -209,7 +206,9 @@ class GroupedInverse:
             for f0, f1, inverse in stats.slices():
                 lo, hi = g0 + f0, g0 + f1
                 mean = self.grad_mean[lo:hi] if use_grad_mean and self.grad_mean is not None else None
-                new, part = obs_update(inverse, weights[lo:hi], pruned[lo:hi], update=update, grad_mean=mean)
+                scale = None if newton_scale is None or mean is None else newton_scale[lo:hi]
+                new, part = obs_update(inverse, weights[lo:hi], pruned[lo:hi], update=update, grad_mean=mean,
+                                       newton_scale=scale)
                 out[lo:hi] = new
                 predicted = None if predicted is None or part is None else predicted + part
             del stats
@@ -405,7 +404,8 @@ class _GroupSource:
         layout, _, _ = sub_layout(self.layout, group.start, group.stop)
         gram = self.plan.representation == "gram"
         device = next(iter(params.values())).device
-        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp) if gram else None
+        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol) \
+            if gram else None
         grad_dtype = next(iter(params.values())).dtype
         rows = None if gram else torch.empty(count, job.num_grads, B, dtype=grad_dtype, device=device)
         grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
@@ -450,13 +450,14 @@ class _GroupSource:
             num_samples = acc.num_samples
             mean = acc.mean_gradient() if with_mean else None
             inverse = acc.inverse(job.damp)
-            stats = _GroupStats(layout, job.damp, num_samples, blocks=inverse.blocks)
+            stats = _GroupStats(layout, job.damp, num_samples, blocks=inverse.blocks, rtol=job.rtol)
             stats.repaired_blocks = inverse.repaired_blocks
+            stats.health = inverse.health
         else:
             assert rows is not None
             num_samples = offset
             mean = layout.unpad(grad_sum / num_samples) if grad_sum is not None else None
-            stats = _GroupStats(layout, job.damp, num_samples, rows=rows)
+            stats = _GroupStats(layout, job.damp, num_samples, rows=rows, rtol=job.rtol)
         job.add_time("inverse", time.perf_counter() - t0)
         return stats, mean
 
@@ -491,6 +492,7 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
             t0 = time.perf_counter()
             _, g0, _ = sub_layout(layout, group.start, group.stop)
             for f0, f1, inverse in stats.slices():
+                result.health = inverse.health if result.health is None else result.health.merge(inverse.health)
                 result.diag[g0 + f0 : g0 + f1] = inverse.diag()
                 if mean is not None and result.grad_mean is not None and result.newton is not None:
                     part = mean[f0:f1].to(result.dtype)

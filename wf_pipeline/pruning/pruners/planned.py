@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from wf_pipeline.errors import WFError
+from wf_pipeline.fisher.conditioning import record_health
 from wf_pipeline.fisher.plan import FisherPlan, default_budget_bytes
 from wf_pipeline.fisher.streamed import FisherJob, GroupedInverse, collect_grouped_inverse, plan_fisher_step
 from wf_pipeline.pruning.pruners.base import PruneView, StepContext
@@ -36,6 +37,7 @@ def make_job(view: PruneView, ctx: StepContext, settings: PruneSettings, stat_dt
     return FisherJob(
         model=ctx.model, params=view.params, masks=view.masks.masks, batches=ctx.batches,
         num_grads=settings.num_grads, block_size=settings.block_size, damp=settings.damp, stat_dtype=stat_dtype,
+        rtol=settings.inverse_rtol,
         grad_batch_size=settings.grad_batch_size, fisher_type=settings.fisher_type, loss_fn=ctx.loss_fn,
         generator=ctx.generator, progress=ctx.progress, reduce_fn=ctx.reduce_fn, nonfinite=settings.nonfinite,
     )
@@ -80,5 +82,6 @@ def collect_streamed(job: FisherJob, plan: FisherPlan, ctx: StepContext, *, with
     if job.skipped:
         ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + job.skipped
     ctx.extra["fisher_dtype"] = str(grouped.dtype).replace("torch.", "")
-    ctx.extra["repaired_blocks"] = ctx.extra.get("repaired_blocks", 0) + grouped.repaired_blocks
+    if grouped.health is not None:  # promotions and repairs: counts, jitter, warning lines
+        record_health(ctx.extra, grouped.health)
     return grouped

@@ -43,6 +43,7 @@ class StreamedFisherStats:
 
     grouped: GroupedInverse
     ctx: StepContext  # the update's revisits book their time here
+    newton_scale: Tensor | None = None  # WoodTaylor: per-weight η capping the Newton step (see obs.py)
 
 
 Stats = InverseFisherStats | StreamedFisherStats
@@ -78,7 +79,14 @@ class WoodFisherPruner(FlatPruner[Stats]):
                     f"({plan.summary()})",
                     hint="use route: fast (the same inverse, streamed through the budget) or raise memory_budget_gb",
                 )
-            return StreamedFisherStats(collect_streamed(job, plan, ctx, with_grad_mean=self.uses_gradient_mean), ctx)
+            grouped = collect_streamed(job, plan, ctx, with_grad_mean=self.uses_gradient_mean)
+            if grouped.health is not None:
+                grouped.health.require(settings.max_repair_jitter)
+            streamed_scale = None
+            if grouped.newton is not None:
+                streamed_scale = newton_step_scale(grouped.newton, view.flat_weights(grouped.dtype), view.sizes,
+                                                   settings.newton_step_cap)
+            return StreamedFisherStats(grouped, ctx, streamed_scale)
         acc: BlockGramAccumulator | WoodburyAccumulator
         if woodbury:  # the recursion is unstable in float32: always run it in float64
             acc = WoodburyAccumulator(layout, settings.damp, total, dtype=dtype, device=view.device,
@@ -115,7 +123,8 @@ class WoodFisherPruner(FlatPruner[Stats]):
             with grouped, booked(grouped.job, stats.ctx, outside_obs=True):
                 updated, predicted = grouped.obs_update(view.flat_weights(grouped.dtype), pruned,
                                                         update=self.settings.update,
-                                                        use_grad_mean=self.uses_gradient_mean)
+                                                        use_grad_mean=self.uses_gradient_mean,
+                                                        newton_scale=stats.newton_scale)
             view.write_back(~pruned, updated)
             return Update(predicted_loss_increase=predicted)
         weights = view.flat_weights(stats.inverse.blocks.dtype)
@@ -134,8 +143,9 @@ class WoodTaylorPruner(WoodFisherPruner):
     def score(self, view: PruneView, stats: Stats) -> Tensor:
         if isinstance(stats, StreamedFisherStats):
             grouped = stats.grouped
-            assert grouped.newton is not None
-            return woodtaylor_scores(view.flat_weights(grouped.dtype), grouped.diag, grouped.newton)
+            assert grouped.newton is not None and stats.newton_scale is not None
+            newton = grouped.newton * stats.newton_scale
+            return woodtaylor_scores(view.flat_weights(grouped.dtype), grouped.diag, newton)
         assert stats.grad_mean is not None and stats.newton_scale is not None
         inverse = stats.inverse
         weights = view.flat_weights(inverse.blocks.dtype)
