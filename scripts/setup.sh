@@ -16,11 +16,12 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 # The interpreter itself, not a shim (pyenv), so both environments point at the same one.
 PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)")
 
-# Dependency pins: the project's dependencies plus its test extra, straight from pyproject.toml.
+# Dependency pins: the project's dependencies plus its test and research extras, straight from pyproject.toml.
 deps=$("$PYTHON" - <<'PY'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project.get("optional-dependencies", {}).get("test", [])))
+extras = project.get("optional-dependencies", {})
+print("\n".join(project["dependencies"] + extras.get("test", []) + extras.get("research", [])))
 PY
 )
 key=$( (echo "dependencies-only v2"; echo "$deps"; "$PYTHON" --version) | sha256sum | cut -c1-16)
@@ -43,7 +44,7 @@ build_dependencies() {
         echo "[setup] dependency install failed (full log: $log)" >&2
         exit 1
     fi
-    "$deps_venv/bin/python" -c "import torch, torchvision, onnx, onnxruntime, typer, pydantic, yaml, rich, matplotlib, sklearn, pytest" \
+    "$deps_venv/bin/python" -c "import torch, torchvision, onnx, onnxruntime, typer, pydantic, yaml, rich, matplotlib, sklearn, pytest, curvlinops" \
         || { echo "[setup] dependency install failed: an import does not work" >&2; exit 1; }
     touch "$deps_venv/.complete"
 }

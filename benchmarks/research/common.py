@@ -1,0 +1,94 @@
+"""Shared plumbing of the research studies: output folder, markdown tables, plots, the JSON last line.
+
+Every study writes ``<out>/<name>.md`` (the table), ``<out>/<name>.png`` (the plot) and
+``<out>/<name>.json`` (every figure), and prints the table then one JSON object as its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # scripts run as `python benchmarks/research/x.py`
+    sys.path.insert(0, str(REPO))
+
+import wf_pipeline  # noqa: E402,F401  - first: it sets OMP_WAIT_POLICY before torch loads
+
+DEFAULT_OUT = REPO / "results"
+
+
+def study_parser(doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small version for CI (seconds to a minute)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the table, plot and JSON")
+    return parser
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pct(value: float, digits: int = 2) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.{digits}f}%"
+
+
+def pm(values: Sequence[float], digits: int = 2) -> str:
+    """Accuracy cell: ``mean ± std`` in percent (just the mean for one value)."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    if len(values) == 1:
+        return f"{100 * mean:.{digits}f}"
+    return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "load_1min": load, "platform": platform.platform(), "python": platform.python_version()}
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)):  # -> (Figure, axes)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+
+
+def save_outputs(out: Path, name: str, markdown: str, payload: dict[str, Any], figure: Any, started: float) -> None:
+    """Write table, plot and JSON atomically, print the table and the JSON last line."""
+    import matplotlib.pyplot as plt
+
+    from wf_pipeline.atomic_io import atomic_path, write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"study": name, **payload, "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
+    write_text(out / f"{name}.md", markdown)
+    write_json(out / f"{name}.json", payload)
+    with atomic_path(out / f"{name}.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    print(markdown)
+    print(json.dumps(payload, default=float))
