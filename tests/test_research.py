@@ -96,3 +96,150 @@ def test_obs_removals_match_the_constrained_minimum() -> None:
         expected, loss = constrained_minimum(hessian, w, one)
         torch.testing.assert_close(row, expected)
         assert float(hq.obs_statistic(w, inverse)[q]) == pytest.approx(loss, rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- K-FAC pruning
+def tiny_cnn() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+
+def cnn_batches(n: int = 24):  # -> factory of (x, y) mini-batches
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(n, 1, 5, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    return lambda: [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
+
+
+def test_kronecker_inverse_diag_and_products_match_the_explicit_inverse() -> None:
+    from wf_pipeline.pruning.kfac import KroneckerEigen
+
+    g, a, damp = random_spd(3, 5), random_spd(4, 6), 0.3
+    eigen = KroneckerEigen.from_factors(g, a)
+    inverse = torch.linalg.inv(torch.kron(g, a) + damp * torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(eigen.inverse_diag(damp).reshape(-1), inverse.diagonal())
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(eigen.inverse_matmul(x, damp).reshape(-1), inverse @ x.reshape(-1))
+
+
+def test_kfac_factors_reproduce_curvlinops_operator() -> None:
+    """Our eigendecomposed factors, in our flat (row-major) order, are the library's K-FAC matrix."""
+    cl = pytest.importorskip("curvlinops")
+    from wf_pipeline.pruning.kfac import kfac_factors
+
+    model = tiny_cnn().eval()
+    params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    data = cnn_batches()()
+    factors = kfac_factors(model, params, data, "empirical")
+    op = cl.KFACLinearOperator(model, nn.CrossEntropyLoss(), list(params.values()), data, fisher_type="empirical",
+                               check_deterministic=False)
+    dense = op @ torch.eye(sum(p.numel() for p in params.values()))
+    offset = 0
+    for name, p in params.items():
+        n = p.numel()
+        torch.testing.assert_close(factors[name].dense().float(), dense[offset : offset + n, offset : offset + n],
+                                   rtol=1e-4, atol=1e-6)
+        offset += n
+
+
+def test_kfac_update_is_the_obs_update_of_the_kfac_matrix() -> None:
+    from wf_pipeline.pruning.kfac import KroneckerEigen, kfac_independent_update
+
+    weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))
+    eigen, damp = KroneckerEigen.from_factors(random_spd(3, 9), random_spd(4, 10)), 0.2
+    inverse = torch.linalg.inv(eigen.dense() + damp * torch.eye(12, dtype=torch.float64))
+    w = weight.detach().reshape(-1)
+    for q in (0, 5, 11):
+        pruned = torch.zeros(12, dtype=torch.bool)
+        pruned[q] = True
+        new, predicted = kfac_independent_update({"w": weight}, {"w": eigen}, pruned, damp)
+        expected = w - w[q] / inverse[q, q] * inverse[:, q]
+        expected[q] = 0.0
+        torch.testing.assert_close(new, expected)
+        assert predicted == pytest.approx(float(w[q] ** 2 / (2 * inverse[q, q])), rel=1e-10)
+
+
+def test_kfac_pruner_through_prune_step() -> None:
+    pytest.importorskip("curvlinops")
+    from wf_pipeline.pruning import MaskSet
+    from wf_pipeline.pruning.settings import PruneSettings
+    from wf_pipeline.pruning.step import prune_step
+
+    model = tiny_cnn()
+    params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    masks = MaskSet.dense(params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    report = prune_step(model, params, masks, 0.6, PruneSettings("kfac", num_grads=24, damp=1e-3), cnn_batches())
+    assert report.achieved_sparsity == pytest.approx(0.6, abs=1e-2) and report.method == "kfac"
+    for name, p in params.items():
+        assert torch.all(p[~masks.masks[name]] == 0)
+    kept_changed = any(not torch.equal(p[masks.masks[n]], before[n][masks.masks[n]]) for n, p in params.items())
+    assert kept_changed, "the OBS update moves the surviving weights"
+    assert report.predicted_loss_increase is not None and report.predicted_loss_increase > 0
+
+
+def test_kfac_without_curvlinops_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wf_pipeline.errors import WFError
+    from wf_pipeline.pruning.pruners.registry import build_pruner
+    from wf_pipeline.pruning.settings import PruneSettings
+
+    monkeypatch.setitem(sys.modules, "curvlinops", None)  # import curvlinops -> ImportError
+    with pytest.raises(WFError) as info:
+        build_pruner(PruneSettings("kfac"))
+    assert "curvlinops" in str(info.value) and "research" in info.value.hint
+
+
+# ----------------------------------------------------------------------------- the one-shot studies' shortcut
+def test_oneshot_core_matches_prune_step() -> None:
+    """The studies compute statistics once per Fisher draw; the pruned weights equal prune_step's."""
+    from benchmarks.research.oneshot_core import Selection, Statistics, collect_statistics, prune_copy
+    from wf_pipeline.pruning import MaskSet
+    from wf_pipeline.pruning.settings import PruneSettings
+    from wf_pipeline.pruning.step import prune_step
+
+    model, batches = tiny_cnn(), cnn_batches()
+    selection = Selection()
+    stats = collect_statistics(model, selection, batches, num_grads=24, block_size=16, damp=1e-3)
+    for method in ("woodfisher", "woodtaylor", "diag_fisher", "magnitude_uniform"):
+        ours, _ = prune_copy(model, method, stats, 0.5, selection, damp=1e-3)
+        reference = tiny_cnn()
+        params = selection.params(reference)
+        prune_step(reference, params, MaskSet.dense(params), 0.5,
+                   PruneSettings(method, num_grads=24, block_size=16, damp=1e-3), batches)
+        for (name, p), q in zip(params.items(), selection.params(ours).values()):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
+    assert isinstance(stats, Statistics)
+
+
+def test_hand_tuned_counts_keep_first_and_last_dense_and_meet_the_total() -> None:
+    from benchmarks.research.rq4_layerwise import hand_tuned_counts
+
+    sizes = [144, 2304, 2304, 9216, 640]
+    counts = hand_tuned_counts(["a", "b", "c", "d", "e"], sizes, 0.8)
+    assert counts[0] == counts[-1] == 0 and sum(counts) == round(0.8 * sum(sizes))
+    assert all(c <= n for c, n in zip(counts, sizes))
+
+
+# ----------------------------------------------------------------------------- the whole pipeline, quick
+def test_run_all_quick_produces_every_table_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("curvlinops")
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nbefore\n<!-- results:begin -->\nold block\n<!-- results:end -->\nafter\n")
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(out),
+                           "--readme", str(readme)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["benchmark"] == "run_all" and set(summary["studies"]) == {"rq1", "rq2", "rq3", "rq4", "rq5"}
+    for name in ("rq1_hessian_quality", "rq2_oneshot", "rq3_gradual", "rq4_layerwise", "rq5_limited_data"):
+        for ext in (".md", ".json"):
+            assert (out / f"{name}{ext}").stat().st_size > 0, name + ext
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert json.loads((out / f"{name}.json").read_text())["quick"] is True
+    text = readme.read_text()
+    assert "old block" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("after\n")
+    for rq in ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5"):
+        assert f"#### {rq}:" in text
+    assert text.count("**Paper's claim:**") == 5 and "QUICK RUN" in text
+    assert (out / "research.md").read_text().strip() in text

@@ -16,7 +16,11 @@ from wf_pipeline.models.mobilenet_v1 import mobilenetv1
 from wf_pipeline.recipe.schema import ModelConfig
 
 _PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
-BUILTIN_CHECKPOINTS = {"resnet20-fmnist": _PRETRAINED_DIR / "resnet20_fmnist.pt"}
+BUILTIN_CHECKPOINTS = {
+    "resnet20-fmnist": _PRETRAINED_DIR / "resnet20_fmnist.pt",
+    # model: {name: mobilenetv1, kwargs: {width_mult: 0.25, small_input: true}} (recipes/train_mobilenetv1_fmnist.yaml)
+    "mobilenetv1-fmnist": _PRETRAINED_DIR / "mobilenetv1_fmnist.pt",
+}
 DEFAULT_CHECKPOINT = "builtin:resnet20-fmnist"
 
 _BUILTIN_FACTORIES: dict[str, Callable[..., nn.Module]] = {

@@ -350,7 +350,8 @@ class WoodFisherConfig(Strict):
 
 
 class PruningConfig(Strict):
-    method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "none"] = (
+    # kfac: K-FAC-based OBS, a research baseline that needs the optional `research` extra (curvlinops).
+    method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac", "none"] = (
         "woodfisher"
     )
     structure: Literal["unstructured", "channel"] = Field(

@@ -1,0 +1,190 @@
+"""One-shot pruning for the studies: one Fisher draw, every method and sparsity.
+
+In one-shot pruning of a dense model every gradient-based method's statistics depend only on the model
+and the Fisher sample, not on the target sparsity. So one pass of N per-sample gradients gives the
+block Gram (WoodFisher's inverse and WoodTaylor's mean gradient) and its diagonal (the diagonal Fisher);
+one curvlinops pass over the same N samples gives the K-FAC factors. Each (method, sparsity) then
+prunes a fresh copy of the model with the product's own functions (``obs_scores``, ``woodtaylor_scores``,
+``diag_fisher_scores``, ``choose_pruned``, ``obs_update``), exactly as ``prune_step`` does with
+``recompute_steps: 1`` (tests/test_research.py checks that they agree) but without recomputing the
+gradients for every point of the sweep.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from wf_pipeline.data import DataBundle
+from wf_pipeline.data.loaders import TensorBatches
+from wf_pipeline.fisher.gradients import iter_gradient_chunks
+from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout, accumulation_dtype
+from wf_pipeline.oneshot import recalibrate_batchnorm
+from wf_pipeline.pruning.obs import diag_fisher_scores, obs_scores, obs_update, woodtaylor_scores
+from wf_pipeline.pruning.ranking import choose_pruned
+from wf_pipeline.pruning.selection import select_prunable
+from wf_pipeline.training import evaluate
+
+LABELS = {
+    "woodfisher": "WoodFisher",
+    "woodtaylor": "WoodTaylor",
+    "kfac": "K-FAC OBS",
+    "diag_fisher": "diagonal Fisher",
+    "magnitude": "global magnitude",
+    "magnitude_uniform": "uniform magnitude",
+}
+DATA_FREE = ("magnitude", "magnitude_uniform")
+Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+
+
+@dataclass
+class Selection:
+    """Which weights are pruned: regexes as in a recipe's ``pruning`` section."""
+
+    layers: Sequence[str] = (r".*",)
+    skip: Sequence[str] = ()
+
+    def params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return select_prunable(model, list(self.layers), list(self.skip), 0)
+
+
+@dataclass
+class Statistics:
+    """What one Fisher draw of N samples gives every gradient-based method."""
+
+    inverse: BlockFisherInverse | None = None
+    grad_mean: Tensor | None = None
+    fisher_diag: Tensor | None = None
+    kfac: dict | None = None
+    num_grads: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def fisher_draw(data: DataBundle, seed: int, batch_size: int = 100) -> Batches:
+    """The Fisher pool in an order drawn by `seed` (the seed of a study = which samples the Fisher sees)."""
+    pool = data.fisher_split
+    assert pool is not None and data.preprocess is not None
+
+    def make() -> Iterable[tuple[Tensor, Tensor]]:
+        return TensorBatches(pool.images, pool.labels, data.preprocess, batch_size, shuffle=True, seed=seed, epoch=0)  # type: ignore[arg-type]
+
+    return make
+
+
+def collect_statistics(model: nn.Module, selection: Selection, batches: Batches, *, num_grads: int,
+                       block_size: int = 128, damp: float = 1e-5, kfac: bool = False) -> Statistics:
+    """One pass of `num_grads` per-sample gradients (+ one K-FAC pass over the same samples if asked)."""
+    params = selection.params(model)
+    layout = BlockLayout([p.numel() for p in params.values()], block_size)
+    stats = Statistics(num_grads=num_grads)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    acc = BlockGramAccumulator(layout, dtype=accumulation_dtype(num_grads, block_size, torch.float32))
+    for chunk in iter_gradient_chunks(model, params, batches, num_grads=num_grads, chunk_size=100, layout=layout):
+        acc.add_blocked(chunk)
+    stats.grad_mean = acc.mean_gradient()
+    stats.fisher_diag = damp + layout.unpad(acc.gram.diagonal(dim1=-2, dim2=-1)) / acc.num_samples
+    stats.inverse = acc.inverse(damp)
+    stats.seconds["woodfisher_statistics"] = time.perf_counter() - t0
+    if kfac:
+        from wf_pipeline.pruning.kfac import kfac_factors, take_samples
+
+        t0 = time.perf_counter()
+        stats.kfac = kfac_factors(model, params, take_samples(batches, num_grads, torch.device("cpu")), "empirical")
+        stats.seconds["kfac_factors"] = time.perf_counter() - t0
+    model.train(was_training)
+    return stats
+
+
+def choose_by_counts(scores: Tensor, sizes: Sequence[int], counts: Sequence[int]) -> Tensor:
+    """Prune the `counts[i]` lowest-scored weights of layer i (a hand-set per-layer sparsity)."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    offset = 0
+    for size, count in zip(sizes, counts):
+        if count > 0:
+            order = torch.argsort(scores[offset : offset + size].double(), stable=True)[:count]
+            chosen[offset + order] = True
+        offset += size
+    return chosen
+
+
+@torch.no_grad()
+def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity: float, selection: Selection,
+               *, damp: float = 1e-5, ranking: str = "global", counts: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
+    """A pruned copy of `model` (pruned weights exactly zero) and what the step did.
+
+    `counts` (weights to prune per selected layer) overrides `sparsity`/`ranking` (hand-set sparsities).
+    """
+    pruned_model = copy.deepcopy(model)
+    params = selection.params(pruned_model)
+    sizes = [p.numel() for p in params.values()]
+    kept = torch.ones(sum(sizes), dtype=torch.bool)
+    weights = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    if method == "magnitude_uniform":
+        ranking = "uniform"
+    predicted: float | None = None
+
+    if method in DATA_FREE:
+        scores = weights.abs()
+    else:
+        assert stats is not None
+        if method == "kfac":
+            from wf_pipeline.pruning.kfac import kfac_scores
+
+            assert stats.kfac is not None, "K-FAC factors were not collected"
+            scores = kfac_scores(params, stats.kfac, damp)
+        elif method == "diag_fisher":
+            assert stats.fisher_diag is not None
+            scores = diag_fisher_scores(weights.to(stats.fisher_diag.dtype), stats.fisher_diag)
+        else:
+            assert stats.inverse is not None and stats.grad_mean is not None
+            dtype = stats.inverse.blocks.dtype
+            if method == "woodtaylor":
+                newton = stats.inverse.matvec(stats.grad_mean.to(dtype))
+                scores = woodtaylor_scores(weights.to(dtype), stats.inverse.diag(), newton)
+            else:
+                scores = obs_scores(weights.to(dtype), stats.inverse.diag())
+    new = choose_by_counts(scores, sizes, counts) if counts is not None else choose_pruned(scores, kept, sizes, sparsity, ranking)
+    pruned = new
+
+    if method in ("woodfisher", "woodtaylor"):
+        assert stats is not None and stats.inverse is not None
+        dtype = stats.inverse.blocks.dtype
+        grad_mean = stats.grad_mean.to(dtype) if method == "woodtaylor" and stats.grad_mean is not None else None
+        updated, predicted = obs_update(stats.inverse, weights.to(dtype), pruned, update="joint", grad_mean=grad_mean)
+    elif method == "kfac":
+        from wf_pipeline.pruning.kfac import kfac_independent_update
+
+        assert stats is not None and stats.kfac is not None
+        updated, predicted = kfac_independent_update(params, stats.kfac, pruned, damp)
+    else:
+        updated = weights.masked_fill(pruned, 0)
+        if method == "diag_fisher":
+            predicted = float(scores[pruned].sum())
+    offset = 0
+    per_layer = {}
+    for (name, param), size in zip(params.items(), sizes):
+        mask = pruned[offset : offset + size].view_as(param)
+        param.copy_(updated[offset : offset + size].view_as(param).to(param.dtype))
+        param.masked_fill_(mask, 0)
+        per_layer[name] = float(mask.double().mean())
+        offset += size
+    achieved = float(pruned.double().mean())
+    return pruned_model, {"achieved_sparsity": achieved, "per_layer_sparsity": per_layer, "predicted_loss_increase": predicted}
+
+
+def accuracy_with_and_without_bn(model: nn.Module, data: DataBundle, recalibrate_batches: int) -> tuple[float, float | None]:
+    """Test accuracy as pruned, and after re-estimating BatchNorm statistics (None if the model has no BN)."""
+    device = torch.device("cpu")
+    plain, _ = evaluate(model, data.test_batches(), device)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return plain, None
+    recalibrate_batchnorm(model, data.train_batches(0), device, max_batches=recalibrate_batches)
+    model.eval()
+    recalibrated, _ = evaluate(model, data.test_batches(), device)
+    return plain, recalibrated
