@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -84,7 +85,9 @@ def save_outputs(out: Path, name: str, markdown: str, payload: dict[str, Any], f
     from wf_pipeline.atomic_io import atomic_path, write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"study": name, **payload, "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    payload = {"study": name, **payload, "seconds": round(time.perf_counter() - started, 1),
+               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "machine": machine()}
     write_text(out / f"{name}.md", markdown)
     write_json(out / f"{name}.json", payload)
     with atomic_path(out / f"{name}.png") as tmp:

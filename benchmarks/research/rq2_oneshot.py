@@ -7,7 +7,7 @@ statistics re-estimated on training batches). Seeds are Fisher sample draws (whi
 Fisher pool the gradients see), so the data-free magnitude methods have one value per point.
 All weights of every conv/linear layer are pruned (global ranking unless stated).
 
-    python benchmarks/research/rq2_oneshot.py           # full: 6 sparsities, 3 seeds, N = 1000, 2,000 test images
+    python benchmarks/research/rq2_oneshot.py           # full: 2 models, 6 sparsities, 3 seeds, N = 1000, 1,000 test images
     python benchmarks/research/rq2_oneshot.py --quick   # ResNet-20 only, 70%, 1 seed, N = 64, 300 test images
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     if args.quick:
         models, sparsities, seeds, num_grads, test_subset, bn = ["ResNet-20"], [0.7], [0], 64, 300, 2
     else:
-        models, sparsities, seeds, num_grads, test_subset, bn = list(MODELS), [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], [0, 1, 2], 1000, 2000, 10
+        models, sparsities, seeds, num_grads, test_subset, bn = list(MODELS), [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], [0, 1, 2], 1000, 1000, 5
     results = [sweep_model(m, MODELS[m], sparsities, seeds, num_grads, test_subset, args.damp, bn) for m in models]
     markdown = (f"One-shot pruning, no fine-tuning; N = {num_grads} gradients per seed (block 128, λ = {args.damp:g}); "
                 f"seeds: {len(seeds)}; BatchNorm recalibration on {bn} training batches of 128.\n\n" + tables(results, sparsities))
