@@ -242,4 +242,5 @@ def test_run_all_quick_produces_every_table_and_plot(tmp_path: Path) -> None:
     for rq in ("RQ1", "RQ2", "RQ3", "RQ4", "RQ5"):
         assert f"#### {rq}:" in text
     assert text.count("**Paper's claim:**") == 5 and "QUICK RUN" in text
-    assert (out / "research.md").read_text().strip() in text
+    assert "](results/rq1_hessian_quality.png)" in text  # plot links relative to the README
+    assert "](./rq1_hessian_quality.png)" in (out / "research.md").read_text()
