@@ -12,9 +12,11 @@ training images (no augmentation) for the train/test gap.
 """
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,10 @@ def final_evaluation(model: torch.nn.Module, test_images: int | None, train_imag
     return evaluate(model, train, device)[0], evaluate(model, data.test_batches(), device)[0]
 
 
-def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path, eval_sizes: tuple[int | None, int]) -> dict[str, Any]:
+def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path, eval_sizes: tuple[int | None, int],
+            threads: int | None = None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
     overrides = [f"{k}={v}" for k, v in budget.items()]
     overrides += [f"pruning.method={method}", f"pruning.final_sparsity={target}", f"seed={seed}",
                   f"output.root={root}", f"output.run_name={method}-{int(target * 1000)}-{seed}"]
@@ -102,6 +107,8 @@ def plot(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, f
 
 def main() -> None:
     parser = study_parser(__doc__)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="runs in parallel, one thread each (small models use 2 cores better this way)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.quick:
@@ -109,12 +116,15 @@ def main() -> None:
     else:
         targets, seeds, budget, eval_sizes = [0.9, 0.95, 0.98], [0, 1], FULL, (None, 5000)
     dense = final_evaluation(build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model), *eval_sizes)
-    rows = []
+    jobs = [(method, target, seed) for target in targets for seed in seeds for method in METHODS]
     with tempfile.TemporaryDirectory(prefix="wf-rq3-") as tmp:
-        for target in targets:
-            for seed in seeds:
-                for method in METHODS:
-                    rows.append(run_one(method, target, seed, budget, Path(tmp), eval_sizes))
+        if args.workers > 1:
+            # spawn: fresh interpreters, no forked OpenMP state; every run is deterministic whatever the order.
+            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(run_one, m, t, s, budget, Path(tmp), eval_sizes, 1) for m, t, s in jobs]
+                rows = [f.result() for f in futures]
+        else:
+            rows = [run_one(m, t, s, budget, Path(tmp), eval_sizes) for m, t, s in jobs]
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
     note = (f"Gradual pruning with recipes/default.yaml, only the method changed; reduced budget for the studies: "
             f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps ({steps} optimizer "
