@@ -12,8 +12,10 @@ All weights of every conv/linear layer are pruned (global ranking unless stated)
 """
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,30 +40,49 @@ MODELS = {
 METHODS = ["woodfisher", "woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"]
 
 
-def sweep_model(label: str, cfg: ModelConfig, sparsities: list[float], seeds: list[int], num_grads: int,
-                test_subset: int, damp: float, bn_batches: int) -> dict[str, Any]:
+def sweep_seed(label: str, seed: int, first_seed: bool, sparsities: list[float], num_grads: int, test_subset: int,
+               damp: float, bn_batches: int, threads: int | None = None) -> dict[str, Any]:
+    """One model and one Fisher draw: every method at every sparsity (data-free methods only with the first seed)."""
+    if threads:
+        torch.set_num_threads(threads)
     data = build_data(DataConfig(dataset="fashion_mnist", augment=False, test_subset=test_subset), seed=0)
-    model = build_model(cfg).eval()
+    model = build_model(MODELS[label]).eval()
     dense, _ = evaluate(model, data.test_batches(), torch.device("cpu"))
     log(f"{label}: dense test accuracy {dense:.4f} on {len(data.test_split)} images")  # type: ignore[arg-type]
     selection = Selection()
     rows: list[dict[str, Any]] = []
-    seconds: dict[str, float] = {}
-    for seed in seeds:
-        stats = collect_statistics(model, selection, fisher_draw(data, seed), num_grads=num_grads, damp=damp, kfac=True)
-        for key, value in stats.seconds.items():
-            seconds[key] = seconds.get(key, 0.0) + value
-        for method in METHODS:
-            if method in DATA_FREE and seed != seeds[0]:
-                continue
-            for sparsity in sparsities:
-                pruned, info = prune_copy(model, method, stats, sparsity, selection, damp=damp)
-                plain, recal = accuracy_with_and_without_bn(pruned, data, bn_batches)
-                rows.append({"model": label, "method": method, "seed": seed, "sparsity": sparsity, "accuracy": plain,
-                             "accuracy_bn": recal, "achieved_sparsity": info["achieved_sparsity"]})
-                log(f"  {label} seed {seed} {method} @ {sparsity:.0%}: {plain:.4f} / BN-recalibrated {recal:.4f}")
-    return {"model": label, "dense_accuracy": dense, "rows": rows, "seconds": seconds,
+    stats = collect_statistics(model, selection, fisher_draw(data, seed), num_grads=num_grads, damp=damp, kfac=True)
+    for method in METHODS:
+        if method in DATA_FREE and not first_seed:
+            continue
+        for sparsity in sparsities:
+            pruned, info = prune_copy(model, method, stats, sparsity, selection, damp=damp)
+            plain, recal = accuracy_with_and_without_bn(pruned, data, bn_batches)
+            rows.append({"model": label, "method": method, "seed": seed, "sparsity": sparsity, "accuracy": plain,
+                         "accuracy_bn": recal, "achieved_sparsity": info["achieved_sparsity"]})
+            log(f"  {label} seed {seed} {method} @ {sparsity:.0%}: {plain:.4f} / BN-recalibrated {recal:.4f}")
+    return {"model": label, "dense_accuracy": dense, "rows": rows, "seconds": stats.seconds,
             "test_images": len(data.test_split)}  # type: ignore[arg-type]
+
+
+def sweep(models: list[str], seeds: list[int], workers: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """All (model, seed) sweeps, in parallel worker processes when asked, merged per model."""
+    jobs = [(label, seed, seed == seeds[0]) for label in models for seed in seeds]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = [f.result() for f in [pool.submit(sweep_seed, *job, threads=1, **kwargs) for job in jobs]]
+    else:
+        parts = [sweep_seed(*job, **kwargs) for job in jobs]
+    results = []
+    for label in models:
+        mine = [p for p in parts if p["model"] == label]
+        seconds: dict[str, float] = {}
+        for part in mine:
+            for key, value in part["seconds"].items():
+                seconds[key] = seconds.get(key, 0.0) + value
+        results.append({"model": label, "dense_accuracy": mine[0]["dense_accuracy"], "test_images": mine[0]["test_images"],
+                        "rows": [r for p in mine for r in p["rows"]], "seconds": seconds})
+    return results
 
 
 def cell(rows: list[dict[str, Any]], key: str) -> str:
@@ -118,6 +139,8 @@ def plot(results: list[dict[str, Any]], sparsities: list[float]) -> Any:
 
 def main() -> None:
     parser = study_parser(__doc__)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="a subset of the models (default: all)")
+    parser.add_argument("--workers", type=int, default=2, help="(model, seed) sweeps in parallel, one thread each")
     parser.add_argument("--damp", type=float, default=1e-3, help="dampening λ of every Fisher (the default recipe's; the paper used 1e-5)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -125,10 +148,12 @@ def main() -> None:
         models, sparsities, seeds, num_grads, test_subset, bn = ["ResNet-20"], [0.7], [0], 64, 300, 2
     else:
         models, sparsities, seeds, num_grads, test_subset, bn = list(MODELS), [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], [0, 1, 2], 1000, 1000, 5
-    results = [sweep_model(m, MODELS[m], sparsities, seeds, num_grads, test_subset, args.damp, bn) for m in models]
+    models = args.models or models
+    results = sweep(models, seeds, args.workers, sparsities=sparsities, num_grads=num_grads, test_subset=test_subset,
+                    damp=args.damp, bn_batches=bn)
     markdown = (f"One-shot pruning, no fine-tuning; N = {num_grads} gradients per seed (block 128, λ = {args.damp:g}); "
                 f"seeds: {len(seeds)}; BatchNorm recalibration on {bn} training batches of 128.\n\n" + tables(results, sparsities))
-    payload = {"quick": args.quick, "num_grads": num_grads, "seeds": seeds, "sparsities": sparsities, "damp": args.damp,
+    payload = {"quick": args.quick, "models": models, "num_grads": num_grads, "seeds": seeds, "sparsities": sparsities, "damp": args.damp,
                "summary": summarise(results, sparsities), "results": results}
     save_outputs(args.out, "rq2_oneshot", markdown, payload, plot(results, sparsities), started)
 
