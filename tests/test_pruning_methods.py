@@ -109,7 +109,7 @@ def test_settings_validation_and_from_config() -> None:
     assert settings.block_size == cfg.woodfisher.block_size and settings.damp == cfg.woodfisher.damp
     with pytest.raises(WFError):
         PruneSettings.from_config(PruningConfig(method="none"))
-    assert set(METHODS) == {"woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher"}
+    assert set(METHODS) == {"woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac"}
 
 
 def total_params(params) -> int:

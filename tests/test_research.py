@@ -244,3 +244,18 @@ def test_run_all_quick_produces_every_table_and_plot(tmp_path: Path) -> None:
     assert text.count("**Paper's claim:**") == 5 and "QUICK RUN" in text
     assert "](results/rq1_hessian_quality.png)" in text  # plot links relative to the README
     assert "](./rq1_hessian_quality.png)" in (out / "research.md").read_text()
+
+
+def test_bundled_mobilenetv1_loads_by_its_builtin_name() -> None:
+    """builtin:mobilenetv1-fmnist: the second model of the studies, with the accuracy its training recorded."""
+    from wf_pipeline.models import build_model
+    from wf_pipeline.models.zoo import BUILTIN_CHECKPOINTS
+    from wf_pipeline.recipe.schema import ModelConfig
+
+    cfg = ModelConfig(name="mobilenetv1", num_classes=10, in_channels=1, weights="builtin:mobilenetv1-fmnist",
+                      kwargs={"width_mult": 0.25, "small_input": True})
+    model = build_model(cfg).eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    path = BUILTIN_CHECKPOINTS["mobilenetv1-fmnist"]
+    assert path.stat().st_size < 1_500_000
+    assert json.loads(path.with_suffix(".json").read_text())["test_accuracy"] > 0.85
