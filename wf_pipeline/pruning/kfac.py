@@ -18,8 +18,9 @@ With the eigendecompositions ``A = Q_A S_A Q_Aᵀ`` and ``G = Q_G S_G Q_Gᵀ`` t
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ CURVLINOPS_FISHER = {"empirical": "empirical", "true": "mc", "type-2": "type-2"}
 def require_curvlinops() -> Any:
     """The curvlinops module, or one clear error naming the extra to install."""
     try:
-        import curvlinops
+        import curvlinops  # type: ignore[import-untyped]
     except ImportError as exc:
         raise WFError(
             "pruning method 'kfac' needs curvlinops-for-pytorch, which is not installed",
@@ -53,7 +54,7 @@ class KroneckerEigen:
     sa: Tensor
 
     @classmethod
-    def from_factors(cls, grad_cov: Tensor, input_cov: Tensor) -> "KroneckerEigen":
+    def from_factors(cls, grad_cov: Tensor, input_cov: Tensor) -> KroneckerEigen:
         # fp64: the factors' small eigenvalues matter once multiplied together and dampened.
         sg, qg = torch.linalg.eigh(grad_cov.double())
         sa, qa = torch.linalg.eigh(input_cov.double())
@@ -125,7 +126,8 @@ def kfac_factors(
         module = owners[name]
         eigen = KroneckerEigen.from_factors(state["gradient_covariances"][module], state["input_covariances"][module])
         if eigen.shape[0] * eigen.shape[1] != param.numel():
-            raise WFError(f"K-FAC factors of {name!r} have shape {eigen.shape}, which does not match {tuple(param.shape)}")
+            raise WFError(f"K-FAC factors of {name!r} have shape {eigen.shape}, "
+                          f"which does not match {tuple(param.shape)}")
         factors[name] = eigen
     return factors
 

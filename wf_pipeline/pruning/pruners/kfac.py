@@ -7,13 +7,21 @@ OBS updates. Single-process only: the factors are not summed across ranks.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.pruning.kfac import KroneckerEigen, kfac_factors, kfac_independent_update, kfac_scores, require_curvlinops, take_samples
+from wf_pipeline.pruning.kfac import (
+    KroneckerEigen,
+    kfac_factors,
+    kfac_independent_update,
+    kfac_scores,
+    require_curvlinops,
+    take_samples,
+)
 from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
 from wf_pipeline.pruning.settings import PruneSettings
 
@@ -34,11 +42,11 @@ class KFACPruner(FlatPruner[KFACStats]):
 
     def collect(self, view: PruneView, ctx: StepContext) -> KFACStats:
         if ctx.reduce_fn is not None:
-            raise WFError("pruning method 'kfac' runs in a single process only", hint="run without torchrun, or use woodfisher")
+            raise WFError("pruning method 'kfac' runs in a single process only",
+                          hint="run without torchrun, or use woodfisher")
         if ctx.batches is None:
-            raise WFError("pruning method 'kfac' needs Fisher data", hint="pass `batches` (the Fisher pool) to prune_step")
-        import time
-
+            raise WFError("pruning method 'kfac' needs Fisher data",
+                          hint="pass `batches` (the Fisher pool) to prune_step")
         t0 = time.perf_counter()
         samples = take_samples(ctx.batches, self.settings.num_grads, view.device)
         fisher_type = "true" if self.settings.fisher_type == "true" else "empirical"
