@@ -85,9 +85,10 @@ def save_outputs(out: Path, name: str, markdown: str, payload: dict[str, Any], f
     from wf_pipeline.atomic_io import atomic_path, write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # The study's own process plus its finished worker processes.
+    cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
     payload = {"study": name, **payload, "seconds": round(time.perf_counter() - started, 1),
-               "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "machine": machine()}
+               "cpu_seconds": round(cpu, 1), "machine": machine()}
     write_text(out / f"{name}.md", markdown)
     write_json(out / f"{name}.json", payload)
     with atomic_path(out / f"{name}.png") as tmp:
