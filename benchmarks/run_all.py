@@ -229,7 +229,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="results folder (default results/, or results-quick/ with --quick)")
     parser.add_argument("--readme", type=Path, help="README to update (default README.md for a full run into results/)")
-    parser.add_argument("--only", nargs="+", choices=list(STUDIES), help="run only these studies (the block covers them)")
+    parser.add_argument("--only", nargs="+", choices=list(STUDIES),
+                        help="run only these studies (the block still covers every study with results in --out)")
     parser.add_argument("--no-run", action="store_true", help="only rebuild the block from existing JSON files")
     args = parser.parse_args()
     out = (args.out or REPO / ("results-quick" if args.quick else "results")).resolve()
@@ -240,8 +241,9 @@ def main() -> None:
     if not args.no_run:
         for key in keys:
             runs[key] = run_study(key, out, args.quick)
-    else:
-        runs = {k: {"seconds": load(out, STUDIES[k][1]).get("seconds", 0.0)} for k in keys}
+    keys = [k for k in STUDIES if k in keys or (out / f"{STUDIES[k][1]}.json").is_file()]
+    for key in keys:
+        runs.setdefault(key, {"seconds": load(out, STUDIES[key][1]).get("seconds", 0.0)})
     from wf_pipeline.atomic_io import write_text
 
     block = results_block(out, keys, runs, out)  # links relative to results/ itself
