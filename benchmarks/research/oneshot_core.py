@@ -24,9 +24,10 @@ from wf_pipeline.data.loaders import TensorBatches
 from wf_pipeline.fisher.gradients import iter_gradient_chunks
 from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout, accumulation_dtype
 from wf_pipeline.oneshot import recalibrate_batchnorm
-from wf_pipeline.pruning.obs import diag_fisher_scores, obs_scores, obs_update, woodtaylor_scores
+from wf_pipeline.pruning.obs import diag_fisher_scores, newton_step_scale, obs_scores, obs_update, woodtaylor_scores
 from wf_pipeline.pruning.ranking import choose_pruned
 from wf_pipeline.pruning.selection import select_prunable
+from wf_pipeline.recipe.schema import WoodFisherConfig
 from wf_pipeline.training import evaluate
 
 LABELS = {
@@ -128,6 +129,7 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
     if method == "magnitude_uniform":
         ranking = "uniform"
     predicted: float | None = None
+    newton_scale = None
 
     if method in DATA_FREE:
         scores = weights.abs()
@@ -144,9 +146,10 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
         else:
             assert stats.inverse is not None and stats.grad_mean is not None
             dtype = stats.inverse.blocks.dtype
-            if method == "woodtaylor":
+            if method == "woodtaylor":  # the Newton step capped as the WoodTaylor pruner caps it
                 newton = stats.inverse.matvec(stats.grad_mean.to(dtype))
-                scores = woodtaylor_scores(weights.to(dtype), stats.inverse.diag(), newton)
+                newton_scale = newton_step_scale(newton, weights.to(dtype), sizes, WoodFisherConfig().newton_step_cap)
+                scores = woodtaylor_scores(weights.to(dtype), stats.inverse.diag(), newton * newton_scale)
             else:
                 scores = obs_scores(weights.to(dtype), stats.inverse.diag())
     new = choose_by_counts(scores, sizes, counts) if counts is not None else choose_pruned(scores, kept, sizes, sparsity, ranking)
@@ -156,7 +159,8 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
         assert stats is not None and stats.inverse is not None
         dtype = stats.inverse.blocks.dtype
         grad_mean = stats.grad_mean.to(dtype) if method == "woodtaylor" and stats.grad_mean is not None else None
-        updated, predicted = obs_update(stats.inverse, weights.to(dtype), pruned, update="joint", grad_mean=grad_mean)
+        updated, predicted = obs_update(stats.inverse, weights.to(dtype), pruned, update="joint", grad_mean=grad_mean,
+                                        newton_scale=newton_scale)
     elif method == "kfac":
         from wf_pipeline.pruning.kfac import kfac_independent_update
 
