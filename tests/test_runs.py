@@ -217,3 +217,20 @@ def test_torchrun_crash_exits_3_with_the_traceback_in_log(tmp_path: Path) -> Non
     assert "ChildFailedError" not in result.stderr
     assert any("internal error" in line and "simulated bug" in line for line in error_lines(result.stderr))
     assert "RuntimeError: simulated bug on a large batch" in (root / "tiny-digits" / "log.txt").read_text()
+
+
+def test_launcher_reports_the_worker_that_failed_by_itself() -> None:
+    """On a loaded machine the agent's SIGTERM of the other rank can carry the earlier timestamp."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from wf_pipeline.launch import _reported_failure
+
+    def failure(rank: int, code: int, when: float) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="")
+        f.timestamp = when  # type: ignore[assignment]
+        return f
+
+    killed_first = ChildFailedError("x", {1: failure(1, -15, 10), 0: failure(0, 2, 11)})
+    assert _reported_failure(killed_first)[0] == 0
+    only_signals = ChildFailedError("x", {1: failure(1, -9, 10), 0: failure(0, -15, 11)})
+    assert _reported_failure(only_signals)[0] == 1

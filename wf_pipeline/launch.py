@@ -13,12 +13,29 @@ import logging
 import signal
 import sys
 
+from typing import TYPE_CHECKING
+
 from wf_pipeline.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_GATE_FAILED
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 
 def exit_code_of_failure(exitcode: int) -> int:
     """A worker's exit code as this process's: negative codes (killed by signal N) become 128 + N."""
     return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def _reported_failure(exc: "ChildFailedError") -> tuple[int, "ProcessFailure"]:
+    """The failure whose code to exit with: the earliest one that is one of ours (a worker that ended
+    by itself with 1, 2 or 3), not a worker the agent killed afterwards, whose timestamp can come first
+    on a loaded machine; otherwise the earliest failure."""
+    ours = {rank: f for rank, f in exc.failures.items()
+            if exit_code_of_failure(f.exitcode) in (EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_CRASH)}
+    if not ours:
+        return exc.get_first_failure()
+    rank = min(ours, key=lambda r: (ours[r].timestamp, r))
+    return rank, ours[rank]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = _reported_failure(exc)
         code = exit_code_of_failure(failure.exitcode)
         if code not in (EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_CRASH):  # not one of ours: say who died how
             how = f"exit code {code}"
