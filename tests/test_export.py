@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -348,3 +349,105 @@ def test_transposed_matmul_weight_is_mapped_with_its_layout(tmp_path):
     assert result.generated_names == []
     stored = initializer_arrays(onnx.load(str(result.path)))[result.initializer_for_param["proj.weight"]]
     np.testing.assert_array_equal(stored.T == 0, ~masks["proj.weight"].numpy())
+
+
+# ------------------------------------------------------------------------------------ fully pruned layers
+
+
+class _Block(torch.nn.Module):
+    """Depthwise conv + BN + ReLU under two levels of Sequential, as in MobileNetV2's `features.4.conv.1.0`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+            torch.nn.BatchNorm2d(channels), torch.nn.ReLU()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _DeepNet(torch.nn.Module):
+    """Three equal-shape depthwise layers nested three modules deep: only their scope tells them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU())
+        self.features = torch.nn.Sequential(_Block(8), _Block(8), _Block(8))
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(self.stem(x)).mean((2, 3)))
+
+
+def _deep_net_with_masks(fully_pruned: list[str]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = _DeepNet().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # folding really rescales (negative gammas: -0.0 too)
+                module.weight.uniform_(-1.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    masks = {name: torch.rand(p.shape) > 0.5 for name, p in model.named_parameters() if p.dim() >= 2}
+    for name in fully_pruned:
+        masks[name][:] = False
+    return model, masks
+
+
+def _weight_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Conv node name -> the tensor it reads as its weight."""
+    return {node.name: node.input[1] for node in model.graph.node if node.op_type == "Conv"}
+
+
+def test_a_fully_pruned_layer_exports_named_compact_and_checked(tmp_path):
+    model, masks = _deep_net_with_masks(["features.1.conv.0.0.weight"])
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", masks=masks)
+    assert result.sparsity_matches, result.sparsity_notes
+    assert result.torch_per_layer_sparsity["features.1.conv.0.0.weight"] == 1.0
+    assert result.onnx_per_layer_sparsity["features.1.conv.0.0.weight"] == 1.0
+    # every layer, pruned or not, reads a weight named after its parameter (scope resolution through nesting)
+    assert result.generated_names == []
+    for name in masks:
+        assert result.initializer_for_param[name] == name
+    assert "features.1.conv.0.0.weight" in result.compact_weights  # stored as a bitmask, not 288 dense zeros
+    stored = initializer_arrays(onnx.load(str(result.path)))["features.1.conv.0.0.weight"]
+    assert stored.shape == (8, 1, 3, 3) and not stored.any()
+    assert result.sparse_vs_dense_max_abs_diff == 0.0 and result.torch_max_abs_diff < 1e-4
+
+
+def test_equal_all_zero_weights_shared_by_the_exporter_are_named_and_checked(tmp_path):
+    """Two fully pruned layers of one shape fold to equal all-zero weights: torch.onnx stores one, the
+    second layer reads it through an Identity. Both must be found, named and read back as pruned."""
+    pruned = ["features.1.conv.0.0.weight", "features.2.conv.0.0.weight"]
+    model, masks = _deep_net_with_masks(pruned)
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", masks=masks)
+    assert result.sparsity_matches, result.sparsity_notes
+    dense = onnx.load(str(result.dense_path))
+    identities = [n for n in dense.graph.node if n.op_type == "Identity"]
+    assert [list(n.input) for n in identities] == [[pruned[0]]]  # the sharing this test is about
+    for path in (result.dense_path, result.path):
+        reads = _weight_inputs(onnx.load(str(path)))
+        assert reads["/features/features.1/conv/conv.0/conv.0.0/Conv"] == pruned[0]
+        assert reads["/features/features.2/conv/conv.0/conv.0.0/Conv"] == pruned[1]
+    assert result.generated_names == []
+    assert result.initializer_for_param == {**{n: n for n in masks}, pruned[1]: pruned[0]}
+    assert all(result.onnx_per_layer_sparsity[n] == 1.0 for n in pruned)
+    # stored once, compactly: no dense all-zero weight is left in the file
+    compact = onnx.load(str(result.path))
+    assert pruned[0] in result.compact_weights
+    assert not any(len(i.dims) >= 2 and i.data_type == onnx.TensorProto.FLOAT and not numpy_helper.to_array(i).any()
+                   for i in compact.graph.initializer)
+    assert any(f"{pruned[1]} = {pruned[0]}" in note for note in result.notes)
+    assert result.sparse_vs_dense_max_abs_diff == 0.0 and result.torch_max_abs_diff < 1e-4
+
+
+def test_equal_dense_weights_nested_deep_are_named_by_scope(tmp_path):
+    """Unpruned weights of one shape share a zero pattern (none), so only the node scope can name them."""
+    model, _ = _deep_net_with_masks([])
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", sparse_storage=False)
+    assert result.generated_names == []
+    reads = _weight_inputs(onnx.load(str(result.path)))
+    assert [reads[f"/features/features.{i}/conv/conv.0/conv.0.0/Conv"] for i in range(3)] == [
+        f"features.{i}.conv.0.0.weight" for i in range(3)]

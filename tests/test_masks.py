@@ -115,6 +115,13 @@ def test_statistics_and_state_dict_roundtrip() -> None:
     assert dense.to("cpu") is dense
 
 
+def test_fully_pruned_names_the_layers_with_nothing_kept() -> None:
+    masks = MaskSet({"a.weight": torch.zeros(2, 3, dtype=torch.bool), "b.weight": torch.tensor([False, True]),
+                     "c.weight": torch.zeros(4, dtype=torch.bool), "empty": torch.zeros(0, dtype=torch.bool)})
+    assert masks.fully_pruned() == ["a.weight", "c.weight"]
+    assert masks.fully_pruned(["b.weight", "c.weight"]) == ["c.weight"]
+
+
 def test_apply_matches_ddp_style_prefix() -> None:
     inner = tiny_cnn()
     params = select_prunable(inner, [".*"], [])

@@ -237,6 +237,25 @@ def test_prune_step_below_current_sparsity_changes_nothing() -> None:
     assert all(torch.equal(snapshot[n], p) for n, p in params.items())
 
 
+def test_global_ranking_may_empty_a_layer_and_the_report_names_it() -> None:
+    """Layer collapse is allowed (the ranking is as asked) but reported, step by step."""
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    with torch.no_grad():
+        params["3.weight"].mul_(1e-3)  # the smallest magnitudes of the model: global ranking takes them first
+    masks = MaskSet.dense(params)
+    settings = PruneSettings(method="magnitude", ranking="global")
+    first = prune_step(model, params, masks, 0.2, settings)
+    assert first.fully_pruned == [] and 0 < first.per_layer_sparsity["3.weight"] < 1
+    second = prune_step(model, params, masks, 0.5, settings)
+    assert second.fully_pruned == ["3.weight"] == masks.fully_pruned()
+    assert second.per_layer_sparsity["3.weight"] == 1.0 and not params["3.weight"].any()
+    assert json.loads(json.dumps(second.to_dict()))["fully_pruned"] == ["3.weight"]
+    uniform = MaskSet.dense(params)
+    prune_step(model, params, uniform, 0.5, PruneSettings(method="magnitude", ranking="uniform"))
+    assert uniform.fully_pruned() == []
+
+
 def test_every_recipe_method_is_one_pruner_class() -> None:
     from wf_pipeline.pruning import PRUNERS, Pruner, build_pruner
 

@@ -149,6 +149,16 @@ def test_broken_pieces_are_noted_not_fatal(tmp_path):
     assert len(_embedded_pngs(text)) == 1  # the training curve from the one good history line
 
 
+def test_layers_pruned_to_100_percent_are_flagged(tmp_path, full_run):
+    per_layer = {"stem.weight": 0.5, "features.4.conv.1.0.weight": 1.0, "fc.weight": 0.9}
+    (tmp_path / "metrics.json").write_text(json.dumps({"sparsity": 0.9, "per_layer_sparsity": per_layer}))
+    write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "**Warning**: 1 layer(s) pruned to 100% sparsity" in text and "features.4.conv.1.0.weight." in text
+    assert "layer collapse" in text and "pruning.ranking: uniform" in text
+    assert "layer collapse" not in write_report(full_run).read_text()  # 90% everywhere: nothing to flag
+
+
 def test_missing_run_dir_raises(tmp_path):
     with pytest.raises(WFError):
         write_report(tmp_path / "nope")

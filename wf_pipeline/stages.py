@@ -77,6 +77,13 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             pruned = stage.model
             torch_save(run.file("checkpoints", "pruned.pt"), {k: v.detach().cpu() for k, v in pruned.state_dict().items()})
             masks = {k: v.cpu() for k, v in stage.masks.masks.items()}
+            from wf_pipeline.reporting.report import layer_collapse_note
+
+            collapsed = layer_collapse_note(stage.masks.fully_pruned())
+            if collapsed:
+                log.warning(collapsed)
+                reporter.message(f"note: {collapsed}")
+                metrics.notes = [*(metrics.notes or []), collapsed]
             if recipe.export.enabled:
                 reporter.message("exporting ONNX")
                 t0 = time.perf_counter()

@@ -167,15 +167,25 @@ def _full_check(model: onnx.ModelProto, what: str) -> None:
                       hint="try another export.opset") from exc
 
 
-def _name_weights(dense_model: onnx.ModelProto, export_model: nn.Module, weights: dict[str, np.ndarray]) -> None:
-    """Give BN-folded weights and biases (generated names such as `onnx::Conv_27`) their parameter's name."""
+def _name_weights(dense_model: onnx.ModelProto, export_model: nn.Module, weights: dict[str, np.ndarray]) -> list[str]:
+    """Give BN-folded weights and biases (generated names such as `onnx::Conv_27`) their parameter's name.
+
+    Returns notes on layer weights the exporter stores once for several layers (equal values, e.g.
+    fully pruned layers of one shape: all zeros after folding), each further layer reading the first's.
+    """
     params = dict(export_model.named_parameters())
     named = {**{n: w.numpy() for n, w in _prunable_weights(export_model).items()}, **weights}
     named = {n: a for n, a in named.items() if n in params}
     matches = map_params_to_initializers(dense_model, named, initializer_arrays(dense_model))
     module_names = {name for name, _ in export_model.named_modules() if name}
-    rename_tensors(dense_model,
-                   {**readable_initializer_names(matches), **readable_bias_names(dense_model, module_names)})
+    weight_names = readable_initializer_names(matches)
+    rename_tensors(dense_model, {**weight_names, **readable_bias_names(dense_model, module_names)})
+    shared = [f"{param} = {weight_names.get(m.initializer, m.initializer)}" for param, m in matches.items()
+              if m.tensor != m.initializer]
+    if not shared:
+        return []
+    shown = ", ".join(shared[:6]) + (f", ... ({len(shared)} in all)" if len(shared) > 6 else "")
+    return [f"equal layer weights are stored once and shared through Identity nodes (as torch.onnx does): {shown}"]
 
 
 def _save_onnx(model: onnx.ModelProto, path: Path) -> int:
@@ -295,9 +305,8 @@ def export_onnx(
     weights = _torch_weights(export_model, masks)
 
     dense_model = onnx.load_from_string(_torch_to_onnx_bytes(export_model, sample, opset, dynamic_batch))
-    _name_weights(dense_model, export_model, weights)
+    notes = _name_weights(dense_model, export_model, weights)
     _full_check(dense_model, "the exported ONNX model")
-    notes: list[str] = []
     opset_written = _opset_of(dense_model)
     if sparse_storage and opset_written < MIN_OPSET:
         notes.append(f"opset {opset_written} < {MIN_OPSET}: weights stored dense "

@@ -6,9 +6,16 @@ weight gets a generated name (`onnx::Conv_27`). The consuming node still carries
 its name (`/layer1/layer1.0/conv1/Conv`), which is how such weights are traced back. Folding scales
 each output row by gamma/sqrt(var+eps), so a zero stays a zero and the zero pattern is a second,
 independent check used as the last resort.
+
+Equal constants are stored once: the exporter keeps the first and hands every other layer a copy
+through an Identity node. Fully pruned layers hit this (all-zero weights of one shape are equal, and
+BatchNorm folding keeps them zero), so a weight is traced through Identity nodes to the initializer
+that holds it, and it is the tensor the layer reads (the initializer or its Identity's output) that
+is named after the parameter.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,16 +28,34 @@ GENERATED_PREFIX = "onnx::"
 
 @dataclass(frozen=True)
 class InitializerMatch:
-    initializer: str
+    initializer: str  # the constant that holds the values (an initializer, or a tensor computed from constants)
     transposed: bool  # MatMul stores a Linear weight as W^T
     how: str  # "name" | "scope" | "zero-pattern"
+    read_as: str = ""  # the tensor the layer reads: the initializer, or an Identity's output forwarding it
+
+    @property
+    def tensor(self) -> str:
+        return self.read_as or self.initializer
+
+
+def module_paths(param_names: Iterable[str]) -> set[str]:
+    """Every module on the way to the given parameters: 'a.b.conv.weight' -> {'a', 'a.b', 'a.b.conv'}.
+
+    Scope resolution needs the intermediate modules, not only the ones that own the parameters.
+    """
+    paths: set[str] = set()
+    for name in param_names:
+        parts = name.split(".")[:-1]
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return paths
 
 
 def _module_path_from_scope(node_name: str, module_names: set[str]) -> str | None:
     """'/layer2/layer2.0/shortcut/shortcut.0/Conv' -> 'layer2.0.shortcut.0'.
 
     Each scope segment names a module relative to the current path or to one of its ancestors
-    (the root included): `layer2.0` is relative to the root, `shortcut.0` to `layer2.0`.
+    (the root included): `layer2.0` is relative to the root, `shortcut.0` to `layer2.0`. `module_names`
+    must hold the intermediate modules too (see `module_paths`).
     """
     path = ""
     for segment in [s for s in node_name.strip("/").split("/")[:-1] if s]:
@@ -80,19 +105,22 @@ def map_params_to_initializers(
 ) -> dict[str, InitializerMatch]:
     """For each torch weight (name -> array) find the ONNX initializer holding it; unmapped names are absent."""
     matches: dict[str, InitializerMatch] = {}
-    module_names = {name.rsplit(".", 1)[0] for name in params if "." in name}
-
-    # The exporter keeps a parameter's own name only when it stores the parameter unchanged.
-    for name, value in params.items():
-        if name in arrays and tuple(arrays[name].shape) == tuple(value.shape):
-            matches[name] = InitializerMatch(name, False, "name")
+    module_names = module_paths(params)
 
     producers = {out: node for node in model.graph.node for out in node.output}
+    # The exporter keeps a parameter's own name only when it stores the parameter unchanged (possibly as
+    # an Identity of an equal parameter's initializer).
+    for name, value in params.items():
+        if name in arrays and tuple(arrays[name].shape) == tuple(value.shape):
+            init = _resolve_identity(name, producers)
+            matches[name] = InitializerMatch(init if init in arrays else name, False, "name", name)
+
     for node in model.graph.node:
         index = _WEIGHT_OPS.get(node.op_type)
         if index is None or len(node.input) <= index:
             continue
-        init = _resolve_identity(node.input[index], producers)
+        read_as = node.input[index]
+        init = _resolve_identity(read_as, producers)
         if init not in arrays:
             continue
         module = _module_path_from_scope(node.name, module_names)
@@ -102,7 +130,7 @@ def map_params_to_initializers(
         transposed = _stored_transposed(node) and arrays[init].ndim == 2
         stored_shape = arrays[init].shape[::-1] if transposed else arrays[init].shape
         if tuple(stored_shape) == tuple(params[param].shape):
-            matches[param] = InitializerMatch(init, transposed, "scope")
+            matches[param] = InitializerMatch(init, transposed, "scope", read_as)
 
     used = {m.initializer for m in matches.values()}
     for name, value in params.items():
@@ -148,18 +176,19 @@ def rename_tensors(model: onnx.ModelProto, renames: dict[str, str]) -> None:
 def readable_initializer_names(matches: dict[str, InitializerMatch]) -> dict[str, str]:
     """Renames that give generated names (`onnx::Conv_27`) back their parameter's name (`conv1.weight`).
 
-    Only one-to-one matches are renamed: the exporter shares one initializer between parameters
-    with identical values, and such a shared tensor keeps its name. A transposed copy (MatMul's W^T)
-    is named `<param>.T`, as PyTorch writes the transpose, so its name states its layout.
+    The tensor each layer reads is renamed: a constant the exporter shares between layers through
+    Identity nodes takes the name of the layer that reads it directly, each Identity's output the
+    name of its own layer. A tensor read by several layers as it is keeps its name. A transposed copy
+    (MatMul's W^T) is named `<param>.T`, as PyTorch writes the transpose, so its name states its layout.
     """
-    owners: dict[str, list[tuple[str, bool]]] = {}
+    readers: dict[str, list[tuple[str, bool]]] = {}
     for param, match in matches.items():
-        owners.setdefault(match.initializer, []).append((param, match.transposed))
+        readers.setdefault(match.tensor, []).append((param, match.transposed))
     renames = {}
-    for init, params in owners.items():
-        if len(params) == 1 and init.startswith(GENERATED_PREFIX):
+    for tensor, params in readers.items():
+        if len(params) == 1 and tensor.startswith(GENERATED_PREFIX):
             param, transposed = params[0]
-            renames[init] = f"{param}.T" if transposed else param
+            renames[tensor] = f"{param}.T" if transposed else param
     return renames
 
 

@@ -134,6 +134,14 @@ class MaskSet:
     def per_layer_sparsity(self) -> dict[str, float]:
         return {name: float((~m).sum()) / m.numel() if m.numel() else 0.0 for name, m in self.masks.items()}
 
+    def fully_pruned(self, names: Iterable[str] | None = None) -> list[str]:
+        """Tensors (of `names`, default all) with every weight pruned: a layer that only passes its bias on.
+
+        Global ranking can empty a whole layer ("layer collapse"), which cuts the network at that layer.
+        """
+        chosen = self.masks if names is None else names
+        return [name for name in chosen if self.masks[name].numel() and not bool(self.masks[name].any())]
+
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {name: m.detach().cpu().clone() for name, m in self.masks.items()}}

@@ -38,6 +38,8 @@ class PruneReport:
     method: str = ""
     newly_pruned: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Layers with every weight pruned after this step (layer collapse: the network is cut there).
+    fully_pruned: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,4 +112,5 @@ def prune_step(
         method=pruner.name,
         newly_pruned=zeros_after - zeros_before,
         extra=ctx.extra,
+        fully_pruned=masks.fully_pruned(params),
     )

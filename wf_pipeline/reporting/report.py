@@ -223,6 +223,21 @@ def _gates_section(run: RunData) -> Section | None:
     return section
 
 
+def layer_collapse_note(layers: list[str], shown: int = 6) -> str | None:
+    """What to tell the user when pruning emptied whole layers, or None when it did not.
+
+    Global ranking may prune every weight of a layer ("layer collapse"): the layer then passes on only
+    its bias, which cuts the network there unless a skip connection runs around it. The ranking is left
+    as asked; the run says so.
+    """
+    if not layers:
+        return None
+    names = ", ".join(layers[:shown]) + (f", ... ({len(layers)} in all)" if len(layers) > shown else "")
+    return (f"{len(layers)} layer(s) pruned to 100% sparsity (layer collapse: such a layer passes on only its "
+            f"bias, so no signal flows through it): {names}. To keep every layer, use pruning.ranking: uniform, "
+            "a lower final_sparsity, or leave these layers out with pruning.skip")
+
+
 def _sparsity_section(run: RunData) -> Section | None:
     torch_sparsity = run.metrics.per_layer_sparsity if run.metrics else None
     onnx_sparsity = None
@@ -238,6 +253,9 @@ def _sparsity_section(run: RunData) -> Section | None:
     section = Section("Per-layer sparsity")
     chart = charts.per_layer_sparsity_chart(torch_sparsity, onnx_sparsity)
     section.blocks.append(Image("per_layer_sparsity.png", chart, "per-layer sparsity"))
+    collapsed = layer_collapse_note([n for n, v in torch_sparsity.items() if isinstance(v, (int, float)) and v >= 1.0])
+    if collapsed:
+        section.blocks.append(Paragraph(f"**Warning**: {collapsed}."))
     if run.export:
         verdict = "match" if run.export.get("sparsity_matches") else "DO NOT match"
         section.blocks.append(Paragraph(f"The zeros in the exported ONNX file {verdict} the PyTorch masks."))
