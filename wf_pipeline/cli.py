@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,11 +23,12 @@ app.add_typer(recipe_app, name="recipe")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a field: KEY=VALUE (repeatable)")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a field: KEY=VALUE (repeatable)")]
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (ours or SparseML's)")]
 
 
-BaseOption = Annotated[Optional[Path], typer.Option("--base", help="for a SparseML recipe: our recipe that supplies model, data, export and validate")]
+BaseOption = Annotated[Path | None, typer.Option(
+    "--base", help="for a SparseML recipe: our recipe that supplies model, data, export and validate")]
 TrustOption = Annotated[bool, typer.Option(
     "--trust-recipe-code",
     help="allow a recipe's model.name 'module.path:factory' to import and run that code (off by default)")]
@@ -39,7 +40,9 @@ def _trust(allowed: bool) -> None:
     set_trust_recipe_code(allowed)
 
 
-BudgetOption = Annotated[Optional[float], typer.Option("--memory-budget", metavar="GB", help="memory one WoodFisher step may use (sets pruning.woodfisher.memory_budget_gb)")]
+BudgetOption = Annotated[float | None, typer.Option(
+    "--memory-budget", metavar="GB",
+    help="memory one WoodFisher step may use (sets pruning.woodfisher.memory_budget_gb)")]
 
 
 def _with_budget(overrides: list[str] | None, budget: float | None) -> list[str] | None:
@@ -95,7 +98,8 @@ def compress(
 def train(
     recipe_path: RecipeArg,
     overrides: SetOption = None,
-    save_to: Annotated[Optional[Path], typer.Option(help="also write the final state_dict here (+ a .json with its accuracy)")] = None,
+    save_to: Annotated[Path | None, typer.Option(
+        help="also write the final state_dict here (+ a .json with its accuracy)")] = None,
     resume: Annotated[bool, typer.Option("--resume")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     trust_recipe_code: TrustOption = False,
@@ -128,15 +132,19 @@ def _split_floats(values: list[str]) -> list[float]:
 @app.command()
 def oneshot(
     recipe_path: RecipeArg,
-    sparsity: Annotated[list[str], typer.Option(help="target sparsities, e.g. --sparsity 0.5 0.7 0.9")] = ["0.5", "0.7", "0.9"],
-    method: Annotated[list[str], typer.Option(help="methods, e.g. --method woodfisher magnitude")] = ["woodfisher", "magnitude"],
-    recalibrate_bn: Annotated[bool, typer.Option("--recalibrate-bn", help="re-estimate BatchNorm statistics after pruning")] = False,
+    # typer reads a list default as the option's default values and never mutates it
+    sparsity: Annotated[list[str], typer.Option(
+        help="target sparsities, e.g. --sparsity 0.5 0.7 0.9")] = ["0.5", "0.7", "0.9"],  # noqa: B006
+    method: Annotated[list[str], typer.Option(
+        help="methods, e.g. --method woodfisher magnitude")] = ["woodfisher", "magnitude"],  # noqa: B006
+    recalibrate_bn: Annotated[bool, typer.Option(
+        "--recalibrate-bn", help="re-estimate BatchNorm statistics after pruning")] = False,
     overrides: SetOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     trust_recipe_code: TrustOption = False,
     memory_budget: BudgetOption = None,
 ) -> None:
-    """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown and a plot."""
+    """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown, a plot."""
     from wf_pipeline.oneshot import sweep_markdown
     from wf_pipeline.pruning.settings import METHODS
     from wf_pipeline.stages import run_oneshot
@@ -158,20 +166,24 @@ def oneshot(
 def validate(
     model_path: Annotated[Path, typer.Argument(help="the ONNX model to verify")],
     recipe_path: Annotated[Path, typer.Option("--recipe", help="recipe: test data, validation settings and gates")],
-    baseline: Annotated[Optional[Path], typer.Option(help="dense ONNX model to compare against")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="PyTorch state_dict of the same model, for parity checks")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="where to write validation.json, junit.xml, validation.md")] = None,
-    min_accuracy: Annotated[Optional[float], typer.Option()] = None,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option()] = None,
-    max_latency_ms: Annotated[Optional[float], typer.Option()] = None,
-    max_latency_ratio: Annotated[Optional[float], typer.Option()] = None,
-    min_sparsity: Annotated[Optional[float], typer.Option()] = None,
-    max_parity_error: Annotated[Optional[float], typer.Option()] = None,
-    min_top1_agreement: Annotated[Optional[float], typer.Option()] = None,
+    baseline: Annotated[Path | None, typer.Option(help="dense ONNX model to compare against")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="PyTorch state_dict of the same model, for parity checks")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write validation.json, junit.xml, validation.md")] = None,
+    min_accuracy: Annotated[float | None, typer.Option()] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option()] = None,
+    max_latency_ms: Annotated[float | None, typer.Option()] = None,
+    max_latency_ratio: Annotated[float | None, typer.Option()] = None,
+    min_sparsity: Annotated[float | None, typer.Option()] = None,
+    max_parity_error: Annotated[float | None, typer.Option()] = None,
+    min_top1_agreement: Annotated[float | None, typer.Option()] = None,
     overrides: SetOption = None,
     trust_recipe_code: TrustOption = False,
 ) -> None:
-    """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity. Exit 0 pass, 1 gate failed, 2 bad input."""
+    """Verify an ONNX model in ONNX Runtime and gate on accuracy, latency, sparsity and parity.
+
+    Exit 0 pass, 1 gate failed, 2 bad input.
+    """
     from wf_pipeline.recipe.loader import validate_recipe
     from wf_pipeline.stages import run_validate
 
@@ -227,7 +239,7 @@ def recipe_show(recipe_path: RecipeArg, overrides: SetOption = None, base: BaseO
 @recipe_app.command("convert")
 def recipe_convert(
     recipe_path: RecipeArg,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the translated recipe here")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the translated recipe here")] = None,
     overrides: SetOption = None,
     base: BaseOption = None,
     trust_recipe_code: TrustOption = False,
@@ -236,7 +248,6 @@ def recipe_convert(
     import yaml
 
     from wf_pipeline.atomic_io import write_text
-
     from wf_pipeline.models.catalog import model_params
     from wf_pipeline.recipe.loader import recipe_header
 
@@ -250,7 +261,8 @@ def recipe_convert(
         try:
             write_text(output, text)
         except OSError as exc:
-            raise WFError(f"--output: cannot write {output}: {exc.strerror or exc}", "give a writable file path") from None
+            raise WFError(f"--output: cannot write {output}: {exc.strerror or exc}",
+                          "give a writable file path") from None
         console.print(f"wrote {output}")
     else:
         console.print(text, end="", markup=False, highlight=False, soft_wrap=True)  # no wrapping: it is YAML
@@ -319,10 +331,12 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except RunAlreadyFinished as exc:
         if _rank() == 0:
-            gates = {True: "its gates passed", False: "its gates failed: " + ", ".join(exc.status.get("failed_gates") or []),
+            failed = ", ".join(exc.status.get("failed_gates") or [])
+            gates = {True: "its gates passed", False: f"its gates failed: {failed}",
                      None: "no gates were checked"}[exc.status.get("gates_passed")]
-            sys.stderr.write(_one_line(f"run {exc.run_dir} already finished ({gates}); nothing to resume "
-                                       "(--overwrite runs it again; `wf-pipeline validate` re-checks its model)") + "\n")
+            sys.stderr.write(_one_line(
+                f"run {exc.run_dir} already finished ({gates}); nothing to resume "
+                "(--overwrite runs it again; `wf-pipeline validate` re-checks its model)") + "\n")
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last resort: anything else is a bug
         _report_crash(exc)

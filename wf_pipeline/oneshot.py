@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from wf_pipeline.atomic_io import atomic_path, write_json, write_text
 from wf_pipeline.data import DataBundle
-from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning import PruneSettings, prune_step
+from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import PruningConfig
 from wf_pipeline.training import evaluate
-
 
 
 @torch.no_grad()
@@ -48,7 +48,8 @@ class SweepResult:
         return {"dense_accuracy": self.dense_accuracy, "results": self.results}
 
     def accuracy(self, method: str, sparsity: float) -> float:
-        return next(r["accuracy"] for r in self.results if r["method"] == method and abs(r["sparsity"] - sparsity) < 1e-9)
+        return next(r["accuracy"] for r in self.results
+                    if r["method"] == method and abs(r["sparsity"] - sparsity) < 1e-9)
 
 
 def run_oneshot_sweep(

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -75,7 +76,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         outcome = CompressOutcome(run.path, metrics)
         if dist.is_main:
             pruned = stage.model
-            torch_save(run.file("checkpoints", "pruned.pt"), {k: v.detach().cpu() for k, v in pruned.state_dict().items()})
+            torch_save(run.file("checkpoints", "pruned.pt"),
+                       {k: v.detach().cpu() for k, v in pruned.state_dict().items()})
             masks = {k: v.cpu() for k, v in stage.masks.masks.items()}
             from wf_pipeline.reporting.report import layer_collapse_note
 
@@ -120,8 +122,9 @@ def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.n
     out = run.file("export")
     sample = data.sample_input(2)
     cfg = recipe.export
-    result = export_onnx(pruned.cpu().eval(), sample, out / cfg.filename, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
-                         sparse_storage=cfg.sparse_storage, sparse_threshold=cfg.sparse_threshold, masks=masks)
+    result = export_onnx(pruned.cpu().eval(), sample, out / cfg.filename, opset=cfg.opset,
+                         dynamic_batch=cfg.dynamic_batch, sparse_storage=cfg.sparse_storage,
+                         sparse_threshold=cfg.sparse_threshold, masks=masks)
     baseline = export_onnx(dense.cpu().eval(), sample, out / "dense_baseline.onnx", opset=cfg.opset,
                            dynamic_batch=cfg.dynamic_batch, sparse_storage=False)
     write_json(out / "export.json", {"pruned": result.to_dict(), "dense_baseline": baseline.to_dict()})
@@ -132,7 +135,7 @@ def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.n
 
 
 def _validate(recipe: Recipe, out_dir: Path, onnx_path: Path, baseline_path: Path | None,
-              torch_model: torch.nn.Module | None, data: DataBundle, gates: GatesConfig) -> "ValidationResult":
+              torch_model: torch.nn.Module | None, data: DataBundle, gates: GatesConfig) -> ValidationResult:
     from wf_pipeline.deploy.validate import ValidationSettings, validate_model
     from wf_pipeline.reporting.validation_outputs import write_validation_outputs
 
@@ -165,7 +168,7 @@ def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, 
 @dataclass
 class OneshotOutcome:
     run_dir: Path
-    sweep: "SweepResult"
+    sweep: SweepResult
     files: dict[str, Path]
 
 
@@ -175,7 +178,8 @@ def run_oneshot(recipe: Recipe, sparsities: list[float], methods: list[str], *, 
     from wf_pipeline.oneshot import run_oneshot_sweep, write_sweep
 
     if recipe.output.run_name is None:
-        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"run_name": f"{recipe.name}-oneshot"})})
+        output = recipe.output.model_copy(update={"run_name": f"{recipe.name}-oneshot"})
+        recipe = recipe.model_copy(update={"output": output})
     check_recipe(recipe)
     run = open_run_dir(recipe, overwrite=overwrite, kind="oneshot")
     seed_everything(recipe.seed, recipe.deterministic)
@@ -190,7 +194,7 @@ def run_oneshot(recipe: Recipe, sparsities: list[float], methods: list[str], *, 
 # ===================================================================== validate
 @dataclass
 class ValidateOutcome:
-    result: "ValidationResult"
+    result: ValidationResult
     out_dir: Path
 
 

@@ -40,10 +40,13 @@ def run_dense_training(recipe: Recipe, run: RunDir, *, save_to: Path | None = No
     for epoch in range(start_epoch, cfg.epochs):
         task = f"train epoch {epoch + 1}/{cfg.epochs}"
         reporter.start(task, steps)
+
+        def show_loss(step: int, total: int, loss: float, task: str = task) -> None:
+            reporter.advance(task, step, f"loss {loss:.3f}")
+
         stats = train_epoch(
             model, data.train_batches(epoch, max_batches=cfg.steps_per_epoch), optimizer, cfg,
-            epoch=epoch, steps_per_epoch=steps, device=device,
-            progress=lambda s, total, loss, t=task: reporter.advance(t, s, f"loss {loss:.3f}"),
+            epoch=epoch, steps_per_epoch=steps, device=device, progress=show_loss,
         )
         reporter.finish(task)
         accuracy, test_loss = evaluate(model, data.test_batches(), device)

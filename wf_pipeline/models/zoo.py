@@ -4,8 +4,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,15 +67,22 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's stored size (typed tuple[int, ...] by torch) as the pair it holds."""
+    first, second = values
+    return first, second
+
+
 def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     """torchvision models take RGB; swap the stem for one with `in_channels` inputs."""
     found = _first_conv(model)
     if found is None or found[1].in_channels == in_channels:
         return
     name, conv = found
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
     new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+        in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
+        _pair(conv.dilation), conv.groups, conv.bias is not None, conv.padding_mode,
     )
     _set_submodule(model, name, new)
 
@@ -125,7 +133,8 @@ def _build_from_factory_path(cfg: ModelConfig, trust_code: bool) -> nn.Module:
                       "use 'package.module:factory' importable from the current folder") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise WFError(f"model.name: {module_name!r} has no callable {attr!r}", "name a function or class that builds the model")
+        raise WFError(f"model.name: {module_name!r} has no callable {attr!r}",
+                      "name a function or class that builds the model")
     return _call_factory(factory, cfg)
 
 
@@ -159,7 +168,7 @@ def resolve_builtin(weights: str) -> Path:
 
 
 def is_torchvision_weights_name(weights: str) -> bool:
-    return "_Weights." in weights and not Path(weights).suffix in {".pt", ".pth", ".bin"}
+    return "_Weights." in weights and Path(weights).suffix not in {".pt", ".pth", ".bin"}
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -190,11 +199,12 @@ def _torchvision_state_dict(weights: str) -> dict[str, torch.Tensor]:
     try:
         return enum_value.get_state_dict(progress=False, weights_only=True)
     except Exception as exc:  # no network: explain how to do it offline
-        raise WFError(f"model.weights: cannot fetch {weights} ({type(exc).__name__})",
-                      "no network here: download the file once elsewhere and set model.weights to its local path") from exc
+        hint = "no network here: download the file once elsewhere and set model.weights to its local path"
+        raise WFError(f"model.weights: cannot fetch {weights} ({type(exc).__name__})", hint) from exc
 
 
-def _adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor],
+                      cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Fit pretrained tensors to an adapted stem (channel count) and head (class count)."""
     own = model.state_dict()
     adapted: dict[str, torch.Tensor] = {}
@@ -209,10 +219,12 @@ def _adapt_state_dict(model: nn.Module, state: dict[str, torch.Tensor], cfg: Mod
             # Summing RGB filters is exact for a grey image replicated to 3 channels.
             summed = tensor.sum(dim=1, keepdim=True)
             adapted[key] = summed.repeat(1, target.shape[1], 1, 1) / target.shape[1]
-        elif tensor.dim() >= 1 and target.dim() == tensor.dim() and tensor.shape[0] != cfg.num_classes == target.shape[0]:
+        elif (tensor.dim() >= 1 and target.dim() == tensor.dim()
+              and tensor.shape[0] != cfg.num_classes == target.shape[0]):
             dropped.append(key)  # classifier head for another class count: keep our fresh head
         else:
-            raise WFError(f"model.weights: tensor {key} has shape {tuple(tensor.shape)}, model expects {tuple(target.shape)}",
+            raise WFError(f"model.weights: tensor {key} has shape {tuple(tensor.shape)}, "
+                          f"model expects {tuple(target.shape)}",
                           "the checkpoint was made for a different model.name / num_classes / in_channels")
     return adapted, dropped
 
@@ -227,14 +239,16 @@ def load_weights(model: nn.Module, cfg: ModelConfig) -> list[str]:
     else:
         path = Path(cfg.weights).expanduser()
         if not path.is_file():
-            raise WFError(f"model.weights: file not found: {path}", "give an existing checkpoint path (relative to the current folder)")
+            raise WFError(f"model.weights: file not found: {path}",
+                          "give an existing checkpoint path (relative to the current folder)")
         state = _load_state_dict_file(path)
     state, dropped = _adapt_state_dict(model, state, cfg)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in dropped]
     if cfg.strict_load and (missing or result.unexpected_keys):
         raise WFError(
-            f"model.weights: checkpoint does not fit {cfg.name}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}",
+            f"model.weights: checkpoint does not fit {cfg.name}: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}",
             "check model.name, or set model.strict_load: false",
         )
     return dropped + missing

@@ -63,7 +63,8 @@ def explain_validation_error(exc: ValidationError, source: str) -> RecipeError:
     if err["type"] == "extra_forbidden":
         message = "unknown field"
     where = "" if field == "<recipe>" else f"{field}: "  # whole-recipe checks name their fields in the message
-    return RecipeError(f"{source}: {where}{message}{shown}{extra}", _HINTS.get(err["type"], "see the recipe reference in README.md"))
+    return RecipeError(f"{source}: {where}{message}{shown}{extra}",
+                       _HINTS.get(err["type"], "see the recipe reference in README.md"))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -91,7 +92,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {item!r}: {part} is not a section", "override a leaf field such as pruning.final_sparsity")
+                raise RecipeError(f"--set {item!r}: {part} is not a section",
+                                  "override a leaf field such as pruning.final_sparsity")
             node = child
         node[parts[-1]] = value
     return out

@@ -5,7 +5,7 @@ Defaults follow the WoodFisher paper where it has one (dampening 1e-5, cubic sch
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -91,9 +91,10 @@ class DataConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _crop_fits(self) -> "DataConfig":
+    def _crop_fits(self) -> DataConfig:
         if self.resize_size is not None and self.dataset != "imagefolder":
-            raise ValueError("resize_size applies to dataset: imagefolder only (tensor datasets are resized to image_size)")
+            raise ValueError("resize_size applies to dataset: imagefolder only "
+                             "(tensor datasets are resized to image_size)")
         if self.resize_size is not None and self.image_size is not None and self.resize_size < self.image_size:
             raise ValueError(
                 f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size}): the crop is taken "
@@ -124,7 +125,8 @@ class LRPieceConfig(Strict):
     start_epoch: float = Field(ge=0, description="the first piece starts at 0, every other where the previous ends")
     end_epoch: float | None = Field(None, description="None: until the end of training (last piece only)")
     kind: Literal["constant", "linear", "cosine", "step", "exponential"] = Field(
-        description="linear/cosine go from lr to final_lr over the piece (a cosine piece after another is a warm restart)"
+        description="linear/cosine go from lr to final_lr over the piece "
+        "(a cosine piece after another is a warm restart)"
     )
     lr: float = Field(ge=0, description="rate at start_epoch")
     final_lr: float = Field(0.0, ge=0, description="linear/cosine: rate reached at end_epoch")
@@ -137,13 +139,14 @@ class LRPieceConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LRPieceConfig":
+    def _consistent(self) -> LRPieceConfig:
         if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
             raise ValueError(f"end_epoch ({self.end_epoch}) must be after start_epoch ({self.start_epoch})")
         # A value that the piece's kind never reads is a mistake, not a no-op.
         fields = type(self).model_fields
         unused = sorted(
-            name for name in self._unused_fields() if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+            name for name in self._unused_fields()
+            if getattr(self, name) != fields[name].get_default(call_default_factory=True)
         )
         if unused:
             raise ValueError(f"{', '.join(unused)} has no effect on a '{self.kind}' piece; remove it")
@@ -156,7 +159,7 @@ class LRPieceConfig(Strict):
                 raise ValueError(f"step epoch {epoch} is outside the piece ({self.start_epoch}, {self.end_epoch})")
         return self
 
-    def _unused_fields(self) -> set[str]:
+    def _unused_fields(self) -> frozenset[str]:
         return _LR_PIECE_VALUES - _LR_PIECE_USES[self.kind]
 
     @model_serializer(mode="wrap")
@@ -189,7 +192,7 @@ def _without_form_tag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
 
 
 LRSchedule = Annotated[
-    Union[Annotated[LRScheduleConfig, Tag("single")], Annotated[list[LRPieceConfig], Tag("pieces")]],
+    Annotated[LRScheduleConfig, Tag("single")] | Annotated[list[LRPieceConfig], Tag("pieces")],
     Discriminator(_lr_schedule_form),
 ]
 
@@ -214,13 +217,14 @@ class TrainingConfig(Strict):
             return handler(value)
         except ValidationError as exc:
             details = [
-                InitErrorDetails(type=err["type"], loc=_without_form_tag(err["loc"]), input=err["input"], ctx=err.get("ctx", {}))
+                InitErrorDetails(type=err["type"], loc=_without_form_tag(err["loc"]), input=err["input"],
+                                 ctx=err.get("ctx", {}))
                 for err in exc.errors()
             ]
             raise ValidationError.from_exception_data(exc.title, details) from None
 
     @model_validator(mode="after")
-    def _pieces_cover_training(self) -> "TrainingConfig":
+    def _pieces_cover_training(self) -> TrainingConfig:
         pieces = self.lr_schedule
         if not isinstance(pieces, list):
             return self
@@ -253,7 +257,8 @@ class TrainingConfig(Strict):
         if "lr" in self.optimizer.model_fields_set and self.optimizer.lr != first_lr:
             raise ValueError(
                 f"optimizer.lr ({self.optimizer.lr}) differs from the rate of the first lr_schedule piece "
-                f"({first_lr}); with a list of pieces each piece sets its rate: change the pieces and remove optimizer.lr"
+                f"({first_lr}); with a list of pieces each piece sets its rate: "
+                "change the pieces and remove optimizer.lr"
             )
         self.optimizer.lr = first_lr
         return self
@@ -268,7 +273,7 @@ class ScheduleConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _order(self) -> "ScheduleConfig":
+    def _order(self) -> ScheduleConfig:
         if self.end_epoch < self.start_epoch:
             raise ValueError(
                 f"end_epoch ({self.end_epoch}) must be >= start_epoch ({self.start_epoch})"
@@ -301,7 +306,7 @@ class PruningGroupConfig(Strict):
         return _compiled_regexes(patterns)
 
     @model_validator(mode="after")
-    def _sparsity_order(self) -> "PruningGroupConfig":
+    def _sparsity_order(self) -> PruningGroupConfig:
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})"
@@ -340,7 +345,8 @@ class WoodFisherConfig(Strict):
         "step is scaled down to it; it grows like damp^-1/2); 0 = no first-order step (WoodFisher's update)",
     )
     nonfinite: Literal["error", "skip"] = Field(
-        "error", description="a Fisher gradient with NaN/Inf: stop naming it, or skip it (replaced by more samples, count reported)"
+        "error", description="a Fisher gradient with NaN/Inf: stop naming it, or skip it "
+        "(replaced by more samples, count reported)"
     )
     memory_budget_gb: float | None = Field(
         None, gt=0, description="memory (GB) one WoodFisher step may allocate for Fisher statistics, gradient chunks "
@@ -380,7 +386,7 @@ class PruningConfig(Strict):
         return _compiled_regexes(patterns)
 
     @model_validator(mode="after")
-    def _sparsity_order(self) -> "PruningConfig":
+    def _sparsity_order(self) -> PruningConfig:
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})"
@@ -407,7 +413,8 @@ class ExportConfig(Strict):
     enabled: bool = True
     opset: int = Field(17, ge=9, le=23)
     filename: str = Field("model.onnx", description="file name of the deployable model inside the run's export/ folder")
-    sparse_storage: bool = Field(True, description="store zero-heavy weights compactly (bitmask + non-zeros, checker-clean)")
+    sparse_storage: bool = Field(
+        True, description="store zero-heavy weights compactly (bitmask + non-zeros, checker-clean)")
     sparse_threshold: float = Field(0.5, ge=0, le=1, description="min zero fraction to store a weight compactly")
     dynamic_batch: bool = True
 
@@ -483,7 +490,7 @@ class Recipe(Strict):
         return _plain_name(name, "name")
 
     @model_validator(mode="after")
-    def _schedule_within_finetune(self) -> "Recipe":
+    def _schedule_within_finetune(self) -> Recipe:
         if self.pruning.method != "none":
             for index, schedule in enumerate(self.pruning.schedules()):
                 where = "pruning.schedule" if not self.pruning.groups else f"pruning.groups[{index}].schedule"
