@@ -411,7 +411,9 @@ class BlockGramAccumulator(_StatisticsMixin):
         ids = self._low_ids()[rows]
         sums = self.gram.index_select(0, rows)
         self._carried[ids] = unit_roundoff(self.dtype) * math.sqrt(self.ranks * self.adds + 1) * frobenius_norms(sums)
-        self.high = torch.cat([self.high, sums.double()])
+        promoted = sums.double()
+        del sums
+        self.high = promoted if not self.high.numel() else torch.cat([self.high, promoted])
         self.high_index = torch.cat([self.high_index, ids])
         self.stale[rows] = True
         if float(self.stale.float().mean()) > 0.25:  # stop computing dead rows once they cost more than a copy
@@ -467,7 +469,10 @@ class BlockGramAccumulator(_StatisticsMixin):
         if self.damp is not None and damp != self.damp:
             raise ValueError(f"damp {damp} differs from the {self.damp} this accumulator planned its precision for")
         K = self.layout.num_blocks
-        if bool(self.stale.any()):
+        in_place = self.low_index is None  # the buffer still has a row per block: reuse it for the result
+        if in_place:
+            self.gram[self.stale] = 0  # rows moved to float64: invert λI there (trivially), overwritten below
+        elif bool(self.stale.any()):
             self._compact()
         # Planned blocks only exceed rtol where even float64 cannot hold them: jitter those. Without a
         # plan, blocks beyond rtol are kept as they are (and reported): jitter would move them further
@@ -475,7 +480,7 @@ class BlockGramAccumulator(_StatisticsMixin):
         repair_above = self.rtol if self.damp is not None else UNPLANNED_REPAIR_ABOVE
         low_ids, high_ids = self._low_ids(), self.high_index
         scale = math.sqrt(self.ranks * self.adds + 1)
-        total = K
+        total = self.gram.shape[0] + self.high.shape[0]
         done = {"n": 0}
 
         def invert(mats: Tensor, ids: Tensor, u: float, carried: Tensor | None) -> list[dict[str, Any]]:
@@ -510,8 +515,10 @@ class BlockGramAccumulator(_StatisticsMixin):
             working_dtype=_dtype_name(self.dtype) if not high_ids.numel() else f"{_dtype_name(self.dtype)}+float64",
             route="fast",
         )
-        if not high_ids.numel():
+        if in_place:
             blocks = self.gram  # inverted in place: the buffer now belongs to the inverse
+            if high_ids.numel():
+                blocks[high_ids] = self.high.to(self.dtype)
         else:
             blocks = torch.empty(K, self.layout.block_size, self.layout.block_size, dtype=self.dtype,
                                  device=self.gram.device)
