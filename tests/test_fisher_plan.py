@@ -22,19 +22,23 @@ def _blocks(inputs: PlanInputs) -> list[tuple[int, int]]:
     return out
 
 
-def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, revisit: str) -> tuple[int, int]:
+def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, revisit: str,
+                 gradient_spill: bool = False) -> tuple[int, int]:
     """collect(g) and update(g) from the module doc's table, computed independently of the planner."""
     blocks = _blocks(inputs)[start:stop]
     layers = {layer for layer, _ in blocks}
     touched = sum(inputs.sizes[i] for i in layers)
     weights = sum(w for _, w in blocks)
     B, d = inputs.block_size, inputs.dim
-    per_block = B * B * inputs.stat_bytes if inputs.representation() == "gram" else inputs.num_grads * B * inputs.grad_bytes
+    gram = inputs.representation() == "gram"
+    per_block = B * B * inputs.stat_bytes if gram else inputs.num_grads * B * inputs.grad_bytes
     stats = per_block * len(blocks)
     vectors = 8 * inputs.vectors * d
-    promoted = inputs.stat_bytes if inputs.representation() == "gram" and inputs.stat_bytes != inputs.grad_bytes else 0
+    promoted = inputs.stat_bytes if gram and inputs.stat_bytes != inputs.grad_bytes else 0
     chunk = int(n * inputs.grad_batch_size * inputs.activation_bytes * 1.5) + n * (3 * inputs.grad_bytes + promoted) * touched
     chunk += 8 * inputs.grad_bytes * touched  # the first chunk's check against autograd on two samples
+    if gradient_spill:  # rows read back a chunk at a time instead of a gradient pass
+        chunk = len(blocks) * n * B * (inputs.grad_bytes + promoted)
     slices = inputs.slice_bytes()
     collect = cache + vectors + stats + chunk + slices
     update = cache + vectors + 32 * d + stats + 48 * weights + slices + (chunk if revisit == "recompute" else 0)
@@ -74,55 +78,70 @@ def test_ample_budget_keeps_everything_in_one_pass_with_exact_peaks() -> None:
     assert plan.peak_bytes == plan.phase_bytes["collect"]
 
 
-@pytest.mark.parametrize("revisit_space", [None, 10**12])
+ROWS_AND_INVERSES = 10**12  # free disk for gradient rows and inverses
+INVERSES_ONLY = "inverses"  # free disk for the inverses but not the gradient rows as well
+
+
+@pytest.mark.parametrize("disk", [None, ROWS_AND_INVERSES, INVERSES_ONLY])
 @pytest.mark.parametrize("stat_bytes,num_grads", [(4, 200), (8, 32)])
-def test_tight_budget_packs_groups_greedily_within_the_budget(revisit_space, stat_bytes, num_grads) -> None:
-    inputs = _inputs(sizes=[1000, 300, 2500, 70], stat_bytes=stat_bytes, num_grads=num_grads,
-                     spill_free_bytes=revisit_space)
+def test_tight_budget_packs_groups_greedily_within_the_budget(disk, stat_bytes, num_grads) -> None:
+    base = _inputs(sizes=[1000, 300, 2500, 70], stat_bytes=stat_bytes, num_grads=num_grads)
+    stats_total = len(_blocks(base)) * base.block_bytes()
+    free = int(1.2 * stats_total) if disk == INVERSES_ONLY else disk
+    inputs = _inputs(sizes=[1000, 300, 2500, 70], stat_bytes=stat_bytes, num_grads=num_grads, spill_free_bytes=free)
     budget = smallest_budget(inputs) + 3 * inputs.block_bytes()
     plan = make_plan(inputs, budget)
-    expected_revisit = "recompute" if revisit_space is None else "disk"
-    assert len(plan.groups) >= 2 and plan.revisit == expected_revisit
+    assert len(plan.groups) >= 2 and plan.revisit == ("recompute" if disk is None else "disk")
+    assert plan.gradient_spill == (disk == ROWS_AND_INVERSES)
     assert plan.representation == inputs.representation()
     # Groups tile the blocks in order.
     assert plan.groups[0].start == 0 and plan.groups[-1].stop == len(_blocks(inputs))
-    assert all(a.stop == b.start for a, b in zip(plan.groups, plan.groups[1:]))
+    assert all(a.stop == b.start for a, b in zip(plan.groups, plan.groups[1:], strict=False))
     assert sum(g.weights for g in plan.groups) == inputs.dim
-    assert plan.stats_bytes == sum(g.stats_bytes for g in plan.groups) == len(_blocks(inputs)) * inputs.block_bytes()
-    # The whole sample set is cached for the repeated passes.
-    assert plan.cache_bytes == inputs.num_grads * inputs.input_bytes
+    assert plan.stats_bytes == sum(g.stats_bytes for g in plan.groups) == stats_total
+    # Repeated passes see the same cached samples; one pass that spills its gradients needs no cache.
+    assert plan.cache_bytes == (0 if plan.gradient_spill else inputs.num_grads * inputs.input_bytes)
     for i, group in enumerate(plan.groups):
-        collect, update = _group_bytes(inputs, group.start, group.stop, plan.chunk_size, plan.cache_bytes, plan.revisit)
+        collect, update = _group_bytes(inputs, group.start, group.stop, plan.chunk_size, plan.cache_bytes,
+                                       plan.revisit, plan.gradient_spill)
         assert collect <= budget and update <= budget
         if i < len(plan.groups) - 1:  # greedy: one more block would not have fitted
-            more = _group_bytes(inputs, group.start, group.stop + 1, plan.chunk_size, plan.cache_bytes, plan.revisit)
+            more = _group_bytes(inputs, group.start, group.stop + 1, plan.chunk_size, plan.cache_bytes, plan.revisit,
+                                plan.gradient_spill)
             assert max(more) > budget
     assert plan.peak_bytes <= budget
     revisited = len(plan.groups) - plan.keep_last
-    assert plan.gradient_passes == len(plan.groups) + (revisited if plan.revisit == "recompute" else 0)
-    if plan.revisit == "disk":
-        assert plan.spill_bytes == plan.stats_bytes - (plan.groups[-1].stats_bytes if plan.keep_last else 0)
+    if plan.gradient_spill:
+        assert plan.gradient_passes == 1
+        # The one pass holds a chunk of every layer's gradients.
+        single = 8 * inputs.dim + int(plan.chunk_size * inputs.activation_bytes * 1.5)
+        single += (plan.chunk_size * 3 + 8) * inputs.grad_bytes * inputs.dim
+        assert plan.phase_bytes["pass"] == math.ceil(single * 1.05)
+        rows = inputs.num_grads * len(_blocks(inputs)) * inputs.block_size * inputs.grad_bytes
+        assert plan.spill_bytes == rows + stats_total - (plan.groups[-1].stats_bytes if plan.keep_last else 0)
+    else:
+        assert plan.gradient_passes == len(plan.groups) + (revisited if plan.revisit == "recompute" else 0)
+        if plan.revisit == "disk":
+            assert plan.spill_bytes == stats_total - (plan.groups[-1].stats_bytes if plan.keep_last else 0)
 
 
 def test_chunk_choice(monkeypatch) -> None:
-    """One pass in memory first; among streamed plans chunks of >= 8, then fewest groups, then the largest chunk."""
+    """Chunks of >= 8 first, even if a smaller chunk would keep everything in memory; then the largest chunk."""
     inputs = _inputs(sizes=[1000, 300, 2500, 70], activation_bytes=20_000, max_chunk=64, num_grads=256,
                      spill_free_bytes=10**12)
     assert make_plan(inputs, 10**9).chunk_size == 64  # room for the recipe's chunk: take it
-    single = make_plan(inputs, smallest_budget(inputs) * 2)
+    single = make_plan(inputs, smallest_budget(inputs) * 3)
     assert single.revisit == "none" and len(single.groups) == 1
-    # Where every plan streams, a chunk of 8 is preferred to a smaller one that would need fewer groups
-    # (one-sample chunks make Gram accumulation memory-bound).
+    # Where only a chunk below 8 would keep everything in memory, the plan streams with chunks of 8
+    # instead (one-sample chunks make every pass slow and Gram accumulation memory-bound).
     found = 0
     for budget in range(smallest_budget(inputs), single.budget_bytes, 100_000):
         plan = make_plan(inputs, budget)
-        if plan.revisit == "none":
-            continue
         with monkeypatch.context() as patch:
             patch.setattr(planner, "MIN_CHUNK", 1)
             narrow = make_plan(inputs, budget)
-        if len(narrow.groups) < len(plan.groups):
-            assert plan.chunk_size >= 8 > narrow.chunk_size
+        if narrow.revisit == "none" and plan.revisit != "none":
+            assert plan.chunk_size >= 8 > narrow.chunk_size and plan.streamed
             found += 1
     assert found
     assert 8 in planner._chunk_candidates(inputs) and min(planner._chunk_candidates(inputs)) == 1
@@ -132,7 +151,8 @@ def test_disk_when_there_is_room_else_recompute() -> None:
     sizes = [1000, 300, 2500, 70]
     tight = smallest_budget(_inputs(sizes=sizes))
     assert make_plan(_inputs(sizes=sizes), tight).revisit == "recompute"  # no place to spill
-    assert make_plan(_inputs(sizes=sizes, spill_free_bytes=10**12), tight).revisit == "disk"
+    spilled = make_plan(_inputs(sizes=sizes, spill_free_bytes=10**12), tight)
+    assert spilled.revisit == "disk" and spilled.gradient_spill and spilled.gradient_passes == 1
     assert make_plan(_inputs(sizes=sizes, spill_free_bytes=1000), tight).revisit == "recompute"  # disk too small
 
 
@@ -153,7 +173,7 @@ def test_summary_is_one_line_with_the_plan() -> None:
     plan = make_plan(_inputs(sizes=sizes, spill_free_bytes=10**12), smallest_budget(_inputs(sizes=sizes)))
     line = plan.summary()
     assert "\n" not in line and f"{len(plan.groups)} groups" in line and f"chunks of {plan.chunk_size}" in line
-    assert "Gram blocks" in line and "expected peak" in line and "disk" in line
+    assert "Gram blocks" in line and "expected peak" in line and "spilled to disk" in line
     record = plan.to_dict()
     assert record["gradient_passes"] == plan.gradient_passes and record["summary"] == line
     assert len(record["groups"]) == len(plan.groups)

@@ -43,27 +43,40 @@ def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith("weight")}
 
 
-def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, min_groups: int = 3) -> FisherPlan:
-    """A budget so small that the blocks need at least `min_groups` passes (chunks of 2 or more, to stay quick)."""
+SPILL_ROWS, SPILL_INVERSES, RECOMPUTE = "spill-rows", "spill-inverses", "recompute"
+
+
+def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, mode: str, min_groups: int = 3) -> FisherPlan:
+    """A budget so small that the blocks need at least `min_groups` groups (chunks of 2 or more, to stay quick).
+
+    `mode`: one pass spilling gradient rows; a pass per group spilling inverses (the disk then pretends
+    to have room for the inverses only); a pass per group recomputed (no spill folder).
+    """
     inputs = measure_plan_inputs(job, max_chunk=chunk, spill_root=spill)
+    if mode == SPILL_INVERSES:
+        stats_total = inputs.block_bytes() * sum(inputs.blocks_per_layer)
+        inputs = replace(inputs, spill_free_bytes=int(1.2 * stats_total))
     low = smallest_budget(inputs)
     high = next(b for b in range(low, 100 * low, max(1, low // 50)) if plan_within(inputs, b).revisit == "none")
     for budget in range(high, low, -max(1, low // 200)):  # the roomiest budget that still needs the groups
         plan = plan_within(inputs, budget)
-        if plan is not None and plan.chunk_size >= 2 and len(plan.groups) >= min_groups:
+        if plan is None or plan.chunk_size < 2 or len(plan.groups) < min_groups:
+            continue
+        if plan.gradient_spill == (mode == SPILL_ROWS) and plan.revisit == ("recompute" if mode == RECOMPUTE else "disk"):
             plan.spill_root = None if spill is None else str(spill)
             return plan
     raise AssertionError("no budget gives the wanted plan")
 
 
 def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, chunk: int, sparsity: float,
-                    spill: Path | None, fisher_type: str = "empirical") -> tuple[FisherPlan, float | None, MaskSet]:
+                    spill: Path | None, mode: str, fisher_type: str = "empirical",
+                    ) -> tuple[FisherPlan, float | None, MaskSet]:
     params = _weights(model)
     masks = MaskSet.dense(params)
     dtype = accumulation_dtype(num_grads, block, torch.float32)
     job = FisherJob(model, params, masks.masks, _batches(), num_grads, block, DAMP, dtype, fisher_type=fisher_type,
                     generator=torch.Generator().manual_seed(5))
-    plan = _streamed_plan(job, chunk, spill)
+    plan = _streamed_plan(job, chunk, spill, mode)
     taylor = method == "woodtaylor"
     with collect_grouped_inverse(job, plan, with_grad_mean=taylor) as grouped:
         weights = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(grouped.dtype)
@@ -107,24 +120,28 @@ def _assert_same(reference: nn.Module, budgeted: nn.Module, ref_masks: MaskSet, 
     assert float((a - b).abs().max()) <= 1e-6 * float(a.abs().max())
 
 
-@pytest.mark.parametrize("revisit", ["disk", "recompute"])
+@pytest.mark.parametrize("mode", [SPILL_ROWS, SPILL_INVERSES, RECOMPUTE])
 @pytest.mark.parametrize("num_grads", [64, 16])  # N >= B: Gram blocks; N < B: stored gradients (low-rank form)
-def test_many_passes_equal_the_in_memory_step(tmp_path: Path, revisit: str, num_grads: int) -> None:
+def test_many_groups_equal_the_in_memory_step(tmp_path: Path, mode: str, num_grads: int) -> None:
     block, chunk = 64, 16
     reference, budgeted = _model(), _model()
     plan, predicted, masks = _budgeted_prune(budgeted, "woodfisher", num_grads, block, chunk, 0.7,
-                                             tmp_path / "run" if revisit == "disk" else None)
+                                             None if mode == RECOMPUTE else tmp_path / "run", mode)
+    assert len(plan.groups) >= 3
+    assert plan.gradient_passes == (1 if mode == SPILL_ROWS else len(plan.groups) * (2 if mode == RECOMPUTE else 1)
+                                    - (1 if mode == RECOMPUTE and plan.keep_last else 0))
+    assert plan.representation == ("gram" if num_grads >= block else "lowrank")
     # The in-memory step with the same chunks (fp32 sums in another order differ by rounding alone).
     report, ref_masks = _in_memory_prune(reference, "woodfisher", num_grads, block, plan.chunk_size, 0.7)
-    assert plan.revisit == revisit and len(plan.groups) >= 3
-    assert plan.representation == ("gram" if num_grads >= block else "lowrank")
     _assert_same(reference, budgeted, ref_masks, masks)
     assert predicted == pytest.approx(report.predicted_loss_increase, rel=1e-6)
 
 
-def test_woodtaylor_and_true_fisher_stream_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [SPILL_ROWS, SPILL_INVERSES])
+def test_woodtaylor_and_true_fisher_stream_too(tmp_path: Path, mode: str) -> None:
     reference, budgeted = _model(), _model()
-    plan, predicted, masks = _budgeted_prune(budgeted, "woodtaylor", 64, 64, 16, 0.6, tmp_path, fisher_type="true")
+    plan, predicted, masks = _budgeted_prune(budgeted, "woodtaylor", 64, 64, 16, 0.6, tmp_path, mode,
+                                             fisher_type="true")
     # The streamed engine does not cap WoodTaylor's Newton step yet: compare with the uncapped in-memory step.
     report, ref_masks = _in_memory_prune(reference, "woodtaylor", 64, 64, plan.chunk_size, 0.6, fisher_type="true",
                                          newton_step_cap=float("1e30"))

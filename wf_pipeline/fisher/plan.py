@@ -3,11 +3,14 @@
 Every block of the block-diagonal Fisher is held either as its Gram matrix (``B²`` numbers, inverted
 in place) or, when there are fewer gradients than the block size, as the ``N`` gradient rows themselves
 (``N·B`` numbers; the inverse follows per block from the low-rank form). Each layer takes the smaller.
-When all blocks do not fit the budget at once, consecutive blocks are packed into groups and each group
-gets its own pass over the same Fisher samples (kept in a small cache). Global ranking needs only the
-inverse's diagonal, so a pass keeps the diagonal and lets its group go; the update phase then revisits
-the groups, read back from a spill file in the run directory (``disk``) or computed again from the
-cached samples (``recompute``). The last group stays in memory through the ranking when it fits.
+When all blocks do not fit the budget at once, consecutive blocks are packed into groups. Where a spill
+folder with room is given, one gradient pass writes each group's gradient rows to disk and each group is
+then built from its rows read back (``gradient_spill``: a pass costs far more than reading its rows);
+otherwise each group gets its own pass over the same Fisher samples (kept in a small cache). Global
+ranking needs only the inverse's diagonal, so each group keeps the diagonal and lets its statistics go;
+the update phase then revisits the groups, read back from a spill file in the run directory (``disk``)
+or computed again from the cached samples (``recompute``). The last group stays in memory through the
+ranking when it fits.
 
 Memory model, in bytes the step allocates (the model and the process's own footprint excluded):
 
@@ -32,9 +35,13 @@ autograd on two samples (about eight more gradient copies).
 
 Every phase gets 5% on top for the allocator (freed memory is not always returned at once).
 
-Choice: one pass with everything kept in memory if anything fits, else spill to disk (when a spill folder
-with room is given), else recompute; within that, chunks of at least 8 gradients before smaller ones,
-then the fewest groups, then the largest chunk (at most the recipe's ``chunk_size``).
+With ``gradient_spill`` the one pass holds ``vectors + chunk(n, all layers)`` and a group's collect phase
+reads its rows back a chunk at a time instead of holding a chunk of gradients.
+
+Choice: chunks of at least 8 gradients before smaller ones (small chunks make every pass slow and Gram
+accumulation memory-bound); then one pass with everything kept in memory, else one pass with gradients
+spilled, else a pass per group spilled to disk, else recomputed; then the fewest groups, then the largest
+chunk (at most the recipe's ``chunk_size``).
 """
 from __future__ import annotations
 
@@ -63,7 +70,6 @@ GRADIENT_COPIES = 3  # per sample and weight in a chunk: engine rows, a layer's 
 CHECK_COPIES = 8  # per weight: a pass's first chunk is checked on two samples, ~4 copies each (fisher.gradients)
 MIN_CHUNK = 8  # smaller chunks make Gram accumulation memory-bound; used only when nothing else fits
 SPILL_MARGIN = 1.1  # free disk wanted per spilled byte
-REVISITS = ("none", "disk", "recompute")
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,11 @@ class PlanInputs:
     def activation_chunk_bytes(self, n: int) -> int:
         return int(n * self.grad_batch_size * self.activation_bytes * ACTIVATION_FACTOR)
 
+    def read_bytes_per_block(self, n: int) -> int:
+        """One block's share of a chunk of gradient rows read back from disk (and its promoted copy)."""
+        promoted = self.stat_bytes if self.representation() == "gram" and self.stat_bytes != self.grad_bytes else 0
+        return n * self.block_size * (self.grad_bytes + promoted)
+
     def chunk_bytes(self, n: int, layer_weights: int) -> int:
         return self.activation_chunk_bytes(n) + self.chunk_bytes_per_weight(n) * layer_weights
 
@@ -152,9 +163,10 @@ class FisherPlan:
     groups: list[BlockGroup]
     revisit: str  # none | disk | recompute
     keep_last: bool
+    gradient_spill: bool  # one gradient pass; each group's gradient rows go to disk and are read back
     cache_bytes: int
     stats_bytes: int  # all groups together
-    spill_bytes: int
+    spill_bytes: int  # group inverses written for the update (and gradient rows, with gradient_spill)
     phase_bytes: dict[str, int]  # peak of each phase
     num_grads: int
     block_size: int
@@ -170,21 +182,29 @@ class FisherPlan:
 
     @property
     def gradient_passes(self) -> int:
-        """Passes over the N Fisher samples: one per group, again for every recomputed group."""
+        """Passes over the Fisher samples: one per group (one in all with gradient_spill), again per recomputed one."""
+        if self.gradient_spill:
+            return 1
         revisited = len(self.groups) - (1 if self.keep_last else 0)
         return len(self.groups) + (revisited if self.revisit == "recompute" else 0)
 
     @property
     def streamed(self) -> bool:
-        return len(self.groups) > 1 or not self.keep_last
+        """Anything but one pass with all statistics in memory (the in-memory route)."""
+        return len(self.groups) > 1 or not self.keep_last or self.gradient_spill
 
     def summary(self) -> str:
         """One line for the log: representation, passes, chunk, revisit and the expected peak."""
         kind = "Gram blocks d·B" if self.representation == "gram" else "stored gradients N·d (low-rank)"
         groups = len(self.groups)
         largest = max(g.stats_bytes for g in self.groups)
-        revisit = {"none": "kept in memory", "disk": f"revisited from disk ({_gb(self.spill_bytes)} spilled)",
-                   "recompute": "revisited by recomputing"}[self.revisit]
+        kept = len(self.groups) == 1 and self.keep_last
+        revisit = {"disk": "revisited from disk", "recompute": "recomputed for the update"}.get(self.revisit, "")
+        revisit = "kept in memory" if kept or not revisit else revisit
+        if self.gradient_spill:
+            revisit = f"built from gradient rows spilled to disk, {revisit}"
+        if self.spill_bytes:
+            revisit += f" ({_gb(self.spill_bytes)} written)"
         base = f" + {_gb(self.baseline_bytes)} resident" if self.baseline_bytes else ""
         return (
             f"Fisher plan: {self.dim:,} weights in {self.num_layers} layers, {kind}, "
@@ -207,34 +227,40 @@ def _gb(nbytes: float) -> str:
 
 
 # ===================================================================== packing
-def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> list[BlockGroup] | None:
-    """Greedy: as many consecutive blocks per group as fit both collect(g) and update(g); None if a block never fits."""
+def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int,
+          gradient_spill: bool = False) -> list[BlockGroup] | None:
+    """Greedy: as many consecutive blocks per group as fit both collect(g) and update(g); None if a block never fits.
+
+    With `gradient_spill` a group is built from its rows read back a chunk at a time (``n·B`` numbers per
+    block), not from a gradient pass, so its collect phase holds no activations.
+    """
     B = inputs.block_size
     per_block = inputs.block_bytes()
     vectors = inputs.vectors * VECTOR_BYTES * inputs.dim
-    fixed_collect = cache + vectors + inputs.slice_bytes() + inputs.activation_chunk_bytes(n)
+    fixed_collect = cache + vectors + inputs.slice_bytes() + (0 if gradient_spill else inputs.activation_chunk_bytes(n))
     fixed_update = cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + inputs.slice_bytes()
-    grad_per_weight = inputs.chunk_bytes_per_weight(n)
+    grad_per_weight = 0 if gradient_spill else inputs.chunk_bytes_per_weight(n)
+    per_block_collect = per_block + (inputs.read_bytes_per_block(n) if gradient_spill else 0)
     groups: list[BlockGroup] = []
     start = block = 0
-    stats = weights = layer_weights = 0
+    stats = weights = layer_weights = reading = 0
     layers: list[int] = []
 
     def close() -> None:
-        nonlocal start, stats, weights, layer_weights, layers
+        nonlocal start, stats, weights, layer_weights, layers, reading
         groups.append(BlockGroup(start, block, tuple(layers), stats, weights))
-        start, stats, weights, layer_weights, layers = block, 0, 0, 0, []
+        start, stats, weights, layer_weights, layers, reading = block, 0, 0, 0, [], 0
 
     for layer, (size, count) in enumerate(zip(inputs.sizes, inputs.blocks_per_layer, strict=True)):
         left = count
         while left:
             touched = layer_weights + (0 if layer in layers else size)
-            room_collect = budget - fixed_collect - stats - grad_per_weight * touched
+            room_collect = budget - fixed_collect - stats - reading - grad_per_weight * touched
             room_update = budget - fixed_update - stats - GROUP_UPDATE_BYTES_PER_WEIGHT * weights
             per_update = per_block + GROUP_UPDATE_BYTES_PER_WEIGHT * B
             if revisit == "recompute":
                 room_update -= inputs.activation_chunk_bytes(n) + grad_per_weight * touched
-            fit = min(room_collect // per_block, room_update // per_update, left)
+            fit = min(room_collect // per_block_collect, room_update // per_update, left)
             if fit <= 0:
                 if not layers:
                     return None  # not even one block of this layer fits on its own
@@ -246,6 +272,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int) -> 
             done = count - left  # blocks of this layer already placed
             weights += min(size, (done + fit) * B) - done * B
             stats += fit * per_block
+            reading += fit * (per_block_collect - per_block)
             block += fit
             left -= fit
     if layers:
@@ -264,14 +291,20 @@ def _chunk_candidates(inputs: PlanInputs) -> list[int]:
 
 
 def _phase_bytes(
-    inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: str, keep_last: bool, cache: int
+    inputs: PlanInputs, groups: list[BlockGroup], n: int, revisit: str, keep_last: bool, cache: int,
+    gradient_spill: bool = False,
 ) -> dict[str, int]:
     vectors = inputs.vectors * VECTOR_BYTES * inputs.dim
     slices = inputs.slice_bytes()
 
     def chunk(g: BlockGroup) -> int:
+        if gradient_spill:  # the group's rows read back a chunk at a time
+            return (g.stop - g.start) * inputs.read_bytes_per_block(n)
         return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers))
 
+    phases = {}
+    if gradient_spill:  # the one gradient pass, over every layer, writing rows to disk
+        phases["pass"] = vectors + inputs.chunk_bytes(n, inputs.dim)
     collect = max(cache + vectors + g.stats_bytes + chunk(g) + slices for g in groups)
     rank = cache + vectors + RANK_BYTES_PER_WEIGHT * inputs.dim + (groups[-1].stats_bytes if keep_last else 0)
     update = max(
@@ -280,33 +313,34 @@ def _phase_bytes(
         + slices + (chunk(g) if revisit == "recompute" and not (keep_last and g is groups[-1]) else 0)
         for g in groups
     )
-    return {"collect": collect, "rank": rank, "update": update}
+    return phases | {"collect": collect, "rank": rank, "update": update}
 
 
-def _try(inputs: PlanInputs, budget: int, revisit: str) -> FisherPlan | None:
-    """The plan for one revisit mode: chunks >= MIN_CHUNK when possible, then fewest groups, then the largest chunk."""
+def _try(inputs: PlanInputs, budget: int, revisit: str, gradient_spill: bool, wide: bool) -> FisherPlan | None:
+    """The plan for one mode with chunks of at least MIN_CHUNK (`wide`) or smaller: fewest groups, largest chunk."""
     best: tuple[int, int, list[BlockGroup], int] | None = None  # (groups, -n, groups, cache)
     candidates = _chunk_candidates(inputs)
     floor = min(MIN_CHUNK, candidates[0])
-    for wide in (True, False):  # chunks >= floor first; smaller chunks only if nothing else fits
-        for n in candidates:
-            if (n >= floor) != wide:
+    for n in candidates:
+        if (n >= floor) != wide:
+            continue
+        usable = int(budget / (1 + ALLOCATOR_SLACK))
+        single_pass = inputs.vectors * VECTOR_BYTES * inputs.dim + inputs.chunk_bytes(n, inputs.dim)
+        if gradient_spill and single_pass > usable:
+            continue  # the single pass over all layers must fit too
+        for cache_on in (False, True):
+            cache = inputs.num_grads * inputs.grad_batch_size * inputs.input_bytes if cache_on else 0
+            groups = _pack(inputs, usable, n, revisit, cache, gradient_spill)
+            if groups is None:
                 continue
-            for cache_on in (False, True):
-                cache = inputs.num_grads * inputs.grad_batch_size * inputs.input_bytes if cache_on else 0
-                groups = _pack(inputs, int(budget / (1 + ALLOCATOR_SLACK)), n, revisit, cache)
-                if groups is None:
-                    continue
-                needs_cache = len(groups) > 1 or revisit == "recompute"
-                if needs_cache != cache_on:
-                    continue
-                if revisit == "none" and len(groups) > 1:
-                    continue
-                key = (len(groups), -n)
-                if best is None or key < (best[0], best[1]):
-                    best = (len(groups), -n, groups, cache)
-        if best is not None:
-            break
+            needs_cache = not gradient_spill and (len(groups) > 1 or revisit == "recompute")
+            if needs_cache != cache_on:
+                continue
+            if revisit == "none" and len(groups) > 1:
+                continue
+            key = (len(groups), -n)
+            if best is None or key < (best[0], best[1]):
+                best = (len(groups), -n, groups, cache)
     if best is None:
         return None
     _, neg_n, groups, cache = best
@@ -316,29 +350,38 @@ def _try(inputs: PlanInputs, budget: int, revisit: str) -> FisherPlan | None:
         if revisit == "none" and not keep_last:
             return None
         phases = {phase: math.ceil(need * (1 + ALLOCATOR_SLACK))
-                  for phase, need in _phase_bytes(inputs, groups, n, revisit, keep_last, cache).items()}
+                  for phase, need in _phase_bytes(inputs, groups, n, revisit, keep_last, cache, gradient_spill).items()}
         if max(phases.values()) > budget:
             continue
         spill = stats_total - (groups[-1].stats_bytes if keep_last else 0) if revisit == "disk" else 0
+        if gradient_spill:  # (one group too: the pass and the statistics are then never in memory together)
+            spill += inputs.num_grads * sum(inputs.blocks_per_layer) * inputs.block_size * inputs.grad_bytes
         if revisit == "disk" and (inputs.spill_free_bytes is None or spill * SPILL_MARGIN > inputs.spill_free_bytes):
             return None
-        if revisit != "none" and keep_last and len(groups) == 1:
+        if revisit != "none" and keep_last and len(groups) == 1 and not gradient_spill:
             continue  # everything kept: that is the 'none' plan
         return FisherPlan(
             budget_bytes=budget, representation=inputs.representation(), chunk_size=n, groups=groups,
-            revisit=revisit, keep_last=keep_last, cache_bytes=cache, stats_bytes=stats_total, spill_bytes=spill,
+            revisit=revisit, keep_last=keep_last, gradient_spill=gradient_spill, cache_bytes=cache,
+            stats_bytes=stats_total, spill_bytes=spill,
             phase_bytes=phases, num_grads=inputs.num_grads, block_size=inputs.block_size,
             num_layers=len(inputs.sizes), dim=inputs.dim,
         )
     return None
 
 
+MODES = (("none", False), ("disk", True), ("disk", False), ("recompute", False))  # (revisit, gradient_spill)
+
+
 def plan_within(inputs: PlanInputs, budget_bytes: int) -> FisherPlan | None:
-    """The plan that fits `budget_bytes`, preferring everything in memory, then disk, then recompute."""
-    for revisit in REVISITS:
-        plan = _try(inputs, int(budget_bytes), revisit)
-        if plan is not None:
-            return plan
+    """The plan that fits `budget_bytes`. Chunks of at least MIN_CHUNK gradients come first (smaller ones make
+    every pass slow); then, in order: everything in memory in one pass; one pass with gradient rows spilled to
+    disk; a pass per group with inverses spilled; a pass per group, recomputed for the update."""
+    for wide in (True, False):
+        for revisit, gradient_spill in MODES:
+            plan = _try(inputs, int(budget_bytes), revisit, gradient_spill, wide)
+            if plan is not None:
+                return plan
     return None
 
 

@@ -253,8 +253,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_tensor(tensor: Tensor, path: Path) -> None:
-    with open(path, "wb") as out:
+def _write_tensor(tensor: Tensor, path: Path, append: bool = False) -> None:
+    with open(path, "ab" if append else "wb") as out:
         tensor.detach().cpu().contiguous().numpy().tofile(out)
 
 
@@ -370,7 +370,8 @@ class _PeekedBatches:
 
 
 class _GroupSource:
-    """Gradient passes restricted to one group's layers, over a fixed set of Fisher samples."""
+    """A group's gradient rows: from a pass restricted to its layers over a fixed set of Fisher samples, or
+    read back from the rows one earlier pass over every layer spilled to disk (``plan.gradient_spill``)."""
 
     def __init__(self, job: FisherJob, plan: FisherPlan, layout: BlockLayout, batches: Batches) -> None:
         self.job, self.plan, self.layout = job, plan, layout
@@ -378,6 +379,65 @@ class _GroupSource:
         self.fisher_type = job.fisher_type
         self.names = list(job.params)
         self.passes_done = 0
+        self.spilled_rows: dict[int, Path] = {}  # group start block -> its rows on disk, chunk after chunk
+        self.chunk_rows: list[int] = []  # rows in each spilled chunk, in order
+
+    def _progress(self) -> Progress:
+        job = self.job
+        total = job.num_grads * self.plan.gradient_passes
+        base = job.num_grads * self.passes_done
+
+        def progress(_: str, done: int, __: int) -> None:
+            if job.progress is not None:
+                job.progress("gradients", base + done, total)
+
+        return progress
+
+    def _pass(self, params: dict[str, nn.Parameter], layout: BlockLayout) -> Iterator[Tensor]:
+        """Block-major gradient chunks of `params` over the N Fisher samples (gradient time booked)."""
+        job = self.job
+        engine = GradientStats()
+        chunks = iter_gradient_chunks(
+            job.model, params, self.batches, num_grads=job.num_grads, grad_batch_size=job.grad_batch_size,
+            chunk_size=self.plan.chunk_size, loss_fn=job.loss_fn, masks=job.masks, fisher_type=self.fisher_type,
+            generator=job.generator, progress=self._progress(), layout=layout, nonfinite=job.nonfinite, stats=engine,
+        )
+        while True:
+            t0 = time.perf_counter()
+            chunk = next(chunks, None)
+            job.add_time("gradients", time.perf_counter() - t0)
+            if chunk is None:
+                break
+            yield chunk
+        self.passes_done += 1
+        job.engine, job.skipped = engine.engine, job.skipped + engine.skipped
+
+    def spill_gradients(self, folder: Path) -> None:
+        """One pass over every layer; each group's block rows are appended to its own file, chunk by chunk."""
+        for group in self.plan.groups:
+            self.spilled_rows[group.start] = folder / f"rows-{group.start}.bin"
+        for chunk in self._pass(self.job.params, self.layout):
+            t0 = time.perf_counter()
+            for group in self.plan.groups:  # (blocks, n, B) slices along the first dimension: contiguous
+                _write_tensor(chunk[group.start : group.stop], self.spilled_rows[group.start], append=True)
+            self.chunk_rows.append(chunk.shape[1])
+            del chunk
+            self.job.add_time("spill", time.perf_counter() - t0)
+
+    def _read_back(self, group: BlockGroup) -> Iterator[Tensor]:
+        """The group's spilled rows, one chunk at a time as written (so sums run in the same order)."""
+        count, B = group.stop - group.start, self.layout.block_size
+        device = next(iter(self.job.params.values())).device
+        dtype = next(iter(self.job.params.values())).dtype
+        path = self.spilled_rows[group.start]
+        with open(path, "rb") as source:
+            for n in self.chunk_rows:
+                t0 = time.perf_counter()
+                buffer = torch.empty(count, n, B, dtype=dtype)
+                source.readinto(buffer.numpy().data.cast("B"))
+                self.job.add_time("spill", time.perf_counter() - t0)
+                yield buffer.to(device)
+        path.unlink()  # read once: free the disk as the groups go
 
     def cache_samples(self) -> None:
         """Draw the N·m samples once (and the model's labels for the true Fisher) so every pass sees them."""
@@ -393,44 +453,33 @@ class _GroupSource:
         pieces = [(x[i : i + n * m], y[i : i + n * m]) for i in range(0, len(x), n * m)]
         self.batches = lambda: pieces
 
-    def group_stats(self, group: BlockGroup, with_mean: bool) -> tuple[_GroupStats, Tensor | None]:
-        """One pass: the group's statistics, inverted (Gram) or stored (low-rank), and its gradient sum."""
-        job, B = self.job, self.layout.block_size
+    def _group_parts(self, group: BlockGroup) -> Iterator[Tensor]:
+        """The group's rows ``(blocks, n, B)`` chunk by chunk: read back, or from a pass over its layers."""
+        if group.start in self.spilled_rows:
+            yield from self._read_back(group)
+            return
         layers = list(group.layers)
-        params = {self.names[i]: job.params[self.names[i]] for i in layers}
-        touched = BlockLayout([self.layout.sizes[i] for i in layers], B)
+        params = {self.names[i]: self.job.params[self.names[i]] for i in layers}
+        touched = BlockLayout([self.layout.sizes[i] for i in layers], self.layout.block_size)
         skip = group.start - self.layout.block_offsets[layers[0]]  # blocks of the first layer before the group
+        for chunk in self._pass(params, touched):
+            yield chunk[skip : skip + group.stop - group.start]  # a view of this group's blocks
+
+    def group_stats(self, group: BlockGroup, with_mean: bool) -> tuple[_GroupStats, Tensor | None]:
+        """The group's statistics, inverted (Gram) or stored (low-rank), and its gradient sum."""
+        job, B = self.job, self.layout.block_size
         count = group.stop - group.start
         layout, _, _ = sub_layout(self.layout, group.start, group.stop)
         gram = self.plan.representation == "gram"
-        device = next(iter(params.values())).device
+        first = next(iter(job.params.values()))
+        device = first.device
         acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol) \
             if gram else None
-        grad_dtype = next(iter(params.values())).dtype
-        rows = None if gram else torch.empty(count, job.num_grads, B, dtype=grad_dtype, device=device)
+        rows = None if gram else torch.empty(count, job.num_grads, B, dtype=first.dtype, device=device)
         grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
-        total = job.num_grads * self.plan.gradient_passes
-        base = job.num_grads * self.passes_done
-
-        def progress(_: str, done: int, __: int) -> None:
-            if job.progress is not None:
-                job.progress("gradients", base + done, total)
-
-        engine = GradientStats()
-        chunks = iter_gradient_chunks(
-            job.model, params, self.batches, num_grads=job.num_grads, grad_batch_size=job.grad_batch_size,
-            chunk_size=self.plan.chunk_size, loss_fn=job.loss_fn, masks=job.masks, fisher_type=self.fisher_type,
-            generator=job.generator, progress=progress, layout=touched, nonfinite=job.nonfinite, stats=engine,
-        )
         offset = 0
-        while True:
-            t0 = time.perf_counter()
-            chunk = next(chunks, None)
+        for part in self._group_parts(group):
             t1 = time.perf_counter()
-            job.add_time("gradients", t1 - t0)
-            if chunk is None:
-                break
-            part = chunk[skip : skip + count]  # (count, n, B): a view of this group's blocks
             if acc is not None:
                 acc.add_blocked(part)
             else:
@@ -439,10 +488,8 @@ class _GroupSource:
                 if grad_sum is not None:
                     grad_sum += part.sum(1, dtype=torch.float64)
             offset += part.shape[1]
-            del chunk, part
+            del part
             job.add_time("accumulate", time.perf_counter() - t1)
-        self.passes_done += 1
-        job.engine, job.skipped = engine.engine, job.skipped + engine.skipped
         t0 = time.perf_counter()
         if acc is not None:
             if job.reduce_fn is not None:
@@ -482,7 +529,10 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
         spill_dir = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=spill_root))
     result = GroupedInverse(plan, layout, job, source, spill_dir, with_grad_mean)
     try:
-        if plan.gradient_passes > 1:
+        if plan.gradient_spill:
+            assert spill_dir is not None
+            source.spill_gradients(spill_dir)
+        elif plan.gradient_passes > 1:
             source.cache_samples()
         last = len(plan.groups) - 1
         for index, group in enumerate(plan.groups):
