@@ -58,6 +58,7 @@ def test_row_blocks_hold_whole_channels():
     assert (rb.unit, rb.per_block, rb.block_size, rb.blocks_per_row) == (9, 2, 18, 3)
     assert RowBlocks.for_weight((4, 7), 128).per_block == 7  # a short linear row is one block
     assert RowBlocks.for_weight((4, 2, 7, 7), 16).per_block == 1  # a 7x7 channel never splits
+    assert RowBlocks.for_weight((8, 16, 3, 3), 128).per_block == 8  # two sub-blocks of 8, not 14 + 2
 
 
 def test_single_channel_cost_and_update_match_brute_force():

@@ -26,7 +26,8 @@ update of each row uses only that row's block:
 To bound memory, a row longer than ``block_cap`` weights is split into sub-blocks of ``m`` whole
 input channels (``m = max(1, block_cap // u)``): the Fisher between input channels of one row that
 fall in different sub-blocks is dropped, so compensation for channel c uses only the other
-channels of its own sub-block. Memory is ``(#weights)·m·u`` numbers instead of ``(#weights)·I·u``.
+channels of its own sub-block (the row is split into as few sub-blocks of equal width as the cap
+allows). Memory is ``(#weights)·m·u`` numbers instead of ``(#weights)·I·u``.
 When one channel reaches a consumer as several column groups (a channel flattened into several
 linear inputs) their costs are summed, which is exact when they fall in different sub-blocks.
 
@@ -60,7 +61,9 @@ class RowBlocks:
     def for_weight(cls, shape: tuple[int, ...] | torch.Size, block_cap: int) -> "RowBlocks":
         rows, units = int(shape[0]), int(shape[1])
         unit = math.prod(int(s) for s in shape[2:])
-        per_block = min(units, max(1, block_cap // unit))
+        widest = min(units, max(1, block_cap // unit))
+        # As few sub-blocks as the cap allows, of equal width (little padding in the last one).
+        per_block = math.ceil(units / math.ceil(units / widest))
         return cls(rows, units, unit, per_block)
 
     @property

@@ -1,0 +1,177 @@
+"""The channels a structured run may remove, how pruned a model is, and the global choice of channels.
+
+A :class:`ChannelSpace` lists the prunable channel groups of a model in a fixed order; a score
+vector has one entry per channel of those groups, concatenated. Pruning is measured either as the
+fraction of those channels removed (``target: channels``) or as the fraction of the model's
+conv/linear multiply-accumulates removed (``target: flops``).
+
+The choice is a global ranking (lower score first) across all groups, which sets every layer's
+channel count automatically, subject to each group's floor (channels always kept). The ranking key
+is the score itself (``rank_by: cost``) or the score divided by the MACs the channel saves alone
+(``cost_per_flop``: the cheapest loss per unit of compute saved, the default for a FLOPs target);
+the shortest prefix of that order reaching the target is taken.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from wf_pipeline.pruning.structured.flops import LayerShape, total_macs, total_params
+from wf_pipeline.pruning.structured.groups import ChannelGraph, ChannelGroup, remove_channels_from_masks, removed_channels
+
+TARGETS = ("channels", "flops")
+RANK_BY = ("auto", "cost", "cost_per_flop")
+
+
+def group_floor(group: ChannelGroup, min_keep: float, min_keep_by_layer: Mapping[str, float]) -> int:
+    """Channels always kept in `group`: the largest fraction that applies (``min_keep``, or a
+    ``min_keep_by_layer`` regex matching one of its producers' weights), at least one channel."""
+    fraction = min_keep
+    for pattern, value in min_keep_by_layer.items():
+        if any(re.search(pattern, m.weight) for m in group.members if m.kind in ("out", "depthwise")):
+            fraction = max(fraction, value)
+    return min(group.size, max(1, math.ceil(fraction * group.size - 1e-9)))
+
+
+@dataclass
+class ChannelSpace:
+    graph: ChannelGraph
+    shapes: dict[str, LayerShape]
+    target: str = "channels"
+    min_keep: float = 0.0
+    min_keep_by_layer: Mapping[str, float] | None = None
+    rank_by: str = "auto"  # auto: cost for a channel target, cost per MAC saved for a FLOPs target
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; expected one of {TARGETS}")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"unknown rank_by {self.rank_by!r}; expected one of {RANK_BY}")
+        if self.rank_by == "auto":
+            self.rank_by = "cost_per_flop" if self.target == "flops" else "cost"
+        self.groups = self.graph.prunable
+        self.sizes = [g.size for g in self.groups]
+        self.floors = [group_floor(g, self.min_keep, self.min_keep_by_layer or {}) for g in self.groups]
+        self.dense_macs = total_macs(self.shapes, {}, {})
+
+    @property
+    def num_channels(self) -> int:
+        return sum(self.sizes)
+
+    # ----------------------------------------------------------------- state
+    def removed(self, masks: Mapping[str, Tensor]) -> list[Tensor]:
+        return [removed_channels(g, dict(masks)) for g in self.groups]
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        return list(flat.split(self.sizes))
+
+    def remove(self, masks: dict[str, Tensor], chosen: Sequence[Tensor]) -> None:
+        """Mask (in place) every entry of the chosen channels."""
+        for group, picked in zip(self.groups, chosen):
+            if picked.any():
+                remove_channels_from_masks(masks, group, picked.cpu())
+
+    def kept_counts(self, removed: Sequence[Tensor]) -> tuple[dict[str, int], dict[str, int]]:
+        """Kept output and input channels of every layer that a removal touches."""
+        out_kept: dict[str, int] = {}
+        in_kept: dict[str, int] = {}
+        for group, gone in zip(self.groups, removed):
+            for member in group.members:
+                shape = self.shapes.get(member.module)
+                if shape is None:
+                    continue
+                count = int(gone.cpu()[member.roots].sum())
+                if member.kind in ("out", "depthwise"):
+                    out_kept[member.module] = out_kept.get(member.module, shape.out_channels) - count
+                if member.kind == "in":
+                    in_kept[member.module] = in_kept.get(member.module, shape.in_channels) - count
+        return out_kept, in_kept
+
+    def macs(self, removed: Sequence[Tensor]) -> int:
+        return total_macs(self.shapes, *self.kept_counts(removed))
+
+    def params(self, removed: Sequence[Tensor]) -> int:
+        return total_params(self.shapes, *self.kept_counts(removed))
+
+    def sparsity(self, removed: Sequence[Tensor]) -> float:
+        """Fraction of channels removed, or of MACs removed (``target: flops``)."""
+        if self.target == "flops":
+            return 1.0 - self.macs(removed) / self.dense_macs
+        return sum(int(r.sum()) for r in removed) / max(self.num_channels, 1)
+
+    def channel_macs(self, removed: Sequence[Tensor]) -> Tensor:
+        """MACs each channel saves if removed alone, in the current configuration (flat, float64)."""
+        out_kept, in_kept = self.kept_counts(removed)
+        parts = []
+        for group in self.groups:
+            saved = torch.zeros(group.size, dtype=torch.float64)
+            for member in group.members:
+                s = self.shapes.get(member.module)
+                if s is None:
+                    continue
+                out_n, in_n = out_kept.get(s.name, s.out_channels), in_kept.get(s.name, s.in_channels)
+                if member.kind in ("out", "depthwise"):
+                    per = s.macs(out_n, in_n) - s.macs(out_n - 1, in_n)
+                elif member.kind == "in":
+                    per = s.macs(out_n, in_n) - s.macs(out_n, in_n - 1)
+                else:
+                    continue
+                saved.index_add_(0, member.roots, torch.full((member.roots.numel(),), float(per), dtype=torch.float64))
+            parts.append(saved)
+        return torch.cat(parts)
+
+    # ----------------------------------------------------------------- choice
+    def choose(self, scores: Tensor, removed: Sequence[Tensor], target: float) -> Tensor:
+        """Flat bool over all channels: those newly removed to reach `target` (see module doc)."""
+        if scores.shape != (self.num_channels,):
+            raise ValueError(f"expected {self.num_channels} channel scores, got {tuple(scores.shape)}")
+        scores = torch.nan_to_num(scores.detach().double().cpu(), nan=math.inf)
+        key = scores
+        if self.rank_by == "cost_per_flop":
+            key = scores / self.channel_macs(removed).clamp_min(1.0)
+        # Candidates: each group's cheapest channels that its floor still allows removing.
+        candidates: list[Tensor] = []
+        offset = 0
+        for size, floor, gone in zip(self.sizes, self.floors, removed):
+            gone = gone.cpu()
+            allowed = size - floor - int(gone.sum())
+            alive = (~gone).nonzero().flatten()
+            if allowed > 0 and alive.numel():
+                order = torch.argsort(key[offset + alive], stable=True)[:allowed]
+                candidates.append(offset + alive[order])
+            offset += size
+        chosen = torch.zeros(self.num_channels, dtype=torch.bool)
+        if not candidates:
+            return chosen
+        pool = torch.cat(candidates)
+        ranked = pool[torch.argsort(key[pool], stable=True)]
+        count = self._prefix_reaching(ranked, removed, target)
+        chosen[ranked[:count]] = True
+        return chosen
+
+    def _prefix_reaching(self, ranked: Tensor, removed: Sequence[Tensor], target: float) -> int:
+        """Shortest prefix of `ranked` whose removal brings the sparsity to `target` (all if it never does)."""
+        if self.target == "channels":
+            need = round(target * self.num_channels) - sum(int(r.sum()) for r in removed)
+            return max(0, min(need, ranked.numel()))
+
+        def reaches(count: int) -> bool:
+            flat = torch.cat([r.cpu() for r in removed]).clone()
+            flat[ranked[:count]] = True
+            return self.sparsity(self.split(flat)) >= target - 1e-12
+
+        lo, hi = 0, ranked.numel()
+        if not reaches(hi):
+            return hi
+        while lo < hi:  # removing more channels never adds MACs: binary search the prefix
+            mid = (lo + hi) // 2
+            if reaches(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
