@@ -109,7 +109,8 @@ def test_settings_validation_and_from_config() -> None:
     assert settings.block_size == cfg.woodfisher.block_size and settings.damp == cfg.woodfisher.damp
     with pytest.raises(WFError):
         PruneSettings.from_config(PruningConfig(method="none"))
-    assert set(METHODS) == {"woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac"}
+    assert set(METHODS) == {"woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac",
+                            "taylor", "group_norm"}
 
 
 def total_params(params) -> int:
@@ -259,8 +260,12 @@ def test_global_ranking_may_empty_a_layer_and_the_report_names_it() -> None:
 def test_every_recipe_method_is_one_pruner_class() -> None:
     from wf_pipeline.pruning import PRUNERS, Pruner, build_pruner
 
-    assert set(PRUNERS) == set(METHODS)
-    for name in METHODS:
+    from wf_pipeline.pruning.structured.pruners import CHANNEL_PRUNERS
+    from wf_pipeline.recipe.schema import CHANNEL_METHODS, CHANNEL_ONLY_METHODS
+
+    assert set(PRUNERS) == set(METHODS) - set(CHANNEL_ONLY_METHODS)
+    assert set(CHANNEL_PRUNERS) == set(CHANNEL_METHODS)  # channel pruners need the model: tests/test_structured_*
+    for name in PRUNERS:
         pruner = build_pruner(PruneSettings(method=name))
         assert isinstance(pruner, Pruner) and pruner.name == name
 

@@ -28,8 +28,8 @@ def _data(seed: int = 0, n: int = 48, size: int = 12) -> tuple[torch.Tensor, tor
 
 def _setup(model: torch.nn.Module, method: str, **kwargs):  # noqa: ANN202
     x, y = _data()
-    setup = setup_channel_pruning(model, x[:1], SETTINGS, **kwargs)
-    pruner = CHANNEL_PRUNERS[method](SETTINGS, setup.space)
+    setup = setup_channel_pruning(model, x[:1], SETTINGS.replace(method=method), **kwargs)
+    pruner = setup.pruner
     ctx = StepContext(model, lambda: [(x[i : i + 12], y[i : i + 12]) for i in range(0, len(x), 12)],
                       generator=torch.Generator().manual_seed(0))
     return setup, pruner, PruneView(setup.params, setup.masks), ctx, x

@@ -35,7 +35,8 @@ from wf_pipeline.gradual.checkpoint import CHECKPOINT_NAME, StageState, load_che
 from wf_pipeline.gradual.fisher_data import fisher_batch_size, fisher_batches_for_step, fisher_pool_size, plan_num_grads
 from wf_pipeline.gradual.plan import PruneEvent, PruneGroup, build_groups, plan_events
 from wf_pipeline.progress import NullReporter, Reporter
-from wf_pipeline.pruning import MaskSet, PruneSettings, PruneView, build_pruner, prune_step, select_prunable
+from wf_pipeline.pruning import MaskSet, PruneSettings, PruneView, prune_step, select_prunable
+from wf_pipeline.pruning.pruners.registry import pruner_class
 from wf_pipeline.recipe.schema import Recipe
 from wf_pipeline.rundir import RunDir
 from wf_pipeline.training import build_optimizer, evaluate, train_epoch
@@ -110,7 +111,8 @@ class _Stage:
         self.method = self.pcfg.method
         self.epochs = self.cfg.epochs
         self.state = StageState()
-        self.groups: list[PruneGroup] = [] if self.method == "none" else build_groups(model, self.pcfg, self._settings())
+        self.groups: list[PruneGroup] = [] if self.method == "none" else build_groups(
+            model, self.pcfg, self._settings(), data.sample_input(1))
         selected, held = self._held_parameters()
         # Weights that arrive exactly zero (an already-pruned model) stay pruned: sparsity only grows.
         # Parameters a pruner holds beyond the selection (BatchNorm of a removed channel) start kept.
@@ -131,7 +133,7 @@ class _Stage:
     def _settings(self) -> PruneSettings:
         """The recipe's pruning settings, with this rank's share of the Fisher gradients."""
         base = PruneSettings.from_config(self.pcfg)
-        if not build_pruner(base).needs_gradients:
+        if not pruner_class(base.method, self.pcfg.structure).needs_gradients:
             return base
         total, note = plan_num_grads(base.num_grads, base.grad_batch_size, fisher_pool_size(self.data),
                                      self.dist.world_size)
@@ -270,10 +272,10 @@ class _Stage:
         accuracy = self.evaluate(full=is_last)
         self.state.epoch_tally = type(tally)()
         self._record({"kind": "epoch", "epoch": epoch, "train_loss": float(loss[0]), "train_accuracy": float(loss[1]),
-                      "test_accuracy": accuracy, "sparsity": self.masks.sparsity(),
+                      "test_accuracy": accuracy, "sparsity": self.sparsity(),
                       "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": self._elapsed()})
         self.reporter.message(f"epoch {epoch + 1}/{self.epochs}: train loss {float(loss[0]):.4f}, "
-                              f"test accuracy {accuracy:.4f}, sparsity {self.masks.sparsity():.2%}")
+                              f"test accuracy {accuracy:.4f}, sparsity {self.sparsity():.2%}")
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -297,6 +299,14 @@ class _Stage:
 
     def units_done(self) -> int:
         return self.state.steps_done // max(self.steps_per_epoch, 1) + self.state.events_done
+
+    def sparsity(self) -> float:
+        """Fraction of weights pruned; with channel structure, of prunable channels (or MACs) removed."""
+        if self.pcfg.structure != "channel" or not self.groups:
+            return self.masks.sparsity()
+        views = [(g.pruner, PruneView(g.params, self.masks)) for g in self.groups]
+        sizes = [p.space.num_channels for p, _ in views]  # type: ignore[attr-defined]
+        return sum(p.sparsity(v) * n for (p, v), n in zip(views, sizes)) / max(sum(sizes), 1)
 
     def evaluate(self, full: bool) -> float:
         """Test accuracy of the unwrapped model, measured on the main rank and shared with all."""
@@ -348,7 +358,7 @@ class _Stage:
             "initial_accuracy": st.initial_accuracy,
             "final_accuracy": st.last_accuracy,
             "target_sparsity": self.pcfg.final_sparsity if self.method != "none" and not self.pcfg.groups else None,
-            "sparsity": self.masks.sparsity(),
+            "sparsity": self.sparsity(),
             "model_sparsity": all_zeros / max(all_params, 1),
             "pruned_params": self.masks.num_zeros(),
             "prunable_params": self.masks.num_params(),

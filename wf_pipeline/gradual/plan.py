@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.pruning import Pruner, PruneSettings, build_pruner, select_prunable
+from wf_pipeline.pruning import Pruner, PruneSettings, select_prunable
+from wf_pipeline.pruning import build_pruner as build_flat_pruner
 from wf_pipeline.pruning.schedule import planned_targets, step_of
 from wf_pipeline.recipe.schema import PruningConfig, ScheduleConfig
 
@@ -45,11 +46,22 @@ class PruneEvent:
     target: float
 
 
-def build_groups(model: nn.Module, cfg: PruningConfig, settings: PruneSettings) -> list[PruneGroup]:
-    """The stage's pruning groups; a parameter may belong to one group only."""
+def build_groups(model: nn.Module, cfg: PruningConfig, settings: PruneSettings,
+                 sample_input: Tensor | None = None) -> list[PruneGroup]:
+    """The stage's pruning groups; a parameter may belong to one group only. Channel pruning traces
+    the model on `sample_input` (one batch of the data's input shape)."""
+
+    def build_pruner(params: dict[str, nn.Parameter]) -> Pruner:
+        if cfg.structure != "channel":
+            return build_flat_pruner(settings)
+        from wf_pipeline.pruning.structured import channel_pruner_for_recipe
+
+        assert sample_input is not None, "channel pruning needs a sample input to trace the model"
+        return channel_pruner_for_recipe(settings, cfg.channel, model, params, sample_input)
+
     if not cfg.groups:
         params = select_prunable(model, cfg.layers, cfg.skip, cfg.min_layer_params)
-        return [PruneGroup("all", params, build_pruner(settings), cfg.schedule, cfg.initial_sparsity, cfg.final_sparsity)]
+        return [PruneGroup("all", params, build_pruner(params), cfg.schedule, cfg.initial_sparsity, cfg.final_sparsity)]
     groups: list[PruneGroup] = []
     owner: dict[str, str] = {}
     for index, spec in enumerate(cfg.groups):
@@ -65,7 +77,7 @@ def build_groups(model: nn.Module, cfg: PruningConfig, settings: PruneSettings) 
                               "give every parameter to one group only (narrow the regexes or add skip patterns)")
             owner[pname] = name
         schedule = spec.schedule or cfg.schedule
-        groups.append(PruneGroup(name, params, build_pruner(settings), schedule, spec.initial_sparsity,
+        groups.append(PruneGroup(name, params, build_pruner(params), schedule, spec.initial_sparsity,
                                  spec.final_sparsity))
     return groups
 

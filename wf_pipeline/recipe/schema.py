@@ -355,10 +355,44 @@ class WoodFisherConfig(Strict):
     )
 
 
+# Methods that exist for whole channels (pruning.structure: channel); taylor and group_norm exist only there.
+CHANNEL_METHODS = ("woodfisher", "magnitude", "taylor", "group_norm")
+CHANNEL_ONLY_METHODS = ("taylor", "group_norm")
+
+
+class ChannelConfig(Strict):
+    """Channel pruning (``pruning.structure: channel``): what the sparsity counts and how it is spread."""
+
+    target: Literal["channels", "flops"] = Field(
+        "channels", description="what initial/final_sparsity measure: the fraction of prunable channels removed, "
+        "or the fraction of conv/linear multiply-accumulates (FLOPs) removed"
+    )
+    rank_by: Literal["auto", "cost", "cost_per_flop"] = Field(
+        "auto", description="global ranking key: the method's score, or score per MAC the channel saves "
+        "(auto: cost for a channel target, cost_per_flop for a FLOPs target)"
+    )
+    min_keep: float = Field(0.1, ge=0, lt=1, description="fraction of every channel group always kept (at least one channel)")
+    min_keep_layers: dict[str, float] = Field(
+        default_factory=dict, description="per-layer floors: regex over a producing layer's weight name -> fraction "
+        "of its channel group always kept (the largest applying floor wins)"
+    )
+
+    @field_validator("min_keep_layers")
+    @classmethod
+    def _floors(cls, floors: dict[str, float]) -> dict[str, float]:
+        _compiled_regexes(list(floors))
+        for pattern, value in floors.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"floor for {pattern!r} must be in [0, 1), got {value}")
+        return floors
+
+
 class PruningConfig(Strict):
     # kfac: K-FAC-based OBS, a research baseline that needs the optional `research` extra (curvlinops).
-    method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac", "none"] = (
-        "woodfisher"
+    method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac", "taylor",
+                    "group_norm", "none"] = Field(
+        "woodfisher", description="with structure channel: woodfisher (group OBS), magnitude (L1 filter norm), "
+        "taylor or group_norm (Torch-Pruning's importances)"
     )
     structure: Literal["unstructured", "channel"] = Field(
         "unstructured", description="unstructured: single weights; channel: whole channels (physically removed)"
@@ -379,6 +413,7 @@ class PruningConfig(Strict):
         description="several targets over different parameter groups; when given, each group prunes its own "
         "layers (minus pruning.skip) and pruning.layers/initial_sparsity/final_sparsity are not used",
     )
+    channel: ChannelConfig = Field(default_factory=ChannelConfig, description="structure channel only")
 
     @field_validator("layers", "skip")
     @classmethod
@@ -391,6 +426,15 @@ class PruningConfig(Strict):
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) must be <= final_sparsity ({self.final_sparsity})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits_structure(self) -> "PruningConfig":
+        if self.structure == "channel" and self.method not in (*CHANNEL_METHODS, "none"):
+            raise ValueError(f"method {self.method!r} prunes single weights; with structure 'channel' use one of "
+                             f"{', '.join(CHANNEL_METHODS)}")
+        if self.structure == "unstructured" and self.method in CHANNEL_ONLY_METHODS:
+            raise ValueError(f"method {self.method!r} removes whole channels: set pruning.structure to 'channel'")
         return self
 
     def schedules(self) -> list[ScheduleConfig]:

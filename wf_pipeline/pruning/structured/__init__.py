@@ -8,8 +8,14 @@
 * :mod:`.surgery` — lossless physical removal of zeroed channels;
 * :mod:`.stage` — what the pruning stage and the pipeline call.
 """
-from wf_pipeline.pruning.structured.pruners import CHANNEL_PRUNERS, ChannelPruner, build_channel_pruner
-from wf_pipeline.pruning.structured.stage import ChannelSetup, remove_pruned_channels, setup_channel_pruning
+from wf_pipeline.pruning.structured.pruners import CHANNEL_PRUNERS, ChannelPruner
+from wf_pipeline.pruning.structured.stage import (
+    ChannelSetup,
+    build_channel_pruner,
+    channel_pruner_for_recipe,
+    remove_pruned_channels,
+    setup_channel_pruning,
+)
 from wf_pipeline.pruning.structured.surgery import SurgeryResult
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "ChannelSetup",
     "SurgeryResult",
     "build_channel_pruner",
+    "channel_pruner_for_recipe",
     "remove_pruned_channels",
     "setup_channel_pruning",
 ]

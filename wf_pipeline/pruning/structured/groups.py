@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -146,13 +146,18 @@ class ChannelGraph:
 
 
 def build_channel_graph(
-    model: nn.Module, example_input: Tensor, layers: Sequence[str] = (".*",), skip: Sequence[str] = ()
+    model: nn.Module,
+    example_input: Tensor,
+    layers: Sequence[str] = (".*",),
+    skip: Sequence[str] = (),
+    selected: Collection[str] | None = None,
 ) -> ChannelGraph:
     """Trace `model` with Torch-Pruning and describe its coupled channel groups.
 
     A group is prunable when each producer's weight name (``<module>.weight``) matches one of
-    `layers` and none of `skip` (regexes, ``re.search``), its channels do not reach the model's
-    output (the classifier keeps its classes) and every member can be masked (see module doc).
+    `layers` and none of `skip` (regexes, ``re.search``) — or, given `selected`, is one of those
+    names —, its channels do not reach the model's output (the classifier keeps its classes) and
+    every member can be masked (see module doc).
     """
     import torch_pruning as tp
 
@@ -199,7 +204,9 @@ def build_channel_graph(
         producers = [m for m in built if m.kind in PRODUCER_KINDS]
         if reason is None:
             for m in producers:
-                if not _matches(m.weight, layers) or _matches(m.weight, skip):
+                chosen = (m.weight in selected) if selected is not None else (
+                    _matches(m.weight, layers) and not _matches(m.weight, skip))
+                if not chosen:
                     reason = f"{m.weight} is not selected (pruning.layers / pruning.skip)"
                     break
         if reason is None and not any(m.kind == "in" for m in built):

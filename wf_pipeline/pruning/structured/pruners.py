@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.gradients import SampleStream
@@ -44,6 +44,12 @@ class ChannelPruner(Pruner[Any]):
     def __init__(self, settings: PruneSettings, space: ChannelSpace) -> None:
         super().__init__(settings)
         self.space = space
+        named = dict(space.graph.model.named_parameters())
+        # Every parameter a channel removal masks: weights, biases, BatchNorm entries, consumer columns.
+        self.params = {name: named[name] for name in space.graph.parameter_names()}
+
+    def held_parameters(self, model: nn.Module, selected: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        return {**selected, **self.params}
 
     def removed(self, view: PruneView) -> list[Tensor]:
         return self.space.removed(view.masks.masks)
@@ -68,7 +74,7 @@ class ChannelPruner(Pruner[Any]):
     def remove(self, view: PruneView, chosen: Tensor) -> None:
         """Mask the chosen channels and set every masked entry of the view to exactly zero."""
         self.space.remove(view.masks.masks, self.space.split(chosen))
-        for name, param in view.params.items():
+        for name, param in self.params.items():
             param.masked_fill_(~view.masks.masks[name].to(param.device), 0)
 
     def normalised(self, scores: list[Tensor], view: PruneView) -> Tensor:
@@ -97,7 +103,7 @@ class ChannelWoodFisherPruner(ChannelPruner):
         if ctx.batches is None:
             raise WFError("structured WoodFisher needs Fisher data", hint="pass `batches` (the Fisher pool) to prune_step")
         s = self.settings
-        consumers = {name: view.params[name] for name in self.space.graph.consumers()}
+        consumers = {name: self.params[name] for name in self.space.graph.consumers()}
         total = total_gradient_count(s, ctx.reduce_fn, view.device)
         timings = FisherTimings()
         fishers = row_fisher_inverses(
@@ -116,7 +122,7 @@ class ChannelWoodFisherPruner(ChannelPruner):
 
     def score(self, view: PruneView, stats: GroupObsStats) -> Tensor:
         for name, fisher in stats.fishers.items():
-            stats.unit_costs[name] = unit_costs(fisher.inverse, view.params[name].detach(), fisher.blocks)
+            stats.unit_costs[name] = unit_costs(fisher.inverse, self.params[name].detach(), fisher.blocks)
         parts = []
         for group in self.space.groups:
             cost = torch.zeros(group.size, dtype=torch.float64)
@@ -135,7 +141,7 @@ class ChannelWoodFisherPruner(ChannelPruner):
             kept = masks[name]
             if torch.equal(kept, before[name]):
                 continue
-            param = view.params[name]
+            param = self.params[name]
             # Rows whose output channel goes are removed outright (their effect is the next layer's
             # columns, costed there): zero them first so they neither compensate nor add cost.
             row_alive = kept.reshape(kept.shape[0], -1).any(dim=1).view(-1, *([1] * (kept.dim() - 1)))
@@ -156,7 +162,7 @@ class L1FilterPruner(ChannelPruner):
         return None
 
     def score(self, view: PruneView, stats: None) -> Tensor:
-        params = dict(self.space.graph.model.named_parameters())
+        params = self.params
         scores = []
         for group in self.space.groups:
             total = torch.zeros(group.size, dtype=torch.float64)
@@ -254,13 +260,3 @@ class TaylorPruner(TorchPruningImportancePruner):
 CHANNEL_PRUNERS: dict[str, type[ChannelPruner]] = {
     cls.name: cls for cls in (ChannelWoodFisherPruner, L1FilterPruner, TaylorPruner, GroupNormPruner)
 }
-
-
-def build_channel_pruner(settings: PruneSettings, space: ChannelSpace) -> ChannelPruner:
-    if settings.method not in CHANNEL_PRUNERS:
-        raise WFError(
-            f"pruning.method {settings.method!r} has no channel-structured version",
-            hint="with pruning.structure: channel use one of " + ", ".join(CHANNEL_PRUNERS),
-        )
-    return CHANNEL_PRUNERS[settings.method](settings, space)
-
