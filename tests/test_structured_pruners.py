@@ -127,3 +127,20 @@ def test_flops_target_takes_the_shortest_prefix_and_counts_macs_like_the_pruned_
     pruned = copy.deepcopy(model)
     remove_pruned_channels(pruned, setup.masks.masks, x[:2])
     assert total_macs(layer_shapes(pruned, x[:1]), {}, {}) == expected
+
+
+def test_woodfisher_without_update_only_zeroes() -> None:
+    model = _trained_like(resnet20(10, 1))
+    x, y = _data()
+    settings = SETTINGS.replace(update="none")
+    setup = setup_channel_pruning(model, x[:1], settings)
+    before = {n: p.detach().clone() for n, p in setup.params.items()}
+    ctx = StepContext(model, lambda: [(x, y)], generator=torch.Generator().manual_seed(0))
+    with eval_mode(model):
+        outcome = setup.pruner.prune(PruneView(setup.params, setup.masks), ctx, 0.1)
+    assert outcome.predicted_loss_increase is None
+    for name, param in setup.params.items():
+        kept = setup.masks.masks[name]
+        assert torch.equal(param.detach()[kept], before[name][kept]), name  # nothing compensates
+    with pytest.raises(Exception, match="not available for channel pruning"):
+        setup_channel_pruning(model, x[:1], SETTINGS.replace(update="independent"))

@@ -96,8 +96,17 @@ class GroupObsStats:
 
 
 class ChannelWoodFisherPruner(ChannelPruner):
+    """Group OBS. ``woodfisher.update``: ``joint`` (the exact update of the consumers) or ``none``
+    (rank by group-OBS cost, zero without compensating)."""
+
     name = "woodfisher"
     needs_gradients = True
+
+    def __init__(self, settings: PruneSettings, space: ChannelSpace) -> None:
+        super().__init__(settings, space)
+        if settings.update not in ("joint", "none"):
+            raise WFError(f"pruning.woodfisher.update {settings.update!r} is not available for channel pruning",
+                          hint="use joint (exact group-OBS update) or none")
 
     def collect(self, view: PruneView, ctx: StepContext) -> GroupObsStats:
         if ctx.batches is None:
@@ -137,7 +146,7 @@ class ChannelWoodFisherPruner(ChannelPruner):
         before = {name: masks[name].clone() for name in stats.fishers}
         self.space.remove(masks, self.space.split(chosen))
         predicted = 0.0
-        for name, fisher in stats.fishers.items():
+        for name, fisher in stats.fishers.items() if self.settings.update == "joint" else ():
             kept = masks[name]
             if torch.equal(kept, before[name]):
                 continue
@@ -151,6 +160,8 @@ class ChannelWoodFisherPruner(ChannelPruner):
             param.copy_(new.to(param.dtype))
             predicted += cost
         self.remove(view, torch.zeros_like(chosen))  # zero every masked entry (producers, BN, consumers)
+        if self.settings.update == "none":
+            return Update(predicted_loss_increase=None, extra={"channels_removed": int(chosen.sum())})
         return Update(predicted_loss_increase=predicted, extra={"channels_removed": int(chosen.sum())})
 
 
