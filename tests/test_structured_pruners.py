@@ -144,3 +144,22 @@ def test_woodfisher_without_update_only_zeroes() -> None:
         assert torch.equal(param.detach()[kept], before[name][kept]), name  # nothing compensates
     with pytest.raises(Exception, match="not available for channel pruning"):
         setup_channel_pruning(model, x[:1], SETTINGS.replace(update="independent"))
+
+
+def test_round_to_keeps_widths_in_multiples_and_blocks_go_cheapest_first() -> None:
+    model = _trained_like(resnet20(10, 1))
+    setup, pruner, view, ctx, x = _setup(model, "magnitude", min_keep=0.25, round_to=8)
+    space = setup.space
+    scores = pruner.score(view, None)
+    chosen = pruner.choose(view, scores, 0.3)
+    need = round(0.3 * space.num_channels)
+    assert need <= int(chosen.sum()) < need + 8
+    for group, picked, floor, values in zip(space.groups, space.split(chosen), space.floors, space.split(scores)):
+        kept = group.size - int(picked.sum())
+        assert kept % 8 == 0 and kept >= floor
+        if picked.any() and (~picked).any():  # within a group the cheapest channels go
+            assert float(values[picked].max()) <= float(values[~picked].min())
+    pruner.update(view, None, chosen)
+    remove_pruned_channels(model, setup.masks.masks, x[:2])
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths)

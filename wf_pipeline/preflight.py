@@ -141,7 +141,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         from wf_pipeline.gradual.plan import build_groups
         from wf_pipeline.pruning import PruneSettings
 
-        groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning))
+        groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning), data.sample_input(1))
         sizes = [p.numel() for group in groups for p in group.params.values()]
         notes += _check_fisher_memory(recipe, sizes)
         for group in groups:

@@ -372,6 +372,8 @@ class ChannelConfig(Strict):
         "(auto: cost for a channel target, cost_per_flop for a FLOPs target)"
     )
     min_keep: float = Field(0.1, ge=0, lt=1, description="fraction of every channel group always kept (at least one channel)")
+    round_to: int = Field(1, ge=1, description="remove channels in blocks so kept widths are multiples of this "
+                          "(8 suits most CPU convolution kernels)")
     min_keep_layers: dict[str, float] = Field(
         default_factory=dict, description="per-layer floors: regex over a producing layer's weight name -> fraction "
         "of its channel group always kept (the largest applying floor wins)"

@@ -9,7 +9,11 @@ The choice is a global ranking (lower score first) across all groups, which sets
 channel count automatically, subject to each group's floor (channels always kept). The ranking key
 is the score itself (``rank_by: cost``) or the score divided by the MACs the channel saves alone
 (``cost_per_flop``: the cheapest loss per unit of compute saved, the default for a FLOPs target);
-the shortest prefix of that order reaching the target is taken.
+the shortest prefix of that order reaching the target is taken. With ``round_to: k`` channels go in
+blocks of k (a group's k cheapest removable channels, then the next k, ...; a block's key is the sum
+of its channels' scores, or that sum over their MACs), so every kept width stays a multiple of k:
+runtime convolution kernels are fastest on such widths. A channel target may then be passed by up to
+k − 1 channels.
 """
 from __future__ import annotations
 
@@ -46,12 +50,15 @@ class ChannelSpace:
     min_keep: float = 0.0
     min_keep_by_layer: Mapping[str, float] | None = None
     rank_by: str = "auto"  # auto: cost for a channel target, cost per MAC saved for a FLOPs target
+    round_to: int = 1  # kept channel counts move in multiples of this (runtime kernels like multiples of 8)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; expected one of {TARGETS}")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"unknown rank_by {self.rank_by!r}; expected one of {RANK_BY}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if self.rank_by == "auto":
             self.rank_by = "cost_per_flop" if self.target == "flops" else "cost"
         self.groups = self.graph.prunable
@@ -131,41 +138,61 @@ class ChannelSpace:
         if scores.shape != (self.num_channels,):
             raise ValueError(f"expected {self.num_channels} channel scores, got {tuple(scores.shape)}")
         scores = torch.nan_to_num(scores.detach().double().cpu(), nan=math.inf)
-        key = scores
-        if self.rank_by == "cost_per_flop":
-            key = scores / self.channel_macs(removed).clamp_min(1.0)
-        # Candidates: each group's cheapest channels that its floor still allows removing.
-        candidates: list[Tensor] = []
+        macs = self.channel_macs(removed) if self.rank_by == "cost_per_flop" else None
+        blocks = self._blocks(scores, removed)
+        chosen = torch.zeros(self.num_channels, dtype=torch.bool)
+        if not blocks:
+            return chosen
+        keys = torch.tensor([float(scores[b].sum()) for b in blocks], dtype=torch.float64)
+        if macs is not None:
+            keys = keys / torch.tensor([max(float(macs[b].sum()), 1.0) for b in blocks], dtype=torch.float64)
+        ranked = [blocks[i] for i in torch.argsort(keys, stable=True).tolist()]
+        for block in ranked[: self._prefix_reaching(ranked, removed, target)]:
+            chosen[block] = True
+        return chosen
+
+    def _blocks(self, scores: Tensor, removed: Sequence[Tensor]) -> list[Tensor]:
+        """Each group's removable channels, cheapest first, cut into blocks of ``round_to`` channels
+        (the first block brings the kept count to a multiple of ``round_to``) down to the floor.
+        A group's blocks are consecutive in its own score order, so a dearer block never goes first."""
+        r = self.round_to
+        out: list[Tensor] = []
         offset = 0
         for size, floor, gone in zip(self.sizes, self.floors, removed):
             gone = gone.cpu()
-            allowed = size - floor - int(gone.sum())
             alive = (~gone).nonzero().flatten()
-            if allowed > 0 and alive.numel():
-                order = torch.argsort(key[offset + alive], stable=True)[:allowed]
-                candidates.append(offset + alive[order])
+            kept = alive.numel()
+            lowest = min(kept, math.ceil(floor / r) * r if r > 1 else floor)  # fewest channels kept
+            order = alive[torch.argsort(scores[offset + alive], stable=True)] + offset
+            taken = 0
+            first = kept % r if r > 1 else 1
+            width = first or r
+            while kept - taken - width >= lowest and width > 0:
+                out.append(order[taken : taken + width])
+                taken += width
+                width = r
             offset += size
-        chosen = torch.zeros(self.num_channels, dtype=torch.bool)
-        if not candidates:
-            return chosen
-        pool = torch.cat(candidates)
-        ranked = pool[torch.argsort(key[pool], stable=True)]
-        count = self._prefix_reaching(ranked, removed, target)
-        chosen[ranked[:count]] = True
-        return chosen
+        return out
 
-    def _prefix_reaching(self, ranked: Tensor, removed: Sequence[Tensor], target: float) -> int:
-        """Shortest prefix of `ranked` whose removal brings the sparsity to `target` (all if it never does)."""
+    def _prefix_reaching(self, ranked: list[Tensor], removed: Sequence[Tensor], target: float) -> int:
+        """Fewest blocks of `ranked` whose removal brings the sparsity to `target` (all if never)."""
         if self.target == "channels":
             need = round(target * self.num_channels) - sum(int(r.sum()) for r in removed)
-            return max(0, min(need, ranked.numel()))
+            count, total = 0, 0
+            while total < need and count < len(ranked):
+                total += ranked[count].numel()
+                count += 1
+            return count
+
+        base = torch.cat([r.cpu() for r in removed])
 
         def reaches(count: int) -> bool:
-            flat = torch.cat([r.cpu() for r in removed]).clone()
-            flat[ranked[:count]] = True
+            flat = base.clone()
+            for block in ranked[:count]:
+                flat[block] = True
             return self.sparsity(self.split(flat)) >= target - 1e-12
 
-        lo, hi = 0, ranked.numel()
+        lo, hi = 0, len(ranked)
         if not reaches(hi):
             return hi
         while lo < hi:  # removing more channels never adds MACs: binary search the prefix
