@@ -65,8 +65,9 @@ def test_channel_methods_need_channel_structure() -> None:
         load_recipe(TINY, ["pruning.structure=channel", "pruning.method=diag_fisher"])
     with pytest.raises(WFError, match="min_keep"):
         load_recipe(TINY, ["pruning.structure=channel", "pruning.channel.min_keep=1.5"])
+    floors = r"pruning.channel.min_keep_layers={'^layer3\.': 0.5}"
     recipe, _ = load_recipe(TINY, ["pruning.structure=channel", "pruning.method=group_norm",
-                                   "pruning.channel.target=flops", r"pruning.channel.min_keep_layers={'^layer3\.': 0.5}"])
+                                   "pruning.channel.target=flops", floors])
     assert recipe.pruning.channel.target == "flops" and recipe.pruning.channel.min_keep_layers == {r"^layer3\.": 0.5}
 
 
@@ -108,3 +109,30 @@ def test_resumed_structured_run_equals_uninterrupted_run(tmp_path: Path) -> None
         assert torch.equal(got["state"][name], tensor), f"{name} differs after resume"
     assert got["metrics"]["final_accuracy"] == ref["metrics"]["final_accuracy"]
     assert got["metrics"]["sparsity"] == ref["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- torchrun
+@pytest.mark.parametrize("method", ["woodfisher", "taylor"])
+def test_two_processes_remove_the_same_channels_as_one(method: str, tmp_path: Path) -> None:
+    from tests.test_distributed import free_port
+
+    # One step straight to 50% of the channels (fp64 statistics: summation order cannot flip a ranking).
+    one_step = [*STRUCTURED, f"pruning.method={method}", "pruning.schedule.end_epoch=0", "pruning.initial_sparsity=0.5",
+                "pruning.woodfisher.num_grads=32", "pruning.woodfisher.dtype=float64", "finetune.epochs=1",
+                "data.batch_size=32"]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(ENTRY), str(TINY), "--root", str(tmp_path / "one"),
+                             "--out", str(tmp_path / "one.pt"), *_sets(*one_step)],
+                            env=env, capture_output=True, timeout=300)
+    assert single.returncode == 0, single.stderr.decode()[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ENTRY), str(TINY),
+                             "--root", str(tmp_path / "two"), "--out", str(tmp_path / "two.pt"), *_sets(*one_step)],
+                            env=env, capture_output=True, timeout=300)
+    assert double.returncode == 0, double.stderr.decode()[-3000:]
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)  # the entry checked that both ranks agree
+    assert two["metrics"]["world_size"] == 2
+    for name, mask in one["masks"].items():
+        assert torch.equal(two["masks"][name], mask), f"{name}: the 2-process run removed other channels"
+    assert two["metrics"]["prune_reports"][0]["num_grads"] == one["metrics"]["prune_reports"][0]["num_grads"] == 32

@@ -56,7 +56,7 @@ def test_pruner_reaches_channel_target_with_floors_and_exact_zeros(method: str) 
     assert sum(int(r.sum()) for r in removed) == round(target * space.num_channels)
     assert pruner.sparsity(view) == pytest.approx(round(target * space.num_channels) / space.num_channels)
     assert pruner.reached(view, target)
-    for group, gone, floor in zip(space.groups, removed, space.floors):
+    for group, gone, floor in zip(space.groups, removed, space.floors, strict=True):
         assert group.size - int(gone.sum()) >= floor
     for name, param in setup.params.items():
         assert not param[~setup.masks.masks[name]].any(), f"{name}: a masked entry is not zero"
@@ -75,7 +75,7 @@ def test_pruner_reaches_channel_target_with_floors_and_exact_zeros(method: str) 
 def test_floors_from_fraction_and_layer_regexes() -> None:
     model = resnet20(10, 1)
     setup, *_ = _setup(model, "magnitude", min_keep=0.1, min_keep_by_layer={r"layer1\.0\.conv1": 0.5})
-    floors = {g.name: f for g, f in zip(setup.space.groups, setup.space.floors)}
+    floors = {g.name: f for g, f in zip(setup.space.groups, setup.space.floors, strict=True)}
     assert floors["layer1.0.conv1"] == 8  # 0.5 of 16
     assert floors["layer1.1.conv1"] == 2  # ceil(0.1 * 16)
     assert floors["layer3.0.conv1"] == 7  # ceil(0.1 * 64)
@@ -102,7 +102,8 @@ def test_woodfisher_compensates_in_the_consumer_only() -> None:
     with eval_mode(model):
         pruner.prune(view, ctx, 0.1)
     consumers = set(setup.space.graph.consumers())
-    changed = {n for n, p in setup.params.items() if not torch.equal(p.detach()[setup.masks.masks[n]], before[n][setup.masks.masks[n]])}
+    masks = setup.masks.masks
+    changed = {n for n, p in setup.params.items() if not torch.equal(p.detach()[masks[n]], before[n][masks[n]])}
     assert changed and changed <= consumers  # kept weights move only in consumer layers (the OBS update)
 
 
@@ -154,7 +155,8 @@ def test_round_to_keeps_widths_in_multiples_and_blocks_go_cheapest_first() -> No
     chosen = pruner.choose(view, scores, 0.3)
     need = round(0.3 * space.num_channels)
     assert need <= int(chosen.sum()) < need + 8
-    for group, picked, floor, values in zip(space.groups, space.split(chosen), space.floors, space.split(scores)):
+    for group, picked, floor, values in zip(space.groups, space.split(chosen), space.floors, space.split(scores),
+                                                   strict=True):
         kept = group.size - int(picked.sum())
         assert kept % 8 == 0 and kept >= floor
         if picked.any() and (~picked).any():  # within a group the cheapest channels go

@@ -11,8 +11,8 @@ the cost of any channel configuration is a cheap formula:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +47,10 @@ def layer_shapes(model: nn.Module, example_input: Tensor) -> dict[str, LayerShap
         def hook(module: nn.Module, _inputs: object, output: Tensor) -> None:
             if isinstance(module, nn.modules.conv._ConvNd):
                 depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-                shapes[name] = LayerShape(
-                    name, "depthwise" if depthwise else "conv", module.out_channels, module.in_channels // module.groups,
-                    math.prod(module.kernel_size), math.prod(output.shape[2:]), module.bias is not None)
+                kind = "depthwise" if depthwise else "conv"
+                shapes[name] = LayerShape(name, kind, module.out_channels, module.in_channels // module.groups,
+                                          math.prod(module.kernel_size), math.prod(output.shape[2:]),
+                                          module.bias is not None)
             else:
                 assert isinstance(module, nn.Linear)
                 shapes[name] = LayerShape(name, "linear", module.out_features, module.in_features, 1,

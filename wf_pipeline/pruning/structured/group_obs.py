@@ -58,7 +58,7 @@ class RowBlocks:
     per_block: int  # input channels per sub-block m
 
     @classmethod
-    def for_weight(cls, shape: tuple[int, ...] | torch.Size, block_cap: int) -> "RowBlocks":
+    def for_weight(cls, shape: tuple[int, ...] | torch.Size, block_cap: int) -> RowBlocks:
         rows, units = int(shape[0]), int(shape[1])
         unit = math.prod(int(s) for s in shape[2:])
         widest = min(units, max(1, block_cap // unit))
@@ -102,7 +102,8 @@ def unit_costs(inverse: Tensor, weight: Tensor, rb: RowBlocks) -> Tensor:
     m, u = rb.per_block, rb.unit
     K = rb.num_blocks
     if tuple(inverse.shape) != (K, rb.block_size, rb.block_size):
-        raise ValueError(f"inverse blocks have shape {tuple(inverse.shape)}, expected {(K, rb.block_size, rb.block_size)}")
+        expected = (K, rb.block_size, rb.block_size)
+        raise ValueError(f"inverse blocks have shape {tuple(inverse.shape)}, expected {expected}")
     w = layout.pad(weight.reshape(-1).to(inverse.dtype)).view(K, m, u)
     diag_blocks = torch.diagonal(inverse.view(K, m, u, m, u), dim1=1, dim2=3)  # (K, u, u, m)
     sub = diag_blocks.permute(0, 3, 1, 2).reshape(K * m, u, u)

@@ -22,9 +22,10 @@ is skipped by the recipe's regexes, and its channels do not reach the model outp
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -193,7 +194,7 @@ def build_channel_graph(
                 reason = "its channels are the model's output"
             key = (names[module], kind)
             positions, roots, _ = members.setdefault(key, ([], [], module))
-            for pos, root in zip(item.idxs, item.root_idxs):
+            for pos, root in zip(item.idxs, item.root_idxs, strict=True):
                 positions.append(int(pos))
                 roots.append(int(root))
         built = tuple(
@@ -211,7 +212,8 @@ def build_channel_graph(
                     break
         if reason is None and not any(m.kind == "in" for m in built):
             reason = "no layer consumes its channels"
-        groups.append(ChannelGroup(names.get(root_module, "?"), int(size), built, reason, root_module, root_dep.handler))
+        name = names.get(root_module, "?")
+        groups.append(ChannelGroup(name, int(size), built, reason, root_module, root_dep.handler))
     return ChannelGraph(model, groups, graph)
 
 

@@ -19,8 +19,9 @@ The baselines zero the chosen channels without compensation.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +81,7 @@ class ChannelPruner(Pruner[Any]):
     def normalised(self, scores: list[Tensor], view: PruneView) -> Tensor:
         """Each group's scores divided by their mean over its kept channels (flat, float64)."""
         out = []
-        for values, gone in zip(scores, self.removed(view)):
+        for values, gone in zip(scores, self.removed(view), strict=True):
             values = values.detach().double().cpu()
             alive = values[~gone]
             mean = float(alive.mean()) if alive.numel() else 0.0
@@ -110,7 +111,8 @@ class ChannelWoodFisherPruner(ChannelPruner):
 
     def collect(self, view: PruneView, ctx: StepContext) -> GroupObsStats:
         if ctx.batches is None:
-            raise WFError("structured WoodFisher needs Fisher data", hint="pass `batches` (the Fisher pool) to prune_step")
+            raise WFError("structured WoodFisher needs Fisher data",
+                          hint="pass `batches` (the Fisher pool) to prune_step")
         s = self.settings
         consumers = {name: self.params[name] for name in self.space.graph.consumers()}
         total = total_gradient_count(s, ctx.reduce_fn, view.device)
@@ -136,7 +138,8 @@ class ChannelWoodFisherPruner(ChannelPruner):
         for group in self.space.groups:
             cost = torch.zeros(group.size, dtype=torch.float64)
             for member in group.members_of("in"):
-                cost += channel_cost(stats.unit_costs[member.weight], member.positions, member.roots, group.size).double().cpu()
+                part = channel_cost(stats.unit_costs[member.weight], member.positions, member.roots, group.size)
+                cost += part.double().cpu()
             parts.append(cost)
         return torch.cat(parts)
 

@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from wf_pipeline.pruning.structured.flops import LayerShape, total_macs, total_params
-from wf_pipeline.pruning.structured.groups import ChannelGraph, ChannelGroup, remove_channels_from_masks, removed_channels
+from wf_pipeline.pruning.structured.groups import (
+    ChannelGraph,
+    ChannelGroup,
+    remove_channels_from_masks,
+    removed_channels,
+)
 
 TARGETS = ("channels", "flops")
 RANK_BY = ("auto", "cost", "cost_per_flop")
@@ -79,7 +84,7 @@ class ChannelSpace:
 
     def remove(self, masks: dict[str, Tensor], chosen: Sequence[Tensor]) -> None:
         """Mask (in place) every entry of the chosen channels."""
-        for group, picked in zip(self.groups, chosen):
+        for group, picked in zip(self.groups, chosen, strict=True):
             if picked.any():
                 remove_channels_from_masks(masks, group, picked.cpu())
 
@@ -87,7 +92,7 @@ class ChannelSpace:
         """Kept output and input channels of every layer that a removal touches."""
         out_kept: dict[str, int] = {}
         in_kept: dict[str, int] = {}
-        for group, gone in zip(self.groups, removed):
+        for group, gone in zip(self.groups, removed, strict=True):
             for member in group.members:
                 shape = self.shapes.get(member.module)
                 if shape is None:
@@ -158,7 +163,7 @@ class ChannelSpace:
         r = self.round_to
         out: list[Tensor] = []
         offset = 0
-        for size, floor, gone in zip(self.sizes, self.floors, removed):
+        for size, floor, gone in zip(self.sizes, self.floors, removed, strict=True):
             gone = gone.cpu()
             alive = (~gone).nonzero().flatten()
             kept = alive.numel()

@@ -9,8 +9,9 @@ the stage, :func:`remove_pruned_channels` cuts the masked channels out physicall
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
@@ -58,7 +59,7 @@ def build_channel_pruner(
     return CHANNEL_PRUNERS[settings.method](settings, space)
 
 
-def channel_pruner_for_recipe(settings: PruneSettings, cfg: "ChannelConfig", model: nn.Module,
+def channel_pruner_for_recipe(settings: PruneSettings, cfg: ChannelConfig, model: nn.Module,
                               selected: Collection[str], example_input: Tensor) -> ChannelPruner:
     """:func:`build_channel_pruner` with the recipe's ``pruning.channel`` section."""
     return build_channel_pruner(settings, model, example_input, selected=selected, target=cfg.target,

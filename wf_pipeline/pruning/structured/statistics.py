@@ -10,8 +10,8 @@ is the Gram buffers (``Σ_layers #weights · block size`` numbers) plus one grad
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,11 @@ class RowFisher:
 
 @dataclass
 class FisherTimings:
+    """Seconds spent computing gradients, folding them into the Grams, and inverting."""
+
     gradients: float = 0.0
     accumulate: float = 0.0
     inverse: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def row_fisher_inverses(
@@ -92,7 +93,7 @@ def row_fisher_inverses(
         timings.gradients += t1 - t0
         if chunk is None:
             break
-        for name, part in zip(names, chunk.split(sizes, dim=1)):
+        for name, part in zip(names, chunk.split(sizes, dim=1), strict=True):
             accs[name].add(part)
         timings.accumulate += time.perf_counter() - t1
     t0 = time.perf_counter()

@@ -9,8 +9,9 @@ sample input and a mismatch is an error, not a silent accuracy loss.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
