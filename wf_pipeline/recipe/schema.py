@@ -393,7 +393,8 @@ class PruningConfig(Strict):
     # kfac: K-FAC-based OBS, a research baseline that needs the optional `research` extra (curvlinops).
     method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac", "taylor",
                     "group_norm", "none"] = Field(
-        "woodfisher", description="with structure channel: woodfisher (group OBS), magnitude (L1 filter norm), "
+        "woodfisher", description="kfac (K-FAC-based OBS, research baseline) needs `pip install "
+        "'wf-pipeline[research]'`; with structure channel: woodfisher (group OBS), magnitude (L1 filter norm), "
         "taylor or group_norm (Torch-Pruning's importances)"
     )
     structure: Literal["unstructured", "channel"] = Field(
