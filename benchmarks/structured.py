@@ -1,0 +1,225 @@
+"""Structured pruning of the bundled ResNet-20 (Fashion-MNIST): WoodFisher group OBS vs the baselines.
+
+Every method runs the whole pruning stage of ``recipes/structured.yaml`` (50% of the channels removed,
+the default recipe's fine-tuning budget: same epochs, steps, learning rate and schedule), the
+removed channels are cut out (Torch-Pruning surgery, checked lossless) and each model is exported to
+ONNX. The script prints, in one run:
+
+* test accuracy (full test set) of the dense model and of each method, and the drop vs dense;
+* ONNX Runtime p50 latency at batch 1 and 32 of every model, all sessions timed interleaved
+  (alternating single runs, order flipped each round), and the ratio to dense;
+* conv/linear MACs ("FLOPs") and parameters read from each ONNX file.
+
+Targets (issue 8): WoodFisher latency <= 0.5x dense at batch 32; WoodFisher accuracy >= every
+baseline; WoodFisher drop vs dense <= 1.5 points. The last stdout line is one JSON object.
+
+    python benchmarks/structured.py                 # full run (all four methods, full budget)
+    python benchmarks/structured.py --quick         # about a minute per method: tiny budget, test subset
+    python benchmarks/structured.py --readme README.md          # also write the README table
+    python benchmarks/structured.py --from-json run.json --readme README.md   # table from a saved run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
+from wf_pipeline.atomic_io import write_text
+from wf_pipeline.data import build_data
+from wf_pipeline.deploy.export import export_onnx
+from wf_pipeline.deploy.latency import measure_interleaved
+from wf_pipeline.deploy.ort_session import create_session
+from wf_pipeline.device import resolve_device, seed_everything
+from wf_pipeline.gradual import run_pruning_stage
+from wf_pipeline.models import build_model
+from wf_pipeline.progress import NullReporter
+from wf_pipeline.pruning.structured import remove_pruned_channels
+from wf_pipeline.recipe.loader import load_recipe
+from wf_pipeline.rundir import RunDir
+from wf_pipeline.training import evaluate
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "structured.yaml"
+METHODS = ["woodfisher", "magnitude", "taylor", "group_norm"]
+LABELS = {"dense": "dense", "woodfisher": "WoodFisher (group OBS)", "magnitude": "L1 filter norm",
+          "taylor": "Taylor (Torch-Pruning)", "group_norm": "group norm (Torch-Pruning)"}
+QUICK = ["finetune.epochs=3", "finetune.steps_per_epoch=25", "pruning.schedule.end_epoch=2",
+         "pruning.woodfisher.num_grads=200", "data.test_subset=2000"]
+TARGETS = {"latency_ratio_b32": 0.5, "max_drop": 0.015}
+BEGIN, END = "<!-- structured-benchmark:begin -->", "<!-- structured-benchmark:end -->"
+
+
+class PrintReporter(NullReporter):
+    def __init__(self, prefix: str, verbose: bool) -> None:
+        self.prefix, self.verbose = prefix, verbose
+
+    def message(self, text: str) -> None:
+        if self.verbose:
+            print(f"  [{self.prefix}] {text}", flush=True)
+
+
+def prune_one(method: str, overrides: list[str], root: Path, verbose: bool) -> tuple[dict[str, Any], Path]:
+    """The structured recipe's pruning stage with `method`, surgery, ONNX export; the row and the file."""
+    recipe, _ = load_recipe(RECIPE, [*overrides, f"pruning.method={method}", f"output.root={root}",
+                                     f"output.run_name={method}"])
+    seed_everything(recipe.seed, recipe.deterministic)
+    device = resolve_device(recipe.device)
+    data = build_data(recipe.data, recipe.seed)
+    model = build_model(recipe.model).to(device)
+    run = RunDir(root / recipe.run_name())
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    stage = run_pruning_stage(recipe, run, model, data, device, reporter=PrintReporter(method, verbose))
+    wall = time.perf_counter() - started
+    surgery = remove_pruned_channels(stage.model, stage.masks.masks, data.sample_input(2))
+    path = root / f"{method}.onnx"
+    exported = export_onnx(stage.model.cpu().eval(), data.sample_input(2), path, sparse_storage=False)
+    m = stage.metrics
+    row = {
+        "method": method,
+        "accuracy": m["final_accuracy"],
+        "dense_accuracy": m["initial_accuracy"],
+        "channel_sparsity": m["sparsity"],
+        "macs": exported.structure["macs"],
+        "params": exported.structure["params"],
+        "channels_after": surgery.channels_after,
+        "surgery_max_output_change": surgery.max_output_change,
+        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m["prune_reports"]],
+        "wall_s": wall,
+        "prune_s": m["timings"]["prune_s"],
+        "finetune_s": m["timings"]["finetune_s"],
+    }
+    return row, path
+
+
+def dense_model_file(overrides: list[str], root: Path) -> tuple[dict[str, Any], Path]:
+    recipe, _ = load_recipe(RECIPE, overrides)
+    data = build_data(recipe.data, recipe.seed)
+    model = build_model(recipe.model).eval()
+    accuracy, _ = evaluate(model, data.test_batches(), torch.device("cpu"))
+    exported = export_onnx(model, data.sample_input(2), root / "dense.onnx", sparse_storage=False)
+    return {"method": "dense", "accuracy": accuracy, "macs": exported.structure["macs"],
+            "params": exported.structure["params"]}, exported.path
+
+
+def measure_latency(files: dict[str, Path], batch_sizes: list[int], quick: bool) -> dict[str, dict[int, float]]:
+    """p50 milliseconds per model and batch size, all models interleaved in one loop per batch size."""
+    sessions = {name: create_session(path, threads=1) for name, path in files.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in files}
+    rng = np.random.default_rng(0)
+    for batch in batch_sizes:
+        x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+        repeats = (40 if quick else 300) if batch == 1 else (15 if quick else 80)
+        stats = measure_interleaved(sessions, x, warmup=5 if quick else 20, repeats=repeats)
+        for name, s in stats.items():
+            out[name][batch] = s.p50
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The README table (markdown) from a benchmark summary."""
+    rows = summary["results"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    lines = ["| model | test accuracy | vs dense | p50 batch 1 | vs dense | p50 batch 32 | vs dense | MACs | params |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = r["latency_ms"]
+        drop = "" if r is dense else f"{(r['accuracy'] - dense['accuracy']) * 100:+.2f} pt"
+        lines.append(
+            f"| {LABELS[r['method']]} | {r['accuracy'] * 100:.2f}% | {drop} | {lat['1']:.3f} ms | "
+            f"{r['latency_ratio']['1']:.2f}x | {lat['32']:.2f} ms | {r['latency_ratio']['32']:.2f}x | "
+            f"{r['macs'] / 1e6:.2f} M ({r['macs'] / dense['macs']:.2f}x) | "
+            f"{r['params'] / 1e3:.1f} k ({r['params'] / dense['params']:.2f}x) |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, summary: dict[str, Any]) -> None:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    how = (f"*{'Quick' if summary['quick'] else 'Full'} run of `benchmarks/structured.py` "
+           f"({summary['machine']}, {summary['threads']} torch threads, ONNX Runtime 1 thread; "
+           f"latency measured interleaved in one process). Generated by the benchmark: do not edit by hand.*")
+    write_text(path, f"{head}{BEGIN}\n{table(summary)}\n\n{how}\n{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny budget and test subset (about a minute per method)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe overrides")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--readme", type=Path, help="write the results table between the markers of this file")
+    parser.add_argument("--from-json", type=Path, help="skip the run: read a saved summary (the last line of a run)")
+    args = parser.parse_args()
+
+    if args.from_json:
+        summary = json.loads(args.from_json.read_text().strip().splitlines()[-1])
+        print(table(summary))
+        if args.readme:
+            write_readme(args.readme, summary)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [*(QUICK if args.quick else []), *args.overrides]
+    machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    print(f"structured pruning benchmark ({'quick' if args.quick else 'full'}): {RECIPE.name}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}", flush=True)
+    rows: list[dict[str, Any]] = []
+    files: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="wf-bench-structured-") as tmp:
+        root = Path(tmp)
+        dense, files["dense"] = dense_model_file(overrides, root)
+        rows.append(dense)
+        for method in args.methods:
+            row, files[method] = prune_one(method, overrides, root, args.verbose)
+            rows.append(row)
+            print(f"{method:>11}: test accuracy {row['accuracy']:.4f} (dense {dense['accuracy']:.4f}), "
+                  f"channels removed {row['channel_sparsity']:.1%}, MACs {row['macs'] / dense['macs']:.3f}x, "
+                  f"wall {row['wall_s']:.0f}s (prune {row['prune_s']:.0f}s, fine-tune {row['finetune_s']:.0f}s)",
+                  flush=True)
+        latency = measure_latency(files, [1, 32], args.quick)
+    for row in rows:
+        row["latency_ms"] = {str(b): latency[row["method"]][b] for b in (1, 32)}
+        row["latency_ratio"] = {str(b): latency[row["method"]][b] / latency["dense"][b] for b in (1, 32)}
+
+    summary: dict[str, Any] = {"benchmark": "structured", "quick": args.quick, "recipe": RECIPE.name,
+                               "overrides": overrides, "threads": torch.get_num_threads(), "machine": machine,
+                               "results": rows}
+    print()
+    print(table(summary))
+    if "woodfisher" in args.methods:
+        wf = next(r for r in rows if r["method"] == "woodfisher")
+        baselines = [r for r in rows if r["method"] not in ("dense", "woodfisher")]
+        checks = {
+            "latency_b32_ratio": wf["latency_ratio"]["32"],
+            "latency_target_met": wf["latency_ratio"]["32"] <= TARGETS["latency_ratio_b32"],
+            "drop_points": (dense["accuracy"] - wf["accuracy"]) * 100,
+            "drop_target_met": dense["accuracy"] - wf["accuracy"] <= TARGETS["max_drop"],
+            "beats_every_baseline": all(wf["accuracy"] >= r["accuracy"] for r in baselines),
+        }
+        summary["targets"] = checks
+        print(f"\nWoodFisher: latency {checks['latency_b32_ratio']:.2f}x dense at batch 32 (target <= 0.5: "
+              f"{'met' if checks['latency_target_met'] else 'NOT met'}); drop {checks['drop_points']:.2f} points "
+              f"(target <= 1.5: {'met' if checks['drop_target_met'] else 'NOT met'}); accuracy >= every baseline: "
+              f"{'yes' if checks['beats_every_baseline'] else 'NO'}")
+    if args.readme:
+        write_readme(args.readme, summary)
+    print(json.dumps(summary, default=float))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
