@@ -10,18 +10,16 @@ compress: setup
 test: setup
 	.venv/bin/python -m pytest -q
 
-# Packages clean under ruff and mypy so far (configured in pyproject.toml). Add a package once it is
+# Packages and modules clean under ruff and mypy so far (configured in pyproject.toml). Add one once it is
 # clean; when all are, `make lint` joins .ci/run.
-LINT_PACKAGES := wf_pipeline/deploy wf_pipeline/reporting wf_pipeline/pruning wf_pipeline/sparseml wf_pipeline/recipe \
-                 wf_pipeline/models
-# Top-level modules of wf_pipeline/ (without .py) clean so far.
-LINT_MODULES := atomic_io cli cli_progress device distributed errors launch oneshot param_catalog preflight progress \
-                rundir stages train_dense
+LINT_PATHS := wf_pipeline/deploy wf_pipeline/reporting wf_pipeline/pruning wf_pipeline/recipe wf_pipeline/models \
+              wf_pipeline/runtime $(addprefix wf_pipeline/,cli.py cli_progress.py errors.py preflight.py stages.py \
+              training/oneshot.py training/dense.py training/optimizer.py training/lr_schedule.py training/epoch.py)
 LINT_FILES := tests/test_architecture.py tests/test_run_metrics.py
 
 lint: setup
-	.venv/bin/ruff check $(LINT_PACKAGES) $(patsubst %,wf_pipeline/%.py,$(LINT_MODULES)) $(LINT_FILES)
-	.venv/bin/mypy $(addprefix -p ,$(subst /,.,$(LINT_PACKAGES))) $(addprefix -p wf_pipeline.,$(LINT_MODULES))
+	.venv/bin/ruff check $(LINT_PATHS) $(LINT_FILES)
+	.venv/bin/mypy $(LINT_PATHS)
 
 benchmarks-quick: setup
 	for b in benchmarks/*.py; do .venv/bin/python $$b --quick || exit 1; done

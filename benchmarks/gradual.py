@@ -22,12 +22,12 @@ from typing import Any
 import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
 import torch
 from wf_pipeline.data import build_data
-from wf_pipeline.device import resolve_device, seed_everything
-from wf_pipeline.gradual import run_pruning_stage
+from wf_pipeline.runtime.device import resolve_device, seed_everything
+from wf_pipeline.training.gradual import run_pruning_stage
 from wf_pipeline.models import build_model
-from wf_pipeline.progress import NullReporter
+from wf_pipeline.runtime.progress import NullReporter
 from wf_pipeline.recipe.loader import load_recipe
-from wf_pipeline.rundir import RunDir
+from wf_pipeline.runtime.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "default.yaml"

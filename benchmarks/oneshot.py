@@ -18,8 +18,8 @@ import torch
 
 from wf_pipeline.data import build_data
 from wf_pipeline.models import load_default_model
-from wf_pipeline.oneshot import run_oneshot_sweep, sweep_markdown
 from wf_pipeline.recipe.schema import DataConfig, PruningConfig, WoodFisherConfig
+from wf_pipeline.training.oneshot import run_oneshot_sweep, sweep_markdown
 
 
 def first_breaking_sparsity(sweep, method: str, drop: float = 0.05) -> float | None:

@@ -214,7 +214,7 @@ def results_block(out: Path, keys: list[str], runs: dict[str, Any], readme_dir: 
 
 
 def replace_block(readme: Path, block: str) -> None:
-    from wf_pipeline.atomic_io import write_text
+    from wf_pipeline.runtime.atomic_io import write_text
 
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -244,7 +244,7 @@ def main() -> None:
     keys = [k for k in STUDIES if k in keys or (out / f"{STUDIES[k][1]}.json").is_file()]
     for key in keys:
         runs.setdefault(key, {"seconds": load(out, STUDIES[key][1]).get("seconds", 0.0)})
-    from wf_pipeline.atomic_io import write_text
+    from wf_pipeline.runtime.atomic_io import write_text
 
     block = results_block(out, keys, runs, out)  # links relative to results/ itself
     write_text(out / "research.md", block)

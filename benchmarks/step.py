@@ -59,10 +59,10 @@ def cpu_model() -> str:
 def build_job(recipe_path: Path, sparsity: float | None, num_grads: int | None) -> dict[str, Any]:
     """Model, parameter selection, Fisher batches and settings of the recipe's first pruning step."""
     from wf_pipeline.data import build_data
-    from wf_pipeline.gradual.fisher_data import fisher_batch_size
     from wf_pipeline.models import load_default_model
     from wf_pipeline.pruning import PruneSettings, select_prunable
     from wf_pipeline.recipe.loader import load_recipe
+    from wf_pipeline.training.gradual.fisher_data import fisher_batch_size
 
     recipe, _ = load_recipe(recipe_path)
     pruning = recipe.pruning

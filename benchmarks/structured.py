@@ -34,19 +34,19 @@ import numpy as np
 import torch
 
 import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
-from wf_pipeline.atomic_io import write_text
 from wf_pipeline.data import build_data
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.latency import measure_interleaved
 from wf_pipeline.deploy.ort_session import create_session
-from wf_pipeline.device import resolve_device, seed_everything
-from wf_pipeline.gradual import run_pruning_stage
 from wf_pipeline.models import build_model
-from wf_pipeline.progress import NullReporter
 from wf_pipeline.pruning.structured import remove_pruned_channels
 from wf_pipeline.recipe.loader import load_recipe
-from wf_pipeline.rundir import RunDir
-from wf_pipeline.training import evaluate
+from wf_pipeline.runtime.atomic_io import write_text
+from wf_pipeline.runtime.device import resolve_device, seed_everything
+from wf_pipeline.runtime.progress import NullReporter
+from wf_pipeline.runtime.rundir import RunDir
+from wf_pipeline.training.epoch import evaluate
+from wf_pipeline.training.gradual import run_pruning_stage
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "structured.yaml"

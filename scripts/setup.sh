@@ -77,7 +77,7 @@ write_command() {  # name, module, function
     chmod +x ".venv/bin/$1"
 }
 write_command wf-pipeline wf_pipeline.cli main
-write_command wf-torchrun wf_pipeline.launch main
+write_command wf-torchrun wf_pipeline.runtime.launch main
 write_command torchrun torch.distributed.run main
 echo "$deps_venv" > .venv/.wf-layer
 

@@ -16,17 +16,18 @@ import argparse
 import time
 from pathlib import Path
 
-import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
 import torch
-from wf_pipeline.atomic_io import torch_save, write_text
+
+import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
 from wf_pipeline.data import build_data
-from wf_pipeline.device import seed_everything
-from wf_pipeline.distributed import barrier, broadcast_object, init_distributed, shutdown
-from wf_pipeline.gradual import run_pruning_stage
 from wf_pipeline.models import build_model
-from wf_pipeline.progress import NullReporter
 from wf_pipeline.recipe.loader import load_recipe
-from wf_pipeline.rundir import RunDir
+from wf_pipeline.runtime.atomic_io import torch_save, write_text
+from wf_pipeline.runtime.device import seed_everything
+from wf_pipeline.runtime.distributed import barrier, broadcast_object, init_distributed, shutdown
+from wf_pipeline.runtime.progress import NullReporter
+from wf_pipeline.runtime.rundir import RunDir
+from wf_pipeline.training.gradual import run_pruning_stage
 
 
 class PausingReporter(NullReporter):

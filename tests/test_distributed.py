@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wf_pipeline.distributed import DistContext, all_reduce_sum_, barrier, broadcast_object, init_distributed
+from wf_pipeline.runtime.distributed import DistContext, all_reduce_sum_, barrier, broadcast_object, init_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny_digits.yaml"

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
+from deploy_fixtures import digits_images, make_sparse_model, random_images
+from onnx import numpy_helper
 from torch.nn.utils import parametrize
 
-from deploy_fixtures import digits_images, make_sparse_model, random_images
 from wf_pipeline.deploy.export import compare_sparsity, export_onnx
 from wf_pipeline.deploy.ort_session import create_session, run_logits
 from wf_pipeline.deploy.sparse_storage import (
@@ -112,9 +112,9 @@ def test_sparse_initializers_fail_the_full_check_but_not_ort(sparse_export):
 
 def _decode_in_ort_and_reference(array: np.ndarray) -> tuple[np.ndarray, np.ndarray, onnx.ModelProto]:
     """A one-node model (Identity of the weight) with the weight in the bitmask form."""
+    import onnxruntime as ort
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
-    import onnxruntime as ort
 
     dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
     graph = helper.make_graph([helper.make_node("Identity", ["w"], ["out"])], "g", [],

@@ -15,13 +15,13 @@ import torch
 
 from wf_pipeline.data import build_data
 from wf_pipeline.errors import WFError
-from wf_pipeline.gradual import CHECKPOINT_NAME, plan_num_grads, run_pruning_stage
 from wf_pipeline.models import build_model
-from wf_pipeline.progress import NullReporter
+from wf_pipeline.pruning.schedule import planned_targets
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.loader import load_recipe
-from wf_pipeline.rundir import RunDir
-from wf_pipeline.pruning.schedule import planned_targets
+from wf_pipeline.runtime.progress import NullReporter
+from wf_pipeline.runtime.rundir import RunDir
+from wf_pipeline.training.gradual import CHECKPOINT_NAME, plan_num_grads, run_pruning_stage
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny_digits.yaml"

@@ -205,7 +205,7 @@ def test_user_factory_module_path(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(), reason="Debian dataset not installed")
 def test_bundled_default_checkpoint_is_accurate() -> None:
     from wf_pipeline.models import load_default_model
-    from wf_pipeline.training import evaluate
+    from wf_pipeline.training.epoch import evaluate
 
     model = load_default_model()
     data = build_data(DataConfig(dataset="fashion_mnist", test_subset=2000), seed=0)

@@ -12,7 +12,9 @@ from torch import nn
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.loader import validate_recipe
 from wf_pipeline.recipe.schema import LRScheduleConfig, Recipe, TrainingConfig
-from wf_pipeline.training import build_optimizer, lr_at, lr_factor, train_epoch
+from wf_pipeline.training.epoch import train_epoch
+from wf_pipeline.training.lr_schedule import lr_at, lr_factor
+from wf_pipeline.training.optimizer import build_optimizer
 
 
 def training(**fields: Any) -> TrainingConfig:

@@ -9,8 +9,8 @@ from torch import nn
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.parallel import torch_threads
-from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning import METHODS, PruneSettings, prune_step
+from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.ranking import choose_pruned, target_zero_counts
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import PruningConfig
@@ -259,7 +259,6 @@ def test_global_ranking_may_empty_a_layer_and_the_report_names_it() -> None:
 
 def test_every_recipe_method_is_one_pruner_class() -> None:
     from wf_pipeline.pruning import PRUNERS, Pruner, build_pruner
-
     from wf_pipeline.pruning.structured.pruners import CHANNEL_PRUNERS
     from wf_pipeline.recipe.schema import CHANNEL_METHODS, CHANNEL_ONLY_METHODS
 

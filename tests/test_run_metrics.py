@@ -8,7 +8,7 @@ from wf_pipeline.reporting.report import load_run, write_report
 
 
 def _stage_dict() -> dict:
-    """The pruning stage's metrics as gradual/loop.py builds them (a grouped recipe: no single target)."""
+    """The pruning stage's metrics as training/gradual/loop.py builds them (a grouped recipe: no single target)."""
     return {
         "method": "woodfisher", "structure": "unstructured", "initial_accuracy": 0.94, "final_accuracy": 0.91,
         "target_sparsity": None, "sparsity": 0.9, "model_sparsity": 0.85, "pruned_params": 900,

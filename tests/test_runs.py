@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.cli_helpers import run_cli
 from tests.test_distributed import free_port
-from wf_pipeline.atomic_io import append_jsonl, read_jsonl
+from wf_pipeline.runtime.atomic_io import append_jsonl, read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny_digits.yaml"
@@ -106,7 +106,7 @@ def test_finished_run_is_not_redone_and_resume_survives_a_torn_journal(tmp_path:
 HOLDER = textwrap.dedent("""
     import sys, time
     from wf_pipeline.recipe.loader import load_recipe
-    from wf_pipeline.rundir import open_run_dir
+    from wf_pipeline.runtime.rundir import open_run_dir
 
     recipe, _ = load_recipe(sys.argv[1], [f"output.root={sys.argv[2]}"])
     open_run_dir(recipe)
@@ -173,7 +173,7 @@ def test_interrupted_and_gate_codes_are_distinct_from_input_and_crash() -> None:
 # ------------------------------------------------------------------------------------ exit codes under torchrun
 def torchrun(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "wf_pipeline.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        [sys.executable, "-m", "wf_pipeline.runtime.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), "-m", "wf_pipeline.cli", "compress", str(TINY), *args],
         env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
@@ -223,7 +223,7 @@ def test_launcher_reports_the_worker_that_failed_by_itself() -> None:
     """On a loaded machine the agent's SIGTERM of the other rank can carry the earlier timestamp."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from wf_pipeline.launch import _reported_failure
+    from wf_pipeline.runtime.launch import _reported_failure
 
     def failure(rank: int, code: int, when: float) -> ProcessFailure:
         f = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from wf_pipeline.recipe.schema import ScheduleConfig
 from wf_pipeline.pruning.schedule import planned_targets, pruning_epochs, schedule_value, sparsity_at, step_of
+from wf_pipeline.recipe.schema import ScheduleConfig
 
 
 def test_pruning_epochs_include_start_and_end() -> None:

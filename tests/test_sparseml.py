@@ -16,15 +16,21 @@ import yaml
 from wf_pipeline.errors import RecipeError, WFError
 from wf_pipeline.models.catalog import model_params
 from wf_pipeline.models.zoo import set_trust_recipe_code
-from wf_pipeline.param_catalog import ModelParams, ParamInfo
+from wf_pipeline.recipe.param_catalog import ModelParams, ParamInfo
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.sparseml import SparseMLRecipeError, Translation, is_sparseml_recipe, load_sparseml_text, safe_eval
-from wf_pipeline.sparseml import fields as sparseml_fields
-from wf_pipeline.sparseml import lr as sparseml_lr
-from wf_pipeline.sparseml import params as sparseml_params
-from wf_pipeline.sparseml import translate as sparseml
-from wf_pipeline.sparseml.safe_eval import ExpressionError, evaluate_expression, resolve_variables
-from wf_pipeline.training import lr_at
+from wf_pipeline.recipe.sparseml import (
+    SparseMLRecipeError,
+    Translation,
+    is_sparseml_recipe,
+    load_sparseml_text,
+    safe_eval,
+)
+from wf_pipeline.recipe.sparseml import fields as sparseml_fields
+from wf_pipeline.recipe.sparseml import lr as sparseml_lr
+from wf_pipeline.recipe.sparseml import params as sparseml_params
+from wf_pipeline.recipe.sparseml import translate as sparseml
+from wf_pipeline.recipe.sparseml.safe_eval import ExpressionError, evaluate_expression, resolve_variables
+from wf_pipeline.training.lr_schedule import lr_at
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sparseml"
 

@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from tests.cli_helpers import run_cli
-from wf_pipeline.gradual.plan import build_groups, plan_events
 from wf_pipeline.models import build_model
 from wf_pipeline.models.catalog import model_params
 from wf_pipeline.models.zoo import set_trust_recipe_code
@@ -24,7 +23,8 @@ from wf_pipeline.pruning import PruneSettings
 from wf_pipeline.pruning.schedule import pruning_epochs
 from wf_pipeline.recipe.loader import load_recipe
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.sparseml import load_sparseml_text
+from wf_pipeline.recipe.sparseml import load_sparseml_text
+from wf_pipeline.training.gradual.plan import build_groups, plan_events
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sparseml"
 

@@ -19,7 +19,7 @@ from wf_pipeline.fisher.streamed import (
     sub_layout,
 )
 from wf_pipeline.pruning.masks import MaskSet
-from wf_pipeline.pruning.obs import obs_scores, woodtaylor_scores
+from wf_pipeline.pruning.obs import obs_scores, obs_update_grouped, woodtaylor_scores
 from wf_pipeline.pruning.ranking import choose_pruned
 from wf_pipeline.pruning.settings import PruneSettings
 from wf_pipeline.pruning.step import prune_step
@@ -87,7 +87,7 @@ def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, c
             scores = obs_scores(weights, grouped.diag)
         kept = torch.ones_like(weights, dtype=torch.bool)
         pruned = choose_pruned(scores, kept, [p.numel() for p in params.values()], sparsity, "global")
-        updated, predicted = grouped.obs_update(weights, pruned, use_grad_mean=taylor)
+        updated, predicted = obs_update_grouped(grouped, weights, pruned, use_grad_mean=taylor)
         spill_dir = grouped.spill_dir
         if plan.revisit == "disk":
             assert spill_dir is not None and any(spill_dir.iterdir())

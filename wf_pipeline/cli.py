@@ -74,7 +74,7 @@ def compress(
 ) -> None:
     """Prune the recipe's model with fine-tuning, export sparse ONNX, validate it in ONNX Runtime, write a report."""
     from wf_pipeline.cli_progress import RichReporter
-    from wf_pipeline.progress import NullReporter
+    from wf_pipeline.runtime.progress import NullReporter
     from wf_pipeline.stages import run_compress
 
     _trust(trust_recipe_code)
@@ -145,9 +145,9 @@ def oneshot(
     memory_budget: BudgetOption = None,
 ) -> None:
     """Prune the pretrained model at each sparsity with each method (no fine-tuning); write JSON, Markdown, a plot."""
-    from wf_pipeline.oneshot import sweep_markdown
     from wf_pipeline.pruning.settings import METHODS
     from wf_pipeline.stages import run_oneshot
+    from wf_pipeline.training.oneshot import sweep_markdown
 
     methods = [m for value in method for m in value.replace(",", " ").split()]
     unknown = [m for m in methods if m not in METHODS]
@@ -247,9 +247,9 @@ def recipe_convert(
     """Translate a SparseML recipe into a wf-pipeline recipe."""
     import yaml
 
-    from wf_pipeline.atomic_io import write_text
     from wf_pipeline.models.catalog import model_params
     from wf_pipeline.recipe.loader import recipe_header
+    from wf_pipeline.runtime.atomic_io import write_text
 
     _trust(trust_recipe_code)  # the translation builds the base recipe's model to check parameter names
     recipe = _load(recipe_path, overrides, base)
@@ -305,7 +305,7 @@ def _one_line(text: str) -> str:
 
 def _report_crash(exc: BaseException) -> None:
     """A bug, not bad input: the traceback goes to the run's log.txt (or here when there is no run)."""
-    from wf_pipeline.rundir import opened_runs
+    from wf_pipeline.runtime.rundir import opened_runs
 
     logs = [path for run in reversed(opened_runs()) if (path := run.log_crash(exc)) is not None][:1]
     summary = _one_line(f"{type(exc).__name__}: {exc}")[:300]
@@ -317,7 +317,7 @@ def _report_crash(exc: BaseException) -> None:
 
 
 def main() -> None:
-    from wf_pipeline.rundir import release_all
+    from wf_pipeline.runtime.rundir import release_all
 
     argv = _expand_multi_value_options(sys.argv[1:])
     try:

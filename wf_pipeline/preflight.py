@@ -128,7 +128,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     """Raise RecipeError/WFError on the first problem; return notes describing what was checked."""
     from wf_pipeline.data import build_data
     from wf_pipeline.models import build_model
-    from wf_pipeline.rundir import check_run_location
+    from wf_pipeline.runtime.rundir import check_run_location
 
     check_run_location(recipe)
     load = _check_weights_file(recipe)
@@ -138,8 +138,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     data = build_data(recipe.data, recipe.seed)
     notes += _check_forward(model, data, recipe)
     if recipe.pruning.method != "none":
-        from wf_pipeline.gradual.plan import build_groups
         from wf_pipeline.pruning import PruneSettings
+        from wf_pipeline.training.gradual.plan import build_groups
 
         groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning), data.sample_input(1))
         sizes = [p.numel() for group in groups for p in group.params.values()]

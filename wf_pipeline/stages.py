@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from wf_pipeline.atomic_io import torch_save, write_json
 from wf_pipeline.data import DataBundle, build_data
-from wf_pipeline.device import resolve_device, seed_everything
 from wf_pipeline.models import build_model
 from wf_pipeline.preflight import check_recipe
-from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.recipe.schema import GatesConfig, Recipe
 from wf_pipeline.reporting.metrics import RunMetrics
-from wf_pipeline.rundir import RunDir, open_run_dir, open_shared_run_dir
-from wf_pipeline.training import evaluate
+from wf_pipeline.runtime.atomic_io import torch_save, write_json
+from wf_pipeline.runtime.device import resolve_device, seed_everything
+from wf_pipeline.runtime.progress import NullReporter, Reporter
+from wf_pipeline.runtime.rundir import RunDir, open_run_dir, open_shared_run_dir
+from wf_pipeline.training.epoch import evaluate
 
 if TYPE_CHECKING:  # without importing ONNX Runtime at start-up
     from wf_pipeline.deploy.validate import ValidationResult
-    from wf_pipeline.oneshot import SweepResult
+    from wf_pipeline.training.oneshot import SweepResult
 
 
 # ===================================================================== compress
@@ -49,8 +49,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
 
     Under torchrun every rank calls this; the main rank owns the run directory and writes every file.
     """
-    from wf_pipeline.distributed import barrier, init_distributed, shutdown
-    from wf_pipeline.gradual import run_pruning_stage
+    from wf_pipeline.runtime.distributed import barrier, init_distributed, shutdown
+    from wf_pipeline.training.gradual import run_pruning_stage
 
     reporter = reporter or NullReporter()
     check_recipe(recipe)  # everything that can fail before a run directory exists
@@ -162,7 +162,7 @@ class TrainOutcome:
 def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, save_to: Path | None = None,
               reporter: Reporter | None = None) -> TrainOutcome:
     """Train the recipe's model densely (its `train` section), e.g. to make a pretrained checkpoint."""
-    from wf_pipeline.train_dense import run_dense_training
+    from wf_pipeline.training.dense import run_dense_training
 
     check_recipe(recipe)
     run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
@@ -181,7 +181,7 @@ class OneshotOutcome:
 def run_oneshot(recipe: Recipe, sparsities: list[float], methods: list[str], *, recalibrate_bn: bool = False,
                 overwrite: bool = False, progress: Callable[[str], Any] | None = None) -> OneshotOutcome:
     """Prune the pretrained model once per (method, sparsity), no fine-tuning; write JSON, Markdown and a plot."""
-    from wf_pipeline.oneshot import run_oneshot_sweep, write_sweep
+    from wf_pipeline.training.oneshot import run_oneshot_sweep, write_sweep
 
     if recipe.output.run_name is None:
         output = recipe.output.model_copy(update={"run_name": f"{recipe.name}-oneshot"})

@@ -82,7 +82,7 @@ def save_outputs(out: Path, name: str, markdown: str, payload: dict[str, Any], f
     """Write table, plot and JSON atomically, print the table and the JSON last line."""
     import matplotlib.pyplot as plt
 
-    from wf_pipeline.atomic_io import atomic_path, write_json, write_text
+    from wf_pipeline.runtime.atomic_io import atomic_path, write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     # The study's own process plus its finished worker processes.

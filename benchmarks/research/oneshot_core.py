@@ -23,12 +23,12 @@ from wf_pipeline.data import DataBundle
 from wf_pipeline.data.loaders import TensorBatches
 from wf_pipeline.fisher.gradients import iter_gradient_chunks
 from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout, accumulation_dtype
-from wf_pipeline.oneshot import recalibrate_batchnorm
 from wf_pipeline.pruning.obs import diag_fisher_scores, newton_step_scale, obs_scores, obs_update, woodtaylor_scores
 from wf_pipeline.pruning.ranking import choose_pruned
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import WoodFisherConfig
-from wf_pipeline.training import evaluate
+from wf_pipeline.training.epoch import evaluate
+from wf_pipeline.training.oneshot import recalibrate_batchnorm
 
 LABELS = {
     "woodfisher": "WoodFisher",

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from wf_pipeline.data import build_data  # noqa: E402
 from wf_pipeline.models import build_model  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig, ModelConfig  # noqa: E402
-from wf_pipeline.training import evaluate  # noqa: E402
+from wf_pipeline.training.epoch import evaluate  # noqa: E402
 
 MODELS = {
     "ResNet-20": ModelConfig(name="resnet20", num_classes=10, in_channels=1, weights="builtin:resnet20-fmnist"),

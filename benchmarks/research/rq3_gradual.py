@@ -27,13 +27,13 @@ import torch  # noqa: E402
 
 from wf_pipeline.data import build_data  # noqa: E402
 from wf_pipeline.data.loaders import TensorBatches  # noqa: E402
-from wf_pipeline.device import seed_everything  # noqa: E402
-from wf_pipeline.gradual import run_pruning_stage  # noqa: E402
+from wf_pipeline.runtime.device import seed_everything  # noqa: E402
+from wf_pipeline.training.gradual import run_pruning_stage  # noqa: E402
 from wf_pipeline.models import build_model  # noqa: E402
 from wf_pipeline.recipe.loader import load_recipe  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig  # noqa: E402
-from wf_pipeline.rundir import RunDir  # noqa: E402
-from wf_pipeline.training import evaluate  # noqa: E402
+from wf_pipeline.runtime.rundir import RunDir  # noqa: E402
+from wf_pipeline.training.epoch import evaluate  # noqa: E402
 
 METHODS = ("magnitude", "woodfisher")
 LABELS = {"magnitude": "global magnitude", "woodfisher": "WoodFisher"}

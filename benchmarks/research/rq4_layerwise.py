@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from wf_pipeline.data import build_data  # noqa: E402
 from wf_pipeline.models import load_default_model  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig  # noqa: E402
-from wf_pipeline.training import evaluate  # noqa: E402
+from wf_pipeline.training.epoch import evaluate  # noqa: E402
 
 STRATEGIES = ("global", "uniform", "hand-tuned")
 LABELS = {"global": "WoodFisher global ranking (automatic)", "uniform": "uniform per layer",

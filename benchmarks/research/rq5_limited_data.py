@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from wf_pipeline.data import build_data  # noqa: E402
 from wf_pipeline.models import load_default_model  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig  # noqa: E402
-from wf_pipeline.training import evaluate  # noqa: E402
+from wf_pipeline.training.epoch import evaluate  # noqa: E402
 
 MAX_GRADS = 5000
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wf_pipeline.atomic_io import atomic_path
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import DataConfig
+from wf_pipeline.runtime.atomic_io import atomic_path
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = (

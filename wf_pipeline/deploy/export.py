@@ -19,7 +19,6 @@ import onnx
 import torch
 from torch import nn
 
-from wf_pipeline import atomic_io
 from wf_pipeline.deploy.model_stats import model_stats
 from wf_pipeline.deploy.name_mapping import (
     generated_weight_names,
@@ -36,6 +35,7 @@ from wf_pipeline.deploy.sparse_storage import (
     weight_zero_fractions,
 )
 from wf_pipeline.errors import WFError
+from wf_pipeline.runtime import atomic_io
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

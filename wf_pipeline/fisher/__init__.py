@@ -5,8 +5,8 @@ from wf_pipeline.fisher.inverse import (
     BlockGramAccumulator,
     BlockLayout,
     DiagonalAccumulator,
-    accumulation_dtype,
     WoodburyAccumulator,
+    accumulation_dtype,
     low_rank_inverse,
 )
 

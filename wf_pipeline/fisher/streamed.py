@@ -4,9 +4,9 @@ Phase 1 (:func:`collect_grouped_inverse`) makes one gradient pass per group over
 samples, builds that group's statistics (Gram blocks inverted in place, or the stored gradient rows of
 the low-rank form), keeps the inverse's diagonal — and for WoodTaylor the mean gradient and Newton step
 — for every weight, then spills the group to disk, drops it (to recompute later) or, for the last
-group, keeps it. Ranking then needs only those vectors. Phase 2 (:meth:`GroupedInverse.obs_update`)
-revisits the groups one at a time for the OBS update, which is block-local, so it equals the update
-with the whole inverse in memory.
+group, keeps it. Ranking then needs only those vectors. Phase 2 (:meth:`GroupedInverse.inverse_slices`)
+revisits the groups one at a time for the OBS update (``pruning.obs.obs_update_grouped``), which is
+block-local, so it equals the update with the whole inverse in memory.
 """
 from __future__ import annotations
 
@@ -187,15 +187,12 @@ class GroupedInverse:
     def layout_device(self) -> torch.device:
         return next(iter(self.job.params.values())).device
 
-    def obs_update(self, weights: Tensor, pruned: Tensor, update: str = "joint",
-                   use_grad_mean: bool = False, newton_scale: Tensor | None = None) -> tuple[Tensor, float | None]:
-        """:func:`~wf_pipeline.pruning.obs.obs_update` group by group (it is block-local): same result.
+    def inverse_slices(self) -> Iterator[tuple[int, int, BlockFisherInverse]]:
+        """``(lo, hi, inverse)`` for consecutive weight ranges covering every weight, one group in memory at a time.
 
-        `newton_scale` (per weight) caps WoodTaylor's Newton step as in the in-memory step."""
-        from wf_pipeline.pruning.obs import obs_update  # pruning imports this module: import when used
-
-        out = torch.empty_like(weights)
-        predicted: float | None = 0.0
+        The OBS update is block-local, so applying it slice by slice (``pruning.obs.obs_update_grouped``)
+        equals the update with the whole inverse in memory. The time between a group's first slice and
+        the end of its last (the caller's update included) counts as "update"."""
         order = list(enumerate(self.plan.groups))
         if self._kept is not None:
             order = order[-1:] + order[:-1]  # the kept group first, so it can be let go at once
@@ -204,18 +201,11 @@ class GroupedInverse:
             t0 = time.perf_counter()
             _, g0, _ = sub_layout(self.layout, group.start, group.stop)
             for f0, f1, inverse in stats.slices():
-                lo, hi = g0 + f0, g0 + f1
-                mean = self.grad_mean[lo:hi] if use_grad_mean and self.grad_mean is not None else None
-                scale = None if newton_scale is None or mean is None else newton_scale[lo:hi]
-                new, part = obs_update(inverse, weights[lo:hi], pruned[lo:hi], update=update, grad_mean=mean,
-                                       newton_scale=scale)
-                out[lo:hi] = new
-                predicted = None if predicted is None or part is None else predicted + part
+                yield g0 + f0, g0 + f1, inverse
             del stats
             if index == len(self.plan.groups) - 1:
                 self._kept = None
             self.job.add_time("update", time.perf_counter() - t0)
-        return out, predicted
 
     def close(self) -> None:
         """Remove spill files (idempotent)."""

@@ -1,6 +1,6 @@
 """The parameter catalog of the model a recipe names: what recipe translations check names against.
 
-The SparseML translation (wf_pipeline.sparseml, reached only through the recipe loader) cannot build
+The SparseML translation (wf_pipeline.recipe.sparseml, reached only through the recipe loader) cannot build
 models itself; the caller hands it :func:`model_params`, which builds the model without weights and
 lists its parameters.
 """
@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from wf_pipeline.errors import RecipeError, WFError
 from wf_pipeline.models.zoo import build_model
-from wf_pipeline.param_catalog import ModelParams
 from wf_pipeline.pruning.selection import prunable_weight_names
+from wf_pipeline.recipe.param_catalog import ModelParams
 from wf_pipeline.recipe.schema import ModelConfig
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.inverse import BlockFisherInverse
 from wf_pipeline.fisher.parallel import map_slices
 from wf_pipeline.pruning.ranking import choose_pruned
+
+if TYPE_CHECKING:
+    from wf_pipeline.fisher.streamed import GroupedInverse
 
 UPDATES = ("joint", "independent", "none")
 # Blocks solved per batched call in the joint update: bounds the temporary copies of M.
@@ -186,6 +190,30 @@ def obs_update(
     new_weights = layout.unpad(w + delta).masked_fill(pruned, 0).to(weights.dtype)
     require_finite(new_weights, "the OBS update produced weights that", sizes)
     return new_weights, predicted
+
+
+def obs_update_grouped(
+    grouped: GroupedInverse,
+    weights: Tensor,
+    pruned: Tensor,
+    update: str = "joint",
+    use_grad_mean: bool = False,
+    newton_scale: Tensor | None = None,
+) -> tuple[Tensor, float | None]:
+    """:func:`obs_update` over a streamed inverse, slice by slice (the update is block-local): same result.
+
+    With `use_grad_mean` the grouped inverse's mean gradient gives the WoodTaylor term; `newton_scale`
+    (per weight) caps its Newton step as in the in-memory step."""
+    out = torch.empty_like(weights)
+    predicted: float | None = 0.0
+    for lo, hi, inverse in grouped.inverse_slices():
+        mean = grouped.grad_mean[lo:hi] if use_grad_mean and grouped.grad_mean is not None else None
+        scale = None if newton_scale is None or mean is None else newton_scale[lo:hi]
+        new, part = obs_update(inverse, weights[lo:hi], pruned[lo:hi], update=update, grad_mean=mean,
+                               newton_scale=scale)
+        out[lo:hi] = new
+        predicted = None if predicted is None or part is None else predicted + part
+    return out, predicted
 
 
 def _newton_gain(g: Tensor, g_step: Tensor, newton: Tensor) -> float:

@@ -1,6 +1,6 @@
 """Load a recipe file (ours or SparseML's), apply --set overrides, validate, and explain errors in one line.
 
-The one entry point of SparseML compatibility: this module is the only one outside `wf_pipeline.sparseml`
+The one entry point of SparseML compatibility: this module is the only one outside `wf_pipeline.recipe.sparseml`
 that imports it (tests/test_architecture.py checks), so a SparseML recipe is translated here and the
 rest of the pipeline only ever sees our recipe.
 """
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from wf_pipeline import sparseml
 from wf_pipeline.errors import RecipeError
+from wf_pipeline.recipe import sparseml
 from wf_pipeline.recipe.schema import Recipe
 
 if TYPE_CHECKING:
-    from wf_pipeline.param_catalog import ModelCatalog
+    from wf_pipeline.recipe.param_catalog import ModelCatalog
 
 # Hints for pydantic's error types: what the user should do about each.
 _HINTS = {

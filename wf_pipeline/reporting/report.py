@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from wf_pipeline import atomic_io
 from wf_pipeline.errors import WFError
 from wf_pipeline.reporting import charts
 from wf_pipeline.reporting.metrics import RunMetrics
+from wf_pipeline.runtime import atomic_io
 
 ASSETS_DIR = "report_files"
 

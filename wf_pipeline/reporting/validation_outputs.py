@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wf_pipeline import atomic_io
 from wf_pipeline.deploy.validate import ValidationResult
 from wf_pipeline.errors import WFError
 from wf_pipeline.reporting.junit import gates_to_junit
 from wf_pipeline.reporting.summary import validation_markdown
+from wf_pipeline.runtime import atomic_io
 
 
 def write_validation_outputs(result: ValidationResult, out_dir: Path) -> dict[str, Path]:

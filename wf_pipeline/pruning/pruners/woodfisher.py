@@ -24,7 +24,13 @@ from wf_pipeline.fisher.inverse import (
     accumulation_dtype,
 )
 from wf_pipeline.fisher.streamed import GroupedInverse
-from wf_pipeline.pruning.obs import newton_step_scale, obs_scores, obs_update, woodtaylor_scores
+from wf_pipeline.pruning.obs import (
+    newton_step_scale,
+    obs_scores,
+    obs_update,
+    obs_update_grouped,
+    woodtaylor_scores,
+)
 from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
 from wf_pipeline.pruning.pruners.planned import booked, collect_streamed, make_job, plan_step
 from wf_pipeline.pruning.pruners.statistics import accumulate_gradients, total_gradient_count
@@ -121,7 +127,7 @@ class WoodFisherPruner(FlatPruner[Stats]):
         if isinstance(stats, StreamedFisherStats):
             grouped = stats.grouped
             with grouped, booked(grouped.job, stats.ctx, outside_obs=True):
-                updated, predicted = grouped.obs_update(view.flat_weights(grouped.dtype), pruned,
+                updated, predicted = obs_update_grouped(grouped, view.flat_weights(grouped.dtype), pruned,
                                                         update=self.settings.update,
                                                         use_grad_mean=self.uses_gradient_mean,
                                                         newton_scale=stats.newton_scale)

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import torch
 
-from wf_pipeline.atomic_io import torch_save, write_json
 from wf_pipeline.data import build_data
-from wf_pipeline.device import resolve_device, seed_everything
 from wf_pipeline.models import build_model
-from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.recipe.schema import Recipe
 from wf_pipeline.reporting.metrics import RunMetrics
-from wf_pipeline.rundir import RunDir
-from wf_pipeline.training import build_optimizer, evaluate, train_epoch
+from wf_pipeline.runtime.atomic_io import torch_save, write_json
+from wf_pipeline.runtime.device import resolve_device, seed_everything
+from wf_pipeline.runtime.progress import NullReporter, Reporter
+from wf_pipeline.runtime.rundir import RunDir
+from wf_pipeline.training.epoch import evaluate, train_epoch
+from wf_pipeline.training.optimizer import build_optimizer
 
 
 def run_dense_training(recipe: Recipe, run: RunDir, *, save_to: Path | None = None,

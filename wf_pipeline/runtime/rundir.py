@@ -24,12 +24,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wf_pipeline import __version__
-from wf_pipeline.atomic_io import append_jsonl, read_jsonl, remove_stale_temp_files, write_json, write_text, write_yaml
 from wf_pipeline.errors import RunAlreadyFinished, WFError
 from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.runtime.atomic_io import (
+    append_jsonl,
+    read_jsonl,
+    remove_stale_temp_files,
+    write_json,
+    write_text,
+    write_yaml,
+)
 
 if TYPE_CHECKING:
-    from wf_pipeline.distributed import DistContext
+    from wf_pipeline.runtime.distributed import DistContext
 
 STATUS_FILE = "status.json"  # written last, when a compress run has finished
 
@@ -298,7 +305,7 @@ def open_shared_run_dir(recipe: Recipe, dist: DistContext, *, resume: bool = Fal
                         kind: str = "compress") -> RunDir:
     """Every rank calls this: the main rank opens and locks the run directory, the others get a
     read-only handle to it, or every rank raises the main rank's input error (exit code 2 everywhere)."""
-    from wf_pipeline.distributed import broadcast_object
+    from wf_pipeline.runtime.distributed import broadcast_object
 
     if not dist.enabled:
         return open_run_dir(recipe, resume=resume, overwrite=overwrite, kind=kind)

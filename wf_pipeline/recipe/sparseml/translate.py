@@ -33,8 +33,8 @@ from typing import Any
 import yaml
 
 from wf_pipeline.errors import RecipeError
-from wf_pipeline.param_catalog import ModelCatalog, ModelParams
-from wf_pipeline.sparseml.fields import (
+from wf_pipeline.recipe.param_catalog import ModelCatalog, ModelParams
+from wf_pipeline.recipe.sparseml.fields import (
     Context,
     Modifier,
     Record,
@@ -42,7 +42,7 @@ from wf_pipeline.sparseml.fields import (
     StopModifier,
     show,
 )
-from wf_pipeline.sparseml.lr import (
+from wf_pipeline.recipe.sparseml.lr import (
     LRModifiers,
     compose,
     parse_lr_class,
@@ -50,7 +50,7 @@ from wf_pipeline.sparseml.lr import (
     parse_set_lr,
     parse_weight_decay,
 )
-from wf_pipeline.sparseml.params import (
+from wf_pipeline.recipe.sparseml.params import (
     ALL,
     ALL_PRUNABLE,
     describe_names,
@@ -58,7 +58,7 @@ from wf_pipeline.sparseml.params import (
     match_entry,
     select_with,
 )
-from wf_pipeline.sparseml.safe_eval import (
+from wf_pipeline.recipe.sparseml.safe_eval import (
     ExpressionError,
     eval_body,
     evaluate_expression,

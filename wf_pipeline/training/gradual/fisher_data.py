@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from wf_pipeline.data.bundle import DataBundle
-from wf_pipeline.distributed import DistContext
 from wf_pipeline.errors import WFError
 from wf_pipeline.pruning.settings import PruneSettings
+from wf_pipeline.runtime.distributed import DistContext
 
 
 def fisher_pool_size(data: DataBundle) -> int:

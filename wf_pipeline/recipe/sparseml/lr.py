@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from wf_pipeline.sparseml.fields import Context, Modifier
+from wf_pipeline.recipe.sparseml.fields import Context, Modifier
 
 _TOLERANCE = 1e-9
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from wf_pipeline.atomic_io import torch_save
 from wf_pipeline.errors import WFError
 from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.runtime.atomic_io import torch_save
 
 CHECKPOINT_NAME = "gradual_state.pt"
 CHECKPOINT_FORMAT = 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-
 from typing import TYPE_CHECKING
 
 from wf_pipeline.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_GATE_FAILED

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from wf_pipeline.param_catalog import ModelParams
+from wf_pipeline.recipe.param_catalog import ModelParams
 
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
 ALL = "__ALL__"

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from wf_pipeline.atomic_io import atomic_path, write_json, write_text
 from wf_pipeline.data import DataBundle
 from wf_pipeline.pruning import PruneSettings, prune_step
 from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import PruningConfig
-from wf_pipeline.training import evaluate
+from wf_pipeline.runtime.atomic_io import atomic_path, write_json, write_text
+from wf_pipeline.training.epoch import evaluate
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ Modules: ``translate`` (the modifiers -> recipe sections), ``fields`` (reading o
 collecting problems), ``lr`` (learning-rate and weight-decay modifiers), ``params`` (SparseML's
 parameter-name matching), ``safe_eval`` (the ``eval(...)`` arithmetic SparseML recipes may contain).
 """
-from wf_pipeline.sparseml.translate import (
+from wf_pipeline.recipe.sparseml.translate import (
     DEFAULT_BASE,
     MODIFIER_KEY,
     SparseMLRecipeError,

@@ -28,18 +28,30 @@ import torch
 from torch import nn
 
 from wf_pipeline.data.bundle import DataBundle
-from wf_pipeline.device import seed_everything
-from wf_pipeline.distributed import SINGLE_PROCESS, DistContext, all_reduce_sum_, broadcast_object, broadcast_tensor_
 from wf_pipeline.errors import WFError
-from wf_pipeline.gradual.checkpoint import CHECKPOINT_NAME, StageState, load_checkpoint, save_checkpoint
-from wf_pipeline.gradual.fisher_data import fisher_batch_size, fisher_batches_for_step, fisher_pool_size, plan_num_grads
-from wf_pipeline.gradual.plan import PruneEvent, PruneGroup, build_groups, plan_events
-from wf_pipeline.progress import NullReporter, Reporter
 from wf_pipeline.pruning import MaskSet, PruneSettings, PruneView, prune_step, select_prunable
 from wf_pipeline.pruning.pruners.registry import pruner_class
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.rundir import RunDir
-from wf_pipeline.training import build_optimizer, evaluate, train_epoch
+from wf_pipeline.runtime.device import seed_everything
+from wf_pipeline.runtime.distributed import (
+    SINGLE_PROCESS,
+    DistContext,
+    all_reduce_sum_,
+    broadcast_object,
+    broadcast_tensor_,
+)
+from wf_pipeline.runtime.progress import NullReporter, Reporter
+from wf_pipeline.runtime.rundir import RunDir
+from wf_pipeline.training.epoch import evaluate, train_epoch
+from wf_pipeline.training.gradual.checkpoint import CHECKPOINT_NAME, StageState, load_checkpoint, save_checkpoint
+from wf_pipeline.training.gradual.fisher_data import (
+    fisher_batch_size,
+    fisher_batches_for_step,
+    fisher_pool_size,
+    plan_num_grads,
+)
+from wf_pipeline.training.gradual.plan import PruneEvent, PruneGroup, build_groups, plan_events
+from wf_pipeline.training.optimizer import build_optimizer
 
 
 @dataclass
