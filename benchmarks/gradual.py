@@ -63,18 +63,18 @@ def run_one(recipe_path: Path, overrides: list[str], root: Path, verbose: bool) 
     return {
         "method": recipe.pruning.method,
         "target_sparsity": recipe.pruning.final_sparsity,
-        "sparsity": m["sparsity"],
-        "dense_accuracy": m["initial_accuracy"],
-        "accuracy": m["final_accuracy"],
-        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m["prune_reports"]],
+        "sparsity": m.sparsity,
+        "dense_accuracy": m.initial_accuracy,
+        "accuracy": m.final_accuracy,
+        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m.prune_reports],
         "wall_s": wall,
-        "prune_s": m["timings"]["prune_s"],
-        "finetune_s": m["timings"]["finetune_s"],
-        "eval_s": m["timings"]["eval_s"],
+        "prune_s": m.timings["prune_s"],
+        "finetune_s": m.timings["finetune_s"],
+        "eval_s": m.timings["eval_s"],
         "epochs": recipe.finetune.epochs,
         "steps_per_epoch": recipe.finetune.steps_per_epoch,
         "num_grads": recipe.pruning.woodfisher.num_grads,
-        "per_layer_sparsity": {name: round(v, 3) for name, v in m["per_layer_sparsity"].items()},
+        "per_layer_sparsity": {name: round(v, 3) for name, v in m.per_layer_sparsity.items()},
     }
 
 

@@ -87,17 +87,17 @@ def prune_one(method: str, overrides: list[str], root: Path, verbose: bool) -> t
     m = stage.metrics
     row = {
         "method": method,
-        "accuracy": m["final_accuracy"],
-        "dense_accuracy": m["initial_accuracy"],
-        "channel_sparsity": m["sparsity"],
+        "accuracy": m.final_accuracy,
+        "dense_accuracy": m.initial_accuracy,
+        "channel_sparsity": m.sparsity,
         "macs": exported.structure["macs"],
         "params": exported.structure["params"],
         "channels_after": surgery.channels_after,
         "surgery_max_output_change": surgery.max_output_change,
-        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m["prune_reports"]],
+        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m.prune_reports],
         "wall_s": wall,
-        "prune_s": m["timings"]["prune_s"],
-        "finetune_s": m["timings"]["finetune_s"],
+        "prune_s": m.timings["prune_s"],
+        "finetune_s": m.timings["finetune_s"],
     }
     return row, path
 

@@ -73,7 +73,7 @@ def main() -> None:
     main_masks = broadcast_object(masks)
     assert all(torch.equal(main_masks[k], masks[k]) for k in masks), f"rank {dist.rank} pruned other weights"
     if dist.is_main:
-        torch_save(args.out, {"masks": masks, "metrics": result.metrics,
+        torch_save(args.out, {"masks": masks, "metrics": result.metrics.to_dict(),
                               "state": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}})
     barrier()
     shutdown()

@@ -114,10 +114,10 @@ def test_stage_reaches_scheduled_sparsities(woodfisher_run: dict[str, Any]) -> N
     epochs = [r for r in history if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == list(range(recipe.finetune.epochs))
     assert {"train_loss", "test_accuracy", "sparsity", "lr", "elapsed_s"} <= set(epochs[0])
-    assert result.metrics["sparsity"] == pytest.approx(recipe.pruning.final_sparsity, abs=1.0 / n)
-    assert result.metrics["final_accuracy"] == epochs[-1]["test_accuracy"]
-    assert len(result.metrics["prune_reports"]) == len(plan)
-    assert set(result.metrics["per_layer_sparsity"]) == set(result.masks.masks)
+    assert result.metrics.sparsity == pytest.approx(recipe.pruning.final_sparsity, abs=1.0 / n)
+    assert result.metrics.final_accuracy == epochs[-1]["test_accuracy"]
+    assert len(result.metrics.prune_reports) == len(plan)
+    assert set(result.metrics.per_layer_sparsity) == set(result.masks.masks)
 
 
 def test_resuming_a_finished_stage_does_no_work_and_keeps_history(woodfisher_run: dict[str, Any]) -> None:
@@ -127,7 +127,7 @@ def test_resuming_a_finished_stage_does_no_work_and_keeps_history(woodfisher_run
     again = run_pruning_stage(recipe, run, model, build_data(recipe.data, recipe.seed), torch.device("cpu"),
                               resume=True)
     assert run.read_history() == before
-    assert again.metrics["final_accuracy"] == first.metrics["final_accuracy"]
+    assert again.metrics.final_accuracy == first.metrics.final_accuracy
     for name, mask in first.masks.masks.items():
         assert torch.equal(again.masks.masks[name], mask)
     for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values()):
@@ -149,7 +149,7 @@ def test_method_none_only_finetunes(tmp_path: Path) -> None:
     result = run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
                                torch.device("cpu"))
     assert [r["kind"] for r in run.read_history()] == ["epoch"]
-    assert result.metrics["sparsity"] == 0.0 and result.metrics["prune_reports"] == []
+    assert result.metrics.sparsity == 0.0 and result.metrics.prune_reports == []
 
 
 def test_limited_data_caps_per_sample_gradients(tmp_path: Path) -> None:
@@ -168,8 +168,8 @@ def test_limited_data_caps_per_sample_gradients(tmp_path: Path) -> None:
     run = bare_run(recipe)
     result = run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
                                torch.device("cpu"))
-    assert result.metrics["prune_reports"][0]["num_grads"] == 20  # 2 samples x 10 classes
-    assert any("exceeds the Fisher pool" in note for note in result.metrics["notes"])
+    assert result.metrics.prune_reports[0]["num_grads"] == 20  # 2 samples x 10 classes
+    assert any("exceeds the Fisher pool" in note for note in result.metrics.notes)
 
 
 # ----------------------------------------------------------------------------- resume after SIGKILL
@@ -264,7 +264,7 @@ def test_fractional_schedule_prunes_inside_epochs(tmp_path: Path) -> None:
     assert prunes[-1]["target_sparsity"] == recipe.pruning.final_sparsity
     epochs = [r for r in run.read_history() if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
-    assert result.metrics["sparsity"] == pytest.approx(recipe.pruning.final_sparsity, abs=1e-4)
+    assert result.metrics.sparsity == pytest.approx(recipe.pruning.final_sparsity, abs=1e-4)
 
 
 def test_resume_inside_an_epoch_after_a_pruning_step(tmp_path: Path) -> None:
@@ -274,10 +274,10 @@ def test_resume_inside_an_epoch_after_a_pruning_step(tmp_path: Path) -> None:
     with pytest.raises(_Crash):
         _run_stage(crashed, reporter=CrashAfterSteps(7))
     run, resumed = _run_stage(crashed, resume=True)
-    assert resumed.metrics["resumed_from"][0]["steps_done"] == 6  # the checkpoint after the pruning at step 6
+    assert resumed.metrics.resumed_from[0]["steps_done"] == 6  # the checkpoint after the pruning at step 6
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert resumed.metrics["final_accuracy"] == reference.metrics["final_accuracy"]
+    assert resumed.metrics.final_accuracy == reference.metrics.final_accuracy
     kinds = [(r["kind"], r.get("optimizer_step", r.get("epoch"))) for r in run.read_history()]
     assert kinds == [("prune", 0), ("prune", 2), ("epoch", 0), ("prune", 4), ("prune", 6), ("epoch", 1), ("epoch", 2)]
 
@@ -291,7 +291,7 @@ def test_groups_prune_their_own_layers_to_their_own_targets(tmp_path: Path) -> N
          "schedule": {"start_epoch": 0, "end_epoch": 1, "frequency": 0.5}},
     ]
     run, result = _run_stage(recipe)
-    sparsity = result.metrics["per_layer_sparsity"]
+    sparsity = result.metrics.per_layer_sparsity
     early = [n for n in sparsity if n.startswith("layer1.")]
     late = [n for n in sparsity if n.startswith(("layer2.", "layer3."))]
     assert set(sparsity) == set(early) | set(late)  # conv1 and fc belong to no group: not held, not pruned
@@ -325,5 +325,5 @@ def test_monitoring_uses_a_slice_and_the_end_the_whole_test_set(tmp_path: Path) 
     data = build_data(recipe.data, recipe.seed)
     full_size = len(data.test_split)
     assert full_size > 50
-    assert history[-1]["test_accuracy"] == result.metrics["final_accuracy"]
-    assert round(result.metrics["final_accuracy"] * full_size, 6).is_integer()
+    assert history[-1]["test_accuracy"] == result.metrics.final_accuracy
+    assert round(result.metrics.final_accuracy * full_size, 6).is_integer()

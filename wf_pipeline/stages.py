@@ -71,7 +71,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         log.info("dense accuracy %.4f", dense_accuracy)
         stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume,
                                   initial_accuracy=dense_accuracy)  # already measured above
-        metrics = RunMetrics.from_dict({"dense_accuracy": dense_accuracy, **stage.metrics})
+        metrics = stage.metrics
+        metrics.dense_accuracy = dense_accuracy
         metrics.num_params = sum(p.numel() for p in stage.model.parameters())
         outcome = CompressOutcome(run.path, metrics)
         if dist.is_main:

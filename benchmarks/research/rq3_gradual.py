@@ -71,9 +71,9 @@ def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root:
     started = time.perf_counter()
     result = run_pruning_stage(recipe, run, model, data, torch.device("cpu"))
     train_acc, test_acc = final_evaluation(result.model, *eval_sizes)
-    row = {"method": method, "target": target, "seed": seed, "sparsity": result.metrics["sparsity"],
+    row = {"method": method, "target": target, "seed": seed, "sparsity": result.metrics.sparsity,
            "train_accuracy": train_acc, "test_accuracy": test_acc, "gap": train_acc - test_acc,
-           "accuracy_after_steps": [r.get("test_accuracy_after") for r in result.metrics.get("prune_reports", [])],
+           "accuracy_after_steps": [r.get("test_accuracy_after") for r in result.metrics.prune_reports or []],
            "wall_s": time.perf_counter() - started}
     log(f"  {method} -> {target:.0%} seed {seed}: test {test_acc:.4f}, train {train_acc:.4f} ({row['wall_s']:.0f} s)")
     return row

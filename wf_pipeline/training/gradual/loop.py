@@ -32,6 +32,7 @@ from wf_pipeline.errors import WFError
 from wf_pipeline.pruning import MaskSet, PruneSettings, PruneView, prune_step, select_prunable
 from wf_pipeline.pruning.pruners.registry import pruner_class
 from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.reporting.metrics import RunMetrics
 from wf_pipeline.runtime.device import seed_everything
 from wf_pipeline.runtime.distributed import (
     SINGLE_PROCESS,
@@ -57,11 +58,11 @@ from wf_pipeline.training.optimizer import build_optimizer
 @dataclass
 class StageResult:
     """What the pruning stage hands to export: the unwrapped model (masks applied, pruned weights
-    exact zeros), its masks, and the stage's metrics (see :func:`_metrics`)."""
+    exact zeros), its masks, and the stage's metrics (every pruning-stage field of RunMetrics set)."""
 
     model: nn.Module
     masks: MaskSet
-    metrics: dict[str, Any]
+    metrics: RunMetrics
 
 
 def run_pruning_stage(recipe: Recipe, run: RunDir, model: nn.Module, data: DataBundle, device: torch.device, *,
@@ -360,34 +361,34 @@ class _Stage:
     def _elapsed(self) -> float:
         return self.state.elapsed_s + (time.perf_counter() - self.started)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> RunMetrics:
         st = self.state
         all_params = sum(p.numel() for p in self.model.parameters())
         all_zeros = sum(int((p == 0).sum()) for p in self.model.parameters())
-        return {
-            "method": self.method,
-            "structure": self.pcfg.structure,
-            "initial_accuracy": st.initial_accuracy,
-            "final_accuracy": st.last_accuracy,
-            "target_sparsity": self.pcfg.final_sparsity if self.method != "none" and not self.pcfg.groups else None,
-            "sparsity": self.sparsity(),
-            "model_sparsity": all_zeros / max(all_params, 1),
-            "pruned_params": self.masks.num_zeros(),
-            "prunable_params": self.masks.num_params(),
-            "per_layer_sparsity": self.masks.per_layer_sparsity(),
-            "schedule": [{"epoch": e.epoch, "optimizer_step": e.step, "target_sparsity": e.target,
-                          **({"group": self.groups[e.group].name} if len(self.groups) > 1 else {})}
-                         for e in self.events],
-            "prune_reports": st.reports,
-            "epochs": self.epochs,
-            "steps_per_epoch": self.steps_per_epoch,
-            "world_size": self.dist.world_size,
-            "timings": {**st.timings, "total_s": self._elapsed()},
-            "resumed": bool(st.resumed_from),
-            "resumed_from": st.resumed_from,
-            "notes": st.notes,
-            "checkpoint": str(self.checkpoint_path),
-        }
+        return RunMetrics(
+            method=self.method,
+            structure=self.pcfg.structure,
+            initial_accuracy=st.initial_accuracy,
+            final_accuracy=st.last_accuracy,
+            target_sparsity=self.pcfg.final_sparsity if self.method != "none" and not self.pcfg.groups else None,
+            sparsity=self.sparsity(),
+            model_sparsity=all_zeros / max(all_params, 1),
+            pruned_params=self.masks.num_zeros(),
+            prunable_params=self.masks.num_params(),
+            per_layer_sparsity=self.masks.per_layer_sparsity(),
+            schedule=[{"epoch": e.epoch, "optimizer_step": e.step, "target_sparsity": e.target,
+                       **({"group": self.groups[e.group].name} if len(self.groups) > 1 else {})}
+                      for e in self.events],
+            prune_reports=st.reports,
+            epochs=self.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            world_size=self.dist.world_size,
+            timings={**st.timings, "total_s": self._elapsed()},
+            resumed=bool(st.resumed_from),
+            resumed_from=st.resumed_from,
+            notes=st.notes,
+            checkpoint=str(self.checkpoint_path),
+        )
 
 
 class _PhaseProgress:
