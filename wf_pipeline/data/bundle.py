@@ -1,8 +1,8 @@
 """The three disjoint roles of data in a run: training, the Fisher pool (taken from training data), and test."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -61,8 +61,8 @@ class DataBundle:
                                  rank=rank, world_size=world_size, drop_last=True, max_batches=max_batches,
                                  skip_batches=skip_batches)
         return _folder_loader(self.folder_sets[0], bs, self.cfg.num_workers, shuffle=True,  # type: ignore[index]
-                              seed=self.seed * 100_003 + epoch, rank=rank, world_size=world_size, max_batches=max_batches,
-                              skip_batches=skip_batches)
+                              seed=self.seed * 100_003 + epoch, rank=rank, world_size=world_size,
+                              max_batches=max_batches, skip_batches=skip_batches)
 
     def test_batches(self, batch_size: int | None = None) -> Iterable[Batch]:
         bs = batch_size or self.cfg.eval_batch_size
@@ -70,7 +70,8 @@ class DataBundle:
             return TensorBatches(self.test_split.images, self.test_split.labels, self.preprocess, bs)  # type: ignore[arg-type]
         return _folder_loader(self.folder_sets[1], bs, self.cfg.num_workers, shuffle=False, seed=0)  # type: ignore[index]
 
-    def fisher_batches(self, batch_size: int = 100, *, rank: int = 0, world_size: int = 1) -> Callable[[], Iterable[Batch]]:
+    def fisher_batches(self, batch_size: int = 100, *, rank: int = 0,
+                       world_size: int = 1) -> Callable[[], Iterable[Batch]]:
         """A factory of fresh iterables over the Fisher pool (shuffled anew each call, deterministically)."""
         calls = {"n": 0}
 
@@ -78,7 +79,8 @@ class DataBundle:
             calls["n"] += 1
             if self.fisher_split is not None:
                 return TensorBatches(self.fisher_split.images, self.fisher_split.labels, self.preprocess, batch_size,  # type: ignore[arg-type]
-                                     shuffle=True, seed=self.seed + 1, epoch=calls["n"], rank=rank, world_size=world_size)
+                                     shuffle=True, seed=self.seed + 1, epoch=calls["n"], rank=rank,
+                                     world_size=world_size)
             pool = Subset(self.folder_sets[2], self.fisher_indices.tolist())  # type: ignore[index, union-attr]
             return _folder_loader(pool, batch_size, self.cfg.num_workers, shuffle=True, seed=self.seed + calls["n"],
                                   rank=rank, world_size=world_size)

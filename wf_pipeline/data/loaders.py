@@ -5,8 +5,8 @@ so in-memory datasets are batched and augmented here as whole tensors.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int, flip
 
 
 class TensorBatches:
-    """Iterate (x, y) batches over tensors; the order depends only on (seed, epoch), so a resumed run sees the same data."""
+    """(x, y) batches over tensors; the order depends only on (seed, epoch), so a resumed run sees the same data."""
 
     def __init__(
         self,

@@ -81,7 +81,8 @@ def _fashion_raw_folder(cfg: DataConfig) -> Path:
         return Path(cfg.root or "data")
     raise WFError(
         f"data.root: Fashion-MNIST files not found in {', '.join(map(str, candidates))}",
-        "run `apt-get install dataset-fashion-mnist`, point data.root at the IDX files, or set data.download: true where a network exists",
+        "run `apt-get install dataset-fashion-mnist`, point data.root at the IDX files, "
+        "or set data.download: true where a network exists",
     )
 
 
@@ -126,7 +127,8 @@ def load_cifar10(cfg: DataConfig) -> tuple[TensorSplit, TensorSplit]:
             ds = CIFAR10(str(root), train=train, download=cfg.download)
         except RuntimeError as exc:
             raise WFError(f"data.root: CIFAR-10 not found under {root} ({exc})",
-                          "place the extracted cifar-10-batches-py folder there, or set data.download: true where a network exists") from exc
+                          "place the extracted cifar-10-batches-py folder there, "
+                          "or set data.download: true where a network exists") from exc
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         splits.append(TensorSplit(images, torch.tensor(ds.targets, dtype=torch.long)))
     return splits[0], splits[1]
@@ -150,7 +152,8 @@ def load_imagefolder(cfg: DataConfig):  # -> tuple[Dataset, Dataset]
     from torchvision import datasets, transforms
 
     if not cfg.root:
-        raise WFError("data.root: imagefolder needs a root folder", "set data.root to a folder with train/ and val/ subfolders")
+        raise WFError("data.root: imagefolder needs a root folder",
+                      "set data.root to a folder with train/ and val/ subfolders")
     root = Path(cfg.root).expanduser()
     test_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:

@@ -371,7 +371,8 @@ class ChannelConfig(Strict):
         "auto", description="global ranking key: the method's score, or score per MAC the channel saves "
         "(auto: cost for a channel target, cost_per_flop for a FLOPs target)"
     )
-    min_keep: float = Field(0.1, ge=0, lt=1, description="fraction of every channel group always kept (at least one channel)")
+    min_keep: float = Field(0.1, ge=0, lt=1,
+                            description="fraction of every channel group always kept (at least one channel)")
     round_to: int = Field(1, ge=1, description="remove channels in blocks so kept widths are multiples of this "
                           "(8 suits most CPU convolution kernels)")
     min_keep_layers: dict[str, float] = Field(
@@ -432,7 +433,7 @@ class PruningConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _method_fits_structure(self) -> "PruningConfig":
+    def _method_fits_structure(self) -> PruningConfig:
         if self.structure == "channel" and self.method not in (*CHANNEL_METHODS, "none"):
             raise ValueError(f"method {self.method!r} prunes single weights; with structure 'channel' use one of "
                              f"{', '.join(CHANNEL_METHODS)}")

@@ -25,7 +25,7 @@ def exit_code_of_failure(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else exitcode
 
 
-def _reported_failure(exc: "ChildFailedError") -> tuple[int, "ProcessFailure"]:
+def _reported_failure(exc: ChildFailedError) -> tuple[int, ProcessFailure]:
     """The failure whose code to exit with: the earliest one that is one of ours (a worker that ended
     by itself with 1, 2 or 3), not a worker the agent killed afterwards, whose timestamp can come first
     on a loaded machine; otherwise the earliest failure."""

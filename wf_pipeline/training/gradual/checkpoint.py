@@ -72,7 +72,7 @@ class StageState:
     resumed_from: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageState":
+    def from_dict(cls, data: dict[str, Any]) -> StageState:
         data = dict(data)
         data["epoch_tally"] = EpochTally(**data.get("epoch_tally", {}))
         return cls(**data)
@@ -86,7 +86,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_internal), py_gauss],
         # numpy arrays are not allowed by torch.load(weights_only=True): store the key as a tensor
-        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

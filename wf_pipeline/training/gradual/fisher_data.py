@@ -1,7 +1,7 @@
 """Which Fisher samples each pruning step sees: the gradient count and reproducible per-step shuffles."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from wf_pipeline.data.bundle import DataBundle
 from wf_pipeline.errors import WFError

@@ -21,8 +21,9 @@ across ranks, so every rank prunes the same weights. Only the main rank writes f
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -218,7 +219,8 @@ class _Stage:
         group = self.groups[event.group]
         label = f"prune {event.index + 1}/{len(self.events)} -> {event.target:.1%}"
         if group.pruner.reached(PruneView(group.params, self.masks), event.target):
-            self.reporter.message(f"epoch {event.epoch}: {group.name} already at or beyond {event.target:.2%}; no pruning")
+            self.reporter.message(
+                f"epoch {event.epoch}: {group.name} already at or beyond {event.target:.2%}; no pruning")
             return
         t0 = time.perf_counter()
         settings = group.settings
@@ -319,7 +321,7 @@ class _Stage:
             return self.masks.sparsity()
         views = [(g.pruner, PruneView(g.params, self.masks)) for g in self.groups]
         sizes = [p.space.num_channels for p, _ in views]  # type: ignore[attr-defined]
-        return sum(p.sparsity(v) * n for (p, v), n in zip(views, sizes)) / max(sum(sizes), 1)
+        return sum(p.sparsity(v) * n for (p, v), n in zip(views, sizes, strict=True)) / max(sum(sizes), 1)
 
     def evaluate(self, full: bool) -> float:
         """Test accuracy of the unwrapped model, measured on the main rank and shared with all."""
@@ -404,7 +406,7 @@ class _PhaseProgress:
             self.reporter.start(f"{self.label} {phase}", total, f"{self.label}: {phase}")
         self.reporter.advance(f"{self.label} {phase}", done, f"{phase} {done}/{total}")
 
-    def __enter__(self) -> "_PhaseProgress":
+    def __enter__(self) -> _PhaseProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -412,7 +414,8 @@ class _PhaseProgress:
             self.reporter.finish(f"{self.label} {self.phase}")
 
 
-def _first_samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _first_samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The batches up to `limit` samples (the last one cut), or all of them."""
     seen = 0
     for x, y in batches:
