@@ -7,16 +7,9 @@ from torch import nn
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.gradients import SampleStream, iter_gradient_chunks, sample_model_labels
-from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.pruning.selection import select_prunable
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waiting on a shared CPU can make
-    2-thread runs of many small ops 10-100x slower; restore the count afterwards."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -39,13 +39,7 @@ def bare_run(recipe) -> RunDir:
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201 - a fixture
-    """These tiny models run fastest single-threaded, above all on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest single-threaded
 
 
 class ZeroWatcher(NullReporter):

@@ -6,17 +6,10 @@ import torch
 from torch import nn
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.selection import select_prunable
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waiting on a shared CPU can make
-    2-thread runs of many small ops 10-100x slower; restore the count afterwards."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn() -> nn.Module:

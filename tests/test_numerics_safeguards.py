@@ -10,14 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step, select_prunable
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_mlp(seed: int = 0) -> nn.Module:

@@ -9,15 +9,10 @@ from torch import nn
 
 from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
 from wf_pipeline.fisher.inverse import BlockLayout
-from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.fisher.per_sample import LayerwiseUnsupported, conv_grads, layerwise_blocker, linear_grads
 from wf_pipeline.pruning.selection import select_prunable
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- single-layer rules

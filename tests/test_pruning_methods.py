@@ -8,20 +8,13 @@ import torch
 from torch import nn
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.pruning import METHODS, PruneSettings, prune_step
 from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.ranking import choose_pruned, target_zero_counts
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import PruningConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waiting on a shared CPU can make
-    2-thread runs of many small ops 10-100x slower; restore the count afterwards."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:

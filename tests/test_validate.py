@@ -179,3 +179,28 @@ def test_settings_follow_recipe_config():
     assert (settings.batch_sizes, settings.threads, settings.warmup, settings.repeats) == ([8], 2, 0, 3)
     with pytest.raises(WFError):
         ValidationSettings(batch_sizes=[])
+
+
+def test_validate_stage_reports_progress(tmp_path):
+    """`run_validate` (the `validate` command) shows accuracy and latency progress through its reporter."""
+    from pathlib import Path
+
+    from wf_pipeline.models import build_model
+    from wf_pipeline.recipe.loader import load_recipe
+    from wf_pipeline.runtime.progress import RecordingReporter
+    from wf_pipeline.stages import run_validate
+
+    recipe, _ = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny_digits.yaml",
+                            ["validate.parity_samples=8", "validate.batch_sizes=[2]", "validate.warmup=0",
+                             "validate.repeats=2"])
+    model = build_model(recipe.model).eval()
+    onnx_path = export_onnx(model, torch.zeros(2, 1, 8, 8), tmp_path / "model.onnx", sparse_storage=False).path
+    reporter = RecordingReporter()
+    outcome = run_validate(recipe, onnx_path, out=tmp_path / "validation", gates=GatesConfig(), reporter=reporter)
+    assert outcome.result.passed and outcome.result.test_samples > 0
+    started = [task for kind, task, _ in reporter.events if kind == "start"]
+    assert started == ["validate accuracy", "validate latency batch 2"]
+    finished = [task for kind, task, _ in reporter.events if kind == "finish"]
+    assert finished == started  # every task closed
+    accuracy_steps = [n for kind, task, n in reporter.events if kind == "advance" and task == "validate accuracy"]
+    assert accuracy_steps == list(range(1, len(accuracy_steps) + 1)) and accuracy_steps

@@ -184,6 +184,7 @@ def validate(
 
     Exit 0 pass, 1 gate failed, 2 bad input.
     """
+    from wf_pipeline.cli_progress import RichReporter
     from wf_pipeline.recipe.loader import validate_recipe
     from wf_pipeline.stages import run_validate
 
@@ -195,7 +196,9 @@ def validate(
     gates_raw = {**recipe.validate_.gates.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
     gates = validate_recipe(recipe.to_dict() | {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw}},
                             "command-line gates").validate_.gates
-    outcome = run_validate(recipe, model_path, baseline=baseline, checkpoint=checkpoint, out=out, gates=gates)
+    with RichReporter(console) as reporter:
+        outcome = run_validate(recipe, model_path, baseline=baseline, checkpoint=checkpoint, out=out, gates=gates,
+                               reporter=reporter)
     for gate in outcome.result.gates:
         status = {True: "[green]PASS[/green]", None: "[yellow]SKIP[/yellow]", False: "[red]FAIL[/red]"}[gate.passed]
         console.print(f"{status} {gate.message}")

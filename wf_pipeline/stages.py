@@ -24,7 +24,7 @@ from wf_pipeline.recipe.schema import GatesConfig, Recipe
 from wf_pipeline.reporting.metrics import RunMetrics
 from wf_pipeline.runtime.atomic_io import torch_save, write_json
 from wf_pipeline.runtime.device import resolve_device, seed_everything
-from wf_pipeline.runtime.progress import NullReporter, Reporter
+from wf_pipeline.runtime.progress import NullReporter, PhaseProgress, Reporter
 from wf_pipeline.runtime.rundir import RunDir, open_run_dir, open_shared_run_dir
 from wf_pipeline.training.epoch import evaluate
 
@@ -103,7 +103,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                     reporter.message("validating in ONNX Runtime")
                     t0 = time.perf_counter()
                     result = _validate(recipe, run.file("validation"), onnx_path, baseline_path, pruned, data,
-                                       recipe.validate_.gates)
+                                       recipe.validate_.gates, reporter)
                     metrics.add_timing("validate_s", time.perf_counter() - t0)
                     outcome.gates_passed = result.passed
                     outcome.failed_gates = [g.name for g in result.failed_gates]
@@ -142,13 +142,16 @@ def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.n
 
 
 def _validate(recipe: Recipe, out_dir: Path, onnx_path: Path, baseline_path: Path | None,
-              torch_model: torch.nn.Module | None, data: DataBundle, gates: GatesConfig) -> ValidationResult:
+              torch_model: torch.nn.Module | None, data: DataBundle, gates: GatesConfig,
+              reporter: Reporter) -> ValidationResult:
     from wf_pipeline.deploy.validate import ValidationSettings, validate_model
     from wf_pipeline.reporting.validation_outputs import write_validation_outputs
 
-    result = validate_model(onnx_path, torch_model=None if torch_model is None else torch_model.cpu().eval(),
-                            test_data=data.test_tensors(), baseline_path=baseline_path,
-                            settings=ValidationSettings.from_config(recipe.validate_), gates=gates)
+    with PhaseProgress(reporter, "validate") as progress:
+        result = validate_model(onnx_path, torch_model=None if torch_model is None else torch_model.cpu().eval(),
+                                test_data=data.test_tensors(), baseline_path=baseline_path,
+                                settings=ValidationSettings.from_config(recipe.validate_), gates=gates,
+                                progress=progress)
     write_validation_outputs(result, out_dir)
     return result
 
@@ -206,7 +209,8 @@ class ValidateOutcome:
 
 
 def run_validate(recipe: Recipe, model_path: Path, *, baseline: Path | None = None, checkpoint: Path | None = None,
-                 out: Path | None = None, gates: GatesConfig | None = None) -> ValidateOutcome:
+                 out: Path | None = None, gates: GatesConfig | None = None,
+                 reporter: Reporter | None = None) -> ValidateOutcome:
     """Verify an ONNX model in ONNX Runtime on the recipe's test data and gate it (recipe gates by default)."""
     from wf_pipeline.errors import WFError
 
@@ -218,5 +222,6 @@ def run_validate(recipe: Recipe, model_path: Path, *, baseline: Path | None = No
         torch_model = build_model(recipe.model.model_copy(update={"weights": str(checkpoint)})).eval()
     data = build_data(recipe.data, recipe.seed)
     out_dir = out or model_path.parent / "validation"
-    result = _validate(recipe, out_dir, model_path, baseline, torch_model, data, gates or recipe.validate_.gates)
+    result = _validate(recipe, out_dir, model_path, baseline, torch_model, data, gates or recipe.validate_.gates,
+                       reporter or NullReporter())
     return ValidateOutcome(result, out_dir)

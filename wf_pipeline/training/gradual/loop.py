@@ -42,7 +42,7 @@ from wf_pipeline.runtime.distributed import (
     broadcast_object,
     broadcast_tensor_,
 )
-from wf_pipeline.runtime.progress import NullReporter, Reporter
+from wf_pipeline.runtime.progress import NullReporter, PhaseProgress, Reporter
 from wf_pipeline.runtime.rundir import RunDir
 from wf_pipeline.training.epoch import evaluate, train_epoch
 from wf_pipeline.training.gradual.checkpoint import CHECKPOINT_NAME, StageState, load_checkpoint, save_checkpoint
@@ -227,7 +227,7 @@ class _Stage:
         batches = fisher_batches_for_step(self.data, event.index, fisher_batch_size(settings), self.dist,
                                           calls_per_step=settings.recompute_steps)
         generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + event.index * 7_919 + self.dist.rank)
-        with _PhaseProgress(self.reporter, label) as progress:
+        with PhaseProgress(self.reporter, label) as progress:
             report = prune_step(self.model, group.params, self.masks, event.target, group.pruner, batches=batches,
                                 reduce_fn=all_reduce_sum_ if self.dist.enabled else None, progress=progress,
                                 generator=generator, spill_dir=self.run.path)
@@ -391,27 +391,6 @@ class _Stage:
             notes=st.notes,
             checkpoint=str(self.checkpoint_path),
         )
-
-
-class _PhaseProgress:
-    """Adapts prune_step's (phase, done, total) callbacks to one reporter task per phase."""
-
-    def __init__(self, reporter: Reporter, label: str) -> None:
-        self.reporter, self.label, self.phase = reporter, label, None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase != self.phase:
-            self.__exit__()
-            self.phase = phase  # type: ignore[assignment]
-            self.reporter.start(f"{self.label} {phase}", total, f"{self.label}: {phase}")
-        self.reporter.advance(f"{self.label} {phase}", done, f"{phase} {done}/{total}")
-
-    def __enter__(self) -> _PhaseProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.phase is not None:
-            self.reporter.finish(f"{self.label} {self.phase}")
 
 
 def _first_samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
