@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from wf_pipeline.errors import WFError
 
-KFAC_UPDATES = ("independent", "none")
 # Our fisher_type names → curvlinops' FisherType values.
 CURVLINOPS_FISHER = {"empirical": "empirical", "true": "mc", "type-2": "type-2"}
 

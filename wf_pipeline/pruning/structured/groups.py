@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from wf_pipeline.errors import WFError
 
-KINDS = ("out", "in", "depthwise", "norm")
 PRODUCER_KINDS = ("out", "depthwise")
 # Parameter-free graph nodes that pass channels through unchanged (elementwise ops, views, concat, ...).
 _PASS_THROUGH_TYPES = ("ELEMENTWISE", "RESHAPE", "CONCAT", "SPLIT", "SLICE", "EXPAND", "UNBIND", "CUSTOMIZED")
@@ -48,7 +47,7 @@ class Member:
     """
 
     module: str
-    kind: str
+    kind: str  # out | in | depthwise | norm
     positions: Tensor
     roots: Tensor
     tensors: tuple[tuple[str, int], ...]  # (parameter name, dimension)
