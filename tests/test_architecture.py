@@ -8,6 +8,7 @@ standing alone: recipe may not import data while data imports recipe).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,3 +248,21 @@ def test_walker_sees_local_relative_and_type_checking_imports(tmp_path):
     assert cycles(package_graph(graph)) == [["pkg.high", "pkg.low"]]
     upward = {("pkg.low.base", "pkg.high.stage"), ("pkg.low.util", "pkg.high.stage")}
     assert cycles(without(graph, upward)) == [] and cycles(package_graph(without(graph, upward))) == []
+
+
+# ---------------------------------------------------------------------------------------------- the README
+
+
+def test_readme_architecture_table_lists_exactly_the_packages_and_top_level_modules():
+    """The README's architecture section names every first-level folder and top-level module, and no other."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- architecture:begin -->", "<!-- architecture:end -->"
+    assert begin in readme and end in readme, f"README.md lost its {begin} ... {end} markers"
+    section = readme.split(begin, 1)[1].split(end, 1)[0]
+    listed = re.findall(r"^\| `([\w.]+/?)` \|", section, flags=re.M)
+    root = ROOT / PACKAGE
+    packages = sorted(f"{p.name}/" for p in root.iterdir() if (p / "__init__.py").is_file())
+    modules = sorted(p.name for p in root.glob("*.py") if p.name != "__init__.py")
+    assert sorted(n for n in listed if n.endswith("/")) == packages
+    assert sorted(n for n in listed if n.endswith(".py")) == modules
+    assert len(listed) == len(set(listed)), "a row appears twice"
