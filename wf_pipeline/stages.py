@@ -79,7 +79,8 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             pruned = stage.model
             torch_save(run.file("checkpoints", "pruned.pt"),
                        {k: v.detach().cpu() for k, v in pruned.state_dict().items()})
-            masks: dict[str, torch.Tensor] | None = {k: v.cpu() for k, v in stage.masks.masks.items()}
+            cpu_masks = {k: v.cpu() for k, v in stage.masks.masks.items()}
+            masks: dict[str, torch.Tensor] | None = cpu_masks  # None once the channels are cut out
             from wf_pipeline.reporting.report import layer_collapse_note
 
             collapsed = layer_collapse_note(stage.masks.fully_pruned())
@@ -91,7 +92,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                 from wf_pipeline.pruning.structured import remove_pruned_channels
 
                 # Cut the zeroed channels out (checked lossless): export sees a physically smaller model.
-                metrics.channel_surgery = remove_pruned_channels(pruned, masks, data.sample_input(2)).to_dict()
+                metrics.channel_surgery = remove_pruned_channels(pruned, cpu_masks, data.sample_input(2)).to_dict()
                 masks = None
             if recipe.export.enabled:
                 reporter.message("exporting ONNX")

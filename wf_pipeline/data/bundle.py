@@ -47,7 +47,10 @@ class DataBundle:
 
     @property
     def num_train(self) -> int:
-        return len(self.train_split) if self.train_split is not None else len(self.folder_sets[0])  # type: ignore[index]
+        if self.train_split is not None:
+            return len(self.train_split)
+        assert self.folder_sets is not None
+        return len(self.folder_sets[0])  # type: ignore[arg-type]  # torch's Dataset does not declare __len__
 
     def sample_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
@@ -118,10 +121,10 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         gen = torch.Generator().manual_seed(seed)
         pool = torch.randperm(len(fisher_set), generator=gen)[: cfg.fisher_pool]
         if cfg.fisher_samples_per_class:
-            targets = torch.tensor(fisher_set.targets)[pool]  # type: ignore[attr-defined]
+            targets = torch.tensor(fisher_set.targets)[pool]
             pool = pool[limited_per_class(targets, cfg.fisher_samples_per_class, seed)]
         x0, _ = test_set[0]
-        return DataBundle(cfg, seed, len(train_set.classes), x0.shape[0], x0.shape[-1],  # type: ignore[attr-defined]
+        return DataBundle(cfg, seed, len(train_set.classes), x0.shape[0], x0.shape[-1],
                           folder_sets=(train_set, test_set, fisher_set), fisher_indices=pool)
     if cfg.dataset == "fashion_mnist":
         train, test = sources.load_fashion_mnist(cfg)

@@ -81,7 +81,7 @@ class StageState:
 # ===================================================================== RNG and recipe fingerprint
 def rng_state() -> dict[str, Any]:
     py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # type: ignore[misc]
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_internal), py_gauss],

@@ -159,8 +159,8 @@ class _Stage:
     def _held_parameters(self) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
         """(the selected weights, every parameter whose mask the stage holds)."""
         if not self.groups:  # method none: nothing is pruned, but existing zeros are held
-            selected = select_prunable(self.model, self.pcfg.layers, self.pcfg.skip, self.pcfg.min_layer_params)
-            return selected, selected
+            prunable = select_prunable(self.model, self.pcfg.layers, self.pcfg.skip, self.pcfg.min_layer_params)
+            return prunable, prunable
         selected: dict[str, nn.Parameter] = {}
         held: dict[str, nn.Parameter] = {}
         for group in self.groups:
@@ -237,7 +237,7 @@ class _Stage:
         self.state.timings["prune_s"] += time.perf_counter() - t0
         is_last = self.state.events_done + 1 == len(self.events) and self.state.steps_done >= self.total_steps
         accuracy = self.evaluate(full=is_last)
-        where = {"epoch": event.epoch, "optimizer_step": event.step, "event": event.index}
+        where: dict[str, Any] = {"epoch": event.epoch, "optimizer_step": event.step, "event": event.index}
         if len(self.groups) > 1:
             where["group"] = group.name
         self.state.reports.append({**where, "test_accuracy_after": accuracy,
@@ -327,10 +327,12 @@ class _Stage:
         """Test accuracy of the unwrapped model, measured on the main rank and shared with all."""
         t0 = time.perf_counter()
         limit = None if full else self.recipe.evaluation.monitor_samples
-        accuracy = None
+        measured: float | None = None
         if self.dist.is_main:
-            accuracy, _ = evaluate(self.model, _first_samples(self.data.test_batches(), limit), self.device)
-        accuracy = float(broadcast_object(accuracy))
+            measured, _ = evaluate(self.model, _first_samples(self.data.test_batches(), limit), self.device)
+        shared = broadcast_object(measured)
+        assert shared is not None  # the main rank measured it
+        accuracy = float(shared)
         self.state.timings["eval_s"] += time.perf_counter() - t0
         self.state.last_accuracy = accuracy
         self.state.last_evaluation_full = full or limit is None
