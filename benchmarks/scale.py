@@ -82,6 +82,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                                       "budget_bytes", "peak_bytes", "baseline_bytes", "stats_bytes", "spill_bytes")}
         | {"groups": plan["groups"], "summary": plan["summary"]},
         "achieved_sparsity": report.achieved_sparsity,
+        "fisher_health": report.extra.get("fisher_health"),  # promoted (float64) and repaired blocks
     }
     if case.get("save_weights"):
         torch.save({n: p.detach().clone() for n, p in params.items()} | {f"mask:{k}": v for k, v in masks.masks.items()},

@@ -457,6 +457,29 @@ def resident_bytes() -> int:
     return 0
 
 
+_LIBC: Any = None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    A gradient pass at 224 px frees hundreds of MB of activations that glibc keeps in its heaps
+    (below its mmap threshold), still counted as resident. Without this the next phase, whose
+    statistics are allocated afresh, peaks that much above the plan (measured +0.7 GB on MobileNetV2).
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:  # pragma: no cover - no C library to load
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def free_disk_bytes(folder: Path | str) -> int:
     return int(shutil.disk_usage(folder).free)
 

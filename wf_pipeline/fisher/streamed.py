@@ -42,6 +42,7 @@ from wf_pipeline.fisher.plan import (
     agree_min,
     free_disk_bytes,
     make_plan,
+    release_free_memory,
     resident_bytes,
 )
 
@@ -205,6 +206,7 @@ class GroupedInverse:
             del stats
             if index == len(self.plan.groups) - 1:
                 self._kept = None
+            release_free_memory()
             self.job.add_time("update", time.perf_counter() - t0)
 
     def close(self) -> None:
@@ -399,6 +401,7 @@ class _GroupSource:
             if chunk is None:
                 break
             yield chunk
+        release_free_memory()  # the pass's activations, before the statistics are inverted or revisited
         self.passes_done += 1
         job.engine, job.skipped = engine.engine, job.skipped + engine.skipped
 
@@ -413,6 +416,7 @@ class _GroupSource:
             self.chunk_rows.append(chunk.shape[1])
             del chunk
             self.job.add_time("spill", time.perf_counter() - t0)
+        release_free_memory()  # the pass's activations: the groups' statistics come next
 
     def _read_back(self, group: BlockGroup) -> Iterator[Tensor]:
         """The group's spilled rows, one chunk at a time as written (so sums run in the same order)."""
@@ -551,6 +555,7 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
                 result._spilled[index] = (path, stats.payload.shape, stats.payload.dtype, stats.layout)
                 job.add_time("spill", time.perf_counter() - t0)
             del stats
+            release_free_memory()
     except BaseException:
         result.close()
         raise
