@@ -137,6 +137,31 @@ def test_many_groups_equal_the_in_memory_step(tmp_path: Path, mode: str, num_gra
     assert predicted == pytest.approx(report.predicted_loss_increase, rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", [SPILL_ROWS, SPILL_INVERSES, RECOMPUTE])
+def test_one_group_of_statistics_in_memory_at_a_time(tmp_path: Path, mode: str, monkeypatch) -> None:
+    """The plan counts one group's statistics at a time: when a group's are made (built or read back for the
+    update), no earlier group's may still be referenced (e.g. by a loop variable holding its inverse)."""
+    import weakref
+
+    from wf_pipeline.fisher import streamed
+
+    payloads: list[weakref.ref] = []
+    alive_at_creation: list[int] = []
+    original = streamed._GroupStats.__init__
+
+    def tracked(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        alive_at_creation.append(sum(ref() is not None for ref in payloads))
+        payloads.append(weakref.ref(self.payload))
+
+    monkeypatch.setattr(streamed._GroupStats, "__init__", tracked)
+    plan, _, _ = _budgeted_prune(_model(), "woodfisher", 64, 64, 16, 0.7,
+                                 None if mode == RECOMPUTE else tmp_path / "run", mode)
+    revisited = len(plan.groups) - (1 if plan.keep_last else 0)
+    assert len(alive_at_creation) == len(plan.groups) + revisited
+    assert alive_at_creation == [0] * len(alive_at_creation)
+
+
 @pytest.mark.parametrize("mode", [SPILL_ROWS, SPILL_INVERSES])
 def test_woodtaylor_and_true_fisher_stream_too(tmp_path: Path, mode: str) -> None:
     reference, budgeted = _model(), _model()

@@ -169,6 +169,16 @@ class GroupedInverse:
         # Spill files go even if the step fails between collection and update.
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(spill_dir), True) if spill_dir is not None else None
 
+    def keep_vectors(self, stats: _GroupStats, g0: int, mean: Tensor | None) -> None:
+        """Keep a group's per-weight vectors (the inverse's diagonal; WoodTaylor's mean and Newton step)."""
+        for f0, f1, inverse in stats.slices():
+            self.health = inverse.health if self.health is None else self.health.merge(inverse.health)
+            self.diag[g0 + f0 : g0 + f1] = inverse.diag()
+            if mean is not None and self.grad_mean is not None and self.newton is not None:
+                part = mean[f0:f1].to(self.dtype)
+                self.grad_mean[g0 + f0 : g0 + f1] = part
+                self.newton[g0 + f0 : g0 + f1] = inverse.matvec(part)
+
     # ----------------------------------------------------------------- phase 2: update
     def _revisit(self, index: int, group: BlockGroup) -> _GroupStats:
         if self._kept is not None and index == len(self.plan.groups) - 1:
@@ -193,7 +203,9 @@ class GroupedInverse:
 
         The OBS update is block-local, so applying it slice by slice (``pruning.obs.obs_update_grouped``)
         equals the update with the whole inverse in memory. The time between a group's first slice and
-        the end of its last (the caller's update included) counts as "update"."""
+        the end of its last (the caller's update included) counts as "update". The caller must drop each
+        inverse before asking for the next (``del`` its loop variable): the next slice may be the next
+        group, read while the last one's blocks would otherwise still be held (twice the planned memory)."""
         order = list(enumerate(self.plan.groups))
         if self._kept is not None:
             order = order[-1:] + order[:-1]  # the kept group first, so it can be let go at once
@@ -203,6 +215,7 @@ class GroupedInverse:
             _, g0, _ = sub_layout(self.layout, group.start, group.stop)
             for f0, f1, inverse in stats.slices():
                 yield g0 + f0, g0 + f1, inverse
+                del inverse  # it holds the group's blocks: none may outlive the group (see the docstring)
             del stats
             if index == len(self.plan.groups) - 1:
                 self._kept = None
@@ -535,13 +548,7 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
             result.repaired_blocks += stats.repaired_blocks
             t0 = time.perf_counter()
             _, g0, _ = sub_layout(layout, group.start, group.stop)
-            for f0, f1, inverse in stats.slices():
-                result.health = inverse.health if result.health is None else result.health.merge(inverse.health)
-                result.diag[g0 + f0 : g0 + f1] = inverse.diag()
-                if mean is not None and result.grad_mean is not None and result.newton is not None:
-                    part = mean[f0:f1].to(result.dtype)
-                    result.grad_mean[g0 + f0 : g0 + f1] = part
-                    result.newton[g0 + f0 : g0 + f1] = inverse.matvec(part)
+            result.keep_vectors(stats, g0, mean)  # (a function: no loop variable outlives it holding the blocks)
             job.add_time("inverse", time.perf_counter() - t0)
             if job.progress is not None:
                 job.progress("inverse", group.stop, layout.num_blocks)

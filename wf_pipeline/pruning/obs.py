@@ -213,6 +213,7 @@ def obs_update_grouped(
                                newton_scale=scale)
         out[lo:hi] = new
         predicted = None if predicted is None or part is None else predicted + part
+        del inverse  # it may hold a whole group's blocks: let them go before the next group is read
     return out, predicted
 
 
