@@ -51,7 +51,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step, select_prunable
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(case["model"], weights=None, num_classes=1000).eval()
+    kwargs = {"zero_init_residual": True} if case.get("zero_init_residual") else {}
+    model = torchvision.models.get_model(case["model"], weights=None, num_classes=1000, **kwargs).eval()
     params = select_prunable(model, [".*"], [])
     masks = MaskSet.dense(params)
     n, px = case["num_grads"], case["image_size"]
@@ -157,6 +158,8 @@ def full_case(name: str, tmp: str, args: argparse.Namespace, results: list[dict[
     of the wall-time ratios and the ratio of summed CPU times (less sensitive to load).
     """
     case = {**FULL, "model": name, "budget_gb": BUDGET_GB.get(name, 4.0), "spill_dir": tmp}
+    if args.zero_init_residual and name.startswith(("resnet", "resnext", "wide_resnet")):
+        case["zero_init_residual"] = True
     budgeted = spawn({**case, "mode": "budgeted"}, args.timeout)
     results.append(budgeted)
     print(f"{name} budgeted: {budgeted}", file=sys.stderr, flush=True)
@@ -206,6 +209,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     parser.add_argument("--repeats", type=int, default=2,
                         help="budgeted/in-memory pairs per model where the in-memory step fits (ABBA order)")
+    parser.add_argument("--zero-init-residual", action="store_true",
+                        help="ResNets with torchvision's zero_init_residual=True: with the default random init and "
+                        "BatchNorm in eval mode ResNet-50's logits explode (loss ~70), and most Fisher blocks need "
+                        "float64, which the memory plan does not foresee")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -245,7 +252,8 @@ def main() -> None:
         print(f"{row['model']:>13} {row['mode']:<19} peak RSS {row['peak_rss_gb']:.2f} GB (plan {row['plan']['peak_bytes'] / 1e9:.2f}"
               f" + {row['baseline_rss_gb']:.2f} resident), {row['seconds']:.1f}s ({row['cpu_s']:.0f} CPU-s): {split}")
         print(f"{'':>13} {row['plan']['summary']}")
-    print(json.dumps({"benchmark": "scale", "quick": args.quick, "threads": os.cpu_count(),
+    print(json.dumps({"benchmark": "scale", "quick": args.quick, "zero_init_residual": args.zero_init_residual,
+                      "threads": os.cpu_count(),
                       "load_avg_1m": os.getloadavg()[0], "summary": summary, "results": results}))
 
 
