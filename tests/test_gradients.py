@@ -267,3 +267,26 @@ def test_prune_step_never_writes_a_nan_sample_into_the_weights(method: str, rout
     assert report.extra["nonfinite_skipped"] == 1 and report.num_grads == 12  # sample 5 replaced by sample 0 again
     assert all(torch.isfinite(p).all() for p in params.values())
     assert report.achieved_sparsity == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_reused_output_buffer_gives_the_same_chunks(blocked: bool) -> None:
+    """``reuse_output`` writes every chunk into one buffer (a pre-filled buffer leaves no trace), with the
+    same values as fresh chunks; a shorter last chunk gets a buffer of its own size."""
+    from wf_pipeline.fisher.inverse import BlockLayout
+
+    model = tiny_cnn()
+    params = select_prunable(model, [".*"], [])
+    _, _, batches = pool(22, batch=5)
+    layout = BlockLayout([p.numel() for p in params.values()], 8) if blocked else None
+    kwargs = dict(num_grads=22, chunk_size=8, layout=layout, engine="layerwise")
+    fresh = [c.clone() for c in iter_gradient_chunks(model, params, batches, **kwargs)]
+    reused, pointers = [], []
+    for chunk in iter_gradient_chunks(model, params, batches, reuse_output=True, **kwargs):
+        pointers.append(chunk.data_ptr())
+        reused.append(chunk.clone())
+        chunk.fill_(float("nan"))  # garbage the next chunk must overwrite completely
+    assert pointers[0] == pointers[1]
+    assert [c.shape for c in reused] == [c.shape for c in fresh]
+    for a, b in zip(fresh, reused, strict=True):
+        assert torch.equal(a, b)

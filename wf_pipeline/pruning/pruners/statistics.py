@@ -64,6 +64,7 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         layout=layout,
         nonfinite=settings.nonfinite,
         stats=stats,
+        reuse_output=True,  # each chunk is folded in before the next is computed
     )
     add = acc.add if layout is None else acc.add_blocked  # type: ignore[attr-defined]
     while True:
