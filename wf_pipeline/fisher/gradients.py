@@ -203,7 +203,7 @@ class GradientComputer:
         if not inputs.is_floating_point():
             raise LayerwiseUnsupported("the model input is not floating point")
         # Every parameter detached and only the input tracked: any output that requires grad depends
-        # on the input, so each recorded layer's gradient reaches us through backward to the input.
+        # on the input, so the backward from the loss reaches each recorded layer's output.
         inputs = inputs.detach().requires_grad_(True)
         frozen = {name: p.detach() for name, p in self.module.named_parameters()}
         recorded = [m for modules in self._owners for m in modules]
@@ -211,8 +211,7 @@ class GradientComputer:
             logits = functional_call(self.module, frozen, (inputs,), strict=False)
             loss = self._summed_loss(logits, y.reshape(-1, *y.shape[2:]), groups)
             del logits
-            if loss.requires_grad:
-                torch.autograd.grad(loss, inputs, allow_unused=True)
+            recorder.backward(loss)
         del loss
         for layer, modules in enumerate(self._owners):
             self._write_rows(out, layer, 0, groups, layer_grads(recorder.take_calls(modules), groups))

@@ -4,9 +4,11 @@ For a layer ``y = W·x`` the gradient of sample n's loss with respect to ``W`` i
 the layer's input with the gradient at its output: ``outer(∂ℓ_n/∂y_n, x_n)`` for Linear, a
 correlation of the two for convolutions (computed for all samples by one grouped-convolution
 weight gradient, see :func:`conv_grads`). One forward pass
-records every selected layer's input; one backward pass of the *summed* per-group losses down to
-the model input delivers ``∂ℓ_n/∂y_n`` for all samples at once, since in a model whose samples do
-not interact (BatchNorm on running statistics) sample n's output gradient is its own loss's.
+records every selected layer's input; one backward pass of the *summed* per-group losses, asked for
+the gradients at the selected layers' outputs only (so it stops there: no input gradient for the
+first selected layer or anything before it), delivers ``∂ℓ_n/∂y_n`` for all samples at once, since in
+a model whose samples do not interact (BatchNorm on running statistics) sample n's output gradient is
+its own loss's.
 
 :func:`layerwise_blocker` says, before anything runs, why a model cannot take this route (its
 caller then uses generic ``vmap``); :class:`LayerRecorder` raises :class:`LayerwiseUnsupported`
@@ -16,11 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 # Layers with a per-sample rule; a subclass qualifies only if it keeps the stock forward.
@@ -82,24 +83,22 @@ def weight_owners(model: nn.Module, params: Mapping[str, Tensor]) -> list[list[n
 # ----------------------------------------------------------------------------- recording
 @dataclass
 class _Call:
-    """One forward call of a recorded layer: its input and, after backward, its output gradient."""
+    """One forward call of a recorded layer: its input, the autograd edge of its output and, after
+    :meth:`LayerRecorder.backward`, its output gradient."""
 
     module: nn.Module
     inputs: Tensor
     version: int
+    edge: GradientEdge
     grad_out: Tensor | None = None
-
-
-def _store_grad(call: _Call, grad_outputs: Sequence[Tensor | None]) -> None:
-    call.grad_out = grad_outputs[0]
 
 
 @dataclass
 class LayerRecorder:
-    """Forward hooks that keep each layer's input and hook its backward node for the output gradient.
+    """Forward hooks that keep each layer's input and the autograd edge of its output.
 
-    The hook sits on the autograd node that produced the layer's output, not on the output tensor,
-    so an in-place op after the layer (``ReLU(inplace=True)``) cannot redirect it.
+    The edge names the autograd node that produced the layer's output as the forward left it, not
+    the output tensor, so an in-place op after the layer (``ReLU(inplace=True)``) cannot redirect it.
     """
 
     modules: Sequence[nn.Module]
@@ -124,9 +123,22 @@ class LayerRecorder:
             self.problem = f"a {type(module).__name__} layer's input does not depend on the model input"
             return
         inputs = args[0]
-        call = _Call(module, inputs.detach(), inputs._version)
-        output.grad_fn.register_prehook(partial(_store_grad, call))
+        call = _Call(module, inputs.detach(), inputs._version, get_gradient_edge(output))
         self.calls.setdefault(id(module), []).append(call)
+
+    def backward(self, loss: Tensor) -> None:
+        """Fill every recorded call's output gradient from one backward pass of `loss`.
+
+        Only the gradients at the recorded outputs are asked for, so autograd runs no node that
+        leads only to earlier tensors (the first recorded layer's input gradient, the layers before
+        it). A call whose output does not reach `loss` keeps ``grad_out = None``.
+        """
+        calls = [c for module_calls in self.calls.values() for c in module_calls]
+        if not calls or not loss.requires_grad:
+            return
+        grads = torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True)
+        for call, grad_out in zip(calls, grads, strict=True):
+            call.grad_out = grad_out
 
     def take_calls(self, modules: Sequence[nn.Module]) -> list[_Call]:
         """Every recorded call of `modules`, checked (raises :class:`LayerwiseUnsupported`)."""
