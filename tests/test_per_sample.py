@@ -276,3 +276,45 @@ def test_cross_check_compares_the_largest_gradients(monkeypatch: pytest.MonkeyPa
     out = computer.compute(x, y)
     largest = sorted(torch.linalg.vector_norm(out, dim=1).topk(2).indices.tolist())
     assert largest == [1, 4] and computer.engine == "layerwise" and checked == [largest]
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward fails: marks a part of the graph the layer-wise backward must not run."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        raise AssertionError("backward ran past the first selected layer")
+
+
+class _StemThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _NoBackward.apply(self.stem(x))
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_layerwise_backward_stops_at_the_first_selected_layer() -> None:
+    """Gradients are asked for at the selected layers' outputs only: nothing before the first selected
+    layer runs backward (here it would raise), and the gradients still equal plain autograd's."""
+    torch.manual_seed(0)
+    model = _StemThenHead().eval()
+    params = {"conv.weight": model.conv.weight, "fc.weight": model.fc.weight}
+    batches = fisher_pool((1, 5, 5), 6, classes=3)
+    fast, stats = gradients(model, params, batches, "layerwise", num_grads=6, chunk_size=4)
+    assert stats.engine == "layerwise"
+    xs, ys = next(iter(batches()))
+    for i in range(2):  # the same function without the marker, by plain autograd
+        model.zero_grad()
+        logits = model.fc(torch.relu(model.conv(model.stem(xs[i : i + 1]))).flatten(1))
+        F.cross_entropy(logits, ys[i : i + 1]).backward()
+        reference = torch.cat([model.conv.weight.grad.reshape(-1), model.fc.weight.grad.reshape(-1)])
+        assert torch.allclose(fast[i], reference, atol=1e-6)

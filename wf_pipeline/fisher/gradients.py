@@ -430,7 +430,8 @@ def iter_gradient_chunks(
         groups_x = x.reshape(n, grad_batch_size, *x.shape[1:])
         if reuse_output and (buffer is None or buffer.shape[1 if blocked else 0] != n):
             buffer = computer.new_output(n)
-        chunk = computer.compute(groups_x, y.reshape(n, grad_batch_size, *y.shape[1:]), buffer if reuse_output else None)
+        groups_y = y.reshape(n, grad_batch_size, *y.shape[1:])
+        chunk = computer.compute(groups_x, groups_y, buffer if reuse_output else None)
         stats.engine, stats.engine_note = computer.engine, computer.engine_note
         bad = nonfinite_rows(chunk, blocked)
         if bool(bad.any()):
