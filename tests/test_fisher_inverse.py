@@ -309,6 +309,21 @@ def test_non_finite_diagonal_and_mean_gradient_raise() -> None:
         acc.mean_gradient()
 
 
+def test_accumulator_without_mean_builds_the_same_inverse_and_refuses_the_mean() -> None:
+    """``track_mean=False`` skips the gradient sum only: same count and bitwise the same inverse."""
+    grads = make_grads(20, seed=3).float()
+    layout = BlockLayout(SIZES, B)
+    with_mean, without = (BlockGramAccumulator(layout, damp=1e-3, track_mean=t) for t in (True, False))
+    for acc in (with_mean, without):
+        acc.add(grads[:12])
+        acc.add(grads[12:])
+    assert without.num_samples == with_mean.num_samples == 20
+    assert torch.equal(without.inverse(1e-3).blocks, with_mean.inverse(1e-3).blocks)
+    assert torch.allclose(with_mean.mean_gradient(), grads.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="track_mean"):
+        without.mean_gradient()
+
+
 def test_distributed_reduce_agrees_on_promotions() -> None:
     """Ranks promote different blocks from their own chunks; reduce() makes them agree before summing,
     and the summed inverse equals one process's."""

@@ -480,8 +480,8 @@ class _GroupSource:
         gram = self.plan.representation == "gram"
         first = next(iter(job.params.values()))
         device = first.device
-        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol) \
-            if gram else None
+        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol,
+                                   track_mean=with_mean) if gram else None
         rows = None if gram else torch.empty(count, job.num_grads, B, dtype=first.dtype, device=device)
         grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
         offset = 0

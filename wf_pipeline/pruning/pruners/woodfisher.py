@@ -99,7 +99,7 @@ class WoodFisherPruner(FlatPruner[Stats]):
                                       working_dtype=torch.float64, rtol=settings.inverse_rtol)
         else:  # blocks float32 cannot hold to inverse_rtol are accumulated in float64
             acc = BlockGramAccumulator(layout, dtype=dtype, device=view.device, damp=settings.damp,
-                                       rtol=settings.inverse_rtol)
+                                       rtol=settings.inverse_rtol, track_mean=self.uses_gradient_mean)
         accumulate_gradients(acc, view, ctx, settings.replace(chunk_size=plan.chunk_size), layout=layout)
         ctx.num_grads += acc.num_samples  # summed over ranks
         t0 = time.perf_counter()
