@@ -220,6 +220,33 @@ def test_hand_tuned_counts_keep_first_and_last_dense_and_meet_the_total() -> Non
     assert all(c <= n for c, n in zip(counts, sizes))
 
 
+# ----------------------------------------------------------------------------- long studies: resume, reduced runs
+def test_unit_log_resumes_only_finished_units_of_the_same_configuration(tmp_path: Path) -> None:
+    from benchmarks.research.common import UnitLog
+
+    units = UnitLog(tmp_path, "study", {"n": 1000}, resume=False)
+    units.add("a|0.9|0", {"accuracy": 0.5})
+    units.add("b|0.9|0", {"accuracy": 0.6})
+    UnitLog(tmp_path, "study", {"n": 64}, resume=True).add("a|0.9|1", {"accuracy": 0.1})  # another configuration
+    with open(units.path, "a") as f:
+        f.write('{"key": "c|0.9|0", "config": {"n": 1000}, "val')  # a line torn by a kill
+    resumed = UnitLog(tmp_path, "study", {"n": 1000}, resume=True)
+    assert resumed.done == {"a|0.9|0": {"accuracy": 0.5}, "b|0.9|0": {"accuracy": 0.6}}
+    fresh = UnitLog(tmp_path, "study", {"n": 1000}, resume=False)  # without --resume a new run starts clean
+    assert fresh.done == {} and not fresh.path.exists()
+    fresh.add("a|0.9|0", {"accuracy": 0.5})
+    fresh.finish()
+    assert not fresh.path.exists()
+
+
+def test_reduction_names_what_a_run_left_out() -> None:
+    from benchmarks.research.common import reduction
+
+    full = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
+    assert reduction(full, {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}) is None
+    assert reduction(full, {"targets": [0.9, 0.95], "seeds": [0, 1]}) == "targets 0.9, 0.95 of the full 0.9, 0.95, 0.98"
+
+
 # ----------------------------------------------------------------------------- the whole pipeline, quick
 def test_run_all_quick_produces_every_table_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("curvlinops")

@@ -30,7 +30,54 @@ def study_parser(doc: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small version for CI (seconds to a minute)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the table, plot and JSON")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse what a stopped run of this configuration finished (<out>/<name>.partial.jsonl)")
     return parser
+
+
+class UnitLog:
+    """Finished units of a long study (one run, one pruned model), one JSON line each in ``<out>/<name>.partial.jsonl``.
+
+    Lines are appended as units finish, by any worker process (a short ``O_APPEND`` write is atomic), so a
+    run that is stopped keeps what it finished and ``--resume`` does only the rest. A line counts only
+    for the same `config` (every setting that changes a unit's figures); a torn last line is ignored.
+    The file is removed once the study has written its outputs.
+    """
+
+    def __init__(self, out: Path, name: str, config: dict[str, Any], resume: bool) -> None:
+        self.path = out / f"{name}.partial.jsonl"
+        self.config = json.loads(json.dumps(config, default=str))
+        self.done: dict[str, Any] = {}
+        if resume and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry.get("config") == self.config:
+                    self.done[entry["key"]] = entry["value"]
+            log(f"[resume] {len(self.done)} finished units reused from {self.path}")
+        elif self.path.exists():
+            self.path.unlink()
+
+    def add(self, key: str, value: Any) -> None:
+        line = json.dumps({"key": key, "config": self.config, "value": value}, default=float) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def reduction(full: dict[str, Sequence[Any]], used: dict[str, Sequence[Any]]) -> str | None:
+    """What a run left out of the full configuration, in words (None when it ran all of it)."""
+    missing = [f"{key} {', '.join(map(str, used[key]))} of the full {', '.join(map(str, values))}"
+               for key, values in full.items() if list(used[key]) != list(values)]
+    return "; ".join(missing) or None
 
 
 def log(text: str) -> None:

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.research.common import log, markdown_table, mean_std, new_figure, pm, save_outputs, study_parser  # noqa: E402
+from benchmarks.research.common import (  # noqa: E402
+    UnitLog, log, markdown_table, mean_std, new_figure, pm, reduction, save_outputs, study_parser,
+)
 from benchmarks.research.oneshot_core import (  # noqa: E402
-    DATA_FREE, LABELS, Selection, accuracy_with_and_without_bn, collect_statistics, fisher_draw, prune_copy,
+    DATA_FREE, LABELS, Selection, Statistics, accuracy_with_and_without_bn, collect_statistics, fisher_draw, prune_copy,
 )
 
 import torch  # noqa: E402
@@ -38,11 +40,15 @@ MODELS = {
                                     kwargs={"width_mult": 0.25, "small_input": True}),
 }
 METHODS = ["woodfisher", "woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"]
+FULL = {"models": list(MODELS), "sparsities": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], "seeds": [0, 1, 2]}
 
 
 def sweep_seed(label: str, seed: int, first_seed: bool, sparsities: list[float], num_grads: int, test_subset: int,
-               damp: float, bn_batches: int, threads: int | None = None) -> dict[str, Any]:
-    """One model and one Fisher draw: every method at every sparsity (data-free methods only with the first seed)."""
+               damp: float, bn_batches: int, units: UnitLog, threads: int | None = None) -> dict[str, Any]:
+    """One model and one Fisher draw: every method at every sparsity (data-free methods only with the first seed).
+
+    Sparsity-major, each pruned model logged to `units` as it is measured (a resumed run skips those).
+    """
     if threads:
         torch.set_num_threads(threads)
     data = build_data(DataConfig(dataset="fashion_mnist", augment=False, test_subset=test_subset), seed=0)
@@ -51,17 +57,26 @@ def sweep_seed(label: str, seed: int, first_seed: bool, sparsities: list[float],
     log(f"{label}: dense test accuracy {dense:.4f} on {len(data.test_split)} images")  # type: ignore[arg-type]
     selection = Selection()
     rows: list[dict[str, Any]] = []
-    stats = collect_statistics(model, selection, fisher_draw(data, seed), num_grads=num_grads, damp=damp, kfac=True)
-    for method in METHODS:
-        if method in DATA_FREE and not first_seed:
-            continue
-        for sparsity in sparsities:
+    stats: Statistics | None = None
+    for sparsity in sparsities:
+        for method in METHODS:
+            if method in DATA_FREE and not first_seed:
+                continue
+            key = f"{label}|{seed}|{method}|{sparsity:g}"
+            if key in units.done:
+                rows.append(units.done[key])
+                continue
+            if stats is None and method not in DATA_FREE:
+                stats = collect_statistics(model, selection, fisher_draw(data, seed), num_grads=num_grads, damp=damp,
+                                           kfac=True)
             pruned, info = prune_copy(model, method, stats, sparsity, selection, damp=damp)
             plain, recal = accuracy_with_and_without_bn(pruned, data, bn_batches)
-            rows.append({"model": label, "method": method, "seed": seed, "sparsity": sparsity, "accuracy": plain,
-                         "accuracy_bn": recal, "achieved_sparsity": info["achieved_sparsity"]})
+            row = {"model": label, "method": method, "seed": seed, "sparsity": sparsity, "accuracy": plain,
+                   "accuracy_bn": recal, "achieved_sparsity": info["achieved_sparsity"]}
+            rows.append(row)
+            units.add(key, row)
             log(f"  {label} seed {seed} {method} @ {sparsity:.0%}: {plain:.4f} / BN-recalibrated {recal:.4f}")
-    return {"model": label, "dense_accuracy": dense, "rows": rows, "seconds": stats.seconds,
+    return {"model": label, "dense_accuracy": dense, "rows": rows, "seconds": stats.seconds if stats else {},
             "test_images": len(data.test_split)}  # type: ignore[arg-type]
 
 
@@ -140,6 +155,8 @@ def plot(results: list[dict[str, Any]], sparsities: list[float]) -> Any:
 def main() -> None:
     parser = study_parser(__doc__)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="a subset of the models (default: all)")
+    parser.add_argument("--sparsities", nargs="+", type=float, help="a subset of the sparsities (output marked reduced)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="other Fisher draws (output marked reduced if not the full run's)")
     parser.add_argument("--workers", type=int, default=2, help="(model, seed) sweeps in parallel, one thread each")
     parser.add_argument("--damp", type=float, default=1e-3, help="dampening λ of every Fisher (the default recipe's; the paper used 1e-5)")
     args = parser.parse_args()
@@ -147,15 +164,21 @@ def main() -> None:
     if args.quick:
         models, sparsities, seeds, num_grads, test_subset, bn = ["ResNet-20"], [0.7], [0], 64, 300, 2
     else:
-        models, sparsities, seeds, num_grads, test_subset, bn = list(MODELS), [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], [0, 1, 2], 1000, 1000, 5
-    models = args.models or models
+        models, sparsities, seeds = FULL["models"], FULL["sparsities"], FULL["seeds"]
+        num_grads, test_subset, bn = 1000, 1000, 5
+    models, sparsities, seeds = args.models or models, args.sparsities or sparsities, args.seeds or seeds
+    units = UnitLog(args.out, "rq2_oneshot", {"quick": args.quick, "num_grads": num_grads, "test_subset": test_subset,
+                                              "damp": args.damp, "bn": bn}, args.resume)
     results = sweep(models, seeds, args.workers, sparsities=sparsities, num_grads=num_grads, test_subset=test_subset,
-                    damp=args.damp, bn_batches=bn)
+                    damp=args.damp, bn_batches=bn, units=units)
+    reduced = None if args.quick else reduction(FULL, {"models": models, "sparsities": sparsities, "seeds": seeds})
     markdown = (f"One-shot pruning, no fine-tuning; N = {num_grads} gradients per seed (block 128, λ = {args.damp:g}); "
-                f"seeds: {len(seeds)}; BatchNorm recalibration on {bn} training batches of 128.\n\n" + tables(results, sparsities))
-    payload = {"quick": args.quick, "models": models, "num_grads": num_grads, "seeds": seeds, "sparsities": sparsities, "damp": args.damp,
-               "summary": summarise(results, sparsities), "results": results}
+                f"seeds: {len(seeds)}; BatchNorm recalibration on {bn} training batches of 128."
+                + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n" + tables(results, sparsities))
+    payload = {"quick": args.quick, "reduced": reduced, "models": models, "num_grads": num_grads, "seeds": seeds,
+               "sparsities": sparsities, "damp": args.damp, "summary": summarise(results, sparsities), "results": results}
     save_outputs(args.out, "rq2_oneshot", markdown, payload, plot(results, sparsities), started)
+    units.finish()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.research.common import REPO, log, markdown_table, mean_std, new_figure, pm, save_outputs, study_parser  # noqa: E402
+from benchmarks.research.common import (  # noqa: E402
+    REPO, UnitLog, log, markdown_table, mean_std, new_figure, pm, reduction, save_outputs, study_parser,
+)
 
 import torch  # noqa: E402
 
@@ -55,8 +57,15 @@ def final_evaluation(model: torch.nn.Module, test_images: int | None, train_imag
     return evaluate(model, train, device)[0], evaluate(model, data.test_batches(), device)[0]
 
 
+FULL_GRID = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
+
+
 def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path, eval_sizes: tuple[int | None, int],
-            threads: int | None = None) -> dict[str, Any]:
+            units: UnitLog, threads: int | None = None) -> dict[str, Any]:
+    """One gradual-pruning run and its final evaluation, logged to `units` (a resumed run reuses it)."""
+    key = f"{method}|{target:g}|{seed}"
+    if key in units.done:
+        return units.done[key]
     if threads:
         torch.set_num_threads(threads)
     overrides = [f"{k}={v}" for k, v in budget.items()]
@@ -75,6 +84,7 @@ def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root:
            "train_accuracy": train_acc, "test_accuracy": test_acc, "gap": train_acc - test_acc,
            "accuracy_after_steps": [r.get("test_accuracy_after") for r in result.metrics.prune_reports or []],
            "wall_s": time.perf_counter() - started}
+    units.add(key, row)
     log(f"  {method} -> {target:.0%} seed {seed}: test {test_acc:.4f}, train {train_acc:.4f} ({row['wall_s']:.0f} s)")
     return row
 
@@ -109,36 +119,43 @@ def main() -> None:
     parser = study_parser(__doc__)
     parser.add_argument("--workers", type=int, default=2,
                         help="runs in parallel, one thread each (small models use 2 cores better this way)")
+    parser.add_argument("--targets", nargs="+", type=float, help="a subset of the targets (output marked reduced)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="other seeds (output marked reduced if not the full run's)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.quick:
         targets, seeds, budget, eval_sizes = [0.9], [0], QUICK, (500, 500)
     else:
-        targets, seeds, budget, eval_sizes = [0.9, 0.95, 0.98], [0, 1], FULL, (None, 5000)
+        targets, seeds, budget, eval_sizes = FULL_GRID["targets"], FULL_GRID["seeds"], FULL, (None, 5000)
+    targets, seeds = args.targets or targets, args.seeds or seeds
+    units = UnitLog(args.out, "rq3_gradual", {"quick": args.quick, "budget": budget, "eval_sizes": eval_sizes}, args.resume)
     dense = final_evaluation(build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model), *eval_sizes)
     jobs = [(method, target, seed) for target in targets for seed in seeds for method in METHODS]
     with tempfile.TemporaryDirectory(prefix="wf-rq3-") as tmp:
         if args.workers > 1:
             # spawn: fresh interpreters, no forked OpenMP state; every run is deterministic whatever the order.
             with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, m, t, s, budget, Path(tmp), eval_sizes, 1) for m, t, s in jobs]
+                futures = [pool.submit(run_one, m, t, s, budget, Path(tmp), eval_sizes, units, 1) for m, t, s in jobs]
                 rows = [f.result() for f in futures]
         else:
-            rows = [run_one(m, t, s, budget, Path(tmp), eval_sizes) for m, t, s in jobs]
+            rows = [run_one(m, t, s, budget, Path(tmp), eval_sizes, units) for m, t, s in jobs]
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
+    reduced = None if args.quick else reduction(FULL_GRID, {"targets": targets, "seeds": seeds})
     note = (f"Gradual pruning with recipes/default.yaml, only the method changed; reduced budget for the studies: "
             f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps ({steps} optimizer "
             f"steps; the default recipe has 1,800), pruning steps at epochs 0..{budget['pruning.schedule.end_epoch']}, "
             f"N = {budget['pruning.woodfisher.num_grads']} gradients per WoodFisher step. Test accuracy on "
             f"{'all 10,000' if eval_sizes[0] is None else f'{eval_sizes[0]:,}'} test images, train accuracy on "
-            f"{eval_sizes[1]:,} fixed training images (no augmentation); mean ± std over seeds.\n\n")
+            f"{eval_sizes[1]:,} fixed training images (no augmentation); mean ± std over seeds."
+            + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n")
     summary = {f"{m}_{int(round(t * 100))}": mean_std([r["test_accuracy"] for r in rows if r["method"] == m and r["target"] == t])[0]
                for m in METHODS for t in targets}
     summary.update({f"{m}_gap_{int(round(t * 100))}": mean_std([r["gap"] for r in rows if r["method"] == m and r["target"] == t])[0]
                     for m in METHODS for t in targets})
-    payload = {"quick": args.quick, "budget": budget, "targets": targets, "seeds": seeds,
+    payload = {"quick": args.quick, "reduced": reduced, "budget": budget, "targets": targets, "seeds": seeds,
                "dense": {"train_accuracy": dense[0], "test_accuracy": dense[1]}, "summary": summary, "rows": rows}
     save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(rows, targets, dense), started)
+    units.finish()
 
 
 if __name__ == "__main__":
