@@ -175,7 +175,7 @@ def main() -> None:
     markdown = (f"One-shot pruning, no fine-tuning; N = {num_grads} gradients per seed (block 128, λ = {args.damp:g}); "
                 f"seeds: {len(seeds)}; BatchNorm recalibration on {bn} training batches of 128."
                 + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n" + tables(results, sparsities))
-    payload = {"quick": args.quick, "reduced": reduced, "models": models, "num_grads": num_grads, "seeds": seeds,
+    payload = {"quick": args.quick, "reduced": reduced, "resumed_units": len(units.done), "models": models, "num_grads": num_grads, "seeds": seeds,
                "sparsities": sparsities, "damp": args.damp, "summary": summarise(results, sparsities), "results": results}
     save_outputs(args.out, "rq2_oneshot", markdown, payload, plot(results, sparsities), started)
     units.finish()

@@ -129,12 +129,18 @@ def main() -> None:
         targets, seeds, budget, eval_sizes = FULL_GRID["targets"], FULL_GRID["seeds"], FULL, (None, 5000)
     targets, seeds = args.targets or targets, args.seeds or seeds
     units = UnitLog(args.out, "rq3_gradual", {"quick": args.quick, "budget": budget, "eval_sizes": eval_sizes}, args.resume)
-    dense = final_evaluation(build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model), *eval_sizes)
+    resumed = len(units.done)
+    if "dense" not in units.done:  # (train, test) accuracy of the dense model, logged like a run
+        units.done["dense"] = list(final_evaluation(build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model),
+                                                    *eval_sizes))
+        units.add("dense", units.done["dense"])
+    dense = (units.done["dense"][0], units.done["dense"][1])
     jobs = [(method, target, seed) for target in targets for seed in seeds for method in METHODS]
+    workers = min(args.workers, sum(f"{m}|{t:g}|{s}" not in units.done for m, t, s in jobs))
     with tempfile.TemporaryDirectory(prefix="wf-rq3-") as tmp:
-        if args.workers > 1:
+        if workers > 1:
             # spawn: fresh interpreters, no forked OpenMP state; every run is deterministic whatever the order.
-            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = [pool.submit(run_one, m, t, s, budget, Path(tmp), eval_sizes, units, 1) for m, t, s in jobs]
                 rows = [f.result() for f in futures]
         else:
@@ -152,7 +158,7 @@ def main() -> None:
                for m in METHODS for t in targets}
     summary.update({f"{m}_gap_{int(round(t * 100))}": mean_std([r["gap"] for r in rows if r["method"] == m and r["target"] == t])[0]
                     for m in METHODS for t in targets})
-    payload = {"quick": args.quick, "reduced": reduced, "budget": budget, "targets": targets, "seeds": seeds,
+    payload = {"quick": args.quick, "reduced": reduced, "resumed_units": resumed, "budget": budget, "targets": targets, "seeds": seeds,
                "dense": {"train_accuracy": dense[0], "test_accuracy": dense[1]}, "summary": summary, "rows": rows}
     save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(rows, targets, dense), started)
     units.finish()
