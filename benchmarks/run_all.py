@@ -143,6 +143,10 @@ def section_rq3(data: dict[str, Any]) -> tuple[str, str, str]:
             differs.append(f"at {k}% WoodFisher is not more accurate ({100 * diff:+.2f} points)")
         elif diff <= max(spread.values()):
             differs.append(f"at {k}% WoodFisher's lead ({100 * diff:+.2f} points) is within the spread over seeds")
+        gaps = s[f"woodfisher_gap_{k}"], s[f"magnitude_gap_{k}"]
+        if gaps[0] > gaps[1] + 0.0025:
+            differs.append(f"at {k}% WoodFisher generalises slightly worse: train−test gap {100 * gaps[0]:+.2f} vs "
+                           f"{100 * gaps[1]:+.2f} points")
     if len(data["targets"]) < 2:
         differs.append("with one target measured, whether the lead grows with sparsity is not tested here")
     differs.append(f"our fine-tuning budget is reduced ({data['budget']['finetune.epochs']} x "
