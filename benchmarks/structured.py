@@ -14,7 +14,8 @@ Targets (issue 8): WoodFisher latency <= 0.5x dense at batch 32; WoodFisher accu
 baseline; WoodFisher drop vs dense <= 1.5 points. The last stdout line is one JSON object.
 
     python benchmarks/structured.py                 # full run (all four methods, full budget)
-    python benchmarks/structured.py --quick         # about a minute per method: tiny budget, test subset
+    python benchmarks/structured.py --quick         # tiny budget, test subset (a minute or two, quiet)
+    python benchmarks/structured.py --work-dir D    # keep each model in D; a rerun reuses finished ones
     python benchmarks/structured.py --readme README.md          # also write the README table
     python benchmarks/structured.py --from-json run.json --readme README.md   # table from a saved run
 """
@@ -53,8 +54,8 @@ RECIPE = REPO / "recipes" / "structured.yaml"
 METHODS = ["woodfisher", "magnitude", "taylor", "group_norm"]
 LABELS = {"dense": "dense", "woodfisher": "WoodFisher (group OBS)", "magnitude": "L1 filter norm",
           "taylor": "Taylor (Torch-Pruning)", "group_norm": "group norm (Torch-Pruning)"}
-QUICK = ["finetune.epochs=3", "finetune.steps_per_epoch=25", "pruning.schedule.end_epoch=2",
-         "pruning.woodfisher.num_grads=200", "data.test_subset=2000"]
+QUICK = ["finetune.epochs=2", "finetune.steps_per_epoch=8", "pruning.schedule.end_epoch=1",
+         "pruning.woodfisher.num_grads=64", "data.test_subset=1000"]
 TARGETS = {"latency_ratio_b32": 0.5, "max_drop": 0.015}
 BEGIN, END = "<!-- structured-benchmark:begin -->", "<!-- structured-benchmark:end -->"
 
@@ -68,8 +69,11 @@ class PrintReporter(NullReporter):
             print(f"  [{self.prefix}] {text}", flush=True)
 
 
-def prune_one(method: str, overrides: list[str], root: Path, verbose: bool) -> tuple[dict[str, Any], Path]:
-    """The structured recipe's pruning stage with `method`, surgery, ONNX export; the row and the file."""
+def prune_one(method: str, overrides: list[str], root: Path, verbose: bool,
+              resume: bool = False) -> tuple[dict[str, Any], Path]:
+    """The structured recipe's pruning stage with `method`, surgery, ONNX export; the row and the file.
+
+    With `resume` an interrupted stage in `root` continues from its last checkpoint."""
     recipe, _ = load_recipe(RECIPE, [*overrides, f"pruning.method={method}", f"output.root={root}",
                                      f"output.run_name={method}"])
     seed_everything(recipe.seed, recipe.deterministic)
@@ -77,9 +81,11 @@ def prune_one(method: str, overrides: list[str], root: Path, verbose: bool) -> t
     data = build_data(recipe.data, recipe.seed)
     model = build_model(recipe.model).to(device)
     run = RunDir(root / recipe.run_name())
+    resumed = resume and (run.checkpoints / "gradual_state.pt").exists()
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    stage = run_pruning_stage(recipe, run, model, data, device, reporter=PrintReporter(method, verbose))
+    stage = run_pruning_stage(recipe, run, model, data, device, reporter=PrintReporter(method, verbose),
+                              resume=resume)
     wall = time.perf_counter() - started
     surgery = remove_pruned_channels(stage.model, stage.masks.masks, data.sample_input(2))
     path = root / f"{method}.onnx"
@@ -95,7 +101,8 @@ def prune_one(method: str, overrides: list[str], root: Path, verbose: bool) -> t
         "channels_after": surgery.channels_after,
         "surgery_max_output_change": surgery.max_output_change,
         "accuracy_after_each_step": [r["test_accuracy_after"] for r in m.prune_reports],
-        "wall_s": wall,
+        "wall_s": wall,  # of this process only when resumed
+        "resumed": resumed,
         "prune_s": m.timings["prune_s"],
         "finetune_s": m.timings["finetune_s"],
     }
@@ -110,6 +117,19 @@ def dense_model_file(overrides: list[str], root: Path) -> tuple[dict[str, Any], 
     exported = export_onnx(model, data.sample_input(2), root / "dense.onnx", sparse_storage=False)
     return {"method": "dense", "accuracy": accuracy, "macs": exported.structure["macs"],
             "params": exported.structure["params"]}, exported.path
+
+
+def cached(work: Path, name: str, overrides: list[str]) -> tuple[dict[str, Any], Path] | None:
+    """A model finished by an earlier run in `work` with the same overrides (its row and ONNX file)."""
+    row_file, onnx = work / f"{name}.json", work / f"{name}.onnx"
+    if not (row_file.exists() and onnx.exists()):
+        return None
+    saved = json.loads(row_file.read_text())
+    return (saved["row"], onnx) if saved.get("overrides") == overrides else None
+
+
+def save(work: Path, row: dict[str, Any], overrides: list[str]) -> None:
+    write_text(work / f"{row['method']}.json", json.dumps({"overrides": overrides, "row": row}, default=float))
 
 
 def measure_latency(files: dict[str, Path], batch_sizes: list[int], quick: bool) -> dict[str, dict[int, float]]:
@@ -162,6 +182,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe overrides")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--work-dir", type=Path, help="keep every model and its row here; a rerun with the same "
+                        "settings reuses the finished ones (latency is always measured again, interleaved)")
     parser.add_argument("--readme", type=Path, help="write the results table between the markers of this file")
     parser.add_argument("--from-json", type=Path, help="skip the run: read a saved summary (the last line of a run)")
     args = parser.parse_args()
@@ -181,16 +203,25 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     files: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="wf-bench-structured-") as tmp:
-        root = Path(tmp)
-        dense, files["dense"] = dense_model_file(overrides, root)
-        rows.append(dense)
-        for method in args.methods:
-            row, files[method] = prune_one(method, overrides, root, args.verbose)
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for method in ["dense", *args.methods]:
+            hit = cached(work, method, overrides)
+            if hit is not None:
+                row, files[method] = hit
+                print(f"{method:>11}: reusing the model finished earlier in {work}", flush=True)
+            elif method == "dense":
+                row, files[method] = dense_model_file(overrides, work)
+            else:
+                row, files[method] = prune_one(method, overrides, work, args.verbose, resume=args.work_dir is not None)
+            save(work, row, overrides)
             rows.append(row)
-            print(f"{method:>11}: test accuracy {row['accuracy']:.4f} (dense {dense['accuracy']:.4f}), "
-                  f"channels removed {row['channel_sparsity']:.1%}, MACs {row['macs'] / dense['macs']:.3f}x, "
-                  f"wall {row['wall_s']:.0f}s (prune {row['prune_s']:.0f}s, fine-tune {row['finetune_s']:.0f}s)",
-                  flush=True)
+            if method != "dense":
+                dense = rows[0]
+                print(f"{method:>11}: test accuracy {row['accuracy']:.4f} (dense {dense['accuracy']:.4f}), "
+                      f"channels removed {row['channel_sparsity']:.1%}, MACs {row['macs'] / dense['macs']:.3f}x, "
+                      f"wall {row['wall_s']:.0f}s (prune {row['prune_s']:.0f}s, fine-tune {row['finetune_s']:.0f}s)",
+                      flush=True)
         latency = measure_latency(files, [1, 32], args.quick)
     for row in rows:
         row["latency_ms"] = {str(b): latency[row["method"]][b] for b in (1, 32)}
@@ -202,6 +233,7 @@ def main() -> None:
     print()
     print(table(summary))
     if "woodfisher" in args.methods:
+        dense = rows[0]
         wf = next(r for r in rows if r["method"] == "woodfisher")
         baselines = [r for r in rows if r["method"] not in ("dense", "woodfisher")]
         checks = {
