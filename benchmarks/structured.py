@@ -198,6 +198,15 @@ def write_readme(path: Path, summary: dict[str, Any]) -> None:
     write_text(path, f"{head}{BEGIN}\n{table(summary)}\n\n{verdict(summary)}\n\n{how}\n{END}{tail}")
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    """A saved summary: a JSON file, or a run's log whose last line is the JSON object."""
+    text = path.read_text().strip()
+    try:
+        return dict(json.loads(text))
+    except json.JSONDecodeError:
+        return dict(json.loads(text.splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny budget and test subset (about a minute per method)")
@@ -209,11 +218,12 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="keep every model and its row here; a rerun with the same "
                         "settings reuses the finished ones (latency is always measured again, interleaved)")
     parser.add_argument("--readme", type=Path, help="write the results table between the markers of this file")
-    parser.add_argument("--from-json", type=Path, help="skip the run: read a saved summary (the last line of a run)")
+    parser.add_argument("--from-json", type=Path, help="skip the run: read a saved summary (a JSON file, or a "
+                        "run's output whose last line is the JSON)")
     args = parser.parse_args()
 
     if args.from_json:
-        summary = json.loads(args.from_json.read_text().strip().splitlines()[-1])
+        summary = read_summary(args.from_json)
         print(table(summary))
         if args.readme:
             write_readme(args.readme, summary)
