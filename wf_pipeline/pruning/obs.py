@@ -109,7 +109,7 @@ def newton_step_scale(newton: Tensor, weights: Tensor, sizes: Sequence[int], cap
     return torch.cat(parts)
 
 
-def _spd_solve(mats: Tensor, rhs: Tensor) -> Tensor:
+def spd_solve(mats: Tensor, rhs: Tensor) -> Tensor:
     """Solve batched SPD systems; systems that fail Cholesky in low precision are redone in fp64 by LU."""
     chol, info = torch.linalg.cholesky_ex(mats)
     x = torch.cholesky_solve(rhs, chol)
@@ -179,7 +179,7 @@ def obs_update(
             m = M[idx]
             mask = p[idx].to(dtype)
             system = m * mask.unsqueeze(2) * mask.unsqueeze(1) + torch.diag_embed(1 - mask)
-            x = _spd_solve(system, target[idx].unsqueeze(-1))  # (M_QQ)⁻¹ t_Q, zero off Q
+            x = spd_solve(system, target[idx].unsqueeze(-1))  # (M_QQ)⁻¹ t_Q, zero off Q
             x = x * mask.unsqueeze(-1)  # exact zeros off Q whatever the rounding
             delta[idx] -= torch.bmm(m, x).squeeze(-1)  # slices own disjoint blocks
             x_all[idx] = x.squeeze(-1)

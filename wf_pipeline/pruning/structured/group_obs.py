@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockLayout
-from wf_pipeline.pruning.obs import obs_update
+from wf_pipeline.pruning.obs import obs_update, spd_solve
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,6 @@ class RowBlocks:
         return BlockLayout([self.units * self.unit] * self.rows, self.block_size)
 
 
-def _spd_solve(mats: Tensor, rhs: Tensor) -> Tensor:
-    """Batched SPD solve; systems that fail Cholesky in low precision are redone in fp64 by LU."""
-    chol, info = torch.linalg.cholesky_ex(mats)
-    x = torch.cholesky_solve(rhs, chol)
-    bad = (info != 0).nonzero().squeeze(1)
-    if bad.numel():
-        x[bad] = torch.linalg.solve(mats[bad].double(), rhs[bad].double()).to(x.dtype)
-    return x
-
-
 def unit_costs(inverse: Tensor, weight: Tensor, rb: RowBlocks) -> Tensor:
     """``(O, I)``: ``½ w_{o,c}ᵀ (M^o_{cc})⁻¹ w_{o,c}``, the cost of removing input channel c from row o alone.
 
@@ -107,7 +97,7 @@ def unit_costs(inverse: Tensor, weight: Tensor, rb: RowBlocks) -> Tensor:
     w = layout.pad(weight.reshape(-1).to(inverse.dtype)).view(K, m, u)
     diag_blocks = torch.diagonal(inverse.view(K, m, u, m, u), dim1=1, dim2=3)  # (K, u, u, m)
     sub = diag_blocks.permute(0, 3, 1, 2).reshape(K * m, u, u)
-    x = _spd_solve(sub, w.reshape(K * m, u, 1)).view(K, m, u)
+    x = spd_solve(sub, w.reshape(K * m, u, 1)).view(K, m, u)
     cost = 0.5 * (w * x).sum(-1)  # (K, m): padded channels have w = 0, cost 0
     return cost.reshape(rb.rows, rb.blocks_per_row * m)[:, : rb.units]
 
