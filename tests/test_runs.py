@@ -234,3 +234,17 @@ def test_launcher_reports_the_worker_that_failed_by_itself() -> None:
     assert _reported_failure(killed_first)[0] == 0
     only_signals = ChildFailedError("x", {1: failure(1, -9, 10), 0: failure(0, -15, 11)})
     assert _reported_failure(only_signals)[0] == 1
+
+
+def test_a_rank_that_fails_first_leaves_the_report_to_rank_0(monkeypatch) -> None:
+    """Rank 1 exiting first with the shared input error would get rank 0 killed before it printed the
+    line (seen in CI as exit 2 with an empty stderr): rank 1 waits, and speaks only if still alive."""
+    from wf_pipeline import cli
+
+    waits: list[float] = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", "0")
+    assert cli._report_prefix(2) == "" and waits == []
+    monkeypatch.setenv("RANK", "1")
+    assert cli._report_prefix(0) is None and waits == []  # rank 0 reports a finished run; nothing races
+    assert cli._report_prefix(2) == "rank 1: " and waits == [cli._RANK_0_REPORT_WAIT_S]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -301,6 +302,24 @@ def _rank() -> int:
         return 0
 
 
+# How long a rank other than 0 waits before giving up on rank 0 reporting the input error they share.
+_RANK_0_REPORT_WAIT_S = 30.0
+
+
+def _report_prefix(exit_code: int) -> str | None:
+    """Under torchrun every rank raises the same input error and rank 0 reports it: "" on rank 0, None
+    (say nothing) on a rank that ends with 0. A rank that fails first waits, since its exit would make
+    the agent kill rank 0 before rank 0 printed its line: once rank 0 has reported and exited, the
+    agent ends this wait with SIGTERM. A rank still alive after the wait had an error of its own, and
+    reports it under its rank."""
+    if _rank() == 0:
+        return ""
+    if exit_code == 0:
+        return None
+    time.sleep(_RANK_0_REPORT_WAIT_S)
+    return f"rank {_rank()}: "
+
+
 def _one_line(text: str) -> str:
     # One line, whatever the terminal width: CI logs and tests grep it.
     return " ".join(text.split())
@@ -328,17 +347,19 @@ def main() -> None:
     except WFError as exc:
         if os.environ.get("WF_DEBUG"):
             traceback.print_exc()
-        if _rank() == 0:  # under torchrun every rank raises the same input error; rank 0 reports it
+        rank = _report_prefix(exc.exit_code)
+        if rank is not None:
             hint = f" (hint: {exc.hint})" if exc.hint else ""
-            sys.stderr.write(_one_line(f"error: {exc.message}{hint}") + "\n")
+            sys.stderr.write(_one_line(f"error: {rank}{exc.message}{hint}") + "\n")
         sys.exit(exc.exit_code)
     except RunAlreadyFinished as exc:
-        if _rank() == 0:
+        rank = _report_prefix(exc.exit_code)
+        if rank is not None:
             failed = ", ".join(exc.status.get("failed_gates") or [])
             gates = {True: "its gates passed", False: f"its gates failed: {failed}",
                      None: "no gates were checked"}[exc.status.get("gates_passed")]
             sys.stderr.write(_one_line(
-                f"run {exc.run_dir} already finished ({gates}); nothing to resume "
+                f"{rank}run {exc.run_dir} already finished ({gates}); nothing to resume "
                 "(--overwrite runs it again; `wf-pipeline validate` re-checks its model)") + "\n")
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last resort: anything else is a bug
