@@ -354,6 +354,7 @@ class BlockGramAccumulator(_StatisticsMixin):
         damp: float | None = None,
         rtol: float = DEFAULT_RTOL,
         track_mean: bool = True,
+        out: Tensor | None = None,
     ) -> None:
         self.layout = layout
         self.dtype = dtype
@@ -361,7 +362,10 @@ class BlockGramAccumulator(_StatisticsMixin):
         self.rtol = float(rtol)
         self.adaptive = damp is not None and unit_roundoff(dtype) > unit_roundoff(torch.float64)
         K, B = layout.num_blocks, layout.block_size
-        self.gram = torch.zeros(K, B, B, dtype=dtype, device=device)  # the blocks held in `dtype`
+        if out is not None and (tuple(out.shape) != (K, B, B) or out.dtype != dtype):
+            raise ValueError(f"out must be a ({K}, {B}, {B}) {dtype} buffer")
+        # the blocks held in `dtype` (`out`: a caller's buffer, e.g. a view of a larger one; inverted in place)
+        self.gram = torch.zeros(K, B, B, dtype=dtype, device=device) if out is None else out.zero_()
         self.low_index: Tensor | None = None  # block ids of `gram`'s rows; None: all blocks, in order
         self.stale = torch.zeros(K, dtype=torch.bool, device=device)  # `gram` rows moved to float64 since
         self.high = torch.zeros(0, B, B, dtype=torch.float64, device=device)  # promoted blocks

@@ -33,7 +33,7 @@ from wf_pipeline.fisher.gradients import (
     sample_model_labels,
     unwrap_model,
 )
-from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockGramAccumulator, BlockLayout, low_rank_block_inverses
+from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockLayout, low_rank_block_inverses
 from wf_pipeline.fisher.plan import (
     LOWRANK_SLICE_BLOCKS,
     BlockGroup,
@@ -45,6 +45,7 @@ from wf_pipeline.fisher.plan import (
     release_free_memory,
     resident_bytes,
 )
+from wf_pipeline.fisher.segmented import SegmentedGramAccumulator, sub_layout
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
@@ -53,29 +54,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 # ===================================================================== block ranges
-def sub_layout(layout: BlockLayout, start: int, stop: int) -> tuple[BlockLayout, int, int]:
-    """The layout of blocks ``[start, stop)`` alone, and the flat range ``[f0, f1)`` of their weights.
-
-    Blocks never cross a layer boundary, so the range's weights are contiguous in the flat vector and
-    its own layout pads exactly the same coordinates.
-    """
-    B = layout.block_size
-    sizes: list[int] = []
-    f0 = f1 = -1
-    for layer, (k0, k1) in enumerate(zip(layout.block_offsets, layout.block_offsets[1:], strict=False)):
-        b0, b1 = max(start, k0), min(stop, k1)
-        if b0 >= b1:
-            continue
-        lo = layout.flat_offsets[layer] + (b0 - k0) * B
-        hi = layout.flat_offsets[layer] + min(layout.sizes[layer], (b1 - k0) * B)
-        f0 = lo if f0 < 0 else f0
-        f1 = hi
-        sizes.append(hi - lo)
-    if not sizes:
-        raise ValueError(f"empty block range [{start}, {stop})")
-    return BlockLayout(sizes, B), f0, f1
-
-
 def low_rank_blocks(rows: Tensor, damp: float, num_samples: int, rtol: float = DEFAULT_RTOL,
                     lengths: list[int] | None = None) -> Tensor:
     """``(1/λ)(I − Aᵀ(NλI + AAᵀ)⁻¹A)`` per block from block-major rows ``A: (k, n, B)``, in fp64.
@@ -431,20 +409,22 @@ class _GroupSource:
             self.job.add_time("spill", time.perf_counter() - t0)
         release_free_memory()  # the pass's activations: the groups' statistics come next
 
-    def _read_back(self, group: BlockGroup) -> Iterator[Tensor]:
-        """The group's spilled rows, one chunk at a time as written (so sums run in the same order)."""
-        count, B = group.stop - group.start, self.layout.block_size
-        device = next(iter(self.job.params.values())).device
-        dtype = next(iter(self.job.params.values())).dtype
-        path = self.spilled_rows[group.start]
-        with open(path, "rb") as source:
+    def _read_back(self, group: BlockGroup, start: int, stop: int) -> Iterator[Tensor]:
+        """Blocks ``[start, stop)`` of the group's spilled rows, one chunk at a time as written (so sums run in
+        the same order). Each chunk's rows are block-major, so a range of blocks is one contiguous read."""
+        B = self.layout.block_size
+        first = next(iter(self.job.params.values()))
+        itemsize = first.element_size()
+        offset = 0
+        with open(self.spilled_rows[group.start], "rb") as source:
             for n in self.chunk_rows:
                 t0 = time.perf_counter()
-                buffer = torch.empty(count, n, B, dtype=dtype)
+                buffer = torch.empty(stop - start, n, B, dtype=first.dtype)
+                source.seek(offset + (start - group.start) * n * B * itemsize)
                 source.readinto(buffer.numpy().data.cast("B"))
+                offset += (group.stop - group.start) * n * B * itemsize
                 self.job.add_time("spill", time.perf_counter() - t0)
-                yield buffer.to(device)
-        path.unlink()  # read once: free the disk as the groups go
+                yield buffer.to(first.device)
 
     def cache_samples(self) -> None:
         """Draw the N·m samples once (and the model's labels for the true Fisher) so every pass sees them."""
@@ -463,7 +443,8 @@ class _GroupSource:
     def _group_parts(self, group: BlockGroup) -> Iterator[Tensor]:
         """The group's rows ``(blocks, n, B)`` chunk by chunk: read back, or from a pass over its layers."""
         if group.start in self.spilled_rows:
-            yield from self._read_back(group)
+            yield from self._read_back(group, group.start, group.stop)
+            self.spilled_rows.pop(group.start).unlink()  # read once: free the disk as the groups go
             return
         layers = list(group.layers)
         params = {self.names[i]: self.job.params[self.names[i]] for i in layers}
@@ -472,48 +453,64 @@ class _GroupSource:
         for chunk in self._pass(params, touched):
             yield chunk[skip : skip + group.stop - group.start]  # a view of this group's blocks
 
+    def _accumulate(self, acc: SegmentedGramAccumulator, group: BlockGroup) -> None:
+        """Fold the group's rows into `acc` and invert it. Rows spilled to disk are read a segment at a time and
+        each segment is inverted before the next is read, so only one segment's float64 blocks are ever held."""
+        job = self.job
+        if group.start not in self.spilled_rows:
+            for part in self._group_parts(group):
+                t1 = time.perf_counter()
+                acc.add_blocked(part)
+                del part
+                job.add_time("accumulate", time.perf_counter() - t1)
+            if job.reduce_fn is not None:
+                acc.reduce(job.reduce_fn)
+            return
+        for index, (s, e) in enumerate(acc.bounds):
+            for part in self._read_back(group, group.start + s, group.start + e):
+                t1 = time.perf_counter()
+                acc.add_segment(index, part)
+                del part
+                job.add_time("accumulate", time.perf_counter() - t1)
+            t0 = time.perf_counter()
+            acc.finish(index, job.damp, job.reduce_fn)
+            job.add_time("inverse", time.perf_counter() - t0)
+        self.spilled_rows.pop(group.start).unlink()  # read once: free the disk as the groups go
+
     def group_stats(self, group: BlockGroup, with_mean: bool) -> tuple[_GroupStats, Tensor | None]:
         """The group's statistics, inverted (Gram) or stored (low-rank), and its gradient sum."""
         job, B = self.job, self.layout.block_size
         count = group.stop - group.start
         layout, _, _ = sub_layout(self.layout, group.start, group.stop)
-        gram = self.plan.representation == "gram"
         first = next(iter(job.params.values()))
         device = first.device
-        acc = BlockGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol,
-                                   track_mean=with_mean) if gram else None
-        rows = None if gram else torch.empty(count, job.num_grads, B, dtype=first.dtype, device=device)
-        grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean and not gram else None
-        offset = 0
-        for part in self._group_parts(group):
-            t1 = time.perf_counter()
-            if acc is not None:
-                acc.add_blocked(part)
-            else:
-                assert rows is not None
-                rows[:, offset : offset + part.shape[1]] = part
-                if grad_sum is not None:
-                    grad_sum += part.sum(1, dtype=torch.float64)
-            offset += part.shape[1]
-            del part
-            job.add_time("accumulate", time.perf_counter() - t1)
-        t0 = time.perf_counter()
-        if acc is not None:
-            if job.reduce_fn is not None:
-                acc.reduce(job.reduce_fn)
+        if self.plan.representation == "gram":
+            acc = SegmentedGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol,
+                                           track_mean=with_mean)
+            self._accumulate(acc, group)
+            t0 = time.perf_counter()
             num_samples = acc.num_samples
             mean = acc.mean_gradient() if with_mean else None
             inverse = acc.inverse(job.damp)
             stats = _GroupStats(layout, job.damp, num_samples, blocks=inverse.blocks, rtol=job.rtol)
             stats.repaired_blocks = inverse.repaired_blocks
             stats.health = inverse.health
-        else:
-            assert rows is not None
-            num_samples = offset
-            mean = layout.unpad(grad_sum / num_samples) if grad_sum is not None else None
-            stats = _GroupStats(layout, job.damp, num_samples, rows=rows, rtol=job.rtol)
-        job.add_time("inverse", time.perf_counter() - t0)
-        return stats, mean
+            job.add_time("inverse", time.perf_counter() - t0)
+            return stats, mean
+        rows = torch.empty(count, job.num_grads, B, dtype=first.dtype, device=device)
+        grad_sum = torch.zeros(count, B, dtype=torch.float64, device=device) if with_mean else None
+        offset = 0
+        for part in self._group_parts(group):
+            t1 = time.perf_counter()
+            rows[:, offset : offset + part.shape[1]] = part
+            if grad_sum is not None:
+                grad_sum += part.sum(1, dtype=torch.float64)
+            offset += part.shape[1]
+            del part
+            job.add_time("accumulate", time.perf_counter() - t1)
+        num_samples = offset
+        mean = layout.unpad(grad_sum / num_samples) if grad_sum is not None else None
+        return _GroupStats(layout, job.damp, num_samples, rows=rows, rtol=job.rtol), mean
 
 
 def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean: bool = False) -> GroupedInverse:

@@ -16,13 +16,8 @@ from torch import Tensor
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.conditioning import record_health
-from wf_pipeline.fisher.inverse import (
-    BlockFisherInverse,
-    BlockGramAccumulator,
-    BlockLayout,
-    WoodburyAccumulator,
-    accumulation_dtype,
-)
+from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockLayout, WoodburyAccumulator, accumulation_dtype
+from wf_pipeline.fisher.segmented import SegmentedGramAccumulator
 from wf_pipeline.fisher.streamed import GroupedInverse
 from wf_pipeline.pruning.obs import (
     newton_step_scale,
@@ -93,12 +88,12 @@ class WoodFisherPruner(FlatPruner[Stats]):
                 streamed_scale = newton_step_scale(grouped.newton, view.flat_weights(grouped.dtype), view.sizes,
                                                    settings.newton_step_cap)
             return StreamedFisherStats(grouped, ctx, streamed_scale)
-        acc: BlockGramAccumulator | WoodburyAccumulator
+        acc: SegmentedGramAccumulator | WoodburyAccumulator
         if woodbury:  # the recursion is unstable in float32: always run it in float64
             acc = WoodburyAccumulator(layout, settings.damp, total, dtype=dtype, device=view.device,
                                       working_dtype=torch.float64, rtol=settings.inverse_rtol)
-        else:  # blocks float32 cannot hold to inverse_rtol are accumulated in float64
-            acc = BlockGramAccumulator(layout, dtype=dtype, device=view.device, damp=settings.damp,
+        else:  # blocks float32 cannot hold to inverse_rtol are accumulated in float64 (segments: a planned bound)
+            acc = SegmentedGramAccumulator(layout, dtype=dtype, device=view.device, damp=settings.damp,
                                        rtol=settings.inverse_rtol, track_mean=self.uses_gradient_mean)
         accumulate_gradients(acc, view, ctx, settings.replace(chunk_size=plan.chunk_size), layout=layout)
         ctx.num_grads += acc.num_samples  # summed over ranks
