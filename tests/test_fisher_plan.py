@@ -23,8 +23,12 @@ def _blocks(inputs: PlanInputs) -> list[tuple[int, int]]:
 
 
 def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, revisit: str,
-                 gradient_spill: bool = False) -> tuple[int, int]:
-    """collect(g) and update(g) from the module doc's table, computed independently of the planner."""
+                 gradient_spill: bool = False, segment: int = 1) -> tuple[int, int]:
+    """collect(g) and update(g) from the module doc's table, computed independently of the planner.
+
+    `segment`: the plan's blocks per accumulator segment (spilled Gram rows are read back a segment at a time;
+    with `inputs.promotable` a segment's float64 transients, and without `gradient_spill` room for every block
+    of the group in float64)."""
     blocks = _blocks(inputs)[start:stop]
     layers = {layer for layer, _ in blocks}
     touched = sum(inputs.sizes[i] for i in layers)
@@ -37,11 +41,18 @@ def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, 
     promoted = inputs.stat_bytes if gram and inputs.stat_bytes != inputs.grad_bytes else 0
     chunk = int(n * inputs.grad_batch_size * inputs.activation_bytes * 1.5) + n * (3 * inputs.grad_bytes + promoted) * touched
     chunk += 8 * inputs.grad_bytes * touched  # the first chunk's check against autograd on two samples
-    if gradient_spill:  # rows read back a chunk at a time instead of a gradient pass
-        chunk = len(blocks) * n * B * (inputs.grad_bytes + promoted)
+    segment = min(segment, len(_blocks(inputs)))
+    float64 = 0
+    if gram and inputs.promotable:  # one open segment: 4 float64 copies of its blocks and of a chunk's rows
+        chunk += segment * (4 * 8 * B * B + n * B * (8 + inputs.grad_bytes))
+        float64 = 0 if gradient_spill else 8 * B * B * len(blocks)
+    if gradient_spill:  # rows read back a chunk at a time instead of a gradient pass (Gram: a segment's)
+        chunk -= int(n * inputs.grad_batch_size * inputs.activation_bytes * 1.5) + n * (3 * inputs.grad_bytes + promoted) * touched
+        chunk -= 8 * inputs.grad_bytes * touched
+        chunk += (segment if gram else len(blocks)) * n * B * (inputs.grad_bytes + promoted)
     slices = inputs.slice_bytes()
-    collect = cache + vectors + stats + chunk + slices
-    update = cache + vectors + 32 * d + stats + 48 * weights + slices + (chunk if revisit == "recompute" else 0)
+    collect = cache + vectors + stats + float64 + chunk + slices
+    update = cache + vectors + 32 * d + stats + 48 * weights + slices + (chunk + float64 if revisit == "recompute" else 0)
     return math.ceil(collect * 1.05), math.ceil(update * 1.05)  # with the allocator slack
 
 
@@ -83,12 +94,13 @@ INVERSES_ONLY = "inverses"  # free disk for the inverses but not the gradient ro
 
 
 @pytest.mark.parametrize("disk", [None, ROWS_AND_INVERSES, INVERSES_ONLY])
-@pytest.mark.parametrize("stat_bytes,num_grads", [(4, 200), (8, 32)])
-def test_tight_budget_packs_groups_greedily_within_the_budget(disk, stat_bytes, num_grads) -> None:
+@pytest.mark.parametrize("stat_bytes,num_grads,promotable", [(4, 200, False), (4, 200, True), (8, 32, False)])
+def test_tight_budget_packs_groups_greedily_within_the_budget(disk, stat_bytes, num_grads, promotable) -> None:
     base = _inputs(sizes=[1000, 300, 2500, 70], stat_bytes=stat_bytes, num_grads=num_grads)
     stats_total = len(_blocks(base)) * base.block_bytes()
     free = int(1.2 * stats_total) if disk == INVERSES_ONLY else disk
-    inputs = _inputs(sizes=[1000, 300, 2500, 70], stat_bytes=stat_bytes, num_grads=num_grads, spill_free_bytes=free)
+    inputs = _inputs(sizes=[1000, 300, 2500, 70], stat_bytes=stat_bytes, num_grads=num_grads, spill_free_bytes=free,
+                     promotable=promotable)
     budget = smallest_budget(inputs) + 3 * inputs.block_bytes()
     plan = make_plan(inputs, budget)
     assert len(plan.groups) >= 2 and plan.revisit == ("recompute" if disk is None else "disk")
@@ -103,11 +115,11 @@ def test_tight_budget_packs_groups_greedily_within_the_budget(disk, stat_bytes, 
     assert plan.cache_bytes == (0 if plan.gradient_spill else inputs.num_grads * inputs.input_bytes)
     for i, group in enumerate(plan.groups):
         collect, update = _group_bytes(inputs, group.start, group.stop, plan.chunk_size, plan.cache_bytes,
-                                       plan.revisit, plan.gradient_spill)
+                                       plan.revisit, plan.gradient_spill, plan.segment_blocks)
         assert collect <= budget and update <= budget
         if i < len(plan.groups) - 1:  # greedy: one more block would not have fitted
             more = _group_bytes(inputs, group.start, group.stop + 1, plan.chunk_size, plan.cache_bytes, plan.revisit,
-                                plan.gradient_spill)
+                                plan.gradient_spill, plan.segment_blocks)
             assert max(more) > budget
     assert plan.peak_bytes <= budget
     revisited = len(plan.groups) - plan.keep_last

@@ -15,7 +15,7 @@ ranking when it fits.
 Memory model, in bytes the step allocates (the model and the process's own footprint excluded):
 
 ==========  ========================================================================================
-collect(g)  cache + vectors + stats(g) + chunk(n, g) + slices
+collect(g)  cache + vectors + stats(g) + float64(g) + chunk(n, g) + slices + segment
 rank        cache + vectors + 64·d  (+ stats(last) when the last group is kept)
 update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) when recomputing)
 chunk(n, g) n·m·activations + (3·n + 8)·grad_bytes·(weights of the layers g touches)
@@ -33,10 +33,21 @@ sample's gradient up to three times (the per-sample engine's rows, a layer's int
 block-major copy; measured on ResNet-18), and the first chunk of a pass is checked against plain
 autograd on two samples (about eight more gradient copies).
 
+Precision (``promotable``): float32 Gram blocks that float32 cannot hold to ``inverse_rtol`` are moved to
+float64 while they are accumulated (``fisher.segmented``): ``8·B²`` more per such block until its segment
+is inverted, and ``segment`` bounds one open segment's transients. How many blocks that will be is not
+known before the gradients are, so the plan takes the worst case that can occur: where a gradient pass
+fills every segment of a group at once, ``float64(g)`` is ``8·B²`` for every block of the group (the
+precision check may promote all of them: ResNet-50 with its default random init promotes ~3/4); with
+``gradient_spill`` each segment is read back, filled and inverted before the next, so only ``segment``
+is needed (``float64(g)`` = 0) and any share of promoted blocks fits. The plan states its assumption
+(``precision``).
+
 Every phase gets 5% on top for the allocator (freed memory is not always returned at once).
 
 With ``gradient_spill`` the one pass holds ``vectors + chunk(n, all layers)`` and a group's collect phase
-reads its rows back a chunk at a time instead of holding a chunk of gradients.
+reads its rows back a chunk at a time instead of holding a chunk of gradients (Gram blocks: a segment's
+rows at a time).
 
 Choice: chunks of at least 8 gradients before smaller ones (small chunks make every pass slow and Gram
 accumulation memory-bound); then one pass with everything kept in memory, else one pass with gradients
@@ -49,11 +60,12 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wf_pipeline.errors import WFError
+from wf_pipeline.fisher.segmented import segment_blocks, segment_workset_bytes
 
 GB = 1e9
 DEFAULT_BUDGET_FRACTION = 0.5  # of the memory available when the step starts: room for everyone else
@@ -89,6 +101,8 @@ class PlanInputs:
     allow_lowrank: bool = True  # multi-process runs sum Grams and cannot gather gradient rows
     spill_free_bytes: int | None = None  # free disk where groups may be spilled (None: no spill place)
     threads: int = 1  # concurrent slice workers
+    promotable: bool = False  # Gram blocks below float64 that the accuracy check may move to float64 (see doc)
+    segment_blocks: int = 0  # blocks per accumulator segment (fisher.segmented); 0: sized from the budget
 
     def __post_init__(self) -> None:
         if not self.sizes or any(n < 1 for n in self.sizes):
@@ -138,6 +152,32 @@ class PlanInputs:
         promoted = self.stat_bytes if self.representation() == "gram" and self.stat_bytes != self.grad_bytes else 0
         return n * self.block_size * (self.grad_bytes + promoted)
 
+    def promotes(self) -> bool:
+        return self.promotable and self.representation() == "gram"
+
+    def float64_bytes_per_block(self, gradient_spill: bool) -> int:
+        """Room for a block's float64 copy while a gradient pass fills its whole group (``float64(g)``)."""
+        return 8 * self.block_size**2 if self.promotes() and not gradient_spill else 0
+
+    def segment_bytes(self, n: int, gradient_spill: bool) -> int:
+        """One open segment's transients (``segment``), and with `gradient_spill` its rows read back (Gram blocks)."""
+        if self.representation() != "gram":
+            return 0
+        blocks = min(self.segment_blocks or segment_blocks(self.block_size), sum(self.blocks_per_layer))
+        workset = segment_workset_bytes(self.block_size, blocks, n, self.grad_bytes) if self.promotable else 0
+        return workset + (blocks * self.read_bytes_per_block(n) if gradient_spill else 0)
+
+    def precision(self, gradient_spill: bool) -> str:
+        """The plan's assumption on the blocks' precision, for the log line and the history."""
+        if self.representation() != "gram":
+            return "low-rank blocks formed in float64 a slice at a time"
+        name = "float64" if self.stat_bytes == 8 else "float32" if self.stat_bytes == 4 else f"{self.stat_bytes}-byte"
+        if not self.promotable:
+            return name
+        if gradient_spill:
+            return f"{name}, blocks it cannot hold go to float64 one segment at a time (any share fits)"
+        return f"{name}, room for every block in float64 while accumulating (any share fits)"
+
     def chunk_bytes(self, n: int, layer_weights: int) -> int:
         return self.activation_chunk_bytes(n) + self.chunk_bytes_per_weight(n) * layer_weights
 
@@ -172,6 +212,8 @@ class FisherPlan:
     block_size: int
     num_layers: int
     dim: int
+    precision: str = ""  # what the plan assumes of the blocks' precision (float64 promotion, see the module doc)
+    segment_blocks: int = 0  # blocks per accumulator segment (fisher.segmented.SegmentedGramAccumulator)
     baseline_bytes: int = 0  # resident before the step (model, libraries); not part of the budget
     spill_root: str | None = None  # where a 'disk' plan writes its spill folder
     notes: list[str] = field(default_factory=list)
@@ -206,8 +248,9 @@ class FisherPlan:
         if self.spill_bytes:
             revisit += f" ({_gb(self.spill_bytes)} written)"
         base = f" + {_gb(self.baseline_bytes)} resident" if self.baseline_bytes else ""
+        precision = f" ({self.precision})" if self.precision else ""
         return (
-            f"Fisher plan: {self.dim:,} weights in {self.num_layers} layers, {kind}, "
+            f"Fisher plan: {self.dim:,} weights in {self.num_layers} layers, {kind}{precision}, "
             f"{_gb(self.stats_bytes)} of statistics "
             f"in {groups} group{'s' if groups > 1 else ''} (largest {_gb(largest)}), {self.gradient_passes} gradient "
             f"pass{'es' if self.gradient_passes > 1 else ''} of N={self.num_grads} in chunks of {self.chunk_size}, "
@@ -237,10 +280,14 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int,
     B = inputs.block_size
     per_block = inputs.block_bytes()
     vectors = inputs.vectors * VECTOR_BYTES * inputs.dim
-    fixed_collect = cache + vectors + inputs.slice_bytes() + (0 if gradient_spill else inputs.activation_chunk_bytes(n))
+    fixed_collect = cache + vectors + inputs.slice_bytes() + inputs.segment_bytes(n, gradient_spill) + (
+        0 if gradient_spill else inputs.activation_chunk_bytes(n))
     fixed_update = cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + inputs.slice_bytes()
     grad_per_weight = 0 if gradient_spill else inputs.chunk_bytes_per_weight(n)
-    per_block_collect = per_block + (inputs.read_bytes_per_block(n) if gradient_spill else 0)
+    # Gram blocks read back a segment at a time (in segment_bytes); low-rank rows a whole group's chunk at a time
+    reads = gradient_spill and inputs.representation() != "gram"
+    per_block_collect = per_block + inputs.float64_bytes_per_block(gradient_spill) + (
+        inputs.read_bytes_per_block(n) if reads else 0)
     groups: list[BlockGroup] = []
     start = block = 0
     stats = weights = layer_weights = reading = 0
@@ -258,8 +305,10 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int,
             room_collect = budget - fixed_collect - stats - reading - grad_per_weight * touched
             room_update = budget - fixed_update - stats - GROUP_UPDATE_BYTES_PER_WEIGHT * weights
             per_update = per_block + GROUP_UPDATE_BYTES_PER_WEIGHT * B
-            if revisit == "recompute":
-                room_update -= inputs.activation_chunk_bytes(n) + grad_per_weight * touched
+            if revisit == "recompute":  # the group is built again by a pass, float64 blocks included
+                room_update -= (inputs.activation_chunk_bytes(n) + grad_per_weight * touched
+                                + inputs.segment_bytes(n, False) + inputs.float64_bytes_per_block(False) * (block - start))
+                per_update += inputs.float64_bytes_per_block(False)
             fit = min(room_collect // per_block_collect, room_update // per_update, left)
             if fit <= 0:
                 if not layers:
@@ -298,19 +347,27 @@ def _phase_bytes(
     slices = inputs.slice_bytes()
 
     def chunk(g: BlockGroup) -> int:
-        if gradient_spill:  # the group's rows read back a chunk at a time
-            return (g.stop - g.start) * inputs.read_bytes_per_block(n)
+        if gradient_spill:  # the group's rows read back a chunk at a time (Gram blocks: in segment_bytes)
+            return 0 if inputs.representation() == "gram" else (g.stop - g.start) * inputs.read_bytes_per_block(n)
         return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers))
+
+    def float64(g: BlockGroup) -> int:
+        return (g.stop - g.start) * inputs.float64_bytes_per_block(gradient_spill)
 
     phases = {}
     if gradient_spill:  # the one gradient pass, over every layer, writing rows to disk
         phases["pass"] = vectors + inputs.chunk_bytes(n, inputs.dim)
-    collect = max(cache + vectors + g.stats_bytes + chunk(g) + slices for g in groups)
+    segment = inputs.segment_bytes(n, gradient_spill)
+    collect = max(cache + vectors + g.stats_bytes + float64(g) + chunk(g) + slices + segment for g in groups)
     rank = cache + vectors + RANK_BYTES_PER_WEIGHT * inputs.dim + (groups[-1].stats_bytes if keep_last else 0)
+    def rebuilt(g: BlockGroup) -> int:  # a group recomputed for the update: its pass and float64 blocks again
+        if revisit != "recompute" or (keep_last and g is groups[-1]):
+            return 0
+        return chunk(g) + float64(g) + inputs.segment_bytes(n, False)
+
     update = max(
         cache + vectors + UPDATE_BYTES_PER_WEIGHT * inputs.dim + g.stats_bytes
-        + GROUP_UPDATE_BYTES_PER_WEIGHT * g.weights
-        + slices + (chunk(g) if revisit == "recompute" and not (keep_last and g is groups[-1]) else 0)
+        + GROUP_UPDATE_BYTES_PER_WEIGHT * g.weights + slices + rebuilt(g)
         for g in groups
     )
     return phases | {"collect": collect, "rank": rank, "update": update}
@@ -365,7 +422,8 @@ def _try(inputs: PlanInputs, budget: int, revisit: str, gradient_spill: bool, wi
             revisit=revisit, keep_last=keep_last, gradient_spill=gradient_spill, cache_bytes=cache,
             stats_bytes=stats_total, spill_bytes=spill,
             phase_bytes=phases, num_grads=inputs.num_grads, block_size=inputs.block_size,
-            num_layers=len(inputs.sizes), dim=inputs.dim,
+            num_layers=len(inputs.sizes), dim=inputs.dim, precision=inputs.precision(gradient_spill),
+            segment_blocks=inputs.segment_blocks,
         )
     return None
 
@@ -377,6 +435,8 @@ def plan_within(inputs: PlanInputs, budget_bytes: int) -> FisherPlan | None:
     """The plan that fits `budget_bytes`. Chunks of at least MIN_CHUNK gradients come first (smaller ones make
     every pass slow); then, in order: everything in memory in one pass; one pass with gradient rows spilled to
     disk; a pass per group with inverses spilled; a pass per group, recomputed for the update."""
+    if not inputs.segment_blocks:
+        inputs = replace(inputs, segment_blocks=segment_blocks(inputs.block_size, int(budget_bytes)))
     for wide in (True, False):
         for revisit, gradient_spill in MODES:
             plan = _try(inputs, int(budget_bytes), revisit, gradient_spill, wide)

@@ -34,7 +34,8 @@ from wf_pipeline.fisher.inverse import (
     _non_finite_error,
 )
 
-SEGMENT_BYTES = 32 * 2**20  # float64 bytes of one segment's blocks
+SEGMENT_BYTES = 32 * 2**20  # float64 bytes of one segment's blocks at most
+SEGMENT_BUDGET_SHARE = 64  # and at most this share of the memory budget (small budgets: small segments)
 # One open segment beyond its share of the float32 buffer, in float64 copies of its blocks: the promoted
 # store, the promoted rows' float32 and float64 copies, the store re-concatenated, a compaction copy of the
 # float32 rows and the inverse assembled outside the buffer (measured ~3.2 on all-promoted segments).
@@ -67,17 +68,16 @@ def sub_layout(layout: BlockLayout, start: int, stop: int) -> tuple[BlockLayout,
     return BlockLayout(sizes, B), f0, f1
 
 
-def segment_blocks(block_size: int) -> int:
-    """Blocks per segment: :data:`SEGMENT_BYTES` of float64 blocks."""
-    return max(1, SEGMENT_BYTES // (8 * block_size * block_size))
+def segment_blocks(block_size: int, budget_bytes: int | None = None) -> int:
+    """Blocks per segment: :data:`SEGMENT_BYTES` of float64 blocks, or 1/:data:`SEGMENT_BUDGET_SHARE` of a budget."""
+    nbytes = SEGMENT_BYTES if budget_bytes is None else min(SEGMENT_BYTES, budget_bytes // SEGMENT_BUDGET_SHARE)
+    return max(1, nbytes // (8 * block_size * block_size))
 
 
-def segment_workset_bytes(block_size: int, num_blocks: int, chunk: int, grad_bytes: int = 4) -> int:
-    """Bytes one open segment may hold beyond its float32 share: float64 copies of its blocks and of a chunk's rows.
-
-    (A chunk's rows of promoted blocks are multiplied in float64: ``n·B`` numbers per block, plus a gathered copy.)
+def segment_workset_bytes(block_size: int, blocks: int, chunk: int, grad_bytes: int = 4) -> int:
+    """Bytes one open segment of `blocks` may hold beyond its float32 share: float64 copies of its blocks, and
+    of a chunk's rows (the rows of promoted blocks are multiplied in float64: ``n·B`` numbers, plus a gathered copy).
     """
-    blocks = min(segment_blocks(block_size), num_blocks)
     return blocks * (SEGMENT_WORKSET_COPIES * 8 * block_size * block_size + chunk * block_size * (8 + grad_bytes))
 
 

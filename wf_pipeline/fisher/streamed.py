@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from wf_pipeline.fisher.conditioning import DEFAULT_RTOL, InverseHealth
+from wf_pipeline.fisher.conditioning import DEFAULT_RTOL, InverseHealth, unit_roundoff
 from wf_pipeline.fisher.gradients import (
     GradientStats,
     SampleStream,
@@ -308,6 +308,8 @@ def measure_plan_inputs(
         allow_lowrank=allow_lowrank and job.reduce_fn is None,
         spill_free_bytes=free_disk,
         threads=torch.get_num_threads(),
+        # the accuracy check moves blocks to float64 when the Gram precision is below it (fisher.segmented)
+        promotable=unit_roundoff(job.stat_dtype) > unit_roundoff(torch.float64),
     )
 
 
@@ -486,7 +488,7 @@ class _GroupSource:
         device = first.device
         if self.plan.representation == "gram":
             acc = SegmentedGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol,
-                                           track_mean=with_mean)
+                                           track_mean=with_mean, blocks_per_segment=self.plan.segment_blocks or None)
             self._accumulate(acc, group)
             t0 = time.perf_counter()
             num_samples = acc.num_samples

@@ -94,7 +94,8 @@ class WoodFisherPruner(FlatPruner[Stats]):
                                       working_dtype=torch.float64, rtol=settings.inverse_rtol)
         else:  # blocks float32 cannot hold to inverse_rtol are accumulated in float64 (segments: a planned bound)
             acc = SegmentedGramAccumulator(layout, dtype=dtype, device=view.device, damp=settings.damp,
-                                       rtol=settings.inverse_rtol, track_mean=self.uses_gradient_mean)
+                                           rtol=settings.inverse_rtol, track_mean=self.uses_gradient_mean,
+                                           blocks_per_segment=plan.segment_blocks or None)
         accumulate_gradients(acc, view, ctx, settings.replace(chunk_size=plan.chunk_size), layout=layout)
         ctx.num_grads += acc.num_samples  # summed over ranks
         t0 = time.perf_counter()
