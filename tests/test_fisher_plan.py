@@ -39,20 +39,20 @@ def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, 
     stats = per_block * len(blocks)
     vectors = 8 * inputs.vectors * d
     promoted = inputs.stat_bytes if gram and inputs.stat_bytes != inputs.grad_bytes else 0
-    chunk = int(n * inputs.grad_batch_size * inputs.activation_bytes * 1.5) + n * (3 * inputs.grad_bytes + promoted) * touched
+    activations = int(n * inputs.grad_batch_size * inputs.activation_bytes * 1.5)
+    chunk = activations + n * (3 * inputs.grad_bytes + promoted) * touched
     chunk += 8 * inputs.grad_bytes * touched  # the first chunk's check against autograd on two samples
-    segment = min(segment, len(_blocks(inputs)))
+    if gradient_spill:  # rows read back a chunk at a time instead of a gradient pass (Gram: a segment's)
+        segment = min(segment, len(_blocks(inputs)))
+        chunk = (segment if gram else len(blocks)) * n * B * (inputs.grad_bytes + promoted)
     float64 = 0
     if gram and inputs.promotable:  # one open segment: 4 float64 copies of its blocks and of a chunk's rows
-        chunk += segment * (4 * 8 * B * B + n * B * (8 + inputs.grad_bytes))
-        float64 = 0 if gradient_spill else 8 * B * B * len(blocks)
-    if gradient_spill:  # rows read back a chunk at a time instead of a gradient pass (Gram: a segment's)
-        chunk -= int(n * inputs.grad_batch_size * inputs.activation_bytes * 1.5) + n * (3 * inputs.grad_bytes + promoted) * touched
-        chunk -= 8 * inputs.grad_bytes * touched
-        chunk += (segment if gram else len(blocks)) * n * B * (inputs.grad_bytes + promoted)
+        chunk += min(segment, len(_blocks(inputs))) * (4 * 8 * B * B + n * B * (8 + inputs.grad_bytes))
+        float64 = 0 if gradient_spill else 8 * B * B * len(blocks)  # a pass fills every block of the group
     slices = inputs.slice_bytes()
     collect = cache + vectors + stats + float64 + chunk + slices
-    update = cache + vectors + 32 * d + stats + 48 * weights + slices + (chunk + float64 if revisit == "recompute" else 0)
+    rebuilt = chunk + float64 if revisit == "recompute" else 0
+    update = cache + vectors + 32 * d + stats + 48 * weights + slices + rebuilt
     return math.ceil(collect * 1.05), math.ceil(update * 1.05)  # with the allocator slack
 
 

@@ -33,9 +33,10 @@ def _model() -> nn.Module:
                          nn.Linear(128, 10)).eval()
 
 
-def _batches():
+def _batches(scale: float = 1.0):
+    """Fixed Fisher samples; a large `scale` makes gradients large next to the damping (blocks need float64)."""
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(256, 1, 8, 8, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    x, y = torch.randn(256, 1, 8, 8, generator=gen) * scale, torch.randint(0, 10, (256,), generator=gen)
     return lambda: [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
 
 
@@ -69,12 +70,12 @@ def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, mode: str, mi
 
 
 def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, chunk: int, sparsity: float,
-                    spill: Path | None, mode: str, fisher_type: str = "empirical",
+                    spill: Path | None, mode: str, fisher_type: str = "empirical", scale: float = 1.0,
                     ) -> tuple[FisherPlan, float | None, MaskSet]:
     params = _weights(model)
     masks = MaskSet.dense(params)
     dtype = accumulation_dtype(num_grads, block, torch.float32)
-    job = FisherJob(model, params, masks.masks, _batches(), num_grads, block, DAMP, dtype, fisher_type=fisher_type,
+    job = FisherJob(model, params, masks.masks, _batches(scale), num_grads, block, DAMP, dtype, fisher_type=fisher_type,
                     generator=torch.Generator().manual_seed(5))
     plan = _streamed_plan(job, chunk, spill, mode)
     taylor = method == "woodtaylor"
@@ -102,12 +103,13 @@ def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, c
 
 
 def _in_memory_prune(model: nn.Module, method: str, num_grads: int, block: int, chunk: int, sparsity: float,
-                     fisher_type: str = "empirical", **fields: object):
+                     fisher_type: str = "empirical", scale: float = 1.0, **fields: object):
     params = _weights(model)
     masks = MaskSet.dense(params)
     settings = PruneSettings(method=method, num_grads=num_grads, block_size=block, damp=DAMP, chunk_size=chunk,
                              fisher_type=fisher_type, **fields)
-    report = prune_step(model, params, masks, sparsity, settings, _batches(), generator=torch.Generator().manual_seed(5))
+    report = prune_step(model, params, masks, sparsity, settings, _batches(scale),
+                        generator=torch.Generator().manual_seed(5))
     return report, masks
 
 

@@ -175,8 +175,8 @@ class PlanInputs:
         if not self.promotable:
             return name
         if gradient_spill:
-            return f"{name}, blocks it cannot hold go to float64 one segment at a time (any share fits)"
-        return f"{name}, room for every block in float64 while accumulating (any share fits)"
+            return f"{name}; blocks that need float64 are built one segment at a time, any share fits"
+        return f"{name}; counted with every block also in float64 while accumulating, any share fits"
 
     def chunk_bytes(self, n: int, layer_weights: int) -> int:
         return self.activation_chunk_bytes(n) + self.chunk_bytes_per_weight(n) * layer_weights
@@ -306,8 +306,8 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int,
             room_update = budget - fixed_update - stats - GROUP_UPDATE_BYTES_PER_WEIGHT * weights
             per_update = per_block + GROUP_UPDATE_BYTES_PER_WEIGHT * B
             if revisit == "recompute":  # the group is built again by a pass, float64 blocks included
-                room_update -= (inputs.activation_chunk_bytes(n) + grad_per_weight * touched
-                                + inputs.segment_bytes(n, False) + inputs.float64_bytes_per_block(False) * (block - start))
+                room_update -= (inputs.activation_chunk_bytes(n) + grad_per_weight * touched + inputs.segment_bytes(n, False)
+                                + inputs.float64_bytes_per_block(False) * (block - start))
                 per_update += inputs.float64_bytes_per_block(False)
             fit = min(room_collect // per_block_collect, room_update // per_update, left)
             if fit <= 0:

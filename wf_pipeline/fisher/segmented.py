@@ -37,8 +37,9 @@ from wf_pipeline.fisher.inverse import (
 SEGMENT_BYTES = 32 * 2**20  # float64 bytes of one segment's blocks at most
 SEGMENT_BUDGET_SHARE = 64  # and at most this share of the memory budget (small budgets: small segments)
 # One open segment beyond its share of the float32 buffer, in float64 copies of its blocks: the promoted
-# store, the promoted rows' float32 and float64 copies, the store re-concatenated, a compaction copy of the
-# float32 rows and the inverse assembled outside the buffer (measured ~3.2 on all-promoted segments).
+# store, the promoted rows' copies, the store re-concatenated (2 at once), a compaction copy of the float32
+# rows, the inverse assembled outside the buffer (2 at once). Measured 3.4 with promotions in waves, the
+# segment's Cholesky factors included (which the plan also counts as slice temporaries).
 SEGMENT_WORKSET_COPIES = 4
 
 ReduceFn = Callable[[Tensor], None]
@@ -108,6 +109,7 @@ class SegmentedGramAccumulator:
         self._done: set[int] = set()
         self._health: list[InverseHealth] = []
         self._num_samples: int | None = None
+        self.count = torch.zeros((), dtype=torch.float64, device=device)  # gradients folded in (after reduce: all ranks')
         self._sums: dict[int, Tensor] = {}  # finished segments' gradient sums (WoodTaylor's mean)
 
     @property
@@ -139,23 +141,21 @@ class SegmentedGramAccumulator:
             raise ValueError(f"expected block-major rows (K={K}, n, B={B})")
         for index, (s, e) in enumerate(self.bounds):
             self.segment(index).add_blocked(blocked[s:e])
+        self.count += blocked.shape[1]
 
     def add_segment(self, index: int, blocked: Tensor) -> None:
-        """Fold in the rows ``(e − s, n, B)`` of segment `index`'s blocks alone."""
+        """Fold in the rows ``(e − s, n, B)`` of segment `index`'s blocks alone (every segment gets the same rows)."""
         self.segment(index).add_blocked(blocked)
+        if index == 0:
+            self.count += blocked.shape[1]
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
         """Sum every open segment across processes (all ranks must call it; see BlockGramAccumulator.reduce)."""
         for index in range(self.num_segments):
             if index not in self._done:
                 self.segment(index).reduce(reduce_fn)
-
-    @property
-    def count(self) -> Tensor:
-        acc = next(iter(self._open.values()), None)
-        if acc is not None:
-            return acc.count
-        return torch.tensor(float(self._num_samples or 0), dtype=torch.float64)
+        if 0 not in self._done:
+            self.count.copy_(self.segment(0).count)
 
     @property
     def num_samples(self) -> int:
@@ -190,6 +190,7 @@ class SegmentedGramAccumulator:
         if self._num_samples is not None and n != self._num_samples:
             raise ValueError(f"segment {index} has {n} gradients, others {self._num_samples}")
         self._num_samples = n
+        self.count.fill_(n)  # (summed over ranks where `reduce_fn` was given)
         inverse = acc.inverse(damp)
         del self._open[index]
         target = self.blocks[s:e]
