@@ -306,8 +306,8 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int,
             room_update = budget - fixed_update - stats - GROUP_UPDATE_BYTES_PER_WEIGHT * weights
             per_update = per_block + GROUP_UPDATE_BYTES_PER_WEIGHT * B
             if revisit == "recompute":  # the group is built again by a pass, float64 blocks included
-                room_update -= (inputs.activation_chunk_bytes(n) + grad_per_weight * touched + inputs.segment_bytes(n, False)
-                                + inputs.float64_bytes_per_block(False) * (block - start))
+                rebuild = inputs.activation_chunk_bytes(n) + grad_per_weight * touched + inputs.segment_bytes(n, False)
+                room_update -= rebuild + inputs.float64_bytes_per_block(False) * (block - start)
                 per_update += inputs.float64_bytes_per_block(False)
             fit = min(room_collect // per_block_collect, room_update // per_update, left)
             if fit <= 0:

@@ -109,7 +109,7 @@ class SegmentedGramAccumulator:
         self._done: set[int] = set()
         self._health: list[InverseHealth] = []
         self._num_samples: int | None = None
-        self.count = torch.zeros((), dtype=torch.float64, device=device)  # gradients folded in (after reduce: all ranks')
+        self.count = torch.zeros((), dtype=torch.float64, device=device)  # gradients folded in (reduced: all ranks')
         self._sums: dict[int, Tensor] = {}  # finished segments' gradient sums (WoodTaylor's mean)
 
     @property
