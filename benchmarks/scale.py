@@ -16,7 +16,12 @@ needs groups: with a spill folder (one gradient pass, rows and inverses on disk)
 group, recomputed for the update), the in-memory step, and a check that the budgeted steps select the
 same weights and give weights equal to the in-memory ones within 1e-6.
 
+``--plan-only`` prints each model's plans (budgeted and in memory) from one probe forward, running no step;
+``--image-size`` / ``--num-grads`` / ``--block-size`` / ``--budget-gb`` make a reduced run (marked ``reduced`` in
+the JSON).
+
 Usage: python benchmarks/scale.py [--quick] [--models resnet50 mobilenet_v2] [--max-in-memory-gb 12] [--repeats 2]
+       [--zero-init-residual] [--plan-only] [--image-size PX] [--num-grads N] [--block-size B] [--budget-gb GB]
 Last stdout line: one JSON object with every figure.
 """
 from __future__ import annotations
@@ -112,28 +117,57 @@ def spawn(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def plan_case(case: dict[str, Any]) -> dict[str, Any]:
+    """The plan the case's step would make within ``case["budget_gb"]`` (with its spill folder, if any), from one
+    probe forward and no gradient pass; ``None`` fields where no plan fits."""
+    import torch
+    import torchvision
+
+    import wf_pipeline  # noqa: F401
+    from wf_pipeline.fisher.inverse import accumulation_dtype
+    from wf_pipeline.fisher.plan import plan_within
+    from wf_pipeline.fisher.streamed import FisherJob, measure_plan_inputs
+    from wf_pipeline.pruning import select_prunable
+
+    model = torchvision.models.get_model(case["model"], weights=None, num_classes=1000).eval()
+    params = select_prunable(model, [".*"], [])
+    px, n, block = case["image_size"], case["num_grads"], case["block_size"]
+    sample = [(torch.randn(1, 3, px, px), torch.zeros(1, dtype=torch.long))]
+    job = FisherJob(model, params, None, lambda: sample, n, block, case["damp"],
+                    accumulation_dtype(n, block, torch.float32))
+    spill = case.get("spill_dir")
+    inputs = measure_plan_inputs(job, max_chunk=case.get("chunk_size", 100),
+                                 spill_root=None if spill is None else Path(spill))
+    plan = plan_within(inputs, int(case["budget_gb"] * 1e9))
+    if plan is None:
+        return {"fits": False, "in_memory": False, "expected_peak_gb": None, "summary": None, "precision": None}
+    return {"fits": True, "in_memory": plan.revisit == "none", "expected_peak_gb": plan.peak_bytes / 1e9,
+            "groups": len(plan.groups), "chunk_size": plan.chunk_size, "gradient_spill": plan.gradient_spill,
+            "precision": plan.precision, "summary": plan.summary()}
+
+
+def child_plan(spec: str) -> None:
+    print(json.dumps(plan_case(json.loads(spec))))
+
+
 # ===================================================================== parent
 def in_memory_plan(case: dict[str, Any], cap_gb: float) -> dict[str, Any]:
     """Whether all statistics fit in memory at once within `cap_gb`, with the case's chunk (a probe, in a child)."""
-    probe = {**case, "mode": "probe"}
-    code = (
-        "import json,sys,torch,torchvision,wf_pipeline\n"
-        "from wf_pipeline.fisher.plan import plan_within, PlanInputs\n"
-        "from wf_pipeline.fisher.streamed import probe_activation_bytes\n"
-        "from wf_pipeline.pruning import select_prunable\n"
-        "from wf_pipeline.fisher.inverse import accumulation_dtype\n"
-        "c=json.loads(sys.argv[1]); m=torchvision.models.get_model(c['model'],num_classes=1000).eval()\n"
-        "p=select_prunable(m,['.*'],[]); x=torch.randn(1,3,c['image_size'],c['image_size'])\n"
-        "dt=accumulation_dtype(c['num_grads'],c['block_size'],torch.float32)\n"
-        "i=PlanInputs([q.numel() for q in p.values()],c['num_grads'],c['block_size'],torch.empty((),dtype=dt).element_size(),"
-        "activation_bytes=probe_activation_bytes(m,p,x),input_bytes=x.numel()*4,max_chunk=c['chunk_size'],"
-        "threads=torch.get_num_threads())\n"
-        "q=plan_within(i,int(c['cap']*1e9))\n"
-        "print(json.dumps({'fits':q is not None and q.revisit=='none','expected_peak_gb':None if q is None else q.peak_bytes/1e9,"
-        "'summary':None if q is None else q.summary()}))\n"
-    )
+    probe = {**case, "mode": "probe", "budget_gb": cap_gb}
+    probe.pop("spill_dir", None)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps({**probe, "cap": cap_gb})], capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, "--child-plan", json.dumps(probe)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    if proc.returncode != 0:
+        return {"fits": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"fits": out["in_memory"], "expected_peak_gb": out["expected_peak_gb"], "summary": out["summary"]}
+
+
+def budgeted_plan(case: dict[str, Any]) -> dict[str, Any]:
+    """The budgeted step's plan (a probe in a child; nothing is run)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, __file__, "--child-plan", json.dumps(case)], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=600)
     if proc.returncode != 0:
         return {"fits": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -150,6 +184,22 @@ def compare_weights(a: Path, b: Path) -> dict[str, Any]:
     return {"same_weights_selected": same_masks, "max_rel_diff": float((wa - wb).abs().max() / wa.abs().max())}
 
 
+def model_case(name: str, tmp: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The full case of one model, with the command line's overrides (a reduced run) and init."""
+    case = {**FULL, "model": name, "budget_gb": BUDGET_GB.get(name, 4.0), "spill_dir": tmp}
+    case.update(reduced_overrides(args))
+    if args.zero_init_residual and name.startswith(("resnet", "resnext", "wide_resnet")):
+        case["zero_init_residual"] = True
+    return case
+
+
+def reduced_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--image-size / --num-grads / --budget-gb given on the command line (the run is then a reduced one)."""
+    given = {"image_size": args.image_size, "num_grads": args.num_grads, "block_size": args.block_size,
+             "budget_gb": args.budget_gb}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def full_case(name: str, tmp: str, args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
     """One model: the budgeted step, then, where the in-memory step fits, `--repeats` pairs in ABBA order.
 
@@ -157,9 +207,7 @@ def full_case(name: str, tmp: str, args: argparse.Namespace, results: list[dict[
     (budgeted, in-memory, in-memory, budgeted, ...) and each pair gives one ratio; the summary has the median
     of the wall-time ratios and the ratio of summed CPU times (less sensitive to load).
     """
-    case = {**FULL, "model": name, "budget_gb": BUDGET_GB.get(name, 4.0), "spill_dir": tmp}
-    if args.zero_init_residual and name.startswith(("resnet", "resnext", "wide_resnet")):
-        case["zero_init_residual"] = True
+    case = model_case(name, tmp, args)
     budgeted = spawn({**case, "mode": "budgeted"}, args.timeout)
     results.append(budgeted)
     print(f"{name} budgeted: {budgeted}", file=sys.stderr, flush=True)
@@ -212,11 +260,21 @@ def main() -> None:
     parser.add_argument("--zero-init-residual", action="store_true",
                         help="ResNets with torchvision's zero_init_residual=True: with the default random init and "
                         "BatchNorm in eval mode ResNet-50's logits explode (loss ~70), and most Fisher blocks need "
-                        "float64, which the memory plan does not foresee")
+                        "float64 (the plan builds them a segment at a time from the spilled rows)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print each model's budgeted and in-memory plans (one probe forward each), run nothing")
+    parser.add_argument("--image-size", type=int, help="reduced run: input size instead of 224")
+    parser.add_argument("--num-grads", type=int, help="reduced run: N instead of 128")
+    parser.add_argument("--block-size", type=int, help="reduced run: B instead of 128")
+    parser.add_argument("--budget-gb", type=float, help="reduced run: the budget for every model")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-plan", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(args.child)
+        return
+    if args.child_plan:
+        child_plan(args.child_plan)
         return
 
     results: list[dict[str, Any]] = []
@@ -241,6 +299,14 @@ def main() -> None:
                 summary[mode] = {**compare_weights(Path(saved[mode]), Path(saved["in-memory"])),
                                  "time_ratio_vs_in_memory": row["seconds"] / memory["seconds"],
                                  "gradient_passes": row["plan"]["gradient_passes"]}
+        elif args.plan_only:
+            for name in args.models:
+                case = model_case(name, tmp, args)
+                budgeted = budgeted_plan(case)
+                case["chunk_size"] = budgeted.get("chunk_size") or 100  # the in-memory step with the same chunks
+                summary[name] = {"budgeted": budgeted, "in_memory": in_memory_plan(case, args.max_in_memory_gb)}
+                for kind, plan in summary[name].items():
+                    print(f"{name} {kind}: {plan.get('summary') or plan}")
         else:
             for name in args.models:
                 summary[name] = full_case(name, tmp, args, results)
@@ -253,6 +319,7 @@ def main() -> None:
               f" + {row['baseline_rss_gb']:.2f} resident), {row['seconds']:.1f}s ({row['cpu_s']:.0f} CPU-s): {split}")
         print(f"{'':>13} {row['plan']['summary']}")
     print(json.dumps({"benchmark": "scale", "quick": args.quick, "zero_init_residual": args.zero_init_residual,
+                      "plan_only": args.plan_only, "reduced": reduced_overrides(args) or None,
                       "threads": os.cpu_count(),
                       "load_avg_1m": os.getloadavg()[0], "summary": summary, "results": results}))
 
