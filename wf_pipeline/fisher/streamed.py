@@ -7,6 +7,11 @@ the low-rank form), keeps the inverse's diagonal — and for WoodTaylor the mean
 group, keeps it. Ranking then needs only those vectors. Phase 2 (:meth:`GroupedInverse.inverse_slices`)
 revisits the groups one at a time for the OBS update (``pruning.obs.obs_update_grouped``), which is
 block-local, so it equals the update with the whole inverse in memory.
+
+Gram groups are accumulated in segments (:mod:`wf_pipeline.fisher.segmented`), so blocks that need float64
+stay within the plan: a group built from spilled gradient rows is read, accumulated and inverted one
+segment at a time (one segment's float64 blocks in memory, whatever their share); a group filled by a
+gradient pass holds a float64 copy of each promoted block until the inverse, which the plan counts.
 """
 from __future__ import annotations
 
