@@ -17,7 +17,7 @@ Memory model, in bytes the step allocates (the model and the process's own footp
 ==========  ========================================================================================
 collect(g)  cache + vectors + stats(g) + float64(g) + chunk(n, g) + slices + segment
 rank        cache + vectors + 64·d  (+ stats(last) when the last group is kept)
-update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) when recomputing)
+update(g)   cache + vectors + 32·d + stats(g) + 48·d_g + slices  (+ chunk(n, g) + float64(g) + segment, recomputing)
 chunk(n, g) n·m·activations + (3·n + 8)·grad_bytes·(weights of the layers g touches)
 ==========  ========================================================================================
 
