@@ -11,7 +11,9 @@ ever handed on (see :func:`iter_gradient_chunks`).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,9 @@ from torch.func import functional_call, grad, vmap
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.inverse import BlockLayout
+from wf_pipeline.fisher.parallel import torch_threads
 from wf_pipeline.fisher.per_sample import (
+    FrozenReplica,
     LayerRecorder,
     LayerwiseUnsupported,
     layer_grads,
@@ -33,6 +37,8 @@ Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ENGINES = ("auto", "layerwise", "vmap", "loop")
+# The layer-wise engine splits a chunk across worker threads only when each gets at least this many groups.
+MIN_GROUPS_PER_WORKER = 8
 
 
 class SampleStream:
@@ -110,6 +116,10 @@ class GradientComputer:
     autograd pass per group). ``auto`` picks ``layerwise`` when the model allows it and its first
     chunk agrees with plain autograd on two groups, else ``vmap``, else ``loop``; afterwards
     :attr:`engine` names the engine in use and :attr:`engine_note` why ``layerwise`` was passed over.
+
+    On CPU the layer-wise engine splits each chunk's groups across `workers` threads (default:
+    PyTorch's intra-op thread count), each running its own frozen replica of the model
+    (:class:`~wf_pipeline.fisher.per_sample.FrozenReplica`) with one intra-op thread.
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class GradientComputer:
         dtype: torch.dtype | None = None,
         engine: str = "auto",
         layout: BlockLayout | None = None,
+        workers: int | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
@@ -150,6 +161,8 @@ class GradientComputer:
                 mask = flat_mask.to(self.dtype)
                 self.mask = mask if layout is None else layout.pad(mask).unsqueeze(1)
         self._owners = weight_owners(self.module, self.params)
+        self.workers = workers  # layer-wise worker threads on CPU; None: PyTorch's thread count at each chunk
+        self._replicas: list[FrozenReplica] = []
 
     # ------------------------------------------------------------------ generic engines
     def _loss(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -198,23 +211,66 @@ class GradientComputer:
             return torch.stack([self.loss_fn(a, b) for a, b in zip(grouped_logits, grouped_y, strict=True)]).sum()
 
     def _layerwise_into(self, out: Tensor, x: Tensor, y: Tensor) -> None:
-        groups = x.shape[0]
-        inputs = x.reshape(-1, *x.shape[2:])
-        if not inputs.is_floating_point():
+        if not x.is_floating_point():
             raise LayerwiseUnsupported("the model input is not floating point")
-        # Every parameter detached and only the input tracked: any output that requires grad depends
-        # on the input, so the backward from the loss reaches each recorded layer's output.
-        inputs = inputs.detach().requires_grad_(True)
-        frozen = {name: p.detach() for name, p in self.module.named_parameters()}
-        recorded = [m for modules in self._owners for m in modules]
+        bounds = self._worker_slices(x.shape[0])
+        replicas = self._worker_replicas(len(bounds)) if len(bounds) > 1 else None
+        if replicas is None:
+            frozen = {name: p.detach() for name, p in self.module.named_parameters()}
+            self._layerwise_slice(lambda inputs: functional_call(self.module, frozen, (inputs,), strict=False),
+                                  self._owners, out, x, y, 0)
+            return
+
+        def run(i: int) -> None:
+            (g0, g1), replica = bounds[i], replicas[i]
+            owners = [replica.counterparts(modules) for modules in self._owners]
+            self._layerwise_slice(replica.module, owners, out, x[g0:g1], y[g0:g1], g0)
+
+        # One intra-op thread per worker: whole slices in parallel keep both cores busy where a chunk's
+        # many small ops (BatchNorm, ReLU, 7x7 convs) left one waiting (~1.5 of 2 cores busy before).
+        with torch_threads(1), ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+            list(pool.map(run, range(len(bounds))))
+
+    def _worker_slices(self, groups: int) -> list[tuple[int, int]]:
+        """Contiguous ranges of groups, one per worker thread (one range on GPU or for small chunks)."""
+        workers = self.workers if self.workers is not None else torch.get_num_threads()
+        if self.device.type != "cpu":
+            workers = 1
+        workers = max(1, min(workers, groups // MIN_GROUPS_PER_WORKER))
+        edges = [round(i * groups / workers) for i in range(workers + 1)]
+        return list(itertools.pairwise(edges))
+
+    def _worker_replicas(self, count: int) -> list[FrozenReplica] | None:
+        """`count` frozen replicas of the model (None: the model cannot be copied; run on one thread)."""
+        replicas = [r for r in self._replicas if r.current()]
+        if len(replicas) < len(self._replicas):  # a parameter was replaced: start afresh
+            replicas = []
+        try:
+            while len(replicas) < count:
+                replicas.append(FrozenReplica(self.module))
+        except Exception:  # noqa: BLE001 - any model deepcopy refuses: the single-thread route needs no copy
+            return None
+        self._replicas = replicas
+        for replica in replicas[:count]:
+            replica.sync_modes()
+        return replicas[:count]
+
+    def _layerwise_slice(self, module: Callable[[Tensor], Tensor], owners: list[list[nn.Module]], out: Tensor,
+                         x: Tensor, y: Tensor, g0: int) -> None:
+        """Layer-wise gradients of groups ``x``, ``y`` into rows ``g0:`` of `out`. `module` runs the model
+        with every parameter detached, so the backward from the loss reaches each recorded layer's
+        output through the input only (which is tracked)."""
+        groups = x.shape[0]
+        inputs = x.reshape(-1, *x.shape[2:]).detach().requires_grad_(True)
+        recorded = [m for modules in owners for m in modules]
         with LayerRecorder(recorded) as recorder, torch.enable_grad():
-            logits = functional_call(self.module, frozen, (inputs,), strict=False)
+            logits = module(inputs)
             loss = self._summed_loss(logits, y.reshape(-1, *y.shape[2:]), groups)
             del logits
             recorder.backward(loss)
         del loss
-        for layer, modules in enumerate(self._owners):
-            self._write_rows(out, layer, 0, groups, layer_grads(recorder.take_calls(modules), groups))
+        for layer, modules in enumerate(owners):
+            self._write_rows(out, layer, g0, g0 + groups, layer_grads(recorder.take_calls(modules), groups))
 
     def _write_rows(self, out: Tensor, layer: int, g0: int, g1: int, rows: Tensor | None) -> None:
         """Rows ``g0:g1`` of one layer's gradients (None: zeros), masked, into the flat or block-major

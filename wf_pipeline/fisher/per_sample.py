@@ -16,6 +16,8 @@ for what only shows at run time (a weight used outside its module, an input chan
 """
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -79,6 +81,42 @@ def weight_owners(model: nn.Module, params: Mapping[str, Tensor]) -> list[list[n
         if _has_rule(module) and isinstance(weight, Tensor):
             by_id.setdefault(id(weight), []).append(module)
     return [by_id.get(id(p), []) for p in params.values()]
+
+
+# ----------------------------------------------------------------------------- replicas
+class FrozenReplica:
+    """A copy of a model for one worker thread: its own module objects (so hooks and the forward of
+    another thread never touch it), parameters and buffers sharing the original's storage (in-place
+    changes show through, nothing is copied) with ``requires_grad=False``, as ``functional_call`` with
+    detached parameters would run it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.original = model
+        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        self.module = copy.deepcopy(model, memo=dict(shared))
+        self._pairs = list(zip(model.modules(), self.module.modules(), strict=True))
+        for _, sub in self._pairs:
+            for name, p in sub._parameters.items():
+                if p is not None:
+                    sub._parameters[name] = nn.Parameter(p.detach(), requires_grad=False)
+        self._storage = self._pointers()
+
+    def _pointers(self) -> list[int]:
+        return [t.data_ptr() for t in itertools.chain(self.original.parameters(), self.original.buffers())]
+
+    def current(self) -> bool:
+        """False once a parameter or buffer of the original was replaced (not just changed in place)."""
+        return self._pointers() == self._storage
+
+    def sync_modes(self) -> None:
+        """Copy every submodule's train/eval mode from the original."""
+        for original, replica in self._pairs:
+            replica.training = original.training
+
+    def counterparts(self, modules: Sequence[nn.Module]) -> list[nn.Module]:
+        """The replica's modules standing for `modules` of the original."""
+        index = {id(o): r for o, r in self._pairs}
+        return [index[id(m)] for m in modules]
 
 
 # ----------------------------------------------------------------------------- recording
