@@ -318,3 +318,86 @@ def test_layerwise_backward_stops_at_the_first_selected_layer() -> None:
         F.cross_entropy(logits, ys[i : i + 1]).backward()
         reference = torch.cat([model.conv.weight.grad.reshape(-1), model.fc.weight.grad.reshape(-1)])
         assert torch.allclose(fast[i], reference, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- worker threads
+class _Uncopyable(nn.Module):
+    """Holds a lock: ``copy.deepcopy`` refuses it, so no replica can be made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.fc = nn.Linear(6, 3)
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_worker_threads_give_the_single_thread_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk split across worker threads (each on its own frozen replica) gives the gradients of one
+    pass, with masks, groups, a block layout and sampled labels; the model is left as it was."""
+    import wf_pipeline.fisher.gradients as gradients_module
+    from wf_pipeline.fisher.gradients import GradientComputer
+    from wf_pipeline.models import load_default_model
+
+    monkeypatch.setattr(gradients_module, "MIN_GROUPS_PER_WORKER", 1)
+    model = load_default_model()
+    params = select_prunable(model, [".*"], [])
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.7 for n, p in params.items()}
+    layout = BlockLayout([p.numel() for p in params.values()], 128)
+    x = torch.randn(7, 2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 10, (7, 2), generator=torch.Generator().manual_seed(4))
+    outputs = []
+    for workers in (1, 3):
+        computer = GradientComputer(model, params, masks=masks, layout=layout, engine="layerwise", workers=workers)
+        assert len(computer._worker_slices(7)) == workers
+        outputs.append(computer.compute(x, y))
+        outputs.append(computer.compute(x, y))  # replicas are reused
+    assert torch.allclose(outputs[0], outputs[2], rtol=1e-5, atol=1e-7)
+    assert torch.equal(outputs[2], outputs[3])
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+    with torch.no_grad():  # in-place changes to the weights reach the replicas (shared storage)
+        model.layer3[2].conv2.weight.mul_(2)
+    changed = computer.compute(x, y)
+    single = GradientComputer(model, params, masks=masks, layout=layout, engine="layerwise", workers=1)
+    assert torch.allclose(changed, single.compute(x, y), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(changed, outputs[3], rtol=1e-3)
+    model.layer3[2].conv2.weight = nn.Parameter(model.layer3[2].conv2.weight.detach() / 2)  # replaced: rebuilt
+    params = select_prunable(model, [".*"], [])
+    rebuilt = GradientComputer(model, params, masks=masks, layout=layout, engine="layerwise", workers=3)
+    rebuilt._replicas = computer._replicas
+    assert not any(r.current() for r in rebuilt._replicas)
+    assert torch.allclose(rebuilt.compute(x, y), outputs[0], rtol=1e-5, atol=1e-7)
+
+
+def test_worker_threads_follow_the_engines_and_fall_back_for_an_uncopyable_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With two intra-op threads the default splits each chunk across two workers (replicas made);
+    a model that cannot be copied runs on one thread; both agree with vmap."""
+    import wf_pipeline.fisher.gradients as gradients_module
+    from wf_pipeline.fisher.parallel import torch_threads
+
+    monkeypatch.setattr(gradients_module, "MIN_GROUPS_PER_WORKER", 1)
+    made: list[nn.Module] = []
+    original_init = gradients_module.FrozenReplica.__init__
+
+    def counting_init(self, model: nn.Module) -> None:
+        original_init(self, model)
+        made.append(model)
+
+    monkeypatch.setattr(gradients_module.FrozenReplica, "__init__", counting_init)
+    torch.manual_seed(0)
+    model = SharedAndInplace().eval()  # one conv called twice, in-place ReLU, a sequence Linear
+    params = select_prunable(model, [".*"], [])
+    with torch_threads(2):
+        stats = assert_engines_agree(model, params, fisher_pool((2, 9, 9), 10, classes=5), num_grads=6, chunk_size=4)
+    assert stats.engine == "layerwise" and made == [model, model]
+    model = _Uncopyable().eval()
+    params = select_prunable(model, [".*"], [])
+    with torch_threads(2):
+        stats = assert_engines_agree(model, params, fisher_pool((6,), 8, classes=3), num_grads=6, chunk_size=3)
+    assert stats.engine == "layerwise" and made == [made[0]] * 2
