@@ -290,3 +290,30 @@ def test_reused_output_buffer_gives_the_same_chunks(blocked: bool) -> None:
     assert [c.shape for c in reused] == [c.shape for c in fresh]
     for a, b in zip(fresh, reused, strict=True):
         assert torch.equal(a, b)
+
+
+def test_layerwise_finiteness_shortcut_keeps_huge_finite_gradients_and_catches_a_narrow_output() -> None:
+    """The layer-wise engine vouches for a chunk only when each layer's row sum is finite and the output
+    dtype holds the rows: finite gradients whose sum overflows are kept (the element-wise check decides),
+    and float32 gradients beyond float16's range stop with the named error."""
+    from wf_pipeline.fisher.gradients import GradientComputer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 3, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-38)
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0]]))
+    params = select_prunable(model, ["0\\."], [])
+    xs = torch.full((6, 4), 2e38)  # gradients ~3e37 each: finite, but their sum overflows float32
+    ys = torch.ones(6, dtype=torch.long)
+    computer = GradientComputer(model, params, engine="layerwise")
+    out = computer.compute(xs.view(6, 1, 4), ys.view(6, 1))
+    assert bool(torch.isfinite(out).all()) and not bool(torch.isfinite(out.sum())) and not computer.known_finite
+    grads = collect(model, params, lambda: [(xs, ys)], num_grads=6, chunk_size=6, engine="layerwise")
+    assert torch.equal(grads, out)
+    small = xs / 2e38
+    computer.compute(small.view(6, 1, 4), ys.view(6, 1))
+    assert computer.known_finite
+    with pytest.raises(WFError, match=r"non-finite gradient \(Inf\) in Fisher chunk 0"):
+        collect(model, params, lambda: [(small * 1e6, ys)], num_grads=6, chunk_size=3, engine="layerwise",
+                dtype=torch.float16)

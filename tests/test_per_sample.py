@@ -351,7 +351,8 @@ def test_passes_and_worker_threads_give_the_one_pass_gradients(monkeypatch: pyte
     y = torch.randint(0, 10, (7, 2), generator=torch.Generator().manual_seed(4))
 
     def close(a: torch.Tensor, b: torch.Tensor) -> bool:  # rounding apart (batch-size-dependent kernels)
-        return float((a - b).norm()) <= 1e-6 * float(b.norm()) and float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+        diff = a - b
+        return float(diff.norm()) <= 1e-6 * float(b.norm()) and float(diff.abs().max()) <= 1e-6 * float(b.abs().max())
 
     def computer(workers: int) -> GradientComputer:
         return GradientComputer(model, params, masks=masks, layout=layout, engine="layerwise", workers=workers)

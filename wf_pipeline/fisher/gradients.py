@@ -167,6 +167,9 @@ class GradientComputer:
         self.workers = workers  # layer-wise worker threads on CPU; None: PyTorch's thread count at each chunk
         self._replicas: list[FrozenReplica] = []
         self._uncopyable = False
+        # True after compute() when every gradient it wrote is known to be finite (False: not known).
+        self.known_finite = False
+        self._output_holds_rows = torch.finfo(self.dtype).max >= torch.finfo(self.compute_dtype).max
 
     # ------------------------------------------------------------------ generic engines
     def _loss(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -224,27 +227,27 @@ class GradientComputer:
             frozen = {name: p.detach() for name, p in self.module.named_parameters()}
 
             def model(inputs: Tensor) -> Tensor:
-                return functional_call(self.module, frozen, (inputs,), strict=False)  # type: ignore[no-any-return]
+                return functional_call(self.module, frozen, (inputs,), strict=False)
 
-            for g0, g1 in passes:
-                self._layerwise_slice(model, self._owners, out, x[g0:g1], y[g0:g1], g0)
+            finite = [self._layerwise_slice(model, self._owners, out, x[g0:g1], y[g0:g1], g0) for g0, g1 in passes]
+            self.known_finite = all(finite)
             return
         free: queue.SimpleQueue[FrozenReplica] = queue.SimpleQueue()
         for replica in replicas:
             free.put(replica)
 
-        def run(bounds: tuple[int, int]) -> None:
+        def run(bounds: tuple[int, int]) -> bool:
             (g0, g1), replica = bounds, free.get()  # never waits: at most `workers` passes run at once
             try:
                 owners = [replica.counterparts(modules) for modules in self._owners]
-                self._layerwise_slice(replica.module, owners, out, x[g0:g1], y[g0:g1], g0)
+                return self._layerwise_slice(replica.module, owners, out, x[g0:g1], y[g0:g1], g0)
             finally:
                 free.put(replica)
 
         # Whole passes in parallel, one intra-op thread each: the two cores stay busy where a chunk's many
         # small ops (BatchNorm, ReLU, 7x7 convs) split across intra-op threads left one waiting.
         with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(run, passes))
+            self.known_finite = all(list(pool.map(run, passes)))
 
     def _workers(self) -> int:
         if self.device.type != "cpu":
@@ -282,10 +285,11 @@ class GradientComputer:
         return replicas[:count]
 
     def _layerwise_slice(self, module: Callable[[Tensor], Tensor], owners: list[list[nn.Module]], out: Tensor,
-                         x: Tensor, y: Tensor, g0: int) -> None:
-        """Layer-wise gradients of groups ``x``, ``y`` into rows ``g0:`` of `out`. `module` runs the model
-        with every parameter detached, so the backward from the loss reaches each recorded layer's
-        output through the input only (which is tracked)."""
+                         x: Tensor, y: Tensor, g0: int) -> bool:
+        """Layer-wise gradients of groups ``x``, ``y`` into rows ``g0:`` of `out`; True when they are all
+        finite (a finite sum of each layer's rows, taken while they are in cache; False: not known).
+        `module` runs the model with every parameter detached, so the backward from the loss reaches
+        each recorded layer's output through the input only (which is tracked)."""
         groups = x.shape[0]
         inputs = x.reshape(-1, *x.shape[2:]).detach().requires_grad_(True)
         recorded = [m for modules in owners for m in modules]
@@ -295,8 +299,14 @@ class GradientComputer:
             del logits
             recorder.backward(loss)
         del loss
+        sums: list[Tensor] = []
         for layer, modules in enumerate(owners):
-            self._write_rows(out, layer, g0, g0 + groups, layer_grads(recorder.take_calls(modules), groups))
+            rows = layer_grads(recorder.take_calls(modules), groups)
+            if rows is not None:
+                sums.append(rows.sum())
+            self._write_rows(out, layer, g0, g0 + groups, rows)
+        # Rows finite => the masked copy in `out` is finite too, if its dtype holds every value of theirs.
+        return (not sums or bool(torch.isfinite(torch.stack(sums).sum()))) and self._output_holds_rows
 
     def _write_rows(self, out: Tensor, layer: int, g0: int, g1: int, rows: Tensor | None) -> None:
         """Rows ``g0:g1`` of one layer's gradients (None: zeros), masked, into the flat or block-major
@@ -370,6 +380,7 @@ class GradientComputer:
             return
         self.engine_note = reason
         self.engine, self._generic_fallback = "vmap", True
+        self.known_finite = False
         self._write_grads(out, self._generic_grads(x, y))
 
     # ------------------------------------------------------------------ output
@@ -388,6 +399,7 @@ class GradientComputer:
         (block-major ``(K, n, B)`` with a layout), written into `out` when given (its shape must match)."""
         if out is None:
             out = self.new_output(x.shape[0])
+        self.known_finite = False
         if self.engine == "auto":
             self._auto_first_chunk(out, x, y)
         elif self.engine == "layerwise":
@@ -409,6 +421,10 @@ class GradientStats:
     skipped: int = 0  # gradients left out as non-finite (nonfinite="skip")
 
 
+def no_rows(n: int, device: torch.device) -> Tensor:
+    return torch.zeros(n, dtype=torch.bool, device=device)
+
+
 def nonfinite_rows(chunk: Tensor, blocked: bool) -> Tensor:
     """Bool per gradient row: True where the row holds NaN or Inf.
 
@@ -417,7 +433,7 @@ def nonfinite_rows(chunk: Tensor, blocked: bool) -> Tensor:
     """
     rows = chunk.shape[1] if blocked else chunk.shape[0]
     if bool(torch.isfinite(chunk.sum())):
-        return torch.zeros(rows, dtype=torch.bool, device=chunk.device)
+        return no_rows(rows, chunk.device)
     bad = ~torch.isfinite(chunk)
     return bad.any(2).any(0) if blocked else bad.any(1)
 
@@ -515,7 +531,7 @@ def iter_gradient_chunks(
         groups_y = y.reshape(n, grad_batch_size, *y.shape[1:])
         chunk = computer.compute(groups_x, groups_y, buffer if reuse_output else None)
         stats.engine, stats.engine_note = computer.engine, computer.engine_note
-        bad = nonfinite_rows(chunk, blocked)
+        bad = no_rows(n, chunk.device) if computer.known_finite else nonfinite_rows(chunk, blocked)
         if bool(bad.any()):
             if nonfinite == "error":
                 raise nonfinite_error(computer, chunk, bad, chunk_index, drawn, grad_batch_size)
