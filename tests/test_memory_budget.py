@@ -132,5 +132,8 @@ def test_compress_records_the_plan_in_history(tmp_path: Path, capsys, monkeypatc
     prunes = [r for r in prunes if r.get("kind") == "prune"]
     assert prunes and all(r["fisher_plan"]["budget_bytes"] == 40_000_000 for r in prunes)
     assert all(r["fisher_plan"]["groups"] >= 2 and r["fisher_plan"]["gradient_spill"] for r in prunes)
-    assert "Fisher plan:" in (run / "log.txt").read_text()
+    # the precision assumption is recorded and logged (float32 blocks promoted to float64 a segment at a time)
+    assert all("one segment at a time" in r["fisher_plan"]["precision"] for r in prunes)
+    log = (run / "log.txt").read_text()
+    assert "Fisher plan:" in log and "float32; blocks that need float64 are built one segment at a time" in log
     assert not list(run.glob("fisher-spill-*"))
