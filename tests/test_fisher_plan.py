@@ -48,7 +48,8 @@ def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, 
     float64 = 0
     if gram and inputs.promotable:  # one open segment: 4 float64 copies of its blocks and of a chunk's rows
         chunk += min(segment, len(_blocks(inputs))) * (4 * 8 * B * B + n * B * (8 + inputs.grad_bytes))
-        float64 = 0 if gradient_spill else 8 * B * B * len(blocks)  # a pass fills every block of the group
+        # a pass fills every block of the group: in memory beside the whole float32 buffer, streamed instead of it
+        float64 = 0 if gradient_spill else (8 if revisit == "none" else 4) * B * B * len(blocks)
     slices = inputs.slice_bytes()
     collect = cache + vectors + stats + float64 + chunk + slices
     rebuilt = chunk + float64 if revisit == "recompute" else 0

@@ -34,14 +34,15 @@ block-major copy; measured on ResNet-18), and the first chunk of a pass is check
 autograd on two samples (about eight more gradient copies).
 
 Precision (``promotable``): float32 Gram blocks that float32 cannot hold to ``inverse_rtol`` are moved to
-float64 while they are accumulated (``fisher.segmented``): ``8·B²`` more per such block until its segment
-is inverted, and ``segment`` bounds one open segment's transients. How many blocks that will be is not
-known before the gradients are, so the plan takes the worst case that can occur: where a gradient pass
-fills every segment of a group at once, ``float64(g)`` is ``8·B²`` for every block of the group (the
-precision check may promote all of them: ResNet-50 with its default random init promotes ~3/4); with
-``gradient_spill`` each segment is read back, filled and inverted before the next, so only ``segment``
-is needed (``float64(g)`` = 0) and any share of promoted blocks fits. The plan states its assumption
-(``precision``).
+float64 while they are accumulated (``fisher.segmented``), and ``segment`` bounds one open segment's
+transients. How many blocks that will be is not known before the gradients are, so the plan takes the
+worst case that can occur (the precision check may promote all of them: ResNet-50 with its default random
+init promotes ~3/4). Where a gradient pass fills every segment of a group at once, every block may be in
+float64: ``float64(g)`` is ``4·B²`` per block beside ``stats(g)`` on the streamed route (a segment drops
+the float32 rows of its promoted blocks) and ``8·B²`` on the in-memory one (revisit ``none``: its float32
+buffer stays whole, to become the inverse in place). With ``gradient_spill`` each segment is read back,
+filled and inverted before the next, so only ``segment`` is needed (``float64(g)`` = 0) and any share of
+promoted blocks fits. The plan states its assumption (``precision``).
 
 Every phase gets 5% on top for the allocator (freed memory is not always returned at once).
 
@@ -155,9 +156,13 @@ class PlanInputs:
     def promotes(self) -> bool:
         return self.promotable and self.representation() == "gram"
 
-    def float64_bytes_per_block(self, gradient_spill: bool) -> int:
-        """Room for a block's float64 copy while a gradient pass fills its whole group (``float64(g)``)."""
-        return 8 * self.block_size**2 if self.promotes() and not gradient_spill else 0
+    def float64_bytes_per_block(self, gradient_spill: bool, in_memory: bool = False) -> int:
+        """Room for a block in float64 beside its float32 share while a gradient pass fills its whole group
+        (``float64(g)``): the in-memory route keeps the float32 buffer whole (its inverse, in place), the
+        streamed one drops promoted rows (fisher.segmented)."""
+        if not self.promotes() or gradient_spill:
+            return 0
+        return (8 if in_memory else 4) * self.block_size**2
 
     def segment_bytes(self, n: int, gradient_spill: bool) -> int:
         """One open segment's transients (``segment``), and with `gradient_spill` its rows read back (Gram blocks)."""
@@ -167,7 +172,7 @@ class PlanInputs:
         workset = segment_workset_bytes(self.block_size, blocks, n, self.grad_bytes) if self.promotable else 0
         return workset + (blocks * self.read_bytes_per_block(n) if gradient_spill else 0)
 
-    def precision(self, gradient_spill: bool) -> str:
+    def precision(self, gradient_spill: bool, in_memory: bool = False) -> str:
         """The plan's assumption on the blocks' precision, for the log line and the history."""
         if self.representation() != "gram":
             return "low-rank blocks formed in float64 a slice at a time"
@@ -176,7 +181,8 @@ class PlanInputs:
             return name
         if gradient_spill:
             return f"{name}; blocks that need float64 are built one segment at a time, any share fits"
-        return f"{name}; counted with every block also in float64 while accumulating, any share fits"
+        also = " also" if in_memory else ""  # (beside the float32 buffer that becomes the inverse in place)
+        return f"{name}; counted with every block{also} in float64 while accumulating, any share fits"
 
     def chunk_bytes(self, n: int, layer_weights: int) -> int:
         return self.activation_chunk_bytes(n) + self.chunk_bytes_per_weight(n) * layer_weights
@@ -286,7 +292,7 @@ def _pack(inputs: PlanInputs, budget: int, n: int, revisit: str, cache: int,
     grad_per_weight = 0 if gradient_spill else inputs.chunk_bytes_per_weight(n)
     # Gram blocks read back a segment at a time (in segment_bytes); low-rank rows a whole group's chunk at a time
     reads = gradient_spill and inputs.representation() != "gram"
-    per_block_collect = per_block + inputs.float64_bytes_per_block(gradient_spill) + (
+    per_block_collect = per_block + inputs.float64_bytes_per_block(gradient_spill, revisit == "none") + (
         inputs.read_bytes_per_block(n) if reads else 0)
     groups: list[BlockGroup] = []
     start = block = 0
@@ -352,7 +358,7 @@ def _phase_bytes(
         return inputs.chunk_bytes(n, sum(inputs.sizes[i] for i in g.layers))
 
     def float64(g: BlockGroup) -> int:
-        return (g.stop - g.start) * inputs.float64_bytes_per_block(gradient_spill)
+        return (g.stop - g.start) * inputs.float64_bytes_per_block(gradient_spill, revisit == "none")
 
     phases = {}
     if gradient_spill:  # the one gradient pass, over every layer, writing rows to disk
@@ -422,7 +428,7 @@ def _try(inputs: PlanInputs, budget: int, revisit: str, gradient_spill: bool, wi
             revisit=revisit, keep_last=keep_last, gradient_spill=gradient_spill, cache_bytes=cache,
             stats_bytes=stats_total, spill_bytes=spill,
             phase_bytes=phases, num_grads=inputs.num_grads, block_size=inputs.block_size,
-            num_layers=len(inputs.sizes), dim=inputs.dim, precision=inputs.precision(gradient_spill),
+            num_layers=len(inputs.sizes), dim=inputs.dim, precision=inputs.precision(gradient_spill, revisit == "none"),
             segment_blocks=inputs.segment_blocks,
         )
     return None

@@ -1,22 +1,24 @@
 """Gram blocks accumulated in segments, so blocks promoted to float64 stay within a known memory bound.
 
 :class:`~wf_pipeline.fisher.inverse.BlockGramAccumulator` moves every block that float32 cannot hold to
-``inverse_rtol`` into float64 as it goes. Over a whole layer group that costs up to ~6x the float32
-buffer at once (the float32 rows stay until compacted, promoted rows are copied, the float64 store is
-re-concatenated at every promotion, and the result is assembled in a new buffer); ResNet-50 with its
-default random init, whose logits explode in eval mode, promotes ~3/4 of its blocks. Here consecutive
-segments of at most :data:`SEGMENT_BYTES` (float64) each get their own accumulator whose float32 sums live
-in one shared buffer, which becomes the inverse in place. So the memory is
+``inverse_rtol`` into float64 as it goes (ResNet-50 with its default random init, whose logits explode in
+eval mode, promotes ~3/4 of its blocks at λ = 1e-5). Over a whole layer group its transients scale with the
+group: promoted rows are copied, the float64 store is re-concatenated at every promotion, the float32 rows
+are compacted by copy, and the result is assembled in a new buffer. Here consecutive segments of at most
+:data:`SEGMENT_BYTES` (float64) each get their own accumulator, so those transients are one segment's at a
+time (:func:`segment_workset_bytes`). Storage, per block, beside those transients:
 
-* the float32 buffer (``4·B²`` per block: the inverse itself),
-* ``8·B²`` per block promoted to float64 while its segment is open, and
-* the transients of one segment at a time (:func:`segment_workset_bytes`).
+* ``shared`` (default): the float32 sums of every segment live in one buffer that becomes the inverse in
+  place, plus ``8·B²`` per block promoted to float64 while its segment is open. Filled one segment after
+  another (:meth:`SegmentedGramAccumulator.add_segment`, then :meth:`~SegmentedGramAccumulator.finish`;
+  gradient rows read back from disk) that is ``4·B²`` per block plus one open segment, whatever the share
+  of promoted blocks; filled all at once by a gradient pass, up to ``12·B²``.
+* separate (``shared=False``, filled by a pass): each segment has its own buffer, whose float32 rows of
+  promoted blocks are dropped once a quarter of the segment has moved, so at most ``8·B²`` per block (every
+  block in float64); the inverse comes as one tensor per segment (:meth:`segment_inverses`).
 
 Every block sees the same chunks in the same order and makes the same precision decisions as in one
-accumulator, so the inverse is the same. Segments may be filled all at once (a gradient pass: every
-promoted block's float64 copy is alive until the inverse), or one after another from gradient rows read
-back from disk (:meth:`SegmentedGramAccumulator.finish` after each: only one segment's float64 blocks at
-a time, whatever the share of promoted blocks).
+accumulator, so the inverse is the same, bit for bit.
 """
 from __future__ import annotations
 
@@ -99,10 +101,14 @@ class SegmentedGramAccumulator:
         rtol: float = DEFAULT_RTOL,
         track_mean: bool = True,
         blocks_per_segment: int | None = None,
+        shared: bool = True,
     ) -> None:
         K, B = layout.num_blocks, layout.block_size
         self.layout, self.dtype, self.damp, self.rtol, self.track_mean = layout, dtype, damp, float(rtol), track_mean
-        self.blocks = torch.zeros(K, B, B, dtype=dtype, device=device)  # float32 sums, then the inverse in place
+        self.device = torch.device(device)
+        # shared: the float32 sums of every segment, then the inverse in place (else one buffer per segment)
+        self.blocks: Tensor | None = torch.zeros(K, B, B, dtype=dtype, device=device) if shared else None
+        self._parts: dict[int, Tensor] = {}  # inverted segments, without a shared buffer
         step = blocks_per_segment or segment_blocks(B)
         self.bounds = [(s, min(s + step, K)) for s in range(0, K, step)]
         self._open: dict[int, BlockGramAccumulator] = {}
@@ -117,7 +123,7 @@ class SegmentedGramAccumulator:
         return len(self.bounds)
 
     def segment(self, index: int) -> BlockGramAccumulator:
-        """The open accumulator of segment `index` (created on first use, over its view of the buffer)."""
+        """The open accumulator of segment `index` (created on first use, over its view of the shared buffer)."""
         if index in self._done:
             raise ValueError(f"segment {index} is already inverted")
         acc = self._open.get(index)
@@ -125,14 +131,14 @@ class SegmentedGramAccumulator:
             s, e = self.bounds[index]
             layout, _, _ = sub_layout(self.layout, s, e)
             acc = self._open[index] = BlockGramAccumulator(
-                layout, dtype=self.dtype, device=self.blocks.device, damp=self.damp, rtol=self.rtol,
-                track_mean=self.track_mean, out=self.blocks[s:e])
+                layout, dtype=self.dtype, device=self.device, damp=self.damp, rtol=self.rtol,
+                track_mean=self.track_mean, out=None if self.blocks is None else self.blocks[s:e])
         return acc
 
     # ----------------------------------------------------------------- adding
     def add(self, chunk: Tensor) -> None:
         """Fold in gradient rows ``(n, d)``."""
-        self.add_blocked(self.layout.to_blocked(chunk.to(dtype=self.dtype, device=self.blocks.device)))
+        self.add_blocked(self.layout.to_blocked(chunk.to(dtype=self.dtype, device=self.device)))
 
     def add_blocked(self, blocked: Tensor) -> None:
         """Fold in block-major gradient rows ``(K, n, B)`` into every segment."""
@@ -178,7 +184,7 @@ class SegmentedGramAccumulator:
 
     # ----------------------------------------------------------------- inverting
     def finish(self, index: int, damp: float, reduce_fn: ReduceFn | None = None) -> None:
-        """Invert segment `index` into its part of the buffer and let its accumulator go (after `reduce_fn`)."""
+        """Invert segment `index` (into its part of the shared buffer) and let its accumulator go (after `reduce_fn`)."""
         acc = self.segment(index)
         if reduce_fn is not None:
             acc.reduce(reduce_fn)
@@ -192,10 +198,11 @@ class SegmentedGramAccumulator:
         self._num_samples = n
         self.count.fill_(n)  # (summed over ranks where `reduce_fn` was given)
         inverse = acc.inverse(damp)
-        del self._open[index]
-        target = self.blocks[s:e]
-        if inverse.blocks.data_ptr() != target.data_ptr():  # compacted: assembled outside the buffer
-            target.copy_(inverse.blocks)
+        del self._open[index], acc
+        if self.blocks is None:
+            self._parts[index] = inverse.blocks
+        elif inverse.blocks.data_ptr() != self.blocks[s:e].data_ptr():  # compacted: assembled outside the buffer
+            self.blocks[s:e] = inverse.blocks
         self._health.append(inverse.health)
         self._done.add(index)
 
@@ -213,9 +220,7 @@ class SegmentedGramAccumulator:
         if ids.numel():
             raise _non_finite_error(self.layout, ids)
 
-    def inverse(self, damp: float, progress: Progress | None = None,
-                max_jitter: float | None = None) -> BlockFisherInverse:
-        """Invert every segment not yet inverted; the buffer becomes the inverse (see BlockGramAccumulator.inverse)."""
+    def _finish_all(self, damp: float, progress: Progress | None) -> InverseHealth:
         self._check_finite([i for i in range(self.num_segments) if i in self._open])
         for index, (_, e) in enumerate(self.bounds):
             if index not in self._done:
@@ -225,11 +230,29 @@ class SegmentedGramAccumulator:
         if self._num_samples is None:
             raise ValueError("no gradients accumulated")
         health = merge_health(self._health, self.dtype, damp, self.rtol)
-        result = BlockFisherInverse(self.layout, self.blocks, damp, self._num_samples, health=health)
         self._health = []
+        return health
+
+    def inverse(self, damp: float, progress: Progress | None = None,
+                max_jitter: float | None = None) -> BlockFisherInverse:
+        """Invert every segment not yet inverted; the shared buffer becomes the inverse (see
+        BlockGramAccumulator.inverse)."""
+        if self.blocks is None:
+            raise ValueError("without a shared buffer the inverse comes per segment: use segment_inverses()")
+        health = self._finish_all(damp, progress)
+        assert self._num_samples is not None
+        result = BlockFisherInverse(self.layout, self.blocks, damp, self._num_samples, health=health)
         if max_jitter is not None:
             health.require(max_jitter)
         return result
+
+    def segment_inverses(self, damp: float) -> tuple[list[tuple[int, int, Tensor]], InverseHealth]:
+        """Invert every segment not yet inverted: ``(start, stop, blocks)`` per segment (one entry with a shared
+        buffer), and the merged health."""
+        health = self._finish_all(damp, None)
+        if self.blocks is not None:
+            return [(0, self.layout.num_blocks, self.blocks)], health
+        return [(s, e, self._parts.pop(i)) for i, (s, e) in enumerate(self.bounds)], health
 
 
 def merge_health(parts: list[InverseHealth], dtype: torch.dtype, damp: float, rtol: float) -> InverseHealth:

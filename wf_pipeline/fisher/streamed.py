@@ -100,24 +100,44 @@ class FisherJob:
 
 
 class _GroupStats:
-    """One group's inverse: in-place inverted Gram blocks, or gradient rows formed into blocks on demand."""
+    """One group's inverse: inverted Gram blocks (one tensor, or one per accumulator segment), or gradient rows
+    formed into blocks on demand."""
 
     def __init__(self, layout: BlockLayout, damp: float, num_samples: int, blocks: Tensor | None = None,
-                 rows: Tensor | None = None, rtol: float = DEFAULT_RTOL) -> None:
+                 rows: Tensor | None = None, rtol: float = DEFAULT_RTOL,
+                 parts: list[tuple[int, int, Tensor]] | None = None) -> None:
         self.layout, self.damp, self.num_samples, self.rtol = layout, damp, num_samples, rtol
-        self.blocks, self.rows = blocks, rows
+        self.blocks, self.rows, self.parts = blocks, rows, parts  # parts: (start, stop, blocks) per segment
         self.repaired_blocks = 0
-        self.health: InverseHealth | None = None  # Gram blocks: how they were inverted
+        self.health: InverseHealth | None = None  # Gram blocks: how they were inverted (the whole group)
 
     @property
     def payload(self) -> Tensor:
+        """The group's statistics (with parts: the first part)."""
+        if self.parts is not None:
+            return self.parts[0][2]
         return self.blocks if self.blocks is not None else self.rows  # type: ignore[return-value]
 
+    def spill(self, path: Path) -> tuple[torch.Size, torch.dtype]:
+        """Write the statistics to `path` (parts one after another: the group's blocks in order); their shape."""
+        if self.parts is None:
+            _write_tensor(self.payload, path)
+            return self.payload.shape, self.payload.dtype
+        for i, (_, _, part) in enumerate(self.parts):
+            _write_tensor(part, path, append=i > 0)
+        first = self.parts[0][2]
+        return torch.Size((self.layout.num_blocks, *first.shape[1:])), first.dtype
+
     def slices(self) -> Iterator[tuple[int, int, BlockFisherInverse]]:
-        """``(f0, f1, inverse)`` over consecutive block slices (the whole group for Gram blocks)."""
+        """``(f0, f1, inverse)`` over consecutive block slices (the whole group or its parts for Gram blocks)."""
         if self.blocks is not None:
             yield 0, self.layout.dim, BlockFisherInverse(self.layout, self.blocks, self.damp, self.num_samples,
                                                          health=self.health)
+            return
+        if self.parts is not None:
+            for s, e, part in self.parts:
+                layout, f0, f1 = sub_layout(self.layout, s, e)
+                yield f0, f1, BlockFisherInverse(layout, part, self.damp, self.num_samples)
             return
         assert self.rows is not None
         for s in range(0, self.layout.num_blocks, LOWRANK_SLICE_BLOCKS):
@@ -154,8 +174,11 @@ class GroupedInverse:
 
     def keep_vectors(self, stats: _GroupStats, g0: int, mean: Tensor | None) -> None:
         """Keep a group's per-weight vectors (the inverse's diagonal; WoodTaylor's mean and Newton step)."""
+        if stats.health is not None:  # Gram blocks: the whole group's (its slices carry none of their own)
+            self.health = stats.health if self.health is None else self.health.merge(stats.health)
         for f0, f1, inverse in stats.slices():
-            self.health = inverse.health if self.health is None else self.health.merge(inverse.health)
+            if stats.health is None:  # low-rank slices, each checked on its own
+                self.health = inverse.health if self.health is None else self.health.merge(inverse.health)
             self.diag[g0 + f0 : g0 + f1] = inverse.diag()
             if mean is not None and self.grad_mean is not None and self.newton is not None:
                 part = mean[f0:f1].to(self.dtype)
@@ -492,16 +515,24 @@ class _GroupSource:
         first = next(iter(job.params.values()))
         device = first.device
         if self.plan.representation == "gram":
+            # Rows read back a segment at a time share one float32 buffer; a pass fills every segment at once,
+            # each in its own buffer (float32 rows of promoted blocks are dropped: at most float64 per block).
             acc = SegmentedGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol,
-                                           track_mean=with_mean, blocks_per_segment=self.plan.segment_blocks or None)
+                                           track_mean=with_mean, blocks_per_segment=self.plan.segment_blocks or None,
+                                           shared=group.start in self.spilled_rows)
             self._accumulate(acc, group)
             t0 = time.perf_counter()
             num_samples = acc.num_samples
             mean = acc.mean_gradient() if with_mean else None
-            inverse = acc.inverse(job.damp)
-            stats = _GroupStats(layout, job.damp, num_samples, blocks=inverse.blocks, rtol=job.rtol)
-            stats.repaired_blocks = inverse.repaired_blocks
-            stats.health = inverse.health
+            parts, health = acc.segment_inverses(job.damp)
+            del acc
+            if len(parts) == 1:
+                stats = _GroupStats(layout, job.damp, num_samples, blocks=parts[0][2], rtol=job.rtol)
+            else:
+                stats = _GroupStats(layout, job.damp, num_samples, rtol=job.rtol, parts=parts)
+            del parts
+            stats.repaired_blocks = health.repaired_blocks
+            stats.health = health
             job.add_time("inverse", time.perf_counter() - t0)
             return stats, mean
         rows = torch.empty(count, job.num_grads, B, dtype=first.dtype, device=device)
@@ -562,8 +593,8 @@ def collect_grouped_inverse(job: FisherJob, plan: FisherPlan, *, with_grad_mean:
                 t0 = time.perf_counter()
                 assert spill_dir is not None
                 path = spill_dir / f"group-{index}.bin"
-                _write_tensor(stats.payload, path)
-                result._spilled[index] = (path, stats.payload.shape, stats.payload.dtype, stats.layout)
+                shape, dtype = stats.spill(path)
+                result._spilled[index] = (path, shape, dtype, stats.layout)
                 job.add_time("spill", time.perf_counter() - t0)
             del stats
             release_free_memory()
