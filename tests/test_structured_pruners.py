@@ -165,3 +165,34 @@ def test_round_to_keeps_widths_in_multiples_and_blocks_go_cheapest_first() -> No
     remove_pruned_channels(model, setup.masks.masks, x[:2])
     widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths)
+
+
+def test_round_to_layers_sets_the_block_per_group() -> None:
+    """AVX-512 ONNX Runtime pads widths to 16: wide stages go in blocks of 16, the 16-wide first stage in 8."""
+    model = _trained_like(resnet20(10, 1))
+    first_stage = r"^(conv1|layer1\.)"
+    setup, pruner, view, ctx, x = _setup(model, "magnitude", min_keep=0.1, round_to=16,
+                                         round_to_by_layer={first_stage: 8})
+    space = setup.space
+    assert {(g.size, r) for g, r in zip(space.groups, space.rounds, strict=True)} == {(16, 8), (32, 16), (64, 16)}
+    chosen = pruner.choose(view, pruner.score(view, None), 0.5)
+    for group, picked, r in zip(space.groups, space.split(chosen), space.rounds, strict=True):
+        assert (group.size - int(picked.sum())) % r == 0, group.name
+    assert any(int(p.sum()) % 16 == 8 for p in space.split(chosen))  # a block of 8 was really used
+    pruner.update(view, None, chosen)
+    remove_pruned_channels(model, setup.masks.masks, x[:2])
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and name != "conv1" and not name.startswith("layer1."):
+            assert module.out_channels % 16 == 0, name
+
+
+def test_round_to_layers_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from wf_pipeline.recipe.schema import ChannelConfig
+
+    assert ChannelConfig(round_to=16, round_to_layers={"^layer1": 8}).round_to_layers == {"^layer1": 8}
+    with pytest.raises(ValidationError, match="must be >= 1"):
+        ChannelConfig(round_to_layers={"^layer1": 0})
+    with pytest.raises(ValidationError):
+        ChannelConfig(round_to_layers={"(": 8})

@@ -13,7 +13,10 @@ the shortest prefix of that order reaching the target is taken. With ``round_to:
 blocks of k (a group's k cheapest removable channels, then the next k, ...; a block's key is the sum
 of its channels' scores, or that sum over their MACs), so every kept width stays a multiple of k:
 runtime convolution kernels are fastest on such widths. A channel target may then be passed by up to
-k − 1 channels.
+k − 1 channels. ``round_to_layers`` sets k per group (a regex over a producing weight -> k, the first
+pattern that matches wins): ONNX Runtime's blocked (NCHWc) convolutions pad widths to its SIMD block
+(16 floats with AVX-512), so a width of 24 runs as slowly as 32, while a narrow stage of 16 channels
+still wants to go in smaller steps.
 """
 from __future__ import annotations
 
@@ -47,6 +50,15 @@ def group_floor(group: ChannelGroup, min_keep: float, min_keep_by_layer: Mapping
     return min(group.size, max(1, math.ceil(fraction * group.size - 1e-9)))
 
 
+def group_round(group: ChannelGroup, round_to: int, round_to_by_layer: Mapping[str, int]) -> int:
+    """Block size of `group`'s kept widths: the first ``round_to_by_layer`` regex matching one of its
+    producers' weights, else ``round_to``."""
+    for pattern, value in round_to_by_layer.items():
+        if any(re.search(pattern, m.weight) for m in group.members if m.kind in ("out", "depthwise")):
+            return value
+    return round_to
+
+
 @dataclass
 class ChannelSpace:
     graph: ChannelGraph
@@ -56,19 +68,21 @@ class ChannelSpace:
     min_keep_by_layer: Mapping[str, float] | None = None
     rank_by: str = "auto"  # auto: cost for a channel target, cost per MAC saved for a FLOPs target
     round_to: int = 1  # kept channel counts move in multiples of this (runtime kernels like multiples of 8)
+    round_to_by_layer: Mapping[str, int] | None = None  # per-group block sizes (regex -> k, first match)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; expected one of {TARGETS}")
         if self.rank_by not in RANK_BY:
             raise ValueError(f"unknown rank_by {self.rank_by!r}; expected one of {RANK_BY}")
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.round_to < 1 or any(k < 1 for k in (self.round_to_by_layer or {}).values()):
+            raise ValueError(f"round_to must be >= 1, got {self.round_to} / {self.round_to_by_layer}")
         if self.rank_by == "auto":
             self.rank_by = "cost_per_flop" if self.target == "flops" else "cost"
         self.groups = self.graph.prunable
         self.sizes = [g.size for g in self.groups]
         self.floors = [group_floor(g, self.min_keep, self.min_keep_by_layer or {}) for g in self.groups]
+        self.rounds = [group_round(g, self.round_to, self.round_to_by_layer or {}) for g in self.groups]
         self.dense_macs = total_macs(self.shapes, {}, {})
 
     @property
@@ -157,13 +171,12 @@ class ChannelSpace:
         return chosen
 
     def _blocks(self, scores: Tensor, removed: Sequence[Tensor]) -> list[Tensor]:
-        """Each group's removable channels, cheapest first, cut into blocks of ``round_to`` channels
-        (the first block brings the kept count to a multiple of ``round_to``) down to the floor.
+        """Each group's removable channels, cheapest first, cut into blocks of its ``round_to`` channels
+        (the first block brings the kept count to a multiple of it) down to the floor.
         A group's blocks are consecutive in its own score order, so a dearer block never goes first."""
-        r = self.round_to
         out: list[Tensor] = []
         offset = 0
-        for size, floor, gone in zip(self.sizes, self.floors, removed, strict=True):
+        for size, floor, r, gone in zip(self.sizes, self.floors, self.rounds, removed, strict=True):
             gone = gone.cpu()
             alive = (~gone).nonzero().flatten()
             kept = alive.numel()

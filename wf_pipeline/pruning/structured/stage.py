@@ -41,6 +41,7 @@ def build_channel_pruner(
     min_keep_by_layer: Mapping[str, float] | None = None,
     rank_by: str = "auto",
     round_to: int = 1,
+    round_to_by_layer: Mapping[str, int] | None = None,
 ) -> ChannelPruner:
     """The channel pruner of ``settings.method`` for `model` (unwrapped, on its device).
 
@@ -55,7 +56,8 @@ def build_channel_pruner(
     sample = example_input[:1].to(next(model.parameters()).device)
     graph = build_channel_graph(model, sample, layers, skip, selected)
     check_graph(graph)
-    space = ChannelSpace(graph, layer_shapes(model, sample), target, min_keep, min_keep_by_layer, rank_by, round_to)
+    space = ChannelSpace(graph, layer_shapes(model, sample), target, min_keep, min_keep_by_layer, rank_by, round_to,
+                         round_to_by_layer)
     return CHANNEL_PRUNERS[settings.method](settings, space)
 
 
@@ -64,7 +66,7 @@ def channel_pruner_for_recipe(settings: PruneSettings, cfg: ChannelConfig, model
     """:func:`build_channel_pruner` with the recipe's ``pruning.channel`` section."""
     return build_channel_pruner(settings, model, example_input, selected=selected, target=cfg.target,
                                 min_keep=cfg.min_keep, min_keep_by_layer=cfg.min_keep_layers, rank_by=cfg.rank_by,
-                                round_to=cfg.round_to)
+                                round_to=cfg.round_to, round_to_by_layer=cfg.round_to_layers)
 
 
 @dataclass
