@@ -184,7 +184,8 @@ class SegmentedGramAccumulator:
 
     # ----------------------------------------------------------------- inverting
     def finish(self, index: int, damp: float, reduce_fn: ReduceFn | None = None) -> None:
-        """Invert segment `index` (into its part of the shared buffer) and let its accumulator go (after `reduce_fn`)."""
+        """Invert segment `index` (into its part of the shared buffer) and let its accumulator go
+        (after `reduce_fn`)."""
         acc = self.segment(index)
         if reduce_fn is not None:
             acc.reduce(reduce_fn)
