@@ -40,12 +40,17 @@ TARGETS = ("channels", "flops")
 RANK_BY = ("auto", "cost", "cost_per_flop")
 
 
+def _produced_by(group: ChannelGroup, pattern: str) -> bool:
+    """True when `pattern` (a regex, ``re.search``) matches the weight of one of `group`'s producers."""
+    return any(re.search(pattern, m.weight) for m in group.members if m.kind in ("out", "depthwise"))
+
+
 def group_floor(group: ChannelGroup, min_keep: float, min_keep_by_layer: Mapping[str, float]) -> int:
     """Channels always kept in `group`: the largest fraction that applies (``min_keep``, or a
     ``min_keep_by_layer`` regex matching one of its producers' weights), at least one channel."""
     fraction = min_keep
     for pattern, value in min_keep_by_layer.items():
-        if any(re.search(pattern, m.weight) for m in group.members if m.kind in ("out", "depthwise")):
+        if _produced_by(group, pattern):
             fraction = max(fraction, value)
     return min(group.size, max(1, math.ceil(fraction * group.size - 1e-9)))
 
@@ -53,10 +58,7 @@ def group_floor(group: ChannelGroup, min_keep: float, min_keep_by_layer: Mapping
 def group_round(group: ChannelGroup, round_to: int, round_to_by_layer: Mapping[str, int]) -> int:
     """Block size of `group`'s kept widths: the first ``round_to_by_layer`` regex matching one of its
     producers' weights, else ``round_to``."""
-    for pattern, value in round_to_by_layer.items():
-        if any(re.search(pattern, m.weight) for m in group.members if m.kind in ("out", "depthwise")):
-            return value
-    return round_to
+    return next((value for pattern, value in round_to_by_layer.items() if _produced_by(group, pattern)), round_to)
 
 
 @dataclass
