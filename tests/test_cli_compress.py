@@ -45,7 +45,8 @@ def test_compress_end_to_end_then_validate_and_report(tmp_path: Path, capsys, mo
     # The same model through the standalone gate with budgets it meets: exit 0, parity checked against the checkpoint.
     out = tmp_path / "gate"
     ok = run_cli(capsys, monkeypatch, "validate", str(run / "export" / "model.onnx"), "--recipe", str(TINY),
-                 "--baseline", str(run / "export" / "dense_baseline.onnx"), "--checkpoint", str(run / "checkpoints" / "pruned.pt"),
+                 "--baseline", str(run / "export" / "dense_baseline.onnx"),
+                 "--checkpoint", str(run / "checkpoints" / "pruned.pt"),
                  "--min-sparsity", "0.79", "--max-parity-error", "1e-4", "--out", str(out))
     assert ok.code == 0, ok.out + ok.err
     assert json.loads((out / "validation.json").read_text())["passed"] is True

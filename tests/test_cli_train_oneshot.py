@@ -60,7 +60,8 @@ def test_train_resume_continues_from_last_epoch(tmp_path: Path, capsys, monkeypa
     # Resume the same run with more epochs: only the new epoch runs.
     result = run_cli(capsys, monkeypatch, "train", str(recipe), "--resume", "--set", "train.epochs=2")
     assert result.code == 0, result.err
-    history = [json.loads(l) for l in (tmp_path / "artifacts" / "tiny" / "history.jsonl").read_text().splitlines()]
+    history_path = tmp_path / "artifacts" / "tiny" / "history.jsonl"
+    history = [json.loads(line) for line in history_path.read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1]
 
 
@@ -70,7 +71,8 @@ def test_resume_without_run_is_an_error(tmp_path: Path, capsys, monkeypatch) -> 
 
 
 def test_oneshot_sweep_writes_json_markdown_and_plot(tmp_path: Path, capsys, monkeypatch) -> None:
-    recipe = dict(TINY, pruning={"method": "woodfisher", "schedule": {"end_epoch": 0}, "woodfisher": {"num_grads": 64, "block_size": 32, "chunk_size": 32}})
+    recipe = dict(TINY, pruning={"method": "woodfisher", "schedule": {"end_epoch": 0},
+                                 "woodfisher": {"num_grads": 64, "block_size": 32, "chunk_size": 32}})
     path = _recipe(tmp_path, recipe)
     result = run_cli(capsys, monkeypatch, "oneshot", str(path), "--sparsity", "0.3", "0.6", "--method", "woodfisher",
                      "magnitude", "diag_fisher", "--recalibrate-bn")

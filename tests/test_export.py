@@ -192,7 +192,8 @@ def test_every_folded_weight_and_bias_is_named_after_its_parameter(tmp_path):
     """The default recipe keeps conv1 dense (no mask): its folded weight must still get its name."""
     model, _ = make_sparse_model(0.0)
     _, masks = make_sparse_model(0.9)
-    result = export_onnx(model, random_images(2), tmp_path / "m.onnx", masks={"block.0.weight": masks["block.0.weight"]})
+    result = export_onnx(model, random_images(2), tmp_path / "m.onnx",
+                         masks={"block.0.weight": masks["block.0.weight"]})
     assert result.generated_names == []
     for path in (result.path, result.dense_path):
         stored = onnx.load(str(path))

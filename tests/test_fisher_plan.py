@@ -200,7 +200,7 @@ def test_default_budget_is_a_share_of_available_memory(monkeypatch) -> None:
     assert planner.default_budget_bytes() == 2 * 10**9
     monkeypatch.undo()
     with open("/proc/meminfo") as meminfo:
-        available = next(int(l.split()[1]) * 1024 for l in meminfo if l.startswith("MemAvailable:"))
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     assert abs(planner.available_memory_bytes() - available) < 0.2 * available  # read from MemAvailable
 
 

@@ -1,4 +1,5 @@
-"""Gate evaluation: pass/fail per gate, skipped with a reason when unmeasured, explicit-but-impossible is an input error."""
+"""Gate evaluation: pass/fail per gate, skipped with a reason when unmeasured, explicit-but-impossible is an input
+error."""
 from __future__ import annotations
 
 import math

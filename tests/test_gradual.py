@@ -124,7 +124,7 @@ def test_resuming_a_finished_stage_does_no_work_and_keeps_history(woodfisher_run
     assert again.metrics.final_accuracy == first.metrics.final_accuracy
     for name, mask in first.masks.masks.items():
         assert torch.equal(again.masks.masks[name], mask)
-    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values()):
+    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -269,7 +269,7 @@ def test_resume_inside_an_epoch_after_a_pruning_step(tmp_path: Path) -> None:
         _run_stage(crashed, reporter=CrashAfterSteps(7))
     run, resumed = _run_stage(crashed, resume=True)
     assert resumed.metrics.resumed_from[0]["steps_done"] == 6  # the checkpoint after the pruning at step 6
-    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert resumed.metrics.final_accuracy == reference.metrics.final_accuracy
     kinds = [(r["kind"], r.get("optimizer_step", r.get("epoch"))) for r in run.read_history()]

@@ -51,7 +51,7 @@ def test_imagefolder_defaults_are_imagenet_224(tmp_path: Path) -> None:
     classes = data.folder_sets[1].classes  # type: ignore[index]
     grey = _expected((128, 128, 128))
     greys = 0
-    for xi, yi in zip(x, y):
+    for xi, yi in zip(x, y, strict=True):
         if torch.allclose(xi, grey, atol=1e-5):
             greys += 1  # the greyscale file, read as RGB
         else:

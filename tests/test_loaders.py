@@ -36,7 +36,8 @@ def _fake_fashion(folder: Path, n_train: int = 60, n_test: int = 20) -> None:
 def test_fashion_mnist_reads_debian_layout_gz_files(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WF_PIPELINE_CACHE", str(tmp_path / "cache"))
     _fake_fashion(tmp_path / "fm")
-    data = build_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path / "fm"), fisher_pool=30, batch_size=16), seed=3)
+    config = DataConfig(dataset="fashion_mnist", root=str(tmp_path / "fm"), fisher_pool=30, batch_size=16)
+    data = build_data(config, seed=3)
     assert (data.num_train, len(data.test_split), len(data.fisher_split)) == (60, 20, 30)
     assert data.in_channels == 1 and data.image_size == 28 and data.num_classes == 10
     x, y = next(iter(data.train_batches(0)))
@@ -48,7 +49,8 @@ def test_fashion_mnist_missing_files_is_a_clear_error(tmp_path: Path) -> None:
         build_data(DataConfig(dataset="fashion_mnist", root=str(tmp_path)))
 
 
-@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(), reason="Debian dataset not installed")
+@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(),
+                    reason="Debian dataset not installed")
 def test_fashion_mnist_debian_package_full_size() -> None:
     data = build_data(DataConfig(dataset="fashion_mnist", fisher_pool=1000), seed=0)
     assert data.num_train == 60_000 and len(data.test_split) == 10_000 and len(data.fisher_split) == 1000
@@ -87,7 +89,7 @@ def test_resume_skip_batches_matches_uninterrupted_stream() -> None:
     full = list(data.train_batches(4))
     tail = list(data.train_batches(4, skip_batches=3))
     assert len(tail) == len(full) - 3
-    for (xf, yf), (xt, yt) in zip(full[3:], tail):
+    for (xf, yf), (xt, yt) in zip(full[3:], tail, strict=True):
         assert torch.equal(xf, xt) and torch.equal(yf, yt)
 
 
@@ -127,7 +129,8 @@ def test_imagefolder(tmp_path: Path) -> None:
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    data = build_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, batch_size=4, fisher_pool=4), seed=0)
+    config = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, batch_size=4, fisher_pool=4)
+    data = build_data(config, seed=0)
     assert data.num_classes == 2 and data.in_channels == 3 and data.image_size == 16
     x, y = next(iter(data.train_batches(0)))
     assert x.shape == (4, 3, 16, 16)
@@ -202,7 +205,8 @@ def test_user_factory_module_path(tmp_path: Path, monkeypatch) -> None:
         build_model(ModelConfig(name="my_models:absent"), trust_code=True)
 
 
-@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(), reason="Debian dataset not installed")
+@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / f"{FASHION_FILES[0]}.gz").exists(),
+                    reason="Debian dataset not installed")
 def test_bundled_default_checkpoint_is_accurate() -> None:
     from wf_pipeline.models import load_default_model
     from wf_pipeline.training.epoch import evaluate

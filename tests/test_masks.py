@@ -104,7 +104,8 @@ def test_statistics_and_state_dict_roundtrip() -> None:
     dense.load_state_dict(masks.state_dict())
     assert all(torch.equal(dense.masks[n], masks.masks[n]) for n in params)
     with pytest.raises(ValueError):
-        dense.load_state_dict({"masks": {"a.weight": torch.ones(3, dtype=torch.bool), "b.weight": torch.ones(4, dtype=torch.bool)}})
+        dense.load_state_dict({"masks": {"a.weight": torch.ones(3, dtype=torch.bool),
+                                         "b.weight": torch.ones(4, dtype=torch.bool)}})
     assert dense.to("cpu") is dense
 
 

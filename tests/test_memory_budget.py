@@ -68,7 +68,8 @@ def _prune(method: str, num_grads: int, block: int, budget_gb: float, chunk: int
     ("woodtaylor", 48, True),
     ("woodfisher", 12, True),  # N < B: stored gradient rows, low-rank form
 ])
-def test_tiny_budget_many_passes_equal_the_in_memory_step(tmp_path: Path, method: str, num_grads: int, spill: bool) -> None:
+def test_tiny_budget_many_passes_equal_the_in_memory_step(tmp_path: Path, method: str, num_grads: int,
+                                                           spill: bool) -> None:
     block = 32
     spill_dir = tmp_path if spill else None
     budget = _budget_for_passes(num_grads, block, spill_dir)

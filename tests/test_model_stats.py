@@ -76,7 +76,8 @@ def test_physically_smaller_model_has_fewer_channels_params_and_macs(tmp_path):
     dense, _ = make_sparse_model(0.0)
     slim = remove_channels(dense, keep1=[0, 2, 3, 5, 7], keep2=list(range(0, 16, 2)))
     sample = random_images(2)
-    dense_stats = model_stats(onnx.load(str(export_onnx(dense, sample, tmp_path / "d.onnx", sparse_storage=False).path)))
+    dense_path = export_onnx(dense, sample, tmp_path / "d.onnx", sparse_storage=False).path
+    dense_stats = model_stats(onnx.load(str(dense_path)))
     slim_stats = model_stats(onnx.load(str(export_onnx(slim, sample, tmp_path / "s.onnx", sparse_storage=False).path)))
     _check_against_torch(slim, sample, slim_stats)
     channels = {layer.name: layer.out_channels for layer in slim_stats.layers}

@@ -64,9 +64,9 @@ def test_choose_pruned_uniform_per_layer() -> None:
     chosen = choose_pruned(scores, kept, sizes, 0.3, "uniform")
     counts = [int(c.sum()) for c in chosen.split(sizes)]
     assert counts == target_zero_counts(sizes, 0.3)
-    assert all(abs(c - 0.3 * n) <= 1 for c, n in zip(counts, sizes))
+    assert all(abs(c - 0.3 * n) <= 1 for c, n in zip(counts, sizes, strict=True))
     assert sum(counts) == round(0.3 * sum(sizes))
-    for part, s in zip(chosen.split(sizes), scores.split(sizes)):
+    for part, s in zip(chosen.split(sizes), scores.split(sizes), strict=True):
         assert s[part].max() <= s[~part].min()
 
 
@@ -132,15 +132,16 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("settings", VARIANTS, ids=lambda s: f"{s.method}-{s.ranking}-{s.update}-{s.route}-r{s.recompute_steps}")
+@pytest.mark.parametrize("settings", VARIANTS,
+                         ids=lambda s: f"{s.method}-{s.ranking}-{s.update}-{s.route}-r{s.recompute_steps}")
 def test_prune_step_every_method_reaches_target(settings: PruneSettings) -> None:
     model = tiny_cnn()
     model.train()
     params = select_prunable(model, [".*"], [])
     masks = MaskSet.dense(params)
     progress_calls: list[tuple[str, int, int]] = []
-    report = prune_step(model, params, masks, 0.4, settings, fisher_pool(), progress=lambda *a: progress_calls.append(a),
-                        generator=torch.Generator().manual_seed(0))
+    report = prune_step(model, params, masks, 0.4, settings, fisher_pool(),
+                        progress=lambda *a: progress_calls.append(a), generator=torch.Generator().manual_seed(0))
     assert_consistent(params, masks, report, 0.4)
     assert model.training and all(m.training for m in model.modules()), "mode must be restored"
     before = {n: m.clone() for n, m in masks.masks.items()}
@@ -167,7 +168,10 @@ def test_prune_step_matches_manual_pipeline_fp64() -> None:
     model = tiny_cnn().double().eval()
     params = select_prunable(model, [".*"], [])
     pool = fisher_pool()
-    xs_pool = lambda: [(x.double(), y) for x, y in pool()]
+
+    def xs_pool() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x.double(), y) for x, y in pool()]
+
     settings = PruneSettings(method="woodfisher", num_grads=30, block_size=16, damp=1e-4, dtype="float64")
     chunks = list(iter_gradient_chunks(model, params, xs_pool, num_grads=30, chunk_size=100))
     sizes = [p.numel() for p in params.values()]

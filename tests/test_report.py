@@ -24,15 +24,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def full_run(tmp_path_factory) -> Path:
     """A run directory with every file of the contract, written by the real export and validate code."""
     run = tmp_path_factory.mktemp("run")
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"name": "tiny-run", "pruning": {"method": "magnitude", "final_sparsity": 0.9}}))
-    (run / "environment.json").write_text(json.dumps({"wf_pipeline": "0.1.0", "seed": 0, "torch": "2.x", "git_commit": "abc"}))
+    recipe = {"name": "tiny-run", "pruning": {"method": "magnitude", "final_sparsity": 0.9}}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    environment = {"wf_pipeline": "0.1.0", "seed": 0, "torch": "2.x", "git_commit": "abc"}
+    (run / "environment.json").write_text(json.dumps(environment))
     dense_model, _ = make_sparse_model(0.0, seed=3)
     model, masks = make_sparse_model(0.9, seed=3)
     pruned = export_onnx(model, random_images(2), run / "export" / "model.onnx", masks=masks)
     dense = export_onnx(dense_model, random_images(2), run / "export" / "dense_baseline.onnx", sparse_storage=False)
-    (run / "export" / "export.json").write_text(json.dumps({"pruned": pruned.to_dict(), "dense_baseline": dense.to_dict()}))
+    exports = {"pruned": pruned.to_dict(), "dense_baseline": dense.to_dict()}
+    (run / "export" / "export.json").write_text(json.dumps(exports))
     images, labels = digits_images(700)
-    result = validate_model(pruned.path, torch_model=model, test_data=(images[600:], labels[600:]), baseline_path=dense.path,
+    result = validate_model(pruned.path, torch_model=model, test_data=(images[600:], labels[600:]),
+                            baseline_path=dense.path,
                             settings=ValidationSettings(parity_samples=20, batch_sizes=[1, 4], warmup=1, repeats=6),
                             gates=GatesConfig(min_sparsity=0.8, max_accuracy_drop=0.001))
     write_validation_outputs(result, run / "validation")
@@ -40,7 +44,8 @@ def full_run(tmp_path_factory) -> Path:
     (run / "metrics.json").write_text(json.dumps({
         "dense_accuracy": 0.94, "final_accuracy": 0.91, "sparsity": 0.9, "per_layer_sparsity": per_layer,
         "num_params": 5000, "total_seconds": 40.0,
-        "timings": {"prune_s": 1.5, "finetune_s": 20.0, "eval_s": 5.0, "total_s": 27.0, "export_s": 2.0, "validate_s": 3.0}}))
+        "timings": {"prune_s": 1.5, "finetune_s": 20.0, "eval_s": 5.0, "total_s": 27.0, "export_s": 2.0,
+                    "validate_s": 3.0}}))
     history = [
         {"kind": "epoch", "epoch": 0, "train_loss": 1.2, "test_accuracy": 0.80, "sparsity": 0.0, "lr": 0.1},
         {"kind": "prune", "epoch": 1, "target_sparsity": 0.5, "achieved_sparsity": 0.5, "test_accuracy_after": 0.7,
@@ -104,7 +109,8 @@ def test_structured_run_shows_channels_params_macs_and_latency_dense_vs_pruned(t
     slim = remove_channels(dense_model, keep1=[0, 2, 3, 5, 7], keep2=list(range(0, 16, 2)))
     pruned = export_onnx(slim, random_images(2), run / "export" / "model.onnx")
     dense = export_onnx(dense_model, random_images(2), run / "export" / "dense_baseline.onnx", sparse_storage=False)
-    (run / "export" / "export.json").write_text(json.dumps({"pruned": pruned.to_dict(), "dense_baseline": dense.to_dict()}))
+    exports = {"pruned": pruned.to_dict(), "dense_baseline": dense.to_dict()}
+    (run / "export" / "export.json").write_text(json.dumps(exports))
     images, labels = digits_images(100)
     result = validate_model(pruned.path, torch_model=slim, test_data=(images, labels), baseline_path=dense.path,
                             settings=ValidationSettings(parity_samples=20, batch_sizes=[1, 8], warmup=1, repeats=5),
@@ -140,7 +146,8 @@ def test_empty_run_dir_gets_a_report_with_notes(tmp_path):
 def test_broken_pieces_are_noted_not_fatal(tmp_path):
     (tmp_path / "metrics.json").write_text("{not json")
     (tmp_path / "history.jsonl").write_text(
-        json.dumps({"kind": "epoch", "epoch": 0, "train_loss": 1.0, "test_accuracy": 0.5, "sparsity": 0.0}) + "\n{\"kind\": \"ep")
+        json.dumps({"kind": "epoch", "epoch": 0, "train_loss": 1.0, "test_accuracy": 0.5, "sparsity": 0.0})
+        + "\n{\"kind\": \"ep")
     (tmp_path / "validation").mkdir()
     (tmp_path / "validation" / "validation.json").write_text(json.dumps({"gates": [], "latency": [{"batch_size": 1}]}))
     text = write_report(tmp_path).read_text()

@@ -90,7 +90,7 @@ def test_obs_removals_match_the_constrained_minimum() -> None:
     torch.testing.assert_close(got, expected)
     assert predicted == pytest.approx(loss, rel=1e-10)
     singles = hq.single_weight_removal(w, inverse, torch.tensor([4, 7]))
-    for row, q in zip(singles, (4, 7)):
+    for row, q in zip(singles, (4, 7), strict=True):
         one = torch.zeros(9, dtype=torch.bool)
         one[q] = True
         expected, loss = constrained_minimum(hessian, w, one)
@@ -206,7 +206,7 @@ def test_oneshot_core_matches_prune_step() -> None:
         params = selection.params(reference)
         prune_step(reference, params, MaskSet.dense(params), 0.5,
                    PruneSettings(method, num_grads=24, block_size=16, damp=1e-3), batches)
-        for (name, p), q in zip(params.items(), selection.params(ours).values()):
+        for (name, p), q in zip(params.items(), selection.params(ours).values(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
     assert isinstance(stats, Statistics)
 
@@ -217,7 +217,7 @@ def test_hand_tuned_counts_keep_first_and_last_dense_and_meet_the_total() -> Non
     sizes = [144, 2304, 2304, 9216, 640]
     counts = hand_tuned_counts(["a", "b", "c", "d", "e"], sizes, 0.8)
     assert counts[0] == counts[-1] == 0 and sum(counts) == round(0.8 * sum(sizes))
-    assert all(c <= n for c, n in zip(counts, sizes))
+    assert all(c <= n for c, n in zip(counts, sizes, strict=True))
 
 
 # ----------------------------------------------------------------------------- long studies: resume, reduced runs

@@ -1,6 +1,8 @@
 """Sparsity schedules: pruning epochs, cubic/linear/constant values, exact final sparsity."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from wf_pipeline.pruning.schedule import planned_targets, pruning_epochs, schedule_value, sparsity_at, step_of
@@ -24,8 +26,8 @@ def test_cubic_matches_zhu_gupta() -> None:
     assert sparsity_at(0, cfg, si, sf) == pytest.approx(si)
     assert sparsity_at(4, cfg, si, sf) == sf  # exact, not approximately
     values = [sparsity_at(e, cfg, si, sf) for e in range(5)]
-    increments = [b - a for a, b in zip(values, values[1:])]
-    assert all(x > y for x, y in zip(increments, increments[1:]))  # prunes fastest first
+    increments = [b - a for a, b in itertools.pairwise(values)]
+    assert all(x > y for x, y in itertools.pairwise(increments))  # prunes fastest first
 
 
 def test_linear_and_constant() -> None:

@@ -63,7 +63,8 @@ def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, mode: str, mi
         plan = plan_within(inputs, budget)
         if plan is None or plan.chunk_size < 2 or len(plan.groups) < min_groups:
             continue
-        if plan.gradient_spill == (mode == SPILL_ROWS) and plan.revisit == ("recompute" if mode == RECOMPUTE else "disk"):
+        revisit = "recompute" if mode == RECOMPUTE else "disk"
+        if plan.gradient_spill == (mode == SPILL_ROWS) and plan.revisit == revisit:
             plan.spill_root = None if spill is None else str(spill)
             return plan
     raise AssertionError("no budget gives the wanted plan")
@@ -114,7 +115,7 @@ def _in_memory_prune(model: nn.Module, method: str, num_grads: int, block: int, 
 
 
 def _assert_same(reference: nn.Module, budgeted: nn.Module, ref_masks: MaskSet, masks: MaskSet) -> None:
-    for name, p in _weights(reference).items():
+    for name in _weights(reference):
         assert torch.equal(ref_masks.masks[name], masks.masks[name]), name  # the same weights selected
     a = torch.cat([p.detach().reshape(-1) for p in _weights(reference).values()])
     b = torch.cat([p.detach().reshape(-1) for p in _weights(budgeted).values()])
@@ -198,7 +199,8 @@ def test_low_rank_blocks_are_the_inverse() -> None:
 
 
 def test_probe_counts_what_the_backward_keeps() -> None:
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
     x = torch.randn(4, 1, 8, 8)[:1]  # a view of a larger batch: only the sample counts
     weights = _weights(model)
     assert probe_activation_bytes(model, weights, x) == 4 * (64 + 256 + 256)  # input and two ReLU outputs

@@ -2,6 +2,7 @@
 row-block Fisher statistics against explicit per-sample gradients."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from wf_pipeline.pruning.structured.group_obs import RowBlocks, channel_cost, joint_update, unit_costs
 from wf_pipeline.pruning.structured.statistics import row_fisher_inverses
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest single-threaded
 
 
 def _block_fisher(grads: torch.Tensor, rb: RowBlocks, damp: float) -> torch.Tensor:

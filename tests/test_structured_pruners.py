@@ -17,7 +17,7 @@ from wf_pipeline.pruning.structured.pruners import CHANNEL_PRUNERS
 from wf_pipeline.pruning.structured.space import group_floor
 from wf_pipeline.pruning.structured.stage import remove_pruned_channels, setup_channel_pruning
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest single-threaded
 SETTINGS = PruneSettings("woodfisher", num_grads=24, block_size=32, damp=1e-3, chunk_size=12)
 
 

@@ -16,7 +16,7 @@ from wf_pipeline.pruning.structured.groups import (
 )
 from wf_pipeline.pruning.structured.surgery import remove_masked_channels
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest single-threaded
 
 MODELS = {
     "resnet20": (lambda: resnet20(10, 1), (2, 1, 28, 28)),

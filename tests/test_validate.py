@@ -63,7 +63,8 @@ def test_full_validation_measures_everything(models, test_set):
         assert len(lat.pruned.runs_ms) == len(lat.dense.runs_ms) == TINY.repeats
         assert lat.pruned.p50 <= lat.pruned.p90 <= lat.pruned.p99
         assert lat.ratio_p50 == pytest.approx(lat.pruned.p50 / lat.dense.p50)
-    assert {g.name for g in result.gates} == {"min_sparsity", "max_parity_error", "min_top1_agreement", "max_latency_ratio"}
+    assert {g.name for g in result.gates} == {"min_sparsity", "max_parity_error", "min_top1_agreement",
+                                              "max_latency_ratio"}
 
 
 def test_failing_gate_fails_result_and_outputs_name_it(models, test_set, tmp_path):
@@ -148,7 +149,8 @@ def test_missing_and_corrupt_files_raise_wferror(models, tmp_path):
     truncated.write_bytes(models["sparse"].read_bytes()[:300])
     for bad in (tmp_path / "missing.onnx", garbage, truncated, tmp_path):
         with pytest.raises(WFError) as info:
-            validate_model(bad, torch_model=None, test_data=None, baseline_path=None, settings=TINY, gates=GatesConfig())
+            validate_model(bad, torch_model=None, test_data=None, baseline_path=None, settings=TINY,
+                           gates=GatesConfig())
         assert info.value.exit_code == 2 and info.value.hint
         with pytest.raises(WFError):
             create_session(bad)
@@ -162,7 +164,8 @@ def test_missing_and_corrupt_files_raise_wferror(models, tmp_path):
 def test_fixed_batch_model_rejects_other_batch_sizes(models, tmp_path):
     fixed = export_onnx(models["sparse_model"], random_images(4), tmp_path / "fixed.onnx", dynamic_batch=False)
     with pytest.raises(WFError, match="fixed batch size of 4"):
-        validate_model(fixed.path, torch_model=None, test_data=None, baseline_path=None, settings=TINY, gates=GatesConfig())
+        validate_model(fixed.path, torch_model=None, test_data=None, baseline_path=None, settings=TINY,
+                       gates=GatesConfig())
     # accuracy still works on a test set whose size is not a multiple of 4 (chunked and padded)
     settings = ValidationSettings(parity_samples=10, batch_sizes=[4], warmup=0, repeats=1)
     data = digits_images(30)
