@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from deploy_fixtures import digits_images, make_sparse_model, random_images
 from onnx import numpy_helper
 from torch.nn.utils import parametrize
 
+from tests.deploy_fixtures import digits_images, make_sparse_model, random_images
 from wf_pipeline.deploy.export import compare_sparsity, export_onnx
 from wf_pipeline.deploy.ort_session import create_session, run_logits
 from wf_pipeline.deploy.sparse_storage import (
@@ -206,7 +206,7 @@ def test_every_folded_weight_and_bias_is_named_after_its_parameter(tmp_path):
 
 def test_equal_folded_biases_shared_by_the_exporter_still_get_each_convs_name(tmp_path):
     """Untrained BatchNorm folds to equal zero biases; the exporter shares one constant through Identity nodes."""
-    from deploy_fixtures import TinyNet
+    from tests.deploy_fixtures import TinyNet
 
     torch.manual_seed(0)
     model = TinyNet(widths=(8, 8)).eval()

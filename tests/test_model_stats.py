@@ -4,9 +4,9 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from deploy_fixtures import make_sparse_model, random_images, remove_channels
 from torch import nn
 
+from tests.deploy_fixtures import make_sparse_model, random_images, remove_channels
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.model_stats import model_stats
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_fixtures import digits_images, make_sparse_model, random_images, remove_channels
 
+from tests.deploy_fixtures import digits_images, make_sparse_model, random_images, remove_channels
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.validate import ValidationSettings, validate_model
 from wf_pipeline.errors import WFError

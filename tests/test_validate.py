@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from deploy_fixtures import TinyNet, digits_images, make_sparse_model, random_images
 
+from tests.deploy_fixtures import TinyNet, digits_images, make_sparse_model, random_images
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.ort_session import create_session, load_onnx
 from wf_pipeline.deploy.validate import ValidationSettings, validate_model
