@@ -24,9 +24,9 @@ WoodFisher). With a scale η the update solves the same constrained problem with
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -192,6 +192,28 @@ def obs_update(
     return new_weights, predicted
 
 
+class SlicedInverse(Protocol):
+    """An inverse Fisher handed out slice by slice (:class:`~wf_pipeline.fisher.engine.FisherInverse`)."""
+
+    grad_mean: Tensor | None
+
+    def inverse_slices(self) -> Iterator[tuple[int, int, BlockFisherInverse]]: ...
+
+
+def obs_update_sliced(
+    fisher: SlicedInverse,
+    weights: Tensor,
+    pruned: Tensor,
+    update: str = "joint",
+    newton_scale: Tensor | None = None,
+) -> tuple[Tensor, float | None]:
+    """:func:`obs_update` over an inverse taken slice by slice (the update is block-local): the same result.
+
+    The WoodTaylor term is used when the inverse holds a mean gradient; `newton_scale` (per weight) caps its
+    Newton step as :func:`obs_update` does."""
+    return _update_slices(fisher.inverse_slices(), fisher.grad_mean, weights, pruned, update, newton_scale)
+
+
 def obs_update_grouped(
     grouped: GroupedInverse,
     weights: Tensor,
@@ -200,14 +222,17 @@ def obs_update_grouped(
     use_grad_mean: bool = False,
     newton_scale: Tensor | None = None,
 ) -> tuple[Tensor, float | None]:
-    """:func:`obs_update` over a streamed inverse, slice by slice (the update is block-local): same result.
+    """:func:`obs_update_sliced` over a streamed inverse, its mean gradient used only with `use_grad_mean`."""
+    mean = grouped.grad_mean if use_grad_mean else None
+    return _update_slices(grouped.inverse_slices(), mean, weights, pruned, update, newton_scale)
 
-    With `use_grad_mean` the grouped inverse's mean gradient gives the WoodTaylor term; `newton_scale`
-    (per weight) caps its Newton step as in the in-memory step."""
+
+def _update_slices(slices: Iterator[tuple[int, int, BlockFisherInverse]], grad_mean: Tensor | None, weights: Tensor,
+                   pruned: Tensor, update: str, newton_scale: Tensor | None) -> tuple[Tensor, float | None]:
     out = torch.empty_like(weights)
     predicted: float | None = 0.0
-    for lo, hi, inverse in grouped.inverse_slices():
-        mean = grouped.grad_mean[lo:hi] if use_grad_mean and grouped.grad_mean is not None else None
+    for lo, hi, inverse in slices:
+        mean = None if grad_mean is None else grad_mean[lo:hi]
         scale = None if newton_scale is None or mean is None else newton_scale[lo:hi]
         new, part = obs_update(inverse, weights[lo:hi], pruned[lo:hi], update=update, grad_mean=mean,
                                newton_scale=scale)

@@ -25,7 +25,7 @@ class DiagonalFisherPruner(FlatPruner[DiagonalStats]):
         settings = self.settings
         total_gradient_count(settings, ctx.reduce_fn, view.device)  # every rank joins the same collectives
         acc = DiagonalAccumulator(sum(view.sizes), dtype=settings.torch_dtype, device=view.device)
-        accumulate_gradients(acc, view, ctx, settings, layout=None)
+        accumulate_gradients(acc, view, ctx, settings)
         ctx.num_grads += acc.num_samples  # summed over ranks
         ctx.extra["route"] = "diagonal"
         return DiagonalStats(acc.fisher_diag(settings.damp))

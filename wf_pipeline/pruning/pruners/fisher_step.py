@@ -1,10 +1,10 @@
-"""The WoodFisher pruners' memory plan: make it, record it, and collect statistics the way it says.
+"""The WoodFisher pruners' Fisher: plan it within the step's memory budget, build it, and book what it did.
 
 Every WoodFisher/WoodTaylor (sub-)step plans first (:mod:`wf_pipeline.fisher.plan`) within
-``pruning.woodfisher.memory_budget_gb`` (default: half the memory available when the step starts). A
-plan that keeps one group of Gram blocks in memory runs the in-memory route unchanged; any other plan
-(low-rank rows, or several groups streamed through the budget) runs :mod:`wf_pipeline.fisher.streamed`.
-The plan goes to the step's report (``extra["fisher_plan"]``, one-line ``extra["fisher_plan_summary"]``).
+``pruning.woodfisher.memory_budget_gb`` (default: half the memory available when the step starts), then
+builds the one Fisher object the pruner talks to (:func:`wf_pipeline.fisher.engine.build_fisher`; how it is
+stored is the plan's business). The plan goes to the step's report (``extra["fisher_plan"]``, one-line
+``extra["fisher_plan_summary"]``), with the gradient engine, the statistics' dtype and the inverse's health.
 """
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ import torch
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.conditioning import record_health
+from wf_pipeline.fisher.engine import FisherInverse, build_fisher, check_route, statistics_dtype
+from wf_pipeline.fisher.inverse import BlockLayout
 from wf_pipeline.fisher.plan import FisherPlan, default_budget_bytes
-from wf_pipeline.fisher.streamed import FisherJob, GroupedInverse, collect_grouped_inverse, plan_fisher_step
+from wf_pipeline.fisher.streamed import FisherJob, plan_fisher_step
 from wf_pipeline.pruning.pruners.base import PruneView, StepContext
+from wf_pipeline.pruning.pruners.statistics import total_gradient_count
 from wf_pipeline.pruning.settings import PruneSettings
 
 # Engine phases booked into the step's timings (the step's convention: "inverse" includes "accumulate").
@@ -54,16 +57,40 @@ def plan_step(view: PruneView, ctx: StepContext, settings: PruneSettings, job: F
     return plan
 
 
+def collect_fisher(view: PruneView, ctx: StepContext, settings: PruneSettings, *,
+                   with_grad_mean: bool) -> FisherInverse:
+    """The step's inverse Fisher of the view's weights, planned within the budget; its record in ``ctx``."""
+    route = settings.route
+    check_route(route, distributed=ctx.reduce_fn is not None)
+    total = total_gradient_count(settings, ctx.reduce_fn, view.device)
+    job = make_job(view, ctx, settings, statistics_dtype(route, total, settings.block_size, settings.torch_dtype))
+    plan = plan_step(view, ctx, settings, job, vectors=3 if with_grad_mean else 1,
+                     allow_lowrank=route != "woodbury")  # the recursion has no low-rank form
+    ctx.extra["num_blocks"] = BlockLayout(view.sizes, settings.block_size).num_blocks
+    ctx.extra["route"] = route
+    with booked(job.timings, ctx):
+        fisher = build_fisher(job, plan, route=route, with_grad_mean=with_grad_mean,
+                              max_jitter=settings.max_repair_jitter)
+    ctx.num_grads += fisher.num_samples  # summed over ranks
+    ctx.extra["gradient_engine"] = job.engine
+    if job.skipped:
+        ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + job.skipped
+    ctx.extra["fisher_dtype"] = str(fisher.dtype).replace("torch.", "")
+    if fisher.health is not None:  # promotions and repairs: counts, jitter, warning lines
+        record_health(ctx.extra, fisher.health)
+    return fisher
+
+
 @contextmanager
-def booked(job: FisherJob, ctx: StepContext, *, outside_obs: bool = False) -> Iterator[None]:
-    """Move the engine's timings into the step's; with `outside_obs`, take them out of the step's obs time."""
-    before = dict(job.timings)
+def booked(timings: dict[str, float], ctx: StepContext, *, outside_obs: bool = False) -> Iterator[None]:
+    """Move what the Fisher engine adds to `timings` into the step's; with `outside_obs`, take it out of obs."""
+    before = dict(timings)
     try:
         yield
     finally:
         moved = 0.0
         for phase, targets in _PHASES.items():
-            seconds = job.timings.get(phase, 0.0) - before.get(phase, 0.0)
+            seconds = timings.get(phase, 0.0) - before.get(phase, 0.0)
             if seconds:
                 for target in targets:
                     ctx.add_time(target, seconds)
@@ -72,16 +99,3 @@ def booked(job: FisherJob, ctx: StepContext, *, outside_obs: bool = False) -> It
             # The update revisits groups inside the step's obs timer: its gradient passes and disk reads
             # are booked under their own phases, so obs keeps the OBS arithmetic alone.
             ctx.add_time("obs", -moved)
-
-
-def collect_streamed(job: FisherJob, plan: FisherPlan, ctx: StepContext, *, with_grad_mean: bool) -> GroupedInverse:
-    with booked(job, ctx):
-        grouped = collect_grouped_inverse(job, plan, with_grad_mean=with_grad_mean)
-    ctx.num_grads += grouped.num_samples
-    ctx.extra["gradient_engine"] = job.engine
-    if job.skipped:
-        ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + job.skipped
-    ctx.extra["fisher_dtype"] = str(grouped.dtype).replace("torch.", "")
-    if grouped.health is not None:  # promotions and repairs: counts, jitter, warning lines
-        record_health(ctx.extra, grouped.health)
-    return grouped

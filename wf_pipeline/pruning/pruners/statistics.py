@@ -1,8 +1,9 @@
 """Collecting Fisher statistics: stream per-sample gradients of the selected weights into an accumulator.
 
-Shared by every gradient-based pruner. The gradient count is summed across processes first (so each
-rank normalises by the total N), every chunk is folded into the accumulator as it is produced (no
-N×d buffer), and the statistics are summed across processes at the end.
+Used by the diagonal Fisher (the block inverse collects its own: :mod:`wf_pipeline.fisher.engine`). The
+gradient count is summed across processes first (so each rank normalises by the total N), every chunk is
+folded into the accumulator as it is produced (no N×d buffer), and the statistics are summed across
+processes at the end.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from torch import Tensor
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
-from wf_pipeline.fisher.inverse import BlockLayout
 from wf_pipeline.pruning.pruners.base import PruneView, ReduceFn, StepContext
 from wf_pipeline.pruning.settings import PruneSettings
 
@@ -39,12 +39,11 @@ def total_gradient_count(settings: PruneSettings, reduce_fn: ReduceFn | None, de
     return int(round(float(count)))
 
 
-def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, settings: PruneSettings,
-                         layout: BlockLayout | None) -> None:
-    """Fold ``settings.num_grads`` gradients into `acc`, then sum it across processes.
+def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, settings: PruneSettings) -> None:
+    """Fold ``settings.num_grads`` flat gradient rows into `acc`, then sum it across processes.
 
-    With a `layout` the chunks arrive block-major and go to ``acc.add_blocked``; without, flat to ``acc.add``.
-    Time goes to ``gradients`` (computing them) and ``accumulate`` + ``inverse`` (folding them in).
+    Time goes to ``gradients`` (computing them) and ``accumulate`` + ``inverse`` (folding them in). (The
+    block-diagonal Fisher collects its own: :mod:`wf_pipeline.fisher.engine`.)
     """
     if ctx.batches is None:
         raise WFError("this pruning method needs Fisher data", hint="pass `batches` (the Fisher pool) to prune_step")
@@ -61,12 +60,10 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         fisher_type=settings.fisher_type,
         generator=ctx.generator,
         progress=ctx.progress,
-        layout=layout,
         nonfinite=settings.nonfinite,
         stats=stats,
         reuse_output=True,  # each chunk is folded in before the next is computed
     )
-    add = acc.add if layout is None else acc.add_blocked  # type: ignore[attr-defined]
     while True:
         t0 = time.perf_counter()
         chunk = next(chunks, None)
@@ -74,7 +71,7 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         ctx.add_time("gradients", t1 - t0)
         if chunk is None:
             break
-        add(chunk)
+        acc.add(chunk)
         elapsed = time.perf_counter() - t1
         ctx.add_time("inverse", elapsed)
         ctx.add_time("accumulate", elapsed)
