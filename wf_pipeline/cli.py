@@ -14,8 +14,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
-from wf_pipeline.errors import EXIT_CRASH, RunAlreadyFinished, WFError
+from wf_pipeline.errors import EXIT_CRASH, EXIT_INTERRUPTED, RunAlreadyFinished, WFError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="WoodFisher pruning -> sparse ONNX -> ONNX Runtime verification.")
@@ -338,12 +339,29 @@ def _report_crash(exc: BaseException) -> None:
     sys.stderr.write(f"error: {rank}internal error: {summary} ({where}; this is a bug, please report it)\n")
 
 
+def _report_usage_error(exc: TyperException) -> None:
+    """Click's usage errors as one line (its box of usage text and help hint is five)."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command: its help was printed when it was raised
+        return
+    where = f" (hint: see `{ctx.command_path} --help`)" if ctx is not None else ""
+    sys.stderr.write(_one_line(f"error: {exc.format_message()}{where}") + "\n")
+
+
 def main() -> None:
     from wf_pipeline.runtime.rundir import release_all
 
     argv = _expand_multi_value_options(sys.argv[1:])
     try:
-        app(args=argv, prog_name="wf-pipeline")
+        code = app(args=argv, prog_name="wf-pipeline", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(n) and Ctrl-C (130) come back as a return value
+            sys.exit(code)
+    except TyperException as exc:  # a usage error (unknown option, unparsable value): one line, like bad input
+        _report_usage_error(exc)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("error: aborted\n")
+        sys.exit(EXIT_INTERRUPTED)
     except WFError as exc:
         if os.environ.get("WF_DEBUG"):
             traceback.print_exc()

@@ -7,6 +7,9 @@ rest of the pipeline only ever sees our recipe.
 from __future__ import annotations
 
 import copy
+import os
+import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,12 @@ _HINTS = {
 # (an "alias bomb") would otherwise make validation and printing take unbounded time and memory.
 MAX_VALUES = 100_000
 MAX_DEPTH = 64
+# A recipe is a small text file: a bigger one (or a device such as /dev/zero) is not a recipe.
+MAX_RECIPE_BYTES = 1_000_000
+# Whole numbers reach torch and numpy as 64-bit integers.
+_INT64 = 2 ** 63
+# A --set key: field names joined by single dots.
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -72,11 +81,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set pruning.final_sparsity=0.95")
     key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise RecipeError(f"--set {item!r}: empty key", "e.g. --set pruning.final_sparsity=0.95")
+    key = key.strip()
+    if not _OVERRIDE_KEY.fullmatch(key):
+        raise RecipeError(f"--set {item!r}: {key!r} is not a field path (names joined by single dots)",
+                          "e.g. --set pruning.final_sparsity=0.95")
+    parts = key.split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=sparseml.UniqueKeyLoader) if raw.strip() else None  # noqa: S506 - safe loader
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {item!r}: value is not valid YAML", "quote strings that contain ':' or '#'") from exc
     return parts, value
@@ -100,14 +111,37 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_recipe_text(path: Path) -> str:
+    """A recipe file's text: a regular file of at most MAX_RECIPE_BYTES of UTF-8 (never a device or pipe)."""
     if not path.exists():
         raise RecipeError(f"recipe file not found: {path}", "check the path (try `ls recipes/`)")
     if path.is_dir():
         raise RecipeError(f"recipe path is a folder: {path}", "give a .yaml recipe file")
+    not_regular = RecipeError(f"recipe {path} is not a regular file", "give a .yaml recipe file")
     try:
-        return path.read_text(encoding="utf-8")
+        if not stat.S_ISREG(path.stat().st_mode):  # before opening: opening a pipe would wait for a writer
+            raise not_regular
+        with path.open("rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise not_regular
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES:,} bytes", "give a .yaml recipe file")
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc}", "give a UTF-8 YAML file") from exc
+
+
+def check_whole_numbers(raw: Any, source: str, path: str = "") -> None:
+    """Refuse a whole number that does not fit in 64 bits (torch and numpy take no larger), naming its field."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            check_whole_numbers(value, source, f"{path}.{key}" if path else str(key))
+    elif isinstance(raw, list):
+        for index, value in enumerate(raw):
+            check_whole_numbers(value, source, f"{path}.{index}")
+    elif isinstance(raw, int) and not isinstance(raw, bool) and not -_INT64 <= raw < _INT64:
+        raise RecipeError(f"{source}: {path or '<recipe>'}: {raw} does not fit in 64 bits",
+                          f"give a whole number between {-_INT64:,} and {_INT64 - 1:,}")
 
 
 def check_expansion(raw: Any, source: str) -> None:
@@ -136,7 +170,7 @@ def check_expansion(raw: Any, source: str) -> None:
 
 def _safe_load(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=sparseml.UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -226,6 +260,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
     raw, notes = parse_recipe_text(read_recipe_text(path), str(path), base, model_catalog)
     raw = apply_overrides(raw, overrides or [])
     check_expansion(raw, str(path))
+    check_whole_numbers(raw, str(path))
     recipe = validate_recipe(raw, str(path))
     if require_weights:
         check_weights_named(raw, str(path))

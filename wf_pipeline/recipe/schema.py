@@ -283,6 +283,8 @@ class ScheduleConfig(Strict):
 
 def _compiled_regexes(patterns: list[str]) -> list[str]:
     for pattern in patterns:
+        if not pattern.strip():  # an empty pattern matches every name: never what a list of names means
+            raise ValueError(f"empty regex {pattern!r} matches every parameter; write '.*' to mean all")
         try:
             re.compile(pattern)
         except re.error as exc:

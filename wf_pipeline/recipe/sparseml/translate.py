@@ -71,6 +71,7 @@ __all__ = [
     "MODIFIER_KEY",
     "SparseMLRecipeError",
     "Translation",
+    "UniqueKeyLoader",
     "conversion_header",
     "convert_sparseml",
     "is_sparseml_recipe",
@@ -126,8 +127,32 @@ _UNSUPPORTED_HINTS = {
 # Loading
 
 
-class SparseMLLoader(yaml.SafeLoader):
-    """SafeLoader that turns ``!SomeModifier`` mappings into dicts with a ``__modifier__`` key.
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping naming one key twice (plain YAML keeps the last one silently).
+
+    Every recipe YAML is read with it (ours, SparseML's, ``--base`` and ``--set`` values).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+class SparseMLLoader(UniqueKeyLoader):
+    """UniqueKeyLoader that turns ``!SomeModifier`` mappings into dicts with a ``__modifier__`` key.
 
     Only local ``!`` tags are handled; ``!!python/...`` tags stay refused as in SafeLoader.
     """
