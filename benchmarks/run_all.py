@@ -1,14 +1,14 @@
-"""Regenerate every research table and plot (RQ1-RQ5) into results/ and the README's results block.
+"""Regenerate every research table and plot (RQ1-RQ5) into results/ and the results block of docs/research.md.
 
 Each study runs as its own process (one command, one table, one plot, one JSON: see the scripts);
 this script then writes ``<out>/research.md`` — per research question the paper's claim, our measured
-answer, where they differ, the table and the plot — and replaces the README block between
+answer, where they differ, the table and the plot — and replaces the block of docs/research.md between
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` with it. Every figure in the block comes from the
 studies' JSON files; nothing is typed by hand.
 
-    python benchmarks/run_all.py                 # full run (<= 60 min on 2 cores), updates results/ and README.md
-    python benchmarks/run_all.py --quick         # <= 3 min; writes results-quick/ and leaves README.md alone
-    python benchmarks/run_all.py --quick --out /tmp/r --readme /tmp/README.md   # quick, into a copy
+    python benchmarks/run_all.py                 # full run (<= 60 min on 2 cores), updates results/ and docs/research.md
+    python benchmarks/run_all.py --quick         # <= 3 min; writes results-quick/ and leaves docs/research.md alone
+    python benchmarks/run_all.py --quick --out /tmp/r --doc /tmp/research.md   # quick, into a copy
 
 The last stdout line is one JSON object: per study its wall time and output files.
 """
@@ -258,13 +258,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="results folder (default results/, or results-quick/ with --quick)")
-    parser.add_argument("--readme", type=Path, help="README to update (default README.md for a full run into results/)")
+    parser.add_argument("--doc", "--readme", dest="doc", type=Path,
+                        help="Markdown file whose results block to update (default docs/research.md for a full run into results/)")
     parser.add_argument("--only", nargs="+", choices=list(STUDIES),
                         help="run only these studies (the block still covers every study with results in --out)")
     parser.add_argument("--no-run", action="store_true", help="only rebuild the block from existing JSON files")
     args = parser.parse_args()
     out = (args.out or REPO / ("results-quick" if args.quick else "results")).resolve()
-    readme = args.readme or (REPO / "README.md" if not args.quick and args.out is None else None)
+    readme = args.doc or (REPO / "docs" / "research.md" if not args.quick and args.out is None else None)
     keys = args.only or list(STUDIES)
     started = time.perf_counter()
     runs: dict[str, Any] = {}

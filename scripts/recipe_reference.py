@@ -1,7 +1,13 @@
-"""Print the recipe reference (every field, its type, default and meaning) as Markdown, from the schema itself."""
+"""The recipe reference (every field, its type, default and meaning) as Markdown, from the schema itself.
+
+    python scripts/recipe_reference.py            # print the table
+    python scripts/recipe_reference.py --write    # rewrite the block of docs/recipe-reference.md
+"""
 from __future__ import annotations
 
+import argparse
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -48,13 +54,44 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         args = typing.get_args(annotation)
-        kind = " \\| ".join(repr(a) for a in args) if typing.get_origin(annotation) is typing.Literal else _type_name(annotation)
+        literal = typing.get_origin(annotation) is typing.Literal
+        kind = " \\| ".join(repr(a) for a in args) if literal else _type_name(annotation)
         kind = kind if "\\|" in kind else kind.replace("|", "\\|")
         description = (field.description or "").replace("|", "\\|")
         out.append(f"| `{key}` | {kind} | `{default}` | {description} |")
     return out
 
 
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
+BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
+
+
+def table() -> str:
+    return "\n".join(["| field | type | default | meaning |", "|---|---|---|---|", *rows(Recipe)])
+
+
+def documented_table(path: Path = REFERENCE) -> str:
+    """The table between the markers of `path`, as written there."""
+    text = path.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
+    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def write(path: Path = REFERENCE) -> None:
+    documented_table(path)  # the markers must be there
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print("| field | type | default | meaning |\n|---|---|---|---|")
-    print("\n".join(rows(Recipe)))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", nargs="?", const=REFERENCE, type=Path, metavar="PATH",
+                        help=f"rewrite the table between the markers of PATH (default {REFERENCE.name} in docs/)")
+    args = parser.parse_args()
+    if args.write:
+        write(args.write)
+    else:
+        print(table())
