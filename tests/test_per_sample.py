@@ -266,13 +266,13 @@ def test_cross_check_compares_the_largest_gradients(monkeypatch: pytest.MonkeyPa
         y = model(x).argmin(1, keepdim=True)
     computer = GradientComputer(model, params)
     checked: list[list[int]] = []
-    original = computer._loop_grads
+    original = computer.loop.grads
 
     def spy(xs: torch.Tensor, ys: torch.Tensor) -> dict[str, torch.Tensor]:
         checked.append([int((x == xi).flatten(1).all(1).nonzero()[0]) for xi in xs])
         return original(xs, ys)
 
-    monkeypatch.setattr(computer, "_loop_grads", spy)
+    monkeypatch.setattr(computer.loop, "grads", spy)
     out = computer.compute(x, y)
     largest = sorted(torch.linalg.vector_norm(out, dim=1).topk(2).indices.tolist())
     assert largest == [1, 4] and computer.engine == "layerwise" and checked == [largest]
@@ -339,7 +339,7 @@ def test_passes_and_worker_threads_give_the_one_pass_gradients(monkeypatch: pyte
     """A chunk cut into passes, run by one thread or spread over worker threads (each on its own frozen
     replica), gives the gradients of one pass, with masks, groups and a block layout; the model is left
     as it was, and the replicas follow in-place changes of its weights and are rebuilt when one is replaced."""
-    import wf_pipeline.fisher.gradients as gradients_module
+    import wf_pipeline.fisher.layerwise as layerwise_module
     from wf_pipeline.fisher.gradients import GradientComputer
     from wf_pipeline.models import load_default_model
 
@@ -358,13 +358,13 @@ def test_passes_and_worker_threads_give_the_one_pass_gradients(monkeypatch: pyte
         return GradientComputer(model, params, masks=masks, layout=layout, engine="layerwise", workers=workers)
 
     one_pass = computer(3).compute(x, y)  # 14 samples: one pass of at most 25
-    monkeypatch.setattr(gradients_module, "CPU_PASS_SAMPLES", 4)
-    assert computer(1)._passes(7, 2) == [(0, 2), (2, 4), (4, 5), (5, 7)]
-    assert computer(3)._passes(7, 2) == [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6), (6, 7)]  # a multiple of 3
+    monkeypatch.setattr(layerwise_module, "CPU_PASS_SAMPLES", 4)
+    assert computer(1).layerwise.passes(7, 2) == [(0, 2), (2, 4), (4, 5), (5, 7)]
+    assert computer(3).layerwise.passes(7, 2) == [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6), (6, 7)]  # a multiple of 3
     threaded = computer(3)
     for out in (computer(1).compute(x, y), threaded.compute(x, y), threaded.compute(x, y)):  # replicas reused
         assert close(out, one_pass)
-    assert len(threaded._replicas) == 3
+    assert len(threaded.layerwise.pool.replicas) == 3
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
     with torch.no_grad():  # in-place changes to the weights reach the replicas (shared storage)
@@ -375,10 +375,11 @@ def test_passes_and_worker_threads_give_the_one_pass_gradients(monkeypatch: pyte
     model.layer3[2].conv2.weight = nn.Parameter(model.layer3[2].conv2.weight.detach() / 2)  # replaced: rebuilt
     params = select_prunable(model, [".*"], [])
     rebuilt = computer(3)
-    rebuilt._replicas = threaded._replicas
-    assert not any(r.current() for r in rebuilt._replicas)
+    rebuilt.layerwise.pool.replicas = threaded.layerwise.pool.replicas
+    assert not any(r.current() for r in rebuilt.layerwise.pool.replicas)
     assert close(rebuilt.compute(x, y), one_pass)
-    assert all(r.current() for r in rebuilt._replicas) and rebuilt._replicas != threaded._replicas
+    assert all(r.current() for r in rebuilt.layerwise.pool.replicas)
+    assert rebuilt.layerwise.pool.replicas != threaded.layerwise.pool.replicas
 
 
 def test_worker_threads_follow_the_engines_and_fall_back_for_an_uncopyable_model(
@@ -386,18 +387,18 @@ def test_worker_threads_follow_the_engines_and_fall_back_for_an_uncopyable_model
 ) -> None:
     """With two intra-op threads the default splits each chunk across two workers (replicas made);
     a model that cannot be copied runs on one thread; both agree with vmap."""
-    import wf_pipeline.fisher.gradients as gradients_module
+    import wf_pipeline.fisher.layerwise as layerwise_module
     from wf_pipeline.fisher.parallel import torch_threads
 
-    monkeypatch.setattr(gradients_module, "CPU_PASS_SAMPLES", 1)
+    monkeypatch.setattr(layerwise_module, "CPU_PASS_SAMPLES", 1)
     made: list[nn.Module] = []
-    original_init = gradients_module.FrozenReplica.__init__
+    original_init = layerwise_module.FrozenReplica.__init__
 
     def counting_init(self, model: nn.Module) -> None:
         original_init(self, model)
         made.append(model)
 
-    monkeypatch.setattr(gradients_module.FrozenReplica, "__init__", counting_init)
+    monkeypatch.setattr(layerwise_module.FrozenReplica, "__init__", counting_init)
     torch.manual_seed(0)
     model = SharedAndInplace().eval()  # one conv called twice, in-place ReLU, a sequence Linear
     params = select_prunable(model, [".*"], [])

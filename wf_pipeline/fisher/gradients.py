@@ -11,37 +11,23 @@ ever handed on (see :func:`iter_gradient_chunks`).
 """
 from __future__ import annotations
 
-import itertools
-import math
-import queue
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from wf_pipeline.errors import WFError
+from wf_pipeline.fisher.engines import LoopEngine, RowWriter, VmapEngine
 from wf_pipeline.fisher.inverse import BlockLayout
-from wf_pipeline.fisher.parallel import torch_threads
-from wf_pipeline.fisher.per_sample import (
-    FrozenReplica,
-    LayerRecorder,
-    LayerwiseUnsupported,
-    layer_grads,
-    layerwise_blocker,
-    weight_owners,
-)
+from wf_pipeline.fisher.layerwise import LayerwiseEngine
+from wf_pipeline.fisher.per_sample import LayerwiseUnsupported, layerwise_blocker
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ENGINES = ("auto", "layerwise", "vmap", "loop")
-# Samples per forward/backward pass of the layer-wise engine on CPU: a pass's activations stay in cache
-# (bundled ResNet-20, one thread: 292 ms per 100 samples in passes of 25, 343 ms in one pass of 100).
-CPU_PASS_SAMPLES = 25
 
 
 class SampleStream:
@@ -114,15 +100,12 @@ def sample_model_labels(logits: Tensor, generator: torch.Generator | None) -> Te
 class GradientComputer:
     """Computes chunks of flattened, masked per-group gradients of a fixed parameter selection.
 
-    Engines: ``layerwise`` (conv/linear weights from one batched backward pass, see
-    :mod:`wf_pipeline.fisher.per_sample`), ``vmap`` (``torch.func`` over any model), ``loop`` (one
-    autograd pass per group). ``auto`` picks ``layerwise`` when the model allows it and its first
+    Selects one engine of :mod:`wf_pipeline.fisher.engines` / :mod:`wf_pipeline.fisher.layerwise`: ``layerwise``
+    (conv/linear weights from one batched backward pass), ``vmap`` (``torch.func`` over any model), ``loop``
+    (one autograd pass per group). ``auto`` picks ``layerwise`` when the model allows it and its first
     chunk agrees with plain autograd on two groups, else ``vmap``, else ``loop``; afterwards
     :attr:`engine` names the engine in use and :attr:`engine_note` why ``layerwise`` was passed over.
-
-    On CPU the layer-wise engine runs each chunk in passes of about :data:`CPU_PASS_SAMPLES` samples,
-    spread over `workers` threads (default: PyTorch's intra-op thread count), each with its own frozen
-    replica of the model (:class:`~wf_pipeline.fisher.per_sample.FrozenReplica`) and one intra-op thread.
+    `workers` are the layer-wise engine's threads on CPU (default: PyTorch's intra-op thread count).
     """
 
     def __init__(
@@ -141,204 +124,69 @@ class GradientComputer:
         self.module = unwrap_model(model)
         self.params = dict(params)
         self.inner_names = _names_in(self.module, self.params)
-        self.loss_fn = loss_fn
         self.engine = engine
         self.engine_note: str | None = None
         self._generic_fallback = False  # vmap may hand over to loop (auto only)
         first = next(iter(self.params.values()))
         self.device = first.device
         self.compute_dtype = first.dtype  # the model's; `dtype` is only the output's
-        self.dtype = dtype or first.dtype
-        self.dim = sum(p.numel() for p in self.params.values())
-        self.offsets = [0]
-        for p in self.params.values():
-            self.offsets.append(self.offsets[-1] + p.numel())
-        if layout is not None and layout.sizes != [p.numel() for p in self.params.values()]:
-            raise ValueError("layout sizes do not match the selected parameters")
-        self.layout = layout
-        self.mask: Tensor | None = None
-        if masks is not None:
-            flat_mask = torch.cat([masks[n].to(self.device).reshape(-1) for n in self.params])
-            if not bool(flat_mask.all()):  # an all-kept mask (the first pruning step) costs no pass
-                # Block-major output (K, n, B) is masked by a (K, 1, B) view.
-                mask = flat_mask.to(self.dtype)
-                self.mask = mask if layout is None else layout.pad(mask).unsqueeze(1)
-        self._owners = weight_owners(self.module, self.params)
-        self.workers = workers  # layer-wise worker threads on CPU; None: PyTorch's thread count at each chunk
-        self._replicas: list[FrozenReplica] = []
-        self._uncopyable = False
+        self.writer = RowWriter(self.params, dtype or first.dtype, layout, masks)
+        self.dtype, self.layout, self.offsets = self.writer.dtype, layout, self.writer.offsets
+        self.loop = LoopEngine(self.module, self.params, self.inner_names, loss_fn)
+        self.vmap = VmapEngine(self.module, self.params, self.inner_names, loss_fn)
+        self.layerwise = LayerwiseEngine(self.module, self.params, loss_fn, self.writer, workers)
         # True after compute() when every gradient it wrote is known to be finite (False: not known).
         self.known_finite = False
-        self._output_holds_rows = torch.finfo(self.dtype).max >= torch.finfo(self.compute_dtype).max
 
-    # ------------------------------------------------------------------ generic engines
-    def _loss(self, selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(functional_call(self.module, selected, (x,), strict=False), y)
+    def new_output(self, n: int) -> Tensor:
+        return self.writer.new_output(n)
 
-    def _selected(self) -> dict[str, Tensor]:
-        return {inner: p.detach() for inner, p in zip(self.inner_names, self.params.values(), strict=True)}
-
-    def _vmap_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        per_group = vmap(grad(self._loss), in_dims=(None, 0, 0))
-        with torch.no_grad():  # torch.func.grad ignores an outer no_grad; the module's own params stay untracked
-            return per_group(self._selected(), x, y)
-
-    def _loop_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        leaves = {n: t.requires_grad_(True) for n, t in self._selected().items()}
-        rows: list[tuple[Tensor, ...]] = []
-        with torch.enable_grad():
-            for xi, yi in zip(x, y, strict=True):
-                rows.append(torch.autograd.grad(self._loss(leaves, xi, yi), list(leaves.values())))
-        return {n: torch.stack([r[i] for r in rows]) for i, n in enumerate(leaves)}
+    def compute(self, x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+        """Gradients for groups ``x: (n, m, ...)``, ``y: (n, m)`` → flat masked ``(n, d)``
+        (block-major ``(K, n, B)`` with a layout), written into `out` when given (its shape must match)."""
+        if out is None:
+            out = self.new_output(x.shape[0])
+        self.known_finite = False
+        if self.engine == "auto":
+            self._auto_first_chunk(out, x, y)
+        elif self.engine == "layerwise":
+            blocker = layerwise_blocker(self.module, self.params)
+            if blocker is not None:
+                raise LayerwiseUnsupported(f"engine 'layerwise' cannot run here: {blocker}")
+            self.known_finite = self.layerwise.into(out, x, y)
+        else:
+            self.writer.write_grads(out, self._generic_grads(x, y), self.inner_names)
+        return out
 
     def _generic_grads(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.engine == "loop":
-            return self._loop_grads(x, y)
+            return self.loop.grads(x, y)
         if not self._generic_fallback:
-            return self._vmap_grads(x, y)
+            return self.vmap.grads(x, y)
         try:
-            grads = self._vmap_grads(x, y)
+            grads = self.vmap.grads(x, y)
         except (RuntimeError, NotImplementedError):
             # Some modules (data-dependent control flow, unsupported in-place ops) cannot be vmapped.
             self.engine = "loop"
-            return self._loop_grads(x, y)
+            return self.loop.grads(x, y)
         self._generic_fallback = False
         return grads
 
-    # ------------------------------------------------------------------ layer-wise engine
-    def _summed_loss(self, logits: Tensor, y: Tensor, groups: int) -> Tensor:
-        """Sum over groups of each group's own loss, so a sample's output gradient is its group's."""
-        grouped_logits = logits.reshape(groups, -1, *logits.shape[1:])
-        grouped_y = y.reshape(groups, -1, *y.shape[1:])
-        if self.loss_fn is F.cross_entropy:  # mean over each group, summed: one fused call
-            return F.cross_entropy(logits, y, reduction="sum") / grouped_y.shape[1]
-        try:
-            return vmap(self.loss_fn)(grouped_logits, grouped_y).sum()
-        except (RuntimeError, NotImplementedError):
-            return torch.stack([self.loss_fn(a, b) for a, b in zip(grouped_logits, grouped_y, strict=True)]).sum()
-
-    def _layerwise_into(self, out: Tensor, x: Tensor, y: Tensor) -> None:
-        if not x.is_floating_point():
-            raise LayerwiseUnsupported("the model input is not floating point")
-        passes = self._passes(x.shape[0], x.shape[1])
-        workers = min(len(passes), self._workers())
-        replicas = self._worker_replicas(workers) if workers > 1 else None
-        if replicas is None:
-            frozen = {name: p.detach() for name, p in self.module.named_parameters()}
-
-            def model(inputs: Tensor) -> Tensor:
-                return functional_call(self.module, frozen, (inputs,), strict=False)
-
-            finite = [self._layerwise_slice(model, self._owners, out, x[g0:g1], y[g0:g1], g0) for g0, g1 in passes]
-            self.known_finite = all(finite)
-            return
-        free: queue.SimpleQueue[FrozenReplica] = queue.SimpleQueue()
-        for replica in replicas:
-            free.put(replica)
-
-        def run(bounds: tuple[int, int]) -> bool:
-            (g0, g1), replica = bounds, free.get()  # never waits: at most `workers` passes run at once
+    def _auto_first_chunk(self, out: Tensor, x: Tensor, y: Tensor) -> None:
+        reason = layerwise_blocker(self.module, self.params)
+        if reason is None:
             try:
-                owners = [replica.counterparts(modules) for modules in self._owners]
-                return self._layerwise_slice(replica.module, owners, out, x[g0:g1], y[g0:g1], g0)
-            finally:
-                free.put(replica)
-
-        # Whole passes in parallel, one intra-op thread each: the two cores stay busy where a chunk's many
-        # small ops (BatchNorm, ReLU, 7x7 convs) split across intra-op threads left one waiting.
-        with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
-            self.known_finite = all(list(pool.map(run, passes)))
-
-    def _workers(self) -> int:
-        if self.device.type != "cpu":
-            return 1
-        return max(1, self.workers if self.workers is not None else torch.get_num_threads())
-
-    def _passes(self, groups: int, group_size: int) -> list[tuple[int, int]]:
-        """Ranges of groups, one forward/backward pass each: the whole chunk on GPU, passes of about
-        :data:`CPU_PASS_SAMPLES` samples on CPU (as many as a multiple of the workers, so they share evenly)."""
-        if self.device.type != "cpu":
-            return [(0, groups)]
-        count = math.ceil(groups * group_size / CPU_PASS_SAMPLES)
-        workers = self._workers()
-        if count > 1 and workers > 1:
-            count = math.ceil(count / workers) * workers
-        count = max(1, min(count, groups))
-        return list(itertools.pairwise(round(i * groups / count) for i in range(count + 1)))
-
-    def _worker_replicas(self, count: int) -> list[FrozenReplica] | None:
-        """`count` frozen replicas of the model (None: the model cannot be copied; run on one thread)."""
-        if self._uncopyable:
-            return None
-        replicas = [r for r in self._replicas if r.current()]
-        if len(replicas) < len(self._replicas):  # a parameter was replaced: start afresh
-            replicas = []
-        try:
-            while len(replicas) < count:
-                replicas.append(FrozenReplica(self.module))
-        except Exception:  # noqa: BLE001 - whatever deepcopy refuses runs on one thread, which needs no copy
-            self._uncopyable = True
-            return None
-        self._replicas = replicas
-        for replica in replicas[:count]:
-            replica.sync_modes()
-        return replicas[:count]
-
-    def _layerwise_slice(self, module: Callable[[Tensor], Tensor], owners: list[list[nn.Module]], out: Tensor,
-                         x: Tensor, y: Tensor, g0: int) -> bool:
-        """Layer-wise gradients of groups ``x``, ``y`` into rows ``g0:`` of `out`; True when they are all
-        finite (a finite sum of each layer's rows, taken while they are in cache; False: not known).
-        `module` runs the model with every parameter detached, so the backward from the loss reaches
-        each recorded layer's output through the input only (which is tracked)."""
-        groups = x.shape[0]
-        inputs = x.reshape(-1, *x.shape[2:]).detach().requires_grad_(True)
-        recorded = [m for modules in owners for m in modules]
-        with LayerRecorder(recorded) as recorder, torch.enable_grad():
-            logits = module(inputs)
-            loss = self._summed_loss(logits, y.reshape(-1, *y.shape[2:]), groups)
-            del logits
-            recorder.backward(loss)
-        del loss
-        sums: list[Tensor] = []
-        for layer, modules in enumerate(owners):
-            rows = layer_grads(recorder.take_calls(modules), groups)
-            if rows is not None:
-                sums.append(rows.sum())
-            self._write_rows(out, layer, g0, g0 + groups, rows)
-        # Rows finite => the masked copy in `out` is finite too, if its dtype holds every value of theirs.
-        return (not sums or bool(torch.isfinite(torch.stack(sums).sum()))) and self._output_holds_rows
-
-    def _write_rows(self, out: Tensor, layer: int, g0: int, g1: int, rows: Tensor | None) -> None:
-        """Rows ``g0:g1`` of one layer's gradients (None: zeros), masked, into the flat or block-major
-        `out`: one pass that copies, transposes to block-major and masks at once."""
-        a, b = self.offsets[layer], self.offsets[layer + 1]
-        if self.layout is None:
-            dest = out[g0:g1, a:b]
-            if rows is None:
-                dest.zero_()
-            elif self.mask is None:
-                dest.copy_(rows)
-            else:
-                torch.mul(rows, self.mask[a:b], out=dest)
+                self.known_finite = self.layerwise.into(out, x, y)
+                reason = self._cross_check(out, x, y)
+            except LayerwiseUnsupported as exc:
+                reason = str(exc)
+        if reason is None:
+            self.engine = "layerwise"
             return
-        k0, k1 = self.layout.block_offsets[layer], self.layout.block_offsets[layer + 1]
-        dest = out[k0:k1, g0:g1]  # (blocks of this layer, groups, B)
-        if rows is None:
-            dest.zero_()
-            return
-        B = self.layout.block_size
-        full, rest = divmod(b - a, B)
-        mask = None if self.mask is None else self.mask[k0:k1]
-        if full:
-            block_rows = rows[:, : full * B].reshape(rows.shape[0], full, B).transpose(0, 1)
-            if mask is None:
-                dest[:full].copy_(block_rows)
-            else:
-                torch.mul(block_rows, mask[:full], out=dest[:full])
-        if rest:
-            tail = rows[:, full * B :]
-            dest[full, :, :rest] = tail if mask is None else tail * mask[full, :, :rest]
-            dest[full, :, rest:] = 0
+        self.engine_note = reason
+        self.engine, self._generic_fallback = "vmap", True
+        self.known_finite = False
+        self.writer.write_grads(out, self._generic_grads(x, y), self.inner_names)
 
     def _cross_check(self, out: Tensor, x: Tensor, y: Tensor) -> str | None:
         """Compare two groups of a layer-wise chunk with plain autograd (None: they agree).
@@ -353,7 +201,7 @@ class GradientComputer:
             return None  # the finiteness guard reports it
         picks = sorted(norms.topk(min(2, len(norms))).indices.tolist())
         reference = self.new_output(len(picks))
-        self._write_grads(reference, self._loop_grads(x[picks], y[picks]))
+        self.writer.write_grads(reference, self.loop.grads(x[picks], y[picks]), self.inner_names)
         mine = out[picks] if self.layout is None else out[:, picks]
         if not bool(torch.isfinite(reference).all()):
             return None
@@ -366,50 +214,6 @@ class GradientComputer:
             return (f"layer-wise gradients differ from plain autograd (relative error {error:.1e} on the first"
                     " chunk's largest gradients): samples interact")
         return None
-
-    def _auto_first_chunk(self, out: Tensor, x: Tensor, y: Tensor) -> None:
-        reason = layerwise_blocker(self.module, self.params)
-        if reason is None:
-            try:
-                self._layerwise_into(out, x, y)
-                reason = self._cross_check(out, x, y)
-            except LayerwiseUnsupported as exc:
-                reason = str(exc)
-        if reason is None:
-            self.engine = "layerwise"
-            return
-        self.engine_note = reason
-        self.engine, self._generic_fallback = "vmap", True
-        self.known_finite = False
-        self._write_grads(out, self._generic_grads(x, y))
-
-    # ------------------------------------------------------------------ output
-    def new_output(self, n: int) -> Tensor:
-        if self.layout is None:
-            return torch.empty(n, self.dim, dtype=self.dtype, device=self.device)
-        return torch.empty(self.layout.num_blocks, n, self.layout.block_size, dtype=self.dtype, device=self.device)
-
-    def _write_grads(self, out: Tensor, grads: dict[str, Tensor]) -> None:
-        n = out.shape[0] if self.layout is None else out.shape[1]
-        for layer, inner in enumerate(self.inner_names):
-            self._write_rows(out, layer, 0, n, grads.pop(inner).reshape(n, -1))
-
-    def compute(self, x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
-        """Gradients for groups ``x: (n, m, ...)``, ``y: (n, m)`` → flat masked ``(n, d)``
-        (block-major ``(K, n, B)`` with a layout), written into `out` when given (its shape must match)."""
-        if out is None:
-            out = self.new_output(x.shape[0])
-        self.known_finite = False
-        if self.engine == "auto":
-            self._auto_first_chunk(out, x, y)
-        elif self.engine == "layerwise":
-            blocker = layerwise_blocker(self.module, self.params)
-            if blocker is not None:
-                raise LayerwiseUnsupported(f"engine 'layerwise' cannot run here: {blocker}")
-            self._layerwise_into(out, x, y)
-        else:
-            self._write_grads(out, self._generic_grads(x, y))
-        return out
 
 
 @dataclass
