@@ -95,16 +95,17 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                 metrics.channel_surgery = remove_pruned_channels(pruned, cpu_masks, data.sample_input(2)).to_dict()
                 masks = None
             if recipe.export.enabled:
-                reporter.message("exporting ONNX")
+                reporter.message("exporting ONNX" + (" and quantizing to INT8" if recipe.quantize.enabled else ""))
                 t0 = time.perf_counter()
-                onnx_path, baseline_path = _export(recipe, run, pruned, dense, data, masks)
+                files = _export(recipe, run, pruned, dense, data, masks)
                 metrics.add_timing("export_s", time.perf_counter() - t0)
-                metrics.onnx = str(onnx_path)
+                metrics.onnx = str(files.shipped)
                 if recipe.validate_.enabled:
                     reporter.message("validating in ONNX Runtime")
                     t0 = time.perf_counter()
-                    result = _validate(recipe, run.file("validation"), onnx_path, baseline_path, pruned, data,
-                                       recipe.validate_.gates, reporter)
+                    result = _validate(recipe, run.file("validation"), files.shipped, files.baseline, pruned, data,
+                                       recipe.validate_.gates, reporter,
+                                       fp32_path=files.fp32 if files.quantized else None)
                     metrics.add_timing("validate_s", time.perf_counter() - t0)
                     outcome.gates_passed = result.passed
                     outcome.failed_gates = [g.name for g in result.failed_gates]
@@ -122,29 +123,59 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         shutdown()
 
 
+@dataclass
+class ExportedFiles:
+    """What the export stage wrote: `shipped` is the deployable file (INT8 when quantize is on)."""
+
+    shipped: Path
+    fp32: Path  # the pruned FP32 model (the shipped file itself when not quantized)
+    baseline: Path  # the dense FP32 model everything is judged against
+    quantized: bool
+
+
+def fp32_filename(filename: str) -> str:
+    """`model.onnx` -> `model.fp32.onnx`: the FP32 source beside a quantized shipped file."""
+    return f"{Path(filename).stem}.fp32.onnx"
+
+
 def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.nn.Module, data: DataBundle,
-            masks: dict[str, torch.Tensor] | None) -> tuple[Path, Path]:
-    """Export the pruned model (compact storage if asked) and the dense baseline it is judged against."""
+            masks: dict[str, torch.Tensor] | None) -> ExportedFiles:
+    """Export the pruned model (compact storage if asked), quantize it if asked, and the dense baseline."""
     from wf_pipeline.deploy.export import export_onnx
 
     out = run.file("export")
     sample = data.sample_input(2)
     cfg = recipe.export
-    result = export_onnx(pruned.cpu().eval(), sample, out / cfg.filename, opset=cfg.opset,
+    quantize = recipe.quantize.enabled
+    fp32_name = fp32_filename(cfg.filename) if quantize else cfg.filename
+    result = export_onnx(pruned.cpu().eval(), sample, out / fp32_name, opset=cfg.opset,
                          dynamic_batch=cfg.dynamic_batch, sparse_storage=cfg.sparse_storage,
                          sparse_threshold=cfg.sparse_threshold, masks=masks)
     baseline = export_onnx(dense.cpu().eval(), sample, out / "dense_baseline.onnx", opset=cfg.opset,
                            dynamic_batch=cfg.dynamic_batch, sparse_storage=False)
-    write_json(out / "export.json", {"pruned": result.to_dict(), "dense_baseline": baseline.to_dict()})
     if not result.sparsity_matches:
         # A bug, not a user error, but the user needs to know where the evidence is.
+        write_json(out / "export.json", {"pruned": result.to_dict(), "dense_baseline": baseline.to_dict()})
         raise RuntimeError(f"exported ONNX sparsity does not match the PyTorch masks; see {out / 'export.json'}")
-    return result.path, baseline.path
+    record: dict[str, Any] = {"shipped": cfg.filename, "shipped_format": "int8-qdq" if quantize else "fp32",
+                              "pruned": result.to_dict(), "dense_baseline": baseline.to_dict()}
+    shipped = result.path
+    if quantize:
+        from wf_pipeline.deploy.quantize import quantize_model
+
+        qcfg = recipe.quantize
+        calibration = [x.numpy() for x in data.calibration_batches(qcfg.calibration_samples,
+                                                                    qcfg.calibration_batch_size)]
+        quantized = quantize_model(result.dense_path or result.path, out / cfg.filename, calibration, qcfg)
+        record["quantized"] = {**quantized.to_dict(), "calibration_split": "train"}
+        shipped = quantized.path
+    write_json(out / "export.json", record)
+    return ExportedFiles(shipped=shipped, fp32=result.path, baseline=baseline.path, quantized=quantize)
 
 
 def _validate(recipe: Recipe, out_dir: Path, onnx_path: Path, baseline_path: Path | None,
               torch_model: torch.nn.Module | None, data: DataBundle, gates: GatesConfig,
-              reporter: Reporter) -> ValidationResult:
+              reporter: Reporter, fp32_path: Path | None = None) -> ValidationResult:
     from wf_pipeline.deploy.validate import ValidationSettings, validate_model
     from wf_pipeline.reporting.validation_outputs import write_validation_outputs
 
@@ -152,7 +183,7 @@ def _validate(recipe: Recipe, out_dir: Path, onnx_path: Path, baseline_path: Pat
         result = validate_model(onnx_path, torch_model=None if torch_model is None else torch_model.cpu().eval(),
                                 test_data=data.test_tensors(), baseline_path=baseline_path,
                                 settings=ValidationSettings.from_config(recipe.validate_), gates=gates,
-                                progress=progress)
+                                progress=progress, fp32_path=fp32_path)
     write_validation_outputs(result, out_dir)
     return result
 

@@ -90,6 +90,22 @@ class DataBundle:
 
         return make
 
+    def calibration_batches(self, count: int, batch_size: int = 64) -> list[torch.Tensor]:
+        """`count` training images (a seeded sample, no augmentation, test preprocessing) for INT8 calibration.
+
+        Drawn from the training split only: the test images stay unseen by everything that shapes the model.
+        """
+        generator = torch.Generator().manual_seed(self.seed + 5)
+        if self.train_split is not None:
+            chosen = torch.randperm(len(self.train_split), generator=generator)[:count].sort().values
+            images, labels = self.train_split.images[chosen], self.train_split.labels[chosen]
+            batches = TensorBatches(images, labels, self.preprocess, batch_size)  # type: ignore[arg-type]
+            return [x for x, _ in batches]
+        plain_train = self.folder_sets[2]  # type: ignore[index]  # the training images without augmentation
+        chosen = torch.randperm(len(plain_train), generator=generator)[:count].sort().values  # type: ignore[arg-type]
+        return [x for x, _ in DataLoader(Subset(plain_train, chosen.tolist()), batch_size=batch_size,
+                                         num_workers=self.cfg.num_workers)]
+
     def test_tensors(self, limit: int | None = None) -> Batch:
         """The (preprocessed) test set as two tensors, for ONNX Runtime accuracy and parity checks."""
         xs, ys, seen = [], [], 0

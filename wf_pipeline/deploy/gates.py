@@ -8,7 +8,7 @@ loudly rather than go green.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from wf_pipeline.errors import WFError
@@ -23,12 +23,17 @@ GATE_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "min_sparsity": (),
     "max_parity_error": ("torch_model",),
     "min_top1_agreement": ("torch_model",),
+    "min_int8_agreement": ("quantized",),
+    "max_int8_logit_error": ("quantized",),
 }
+# Gates that exist only for an INT8 model: left out of an FP32 model's results, not reported as skipped.
+INT8_GATES = ("min_int8_agreement", "max_int8_logit_error")
 
 _REQUIREMENT_HINTS = {
     "test_data": "a test set (the recipe's data section)",
     "baseline": "a dense baseline model (--baseline DENSE.onnx)",
     "torch_model": "the PyTorch model (checkpoint) the ONNX file was exported from",
+    "quantized": "an INT8 model (quantize.enabled: true) and its FP32 source (--fp32 FP32.onnx or --checkpoint)",
 }
 
 
@@ -58,14 +63,23 @@ class GateInputs:
 
     accuracy: float | None = None
     baseline_accuracy: float | None = None
-    latency_p50_ms: float | None = None  # pruned model, first batch size
-    latency_ratio: float | None = None  # pruned p50 / dense p50, first batch size
-    latency_batch_size: int | None = None
+    latency_p50_ms: float | None = None  # shipped model, first batch size
+    latency_ratios: dict[int, float] = field(default_factory=dict)  # batch size -> shipped p50 / dense p50
+    latency_batch_size: int | None = None  # the batch size of latency_p50_ms
     sparsity: float | None = None
     sparsity_zeros: int | None = None
     sparsity_total: int | None = None
     parity_error: float | None = None
     top1_agreement: float | None = None
+    int8_agreement: float | None = None  # INT8 top-1 agreement with its FP32 source
+    int8_logit_error: float | None = None  # mean |INT8 - FP32 logit| / mean |FP32 logit|
+
+    def worst_latency_ratio(self) -> tuple[int, float] | None:
+        """(batch size, ratio) of the slowest batch size relative to dense: the latency gate holds at every one."""
+        if not self.latency_ratios:
+            return None
+        batch = max(self.latency_ratios, key=lambda b: self.latency_ratios[b])
+        return batch, self.latency_ratios[batch]
 
 
 def active_gates(gates: GatesConfig) -> dict[str, float]:
@@ -134,11 +148,16 @@ def _sparsity_gate(threshold: float, inputs: GateInputs) -> GateResult:
     return result
 
 
-def evaluate_gates(gates: GatesConfig, inputs: GateInputs,
-                   unavailable_reasons: dict[str, str] | None = None) -> list[GateResult]:
-    """One GateResult per configured gate (None thresholds are not configured)."""
+def evaluate_gates(gates: GatesConfig, inputs: GateInputs, unavailable_reasons: dict[str, str] | None = None,
+                   *, quantized: bool = False) -> list[GateResult]:
+    """One GateResult per configured gate (None thresholds are not configured; INT8 gates only for INT8 models)."""
     reasons = unavailable_reasons or {}
     batch = f" at batch {inputs.latency_batch_size}" if inputs.latency_batch_size else ""
+    worst = inputs.worst_latency_ratio()
+    ratio_what = "p50 latency ratio shipped/dense"
+    if worst is not None:
+        others = ", ".join(f"batch {b}: {r:.3g}" for b, r in sorted(inputs.latency_ratios.items()) if b != worst[0])
+        ratio_what += f" at batch {worst[0]} (the worst{'; ' + others if others else ''})"
     measured: dict[str, float | None] = {
         "min_accuracy": inputs.accuracy,
         "max_accuracy_drop": (
@@ -147,13 +166,17 @@ def evaluate_gates(gates: GatesConfig, inputs: GateInputs,
             else None
         ),
         "max_latency_ms": inputs.latency_p50_ms,
-        "max_latency_ratio": inputs.latency_ratio,
+        "max_latency_ratio": worst[1] if worst is not None else None,
         "min_sparsity": inputs.sparsity,
         "max_parity_error": inputs.parity_error,
         "min_top1_agreement": inputs.top1_agreement,
+        "min_int8_agreement": inputs.int8_agreement,
+        "max_int8_logit_error": inputs.int8_logit_error,
     }
     results = []
     for name, threshold in active_gates(gates).items():
+        if name in INT8_GATES and not quantized:
+            continue
         value = measured[name]
         if value is None:
             needs = GATE_REQUIREMENTS[name]
@@ -168,13 +191,17 @@ def evaluate_gates(gates: GatesConfig, inputs: GateInputs,
         elif name == "max_latency_ms":
             results.append(_at_most(name, value, threshold, f"p50 latency{batch} (ms)"))
         elif name == "max_latency_ratio":
-            results.append(_at_most(name, value, threshold, f"p50 latency ratio pruned/dense{batch}"))
+            results.append(_at_most(name, value, threshold, ratio_what))
         elif name == "min_sparsity":
             results.append(_sparsity_gate(threshold, inputs))
         elif name == "max_parity_error":
             results.append(_at_most(name, value, threshold, "max |logit diff| vs PyTorch"))
         elif name == "min_top1_agreement":
             results.append(_at_least(name, value, threshold, "top-1 agreement with PyTorch"))
+        elif name == "min_int8_agreement":
+            results.append(_at_least(name, value, threshold, "INT8 top-1 agreement with its FP32 source"))
+        elif name == "max_int8_logit_error":
+            results.append(_at_most(name, value, threshold, "INT8 mean |logit error| relative to FP32"))
     return results
 
 

@@ -126,7 +126,10 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
         layer = _layer(node, arrays[node.input[1]], bias, dims)
         if layer is not None:
             layers.append(layer)
-    floats = [a for a in arrays.values() if np.issubdtype(a.dtype, np.floating)]
+    # Quantization scales are not parameters: an INT8 model counts the same parameters as its FP32 source.
+    scales = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+              for name in node.input[1:]}
+    floats = [a for name, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and name not in scales]
     per_layer_macs = [layer.macs for layer in layers if layer.macs is not None]
     per_layer_nonzero = [layer.nonzero_macs for layer in layers if layer.nonzero_macs is not None]
     known = len(per_layer_macs) == len(layers)

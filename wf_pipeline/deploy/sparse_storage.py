@@ -36,7 +36,9 @@ DECODE_OP = "DecodeBitmask"
 MIN_OPSET = 11  # BitShift and CumSum
 METADATA_KEY = "wf_pipeline.compact_weights"
 _FUNCTION_IR_VERSION = 8  # model-local functions need IR 8
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16})
+# Symmetric INT8 weights of a QDQ model: zero point 0, so a pruned weight is an exact 0 here too.
+INT8_TYPES = frozenset({TensorProto.INT8})
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,13 @@ def _opset_of(model: onnx.ModelProto) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def _candidates(model: onnx.ModelProto, threshold: float, min_rank: int, payload) -> dict[str, float]:
-    """Initializers worth storing compactly: float, rank >= min_rank, zero-heavy and really smaller."""
+def _candidates(model: onnx.ModelProto, threshold: float, min_rank: int, payload,
+                data_types: frozenset[int] = _FLOAT_TYPES) -> dict[str, float]:
+    """Initializers worth storing compactly: of `data_types`, rank >= min_rank, zero-heavy and really smaller."""
     overridable = {value.name for value in model.graph.input}  # old-IR files list initializers as inputs
     chosen: dict[str, float] = {}
     for init in model.graph.initializer:
-        if init.data_type not in _FLOAT_TYPES or len(init.dims) < min_rank or init.name in overridable:
+        if init.data_type not in data_types or len(init.dims) < min_rank or init.name in overridable:
             continue
         array = numpy_helper.to_array(init)
         fraction = zero_fraction(array)
@@ -118,17 +121,18 @@ def _candidates(model: onnx.ModelProto, threshold: float, min_rank: int, payload
 
 
 def to_compact_storage(
-    model: onnx.ModelProto, threshold: float, min_rank: int = 2
+    model: onnx.ModelProto, threshold: float, min_rank: int = 2, data_types: frozenset[int] = _FLOAT_TYPES
 ) -> tuple[onnx.ModelProto, CompactConversion]:
     """A copy of `model` whose zero-heavy weights (zero fraction >= threshold) use the bitmask form.
 
     Biases and shape constants (rank < min_rank) stay dense: they are tiny. A weight is converted
-    only when the bitmask form is smaller, i.e. from about 3% zeros on for fp32.
+    only when the bitmask form is smaller, i.e. from about 3% zeros on for fp32 and 12% for INT8
+    (`data_types=INT8_TYPES`, the weights of a QDQ model; the decode only copies values, any dtype).
     """
     opset = _opset_of(model)
     if opset < MIN_OPSET:
         raise ValueError(f"the bitmask storage needs opset >= {MIN_OPSET}, the model has {opset}")
-    chosen = _candidates(model, threshold, min_rank, bitmask_bytes)
+    chosen = _candidates(model, threshold, min_rank, bitmask_bytes, data_types)
     compact = onnx.ModelProto()
     compact.CopyFrom(model)
     if not chosen:
@@ -225,8 +229,8 @@ def _constant_nodes(model: onnx.ModelProto, known: set[str]) -> list[onnx.NodePr
     for node in model.graph.node:  # ONNX graphs are topologically sorted
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue
-        if node.op_type.startswith("Random"):
-            continue
+        if node.op_type.startswith("Random") or node.op_type == "DequantizeLinear":
+            continue  # DequantizeLinear: its INT8 input is the stored weight; dequantized apart (_dequantized)
         if all(name in known for name in node.input if name):
             found.append(node)
             known.update(node.output)
@@ -261,6 +265,23 @@ def _fold_constants(model: onnx.ModelProto, nodes: list[onnx.NodeProto], stored:
         return _evaluate(model, decoders, stored, outputs) if outputs else {}
 
 
+def _dequantized(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float values of DequantizeLinear nodes over constants (a QDQ model's weights): (q - zero point) * scale."""
+    values = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or not all(n in arrays for n in node.input if n):
+            continue
+        quantized, scale = arrays[node.input[0]], arrays[node.input[1]].astype(np.float32)
+        zero = arrays[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * quantized.ndim
+        if scale.ndim == 1 and quantized.ndim:
+            shape[axis % quantized.ndim] = scale.size  # per-channel: scale along `axis`
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        values[node.output[0]] = ((quantized.astype(np.int32) - zero.astype(np.int32)) * scale).astype(np.float32)
+    return values
+
+
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The constant tensors the model's compute nodes consume, by name, as numpy arrays.
 
@@ -281,6 +302,8 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     arrays = {name: stored[name] for name in dict.fromkeys(consumed) if name in stored}
     if wanted:
         arrays.update(_fold_constants(model, constant_nodes, stored, wanted))
+    if any(node.op_type == "DequantizeLinear" for node in graph.node):
+        arrays.update(_dequantized(model, {**stored, **arrays}))
     return arrays
 
 
@@ -292,6 +315,7 @@ def compact_weight_names(model: onnx.ModelProto) -> list[str]:
 
 def _weight_items(model: onnx.ModelProto, min_rank: int):
     for name, array in initializer_arrays(model).items():
+        # float weights; a quantized model's INT8 weights are counted once, dequantized (zeros stay exact zeros)
         if array.ndim >= min_rank and np.issubdtype(array.dtype, np.floating):
             yield name, array
 

@@ -11,6 +11,7 @@ import os
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from wf_pipeline.deploy.ort_session import (
     run_logits,
     static_batch_size,
 )
+from wf_pipeline.deploy.quantize import is_quantized
 from wf_pipeline.deploy.sparse_storage import compact_weight_names, overall_weight_sparsity, weight_zero_fractions
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import GatesConfig, ValidateConfig
@@ -76,15 +78,19 @@ class ParityResult:
     max_abs_diff: float
     mean_abs_diff: float
     top1_agreement: float
+    relative_error: float = 0.0  # mean |diff| / mean |reference logit|
+    reference: str = "PyTorch"  # what the logits were compared with
 
 
 @dataclass
 class LatencyResult:
     batch_size: int
     threads: int
-    pruned: LatencyStats
+    pruned: LatencyStats  # the validated (shipped) model
     dense: LatencyStats | None
-    ratio_p50: float | None  # pruned / dense
+    ratio_p50: float | None  # shipped / dense
+    fp32: LatencyStats | None = None  # the FP32 model a quantized one came from
+    fp32_ratio_p50: float | None = None  # that FP32 model / dense
 
 
 @dataclass
@@ -110,6 +116,10 @@ class ValidationResult:
     notes: list[str] = field(default_factory=list)
     structure: dict[str, Any] | None = None  # model_stats of the model and of the baseline: channels, params, MACs
     baseline_structure: dict[str, Any] | None = None
+    quantized: bool = False  # the validated model is INT8 (QDQ)
+    fp32_path: str | None = None  # the FP32 model it was quantized from
+    fp32_accuracy: float | None = None
+    int8_agreement: ParityResult | None = None  # INT8 logits against its FP32 source (file, else PyTorch)
 
     @property
     def failed_gates(self) -> list[GateResult]:
@@ -179,12 +189,23 @@ def _to_numpy(batch: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
 
 
+def torch_logits_fn(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def logits(inputs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(inputs)).float().numpy()
+
+    return logits
+
+
 class _ParityAccumulator:
-    def __init__(self, model: nn.Module, limit: int) -> None:
-        self.model, self.limit = model, limit
+    """Logit agreement of a model with a reference on up to `limit` inputs."""
+
+    def __init__(self, reference: Callable[[np.ndarray], np.ndarray], limit: int, name: str = "PyTorch") -> None:
+        self.reference, self.limit, self.name = reference, limit, name
         self.count = 0
         self.max_diff = 0.0
         self.sum_diff = 0.0
+        self.sum_reference = 0.0
         self.elements = 0
         self.agree = 0
 
@@ -196,13 +217,13 @@ class _ParityAccumulator:
         take = min(self.limit - self.count, inputs.shape[0])
         if take <= 0:
             return
-        with torch.no_grad():
-            torch_logits = self.model(torch.from_numpy(inputs[:take])).float().numpy()
+        torch_logits = self.reference(inputs[:take])
         diff = np.abs(torch_logits - onnx_logits[:take])
         self.max_diff = max(self.max_diff, float(np.max(diff))) if diff.size else self.max_diff
         if np.isnan(diff).any():
             self.max_diff = float("nan")
         self.sum_diff += float(np.sum(diff))
+        self.sum_reference += float(np.sum(np.abs(torch_logits)))
         self.elements += diff.size
         self.agree += int(np.sum(torch_logits.argmax(1) == onnx_logits[:take].argmax(1)))
         self.count += take
@@ -214,6 +235,8 @@ class _ParityAccumulator:
             max_abs_diff=self.max_diff,
             mean_abs_diff=self.sum_diff / self.elements if self.elements else 0.0,
             top1_agreement=self.agree / self.count if self.count else 0.0,
+            relative_error=self.sum_diff / self.sum_reference if self.sum_reference else 0.0,
+            reference=self.name,
         )
 
 
@@ -259,12 +282,22 @@ def validate_model(
     settings: ValidationSettings,
     gates: GatesConfig,
     progress: ProgressFn | None = None,
+    fp32_path: Path | None = None,
 ) -> ValidationResult:
     """Measure `onnx_path` (against `baseline_path` when given) and evaluate the gates.
 
+    An INT8 model is judged by its agreement with the FP32 model it came from (`fp32_path`, else the
+    PyTorch model), not by the FP32 parity gate, which then applies to `fp32_path` against PyTorch; the
+    FP32 file is timed beside the shipped and dense ones.
     Raises WFError for bad input: missing/corrupt ONNX files, or an explicitly set gate whose input
     (baseline, PyTorch model, test data) is not provided. Gate failures are in the result, not raised.
     """
+    onnx_path = Path(onnx_path)
+    model_proto = load_onnx(onnx_path)
+    quantized = is_quantized(model_proto)
+    if fp32_path is not None and not quantized:
+        raise WFError(f"{onnx_path} is not a quantized model, so it has no FP32 source to compare with",
+                      hint="give the INT8 file (export/model.onnx of a run with quantize.enabled) or drop --fp32")
     available = {"onnx"}
     if torch_model is not None:
         available.add("torch_model")
@@ -272,10 +305,9 @@ def validate_model(
         available.add("test_data")
     if baseline_path is not None:
         available.add("baseline")
+    if quantized:
+        available.add("quantized")
     check_gates_evaluable(gates, available)
-
-    onnx_path = Path(onnx_path)
-    model_proto = load_onnx(onnx_path)
     zero_fraction, zeros, total = overall_weight_sparsity(model_proto)
     per_init = weight_zero_fractions(model_proto)
     sparse_count = len(compact_weight_names(model_proto))
@@ -289,6 +321,7 @@ def validate_model(
 
     session = create_session(onnx_path, threads=0)
     baseline_session = create_session(Path(baseline_path), threads=0) if baseline_path is not None else None
+    fp32_session = create_session(Path(fp32_path), threads=0) if fp32_path is not None else None
     notes: list[str] = []
     fixed = static_batch_size(session)
     if fixed is not None and any(b != fixed for b in settings.batch_sizes):
@@ -297,10 +330,20 @@ def validate_model(
             hint=f"export with dynamic_batch: true or set validate.batch_sizes: [{fixed}]",
         )
 
-    parity = None
+    parity = agreement = None
+    torch_fn = None
     if torch_model is not None:  # a CPU eval copy: the caller's model keeps its device and mode
-        parity = _ParityAccumulator(copy.deepcopy(torch_model).cpu().eval(), settings.parity_samples)
-    correct = baseline_correct = seen = 0
+        torch_fn = torch_logits_fn(copy.deepcopy(torch_model).cpu().eval())
+    if fp32_session is not None:
+        agreement = _ParityAccumulator(partial(run_logits, fp32_session), settings.parity_samples, "FP32 ONNX model")
+        if torch_fn is not None:  # the FP32 file against PyTorch, as for an FP32 run
+            parity = _ParityAccumulator(torch_fn, settings.parity_samples)
+    elif torch_fn is not None:
+        if quantized:
+            agreement = _ParityAccumulator(torch_fn, settings.parity_samples, "PyTorch (FP32)")
+        else:
+            parity = _ParityAccumulator(torch_fn, settings.parity_samples)
+    correct = baseline_correct = fp32_correct = seen = 0
     sample_shape: tuple[int, ...] | None = None
     if test_data is not None:
         for batch_index, (inputs, labels) in enumerate(_iter_batches(test_data, settings.accuracy_batch_size)):
@@ -318,26 +361,27 @@ def validate_model(
                 baseline_logits = run_logits(baseline_session, array)
                 _check_classes_fit(baseline_logits, label_array, Path(baseline_path))  # type: ignore[arg-type]
                 baseline_correct += int(np.sum(baseline_logits.argmax(1) == label_array))
+            fp32_logits = run_logits(fp32_session, array) if fp32_session is not None else None
+            if fp32_logits is not None:
+                fp32_correct += int(np.sum(fp32_logits.argmax(1) == label_array))
+            if agreement is not None and not agreement.full:
+                agreement.add(array, logits)
             if parity is not None and not parity.full:
-                parity.add(array, logits)
+                parity.add(array, logits if fp32_logits is None else fp32_logits)
             seen += array.shape[0]
             if progress is not None:
                 progress("accuracy", batch_index + 1, 0)
         if seen == 0:
             raise WFError("test data is empty", hint="check the data section of the recipe (test_subset?)")
-    parity_result = None
-    if parity is not None:
-        source = "test data"
-        if parity.count == 0:  # no test data: random inputs still prove the graph computes the same function
-            source = "random normal inputs"
-            random_inputs = _synthetic_inputs(session, sample_shape, settings.parity_samples)
-            parity.add(random_inputs, run_logits(session, random_inputs))
-        parity_result = parity.result(source)
+    parity_result = _finish_parity(parity, fp32_session or session, sample_shape, settings.parity_samples)
+    agreement_result = _finish_parity(agreement, session, sample_shape, settings.parity_samples)
 
     latency: list[LatencyResult] = []
     timed = {"pruned": create_session(onnx_path, threads=settings.threads)}
     if baseline_path is not None:
         timed["dense"] = create_session(Path(baseline_path), threads=settings.threads)
+    if fp32_path is not None:
+        timed["fp32"] = create_session(Path(fp32_path), threads=settings.threads)
     for batch_size in settings.batch_sizes:
         stats = measure_interleaved(
             timed,
@@ -347,14 +391,16 @@ def validate_model(
             progress=progress,
             label=f"latency batch {batch_size}",
         )
-        dense = stats.get("dense")
+        dense, fp32 = stats.get("dense"), stats.get("fp32")
         latency.append(
             LatencyResult(
                 batch_size=batch_size,
                 threads=settings.threads,
                 pruned=stats["pruned"],
                 dense=dense,
-                ratio_p50=stats["pruned"].p50 / dense.p50 if dense is not None and dense.p50 > 0 else None,
+                ratio_p50=_ratio(stats["pruned"], dense),
+                fp32=fp32,
+                fp32_ratio_p50=_ratio(fp32, dense),
             )
         )
     if baseline_path is None:
@@ -363,17 +409,23 @@ def validate_model(
     accuracy = correct / seen if seen else None
     baseline_accuracy = baseline_correct / seen if seen and baseline_session is not None else None
     first = latency[0]
+    unavailable = {}
+    if quantized and parity_result is None:
+        unavailable["max_parity_error"] = ("INT8 model: judged against its FP32 source by min_int8_agreement and "
+                                           "max_int8_logit_error (the FP32 parity needs its FP32 file, --fp32)")
     gate_inputs = GateInputs(
         accuracy=accuracy,
         baseline_accuracy=baseline_accuracy,
         latency_p50_ms=first.pruned.p50,
-        latency_ratio=first.ratio_p50,
+        latency_ratios={r.batch_size: r.ratio_p50 for r in latency if r.ratio_p50 is not None},
         latency_batch_size=first.batch_size,
         sparsity=zero_fraction,
         sparsity_zeros=zeros,
         sparsity_total=total,
         parity_error=parity_result.max_abs_diff if parity_result else None,
         top1_agreement=parity_result.top1_agreement if parity_result else None,
+        int8_agreement=agreement_result.top1_agreement if agreement_result else None,
+        int8_logit_error=agreement_result.relative_error if agreement_result else None,
     )
     return ValidationResult(
         model_path=str(onnx_path),
@@ -391,11 +443,32 @@ def validate_model(
         test_samples=seen,
         parity=parity_result,
         latency=latency,
-        gates=evaluate_gates(gates, gate_inputs),
+        gates=evaluate_gates(gates, gate_inputs, unavailable, quantized=quantized),
         settings=settings,
         environment=_environment(settings.threads),
         notes=notes,
         structure=structure,
         baseline_structure=baseline_structure,
+        quantized=quantized,
+        fp32_path=str(fp32_path) if fp32_path is not None else None,
+        fp32_accuracy=fp32_correct / seen if seen and fp32_session is not None else None,
+        int8_agreement=agreement_result,
     )
+
+
+def _ratio(model: LatencyStats | None, dense: LatencyStats | None) -> float | None:
+    return model.p50 / dense.p50 if model is not None and dense is not None and dense.p50 > 0 else None
+
+
+def _finish_parity(parity: _ParityAccumulator | None, session, sample_shape: tuple[int, ...] | None,
+                   samples: int) -> ParityResult | None:
+    """The accumulated agreement; without test data, seeded random inputs still prove the graph computes the same."""
+    if parity is None:
+        return None
+    source = "test data"
+    if parity.count == 0:
+        source = "random normal inputs"
+        random_inputs = _synthetic_inputs(session, sample_shape, samples)
+        parity.add(random_inputs, run_logits(session, random_inputs))
+    return parity.result(source)
 

@@ -1,0 +1,220 @@
+"""Post-training static INT8 quantization of an exported FP32 model with ONNX Runtime's own tooling.
+
+ONNX Runtime does the quantization (`quant_pre_process`, then `quantize_static` in QDQ format with
+per-channel symmetric INT8 weights). What this module adds is what ORT does not do:
+- which nodes stay FP32: named op types, node-name regexes, and Convs narrower than
+  `keep_fp32_below_channels` (ORT's INT8 convolutions are no faster than FP32 below 16 channels on
+  AVX-512 VNNI: see the README's pruned-and-quantized section);
+- calibration batches fed from arrays the caller chose (training images, never test images);
+- compact (bitmask) storage of zero-heavy INT8 weights, proven bit-identical in ORT;
+- an atomic write: a kill during quantization leaves no partial file, and the same inputs give the same bytes.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from wf_pipeline.deploy.ort_session import create_session, load_onnx, run_logits
+from wf_pipeline.deploy.sparse_storage import INT8_TYPES, compact_weight_names, to_compact_storage
+from wf_pipeline.errors import WFError
+from wf_pipeline.recipe.schema import QuantizeConfig
+from wf_pipeline.runtime import atomic_io
+
+
+@dataclass
+class QuantizeResult:
+    path: Path  # the INT8 model
+    source_path: Path  # the FP32 model it was quantized from
+    dense_path: Path | None  # INT8 twin in plain storage, written when `path` stores weights compactly
+    file_bytes: int
+    dense_file_bytes: int
+    source_file_bytes: int
+    calibration_samples: int
+    calibrator: str
+    activations: str
+    quantized_nodes: int  # compute nodes ORT runs in INT8 (inputs fed by DequantizeLinear)
+    fp32_nodes: dict[str, str] = field(default_factory=dict)  # node name -> why it stays FP32
+    compact_weights: list[str] = field(default_factory=list)
+    compact_vs_dense_max_abs_diff: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("path", "source_path", "dense_path"):
+            data[key] = None if data[key] is None else str(data[key])
+        data["size_ratio_to_fp32"] = self.file_bytes / self.source_file_bytes if self.source_file_bytes else None
+        return data
+
+
+class _Batches:
+    """ORT's CalibrationDataReader protocol (`get_next` -> feed dict or None) over a list of arrays."""
+
+    def __init__(self, name: str, batches: Sequence[np.ndarray]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter([{name: b} for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _conv_channels(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """(input channels, output channels) of every Conv node whose weight is an initializer."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    channels = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in shapes:
+            dims = shapes[node.input[1]]
+            group = next((int(a.i) for a in node.attribute if a.name == "group"), 1)
+            channels[node.name] = (int(dims[1]) * group, int(dims[0]))
+    return channels
+
+
+def nodes_kept_fp32(model: onnx.ModelProto, cfg: QuantizeConfig) -> dict[str, str]:
+    """Node name -> the setting that keeps it in FP32."""
+    kept: dict[str, str] = {}
+    patterns = [re.compile(p) for p in cfg.keep_fp32_nodes]
+    for name, (cin, cout) in _conv_channels(model).items():
+        if cfg.keep_fp32_below_channels and min(cin, cout) < cfg.keep_fp32_below_channels:
+            kept[name] = f"keep_fp32_below_channels: {cin} -> {cout} channels"
+    for node in model.graph.node:
+        if node.op_type in cfg.keep_fp32_op_types:
+            kept[node.name] = f"keep_fp32_op_types: {node.op_type}"
+        elif any(p.search(node.name) for p in patterns):
+            kept[node.name] = "keep_fp32_nodes"
+    return kept
+
+
+def _op_types_to_quantize(cfg: QuantizeConfig) -> list[str]:
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    return [op for op in QDQRegistry if op not in cfg.keep_fp32_op_types]
+
+
+def _count_quantized(model: onnx.ModelProto) -> int:
+    """Compute nodes (not Q/DQ themselves) that read a DequantizeLinear output: ORT fuses them to INT8 kernels."""
+    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    qdq = {"QuantizeLinear", "DequantizeLinear"}
+    return sum(1 for node in model.graph.node
+               if node.op_type not in qdq and any(name in dequantized for name in node.input))
+
+
+def _quantize_calls(source: Path, work: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
+                    ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = work / "prepared.onnx"
+    quant_pre_process(str(source), str(prepared))  # shape inference + graph clean-up, as ORT recommends
+    prepared_model = onnx.load(str(prepared))
+    kept = nodes_kept_fp32(prepared_model, cfg)
+    name = prepared_model.graph.input[0].name
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    activation = QuantType.QInt8 if cfg.activations == "int8" else QuantType.QUInt8
+    quantized = work / "quantized.onnx"
+    quantize_static(
+        str(prepared), str(quantized), _Batches(name, batches),  # ORT only calls get_next()
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=_op_types_to_quantize(cfg),
+        per_channel=True,
+        activation_type=activation,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=sorted(kept),
+        calibrate_method=methods[cfg.calibrator],
+        extra_options={
+            "WeightSymmetric": True,  # zero point 0: a pruned weight stays an exact INT8 zero
+            "ActivationSymmetric": cfg.activations == "int8",
+            "CalibPercentile": cfg.percentile,
+        },
+    )
+    return onnx.load(str(quantized)), kept
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+
+
+def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarray], cfg: QuantizeConfig,
+                   ) -> QuantizeResult:
+    """Quantize the FP32 ONNX file `source` (plain weight storage) to INT8 at `out_path`.
+
+    `calibration` holds the input batches (float32 NCHW arrays) the activation ranges are measured on.
+    With `cfg.sparse_storage`, zero-heavy INT8 weights are stored compactly when that is smaller; the
+    plain-storage twin is then written as `<stem>.dense.onnx` and the two must agree exactly in ORT.
+    """
+    if not calibration or sum(b.shape[0] for b in calibration) == 0:
+        raise WFError("quantization needs calibration images; none were given",
+                      hint="set quantize.calibration_samples >= 1 and give the recipe training data")
+    started = time.perf_counter()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # The work folder sits beside the output (same file system) and goes away even after an error.
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as tmp:
+        try:
+            model, kept = _quantize_calls(Path(source), Path(tmp), calibration, cfg)
+        except WFError:
+            raise
+        except Exception as exc:
+            raise WFError(f"ONNX Runtime quantization of {source} failed: {type(exc).__name__}: {str(exc)[:300]}",
+                          hint="keep the failing op type in FP32 (quantize.keep_fp32_op_types) "
+                               "or set quantize.enabled: false (WF_DEBUG=1 for the traceback)") from exc
+    dense_bytes = model.SerializeToString()
+    compact_names: list[str] = []
+    dense_path: Path | None = None
+    diff: float | None = None
+    if cfg.sparse_storage:
+        compact, conversion = to_compact_storage(model, threshold=0.5, data_types=INT8_TYPES)
+        compact_names = conversion.names
+        if compact_names:
+            dense_path = out_path.with_name(f"{out_path.stem}.dense.onnx")
+            atomic_io.write_bytes(dense_path, dense_bytes)
+            atomic_io.write_bytes(out_path, compact.SerializeToString())
+            probe = np.concatenate(list(calibration[:1]))[:8]
+            compact_out = run_logits(create_session(out_path, threads=1), probe)
+            dense_out = run_logits(create_session(dense_path, threads=1), probe)
+            diff = _max_diff(compact_out, dense_out)
+            if not np.array_equal(compact_out, dense_out):
+                out_path.unlink()
+                raise WFError(f"compact INT8 file differs from its plain twin in onnxruntime (max |diff| {diff:.3g})",
+                              hint="set quantize.sparse_storage: false and report this as a bug")
+    if dense_path is None:
+        atomic_io.write_bytes(out_path, dense_bytes)
+    written = load_onnx(out_path)
+    return QuantizeResult(
+        path=out_path,
+        source_path=Path(source),
+        dense_path=dense_path,
+        file_bytes=out_path.stat().st_size,
+        dense_file_bytes=len(dense_bytes),
+        source_file_bytes=Path(source).stat().st_size,
+        calibration_samples=int(sum(b.shape[0] for b in calibration)),
+        calibrator=cfg.calibrator,
+        activations=cfg.activations,
+        quantized_nodes=_count_quantized(model),
+        fp32_nodes=kept,
+        compact_weights=compact_weight_names(written),
+        compact_vs_dense_max_abs_diff=diff,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """True for a QDQ or QOperator INT8 model (any DequantizeLinear or QLinear* node)."""
+    return any(node.op_type == "DequantizeLinear" or node.op_type.startswith("QLinear") for node in model.graph.node)
+
+
+def int8_weight_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """INT8 weight initializers by name (the payload a QDQ model dequantizes), for size and sparsity reports."""
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
+            if init.data_type == onnx.TensorProto.INT8 and len(init.dims) >= 2}
+
+
+
