@@ -492,14 +492,68 @@ class ExportConfig(Strict):
         return name
 
 
+class QuantizeConfig(Strict):
+    """Post-training static INT8 quantization of the exported model in ONNX Runtime (QDQ format).
+
+    Weights are INT8, symmetric, per output channel; activations are calibrated on training images
+    (never test images). The quantized file is what ships; its FP32 source stays beside it.
+    """
+
+    enabled: bool = Field(False, description="quantize the exported model to INT8 (off: the FP32 model ships)")
+    calibration_samples: int = Field(
+        512, ge=1, le=100_000, description="training images (no augmentation) the activation ranges are measured on")
+    calibration_batch_size: int = Field(64, ge=1, le=4096, description="images per calibration batch")
+    calibrator: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how activation ranges are chosen from the calibration outputs")
+    percentile: float = Field(99.999, gt=90, le=100, description="calibrator percentile: the kept percentile")
+    activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="activation type: uint8 (asymmetric, the fast u8s8 kernels on x86) or int8 (symmetric)")
+    keep_fp32_op_types: list[str] = Field(
+        default_factory=list, description="ONNX op types left in FP32, e.g. [Add, GlobalAveragePool]")
+    keep_fp32_nodes: list[str] = Field(
+        default_factory=list, description="regexes over ONNX node names left in FP32, e.g. ['^/conv1/']")
+    keep_fp32_below_channels: int = Field(
+        16, ge=0, le=4096,
+        description="Conv nodes with fewer input or output channels stay FP32: ONNX Runtime's INT8 convolutions "
+        "are no faster than FP32 below 16 channels (README, pruned and quantized); 0 quantizes every Conv")
+    sparse_storage: bool = Field(
+        True, description="store zero-heavy INT8 weights compactly (bitmask + non-zeros) where that is smaller")
+
+    @field_validator("keep_fp32_nodes")
+    @classmethod
+    def _valid_regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern:
+                raise ValueError("keep_fp32_nodes: an empty pattern matches every node; remove it or name nodes")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"keep_fp32_nodes: {pattern!r} is not a valid regex ({exc})") from None
+        return patterns
+
+    @field_validator("keep_fp32_op_types")
+    @classmethod
+    def _op_type_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", name):
+                raise ValueError(f"keep_fp32_op_types: {name!r} is not an ONNX op type (such as Conv, Add, Gemm)")
+        return names
+
+
 class GatesConfig(Strict):
     min_accuracy: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="vs the dense baseline, absolute")
     max_latency_ms: float | None = Field(None, gt=0, description="p50 latency at the first batch size")
-    max_latency_ratio: float | None = Field(None, gt=0, description="pruned p50 / dense p50")
+    max_latency_ratio: float | None = Field(
+        None, gt=0, description="shipped p50 / dense p50, at every batch size in validate.batch_sizes")
     min_sparsity: float | None = Field(None, ge=0, le=1)
     max_parity_error: float | None = Field(1e-4, gt=0, description="max |logit difference| vs PyTorch")
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    # INT8 against the FP32 model it was quantized from (on test inputs, which calibration never sees).
+    min_int8_agreement: float | None = Field(
+        0.97, ge=0, le=1, description="top-1 agreement of the INT8 model with its FP32 source (quantize on)")
+    max_int8_logit_error: float | None = Field(
+        0.1, gt=0, description="mean |INT8 - FP32 logit| / mean |FP32 logit| (quantize on)")
 
 
 class ValidateConfig(Strict):
@@ -542,6 +596,7 @@ class Recipe(Strict):
     finetune: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -562,6 +617,20 @@ class Recipe(Strict):
                         f"{where}.end_epoch ({schedule.end_epoch}) is after the last fine-tuning epoch "
                         f"(finetune.epochs={self.finetune.epochs}); raise finetune.epochs or lower end_epoch"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _quantize_needs_export(self) -> Recipe:
+        if self.quantize.enabled and not self.export.enabled:
+            raise ValueError("quantize.enabled needs export.enabled: true (the INT8 model is made from the "
+                             "exported FP32 file); enable export or set quantize.enabled: false")
+        gates = self.validate_.gates
+        defaults = GatesConfig.model_fields
+        int8_gates = [name for name in ("min_int8_agreement", "max_int8_logit_error")
+                      if name in gates.model_fields_set and getattr(gates, name) != defaults[name].default]
+        if int8_gates and not self.quantize.enabled:
+            raise ValueError(f"validate.gates.{int8_gates[0]} judges an INT8 model, but quantize.enabled is false; "
+                             "set quantize.enabled: true or remove the gate")
         return self
 
     def run_name(self) -> str:
