@@ -183,15 +183,25 @@ def _summary_section(run: RunData) -> Section:
         rows.append(["ONNX file size", _size(v.get("file_bytes"))])
         if v.get("baseline_file_bytes"):
             rows.append(["dense baseline file size", _size(v.get("baseline_file_bytes"))])
+        if v.get("quantized"):
+            rows.append(["shipped format", "INT8 (ONNX QDQ)"])
+            rows.append(["test accuracy of its FP32 source in ONNX Runtime", _pct(v.get("fp32_accuracy"))])
         parity = v.get("parity") or {}
         if parity:
             rows.append(["max |logit diff| vs PyTorch", _num(parity.get("max_abs_diff"), 3)])
             rows.append(["top-1 agreement with PyTorch", _pct(parity.get("top1_agreement"))])
+        agreement = v.get("int8_agreement") or {}
+        if agreement:
+            rows.append([f"INT8 top-1 agreement with {agreement.get('reference')}",
+                         _pct(agreement.get("top1_agreement"))])
+            rows.append(["INT8 mean |logit error| relative to FP32", _pct(agreement.get("relative_error"))])
         for lat in v.get("latency") or []:
             pruned = (lat.get("pruned") or {}).get("p50")
             text = f"{pruned:.3f} ms" if isinstance(pruned, (int, float)) else "n/a"
             if lat.get("ratio_p50") is not None:
                 text += f" (ratio to dense {lat['ratio_p50']:.3f})"
+            if lat.get("fp32_ratio_p50") is not None:
+                text += f"; its FP32 source {lat['fp32_ratio_p50']:.3f}"
             rows.append([f"ORT p50 latency, batch {lat.get('batch_size')}", text])
     if m.total_seconds is not None:
         rows.append(["total time", f"{m.total_seconds:.1f} s"])
@@ -320,13 +330,17 @@ def _latency_section(run: RunData) -> Section | None:
         "pruned and dense runs interleaved so machine drift affects both equally."))
     section.blocks.append(Image("latency.png", charts.latency_distribution_chart(latency), "latency distribution"))
     rows = []
+    three_way = any(lat.get("fp32") for lat in latency)  # a quantized run: its FP32 source was timed too
     for lat in latency:
         pruned, dense = lat.get("pruned") or {}, lat.get("dense") or {}
+        fp32 = [_num((lat.get("fp32") or {}).get("p50"), 4), _num(lat.get("fp32_ratio_p50"), 4)] if three_way else []
         rows.append([str(lat.get("batch_size")), str(lat.get("threads", "?")),
                      *[_num(pruned.get(k), 4) for k in ("p50", "p90", "p99")],
                      *[_num(dense.get(k), 4) for k in ("p50", "p90", "p99")],
-                     _num(lat.get("ratio_p50"), 4)])
-    headers = ["batch", "threads", "pruned p50 ms", "p90", "p99", "dense p50 ms", "p90", "p99", "ratio"]
+                     _num(lat.get("ratio_p50"), 4), *fp32])
+    shipped = "shipped INT8" if three_way else "pruned"
+    headers = ["batch", "threads", f"{shipped} p50 ms", "p90", "p99", "dense p50 ms", "p90", "p99", "ratio",
+               *(["pruned FP32 p50 ms", "FP32 ratio"] if three_way else [])]
     section.blocks.append(Table(headers, rows))
     env = validation.get("environment") or {}
     if env:
