@@ -214,8 +214,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under a
     """Write the HTML report of a run (also done at the end of compress)."""
     from wf_pipeline.reporting.report import write_report
 
-    if not run_dir.is_dir():
-        raise WFError(f"run directory not found: {run_dir}", "give a folder under artifacts/")
+    from wf_pipeline.runtime.rundir import require_run_folder
+
+    require_run_folder(run_dir, "report", "give a run folder that compress made, e.g. artifacts/<run-name>")
     console.print(f"wrote {write_report(run_dir)}")
 
 
@@ -363,6 +364,9 @@ def main() -> None:
         sys.stderr.write("error: aborted\n")
         sys.exit(EXIT_INTERRUPTED)
     except WFError as exc:
+        from wf_pipeline.runtime.rundir import discard_refused_runs
+
+        discard_refused_runs(exc)
         if os.environ.get("WF_DEBUG"):
             traceback.print_exc()
         rank = _report_prefix(exc.exit_code)

@@ -36,6 +36,13 @@ def _check_weights_file(recipe: Recipe) -> bool:
     if not weights:
         return False
     if is_torchvision_weights_name(weights):
+        import torchvision
+
+        try:
+            torchvision.models.get_weight(weights)  # the name only: fetching the file waits for the run
+        except (ValueError, KeyError, AttributeError):
+            raise RecipeError(f"model.weights: unknown torchvision weights {weights!r}",
+                              "use e.g. 'ResNet18_Weights.IMAGENET1K_V1' or a local file path") from None
         return False
     if not weights.startswith("builtin:") and not Path(weights).expanduser().is_file():
         raise RecipeError(f"model.weights: file not found: {weights}",
@@ -124,13 +131,56 @@ def _check_fisher_memory(recipe: Recipe, sizes: list[int]) -> list[str]:
     return []
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Raise RecipeError/WFError on the first problem; return notes describing what was checked."""
+def _free_disk_near(folder: Path) -> int | None:
+    from wf_pipeline.fisher.plan import free_disk_bytes
+
+    existing = next((f for f in (folder, *folder.parents) if f.is_dir()), None)
+    return None if existing is None else free_disk_bytes(existing)
+
+
+def _check_fisher_budget(recipe: Recipe, model: nn.Module, groups: list, sample: torch.Tensor) -> list[str]:
+    """Plan each group's WoodFisher step within an explicit `memory_budget_gb`, as the step will (the same
+    measured inputs; spills go to the run folder): a budget below the smallest plan is refused here."""
+    from dataclasses import replace
+
+    from wf_pipeline.fisher.engine import statistics_dtype
+    from wf_pipeline.fisher.plan import make_plan
+    from wf_pipeline.fisher.streamed import FisherJob, measure_plan_inputs
+    from wf_pipeline.pruning import PruneSettings
+
+    pcfg, wf = recipe.pruning, recipe.pruning.woodfisher
+    if pcfg.method not in ("woodfisher", "woodtaylor") or pcfg.structure == "channel" or wf.memory_budget_gb is None:
+        return []
+    settings = PruneSettings.from_config(pcfg)
+    labels = torch.zeros(1, dtype=torch.long)
+    spill_free = _free_disk_near(Path(recipe.output.root).expanduser())
+    for group in groups:
+        if not group.params:
+            continue
+        job = FisherJob(model=model, params=group.params, masks=None, batches=lambda: iter([(sample, labels)]),
+                        num_grads=wf.num_grads, block_size=wf.block_size, damp=wf.damp,
+                        stat_dtype=statistics_dtype(wf.route, wf.num_grads, wf.block_size, settings.torch_dtype),
+                        grad_batch_size=wf.grad_batch_size)
+        inputs = measure_plan_inputs(job, max_chunk=wf.chunk_size, vectors=3 if pcfg.method == "woodtaylor" else 1,
+                                     allow_lowrank=wf.route != "woodbury")
+        make_plan(replace(inputs, spill_free_bytes=spill_free), int(wf.memory_budget_gb * 1e9))
+    return [f"the WoodFisher step fits pruning.woodfisher.memory_budget_gb: {wf.memory_budget_gb:g}"]
+
+
+def check_recipe(recipe: Recipe, *, resume: bool | None = None, overwrite: bool = False) -> list[str]:
+    """Raise RecipeError/WFError on the first problem; return notes describing what was checked.
+
+    Every refusal a run can make from its recipe alone is made here, before a run folder or lock exists:
+    the run folder (with `resume`/`overwrite` given: for that command), the device, the weights, the
+    model on the data, the layer selection and the Fisher's memory.
+    """
     from wf_pipeline.data import build_data
     from wf_pipeline.models import build_model
+    from wf_pipeline.runtime.device import resolve_device
     from wf_pipeline.runtime.rundir import check_run_location
 
-    check_run_location(recipe)
+    check_run_location(recipe, resume=resume, overwrite=overwrite)
+    resolve_device(recipe.device)
     load = _check_weights_file(recipe)
     _check_data_available(recipe)
     model = build_model(recipe.model, load=load)  # a 'module:factory' runs only when trusted
@@ -144,6 +194,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning), data.sample_input(1))
         sizes = [p.numel() for group in groups for p in group.params.values()]
         notes += _check_fisher_memory(recipe, sizes)
+        notes += _check_fisher_budget(recipe, model, groups, data.sample_input(1))
         for group in groups:
             count = sum(p.numel() for p in group.params.values())
             notes.append(f"pruning {len(group.params)} layers, {count:,} weights, to {group.final_sparsity:.0%} "

@@ -53,7 +53,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     from wf_pipeline.training.gradual import run_pruning_stage
 
     reporter = reporter or NullReporter()
-    check_recipe(recipe)  # everything that can fail before a run directory exists
+    check_recipe(recipe, resume=resume, overwrite=overwrite)  # every refusal, before a run directory exists
     dist = init_distributed(recipe.device)
     try:
         # The main rank creates (or reopens) and locks the run directory; the others get a read-only handle.
@@ -200,7 +200,7 @@ def run_train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, 
     """Train the recipe's model densely (its `train` section), e.g. to make a pretrained checkpoint."""
     from wf_pipeline.training.dense import run_dense_training
 
-    check_recipe(recipe)
+    check_recipe(recipe, resume=resume, overwrite=overwrite)
     run = open_run_dir(recipe, resume=resume, overwrite=overwrite, kind="train")
     metrics = run_dense_training(recipe, run, save_to=save_to, reporter=reporter)
     return TrainOutcome(run.path, metrics)
@@ -222,7 +222,7 @@ def run_oneshot(recipe: Recipe, sparsities: list[float], methods: list[str], *, 
     if recipe.output.run_name is None:
         output = recipe.output.model_copy(update={"run_name": f"{recipe.name}-oneshot"})
         recipe = recipe.model_copy(update={"output": output})
-    check_recipe(recipe)
+    check_recipe(recipe, resume=False, overwrite=overwrite)
     run = open_run_dir(recipe, overwrite=overwrite, kind="oneshot")
     seed_everything(recipe.seed, recipe.deterministic)
     device = resolve_device(recipe.device)

@@ -39,6 +39,25 @@ if TYPE_CHECKING:
     from wf_pipeline.runtime.distributed import DistContext
 
 STATUS_FILE = "status.json"  # written last, when a compress run has finished
+# Every run folder holds these from the moment it exists (written before its atomic rename into place).
+RUN_MARKERS = ("recipe.yaml", "environment.json")
+
+
+def is_run_folder(path: Path) -> bool:
+    """A real run folder: a folder, not a symbolic link, holding the files every run is created with."""
+    return (not path.is_symlink() and path.is_dir()
+            and all(not (path / name).is_symlink() and (path / name).is_file() for name in RUN_MARKERS))
+
+
+def require_run_folder(path: Path, what: str, hint: str) -> Path:
+    """`path` if it is a real run folder (see `is_run_folder`), else one-line WFError naming `what`."""
+    if path.is_symlink():
+        raise WFError(f"{what}: {path} is a symbolic link, not a run folder", hint)
+    if not path.exists():
+        raise WFError(f"{what}: run folder not found: {path}", hint)
+    if not is_run_folder(path):
+        raise WFError(f"{what}: {path} is not a run folder (no {' or '.join(RUN_MARKERS)})", hint)
+    return path
 
 
 def _git_commit() -> str | None:
@@ -114,6 +133,7 @@ class RunDir:
     path: Path
     writer: bool = True
     lock: RunLock | None = field(default=None, repr=False, compare=False)
+    created: bool = False  # made by this process (not reopened by --resume)
 
     def file(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
@@ -216,13 +236,24 @@ def _check_root(root: Path) -> None:
             return
 
 
-def check_run_location(recipe: Recipe) -> Path:
-    """The run directory the recipe names, after checking it can be created (nothing is written)."""
+def check_run_location(recipe: Recipe, *, resume: bool | None = None, overwrite: bool = False) -> Path:
+    """The run directory the recipe names, after checking it can be created or reopened (nothing is written).
+
+    Whatever is at that path must be a real run folder (never a link or a folder of something else, which
+    `--resume` would write into and `--overwrite` delete). With `resume` given (a command about to open
+    the run, not `recipe check`), the folder must also exist for `--resume` and not exist for a new run.
+    """
     root = Path(recipe.output.root).expanduser()
     _check_root(root)
     final = root / recipe.run_name()
-    if final.exists() and not final.is_dir():
-        raise WFError(f"output: {final} exists and is not a run directory", "choose another --set output.run_name=NEW")
+    other = "choose another --set output.run_name=NEW"
+    if final.is_symlink() or final.exists():
+        require_run_folder(final, "output", f"move it away or {other}")
+        if resume is False and not overwrite:
+            raise WFError(f"output: run directory {final} already exists",
+                          "pass --resume to continue it, --overwrite to replace it, or --set output.run_name=NEW")
+    elif resume:
+        raise WFError(f"--resume: no run directory {final} to resume", "run without --resume to start it")
     return final
 
 
@@ -250,7 +281,7 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     writer left behind are deleted; a finished compress run raises RunAlreadyFinished. The lock is
     held until `RunDir.release()` or the end of the process.
     """
-    final = check_run_location(recipe)
+    final = check_run_location(recipe, resume=resume, overwrite=overwrite)  # refusals before anything exists
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock_for(root, final.name)
@@ -270,6 +301,7 @@ def _open_locked(recipe: Recipe, final: Path, lock: RunLock, *, resume: bool, ov
     root = final.parent
     _remove_leftovers(root, final.name)
     if final.exists():
+        require_run_folder(final, "output", "choose another --set output.run_name=NEW")  # checked again under the lock
         if resume:
             run = next((r for r in _opened if r.path == final), None) or RunDir(final, lock=lock)
             status = run.finished_status()
@@ -298,7 +330,20 @@ def _open_locked(recipe: Recipe, final: Path, lock: RunLock, *, resume: bool, ov
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return RunDir(final, lock=lock)
+    return RunDir(final, lock=lock, created=True)
+
+
+def discard_refused_runs(exc: WFError) -> None:
+    """A run refused after its folder was made: remove a folder this process made that holds no work yet
+    (nothing in its history), so the plain re-run is not blocked; otherwise write the refusal into its log.txt."""
+    for run in list(_opened):
+        if not run.writer or not run.path.is_dir():
+            continue
+        if run.created and not run.read_history() and not run.file(STATUS_FILE).exists():
+            run.release()
+            shutil.rmtree(run.path, ignore_errors=True)
+            continue
+        run.logger().error("refused (exit code 2): %s", exc)
 
 
 def open_shared_run_dir(recipe: Recipe, dist: DistContext, *, resume: bool = False, overwrite: bool = False,
