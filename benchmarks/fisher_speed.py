@@ -31,9 +31,12 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import Any
 
 import torch  # noqa: E402
+
+from benchmarks._shared import load_average, set_threads  # noqa: E402
 
 ROUTE_SEED = 1234
 
@@ -116,7 +119,7 @@ def run_fast_child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: time the fast route and report its peak memory as JSON."""
     from wf_pipeline.fisher.inverse import BlockGramAccumulator, BlockLayout
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     reset_ok = reset_peak_rss()
     baseline = proc_status_bytes("VmRSS") or 0
     sizes = json.loads(args.sizes)
@@ -242,12 +245,12 @@ def main() -> None:
     if args.child_fast:
         run_fast_child(args)
         return
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from wf_pipeline.fisher.inverse import BlockLayout
 
     print(f"fisher_speed: {'quick' if args.quick else 'full'} run, {args.threads} threads, torch {torch.__version__}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"  load average at start: {load:.2f} (the CPU is shared; timings move with it)")
     peak = gemm_peak_gflops(2048 if args.quick else 4096, 3 if args.quick else 5)
     print(f"GEMM peak (torch.mm fp32): {peak:.1f} GFLOP/s")

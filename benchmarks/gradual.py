@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
+
+# isort: split
 import torch
+
+from benchmarks._shared import machine_line, set_threads
 from wf_pipeline.data import build_data
-from wf_pipeline.runtime.device import resolve_device, seed_everything
-from wf_pipeline.training.gradual import run_pruning_stage
 from wf_pipeline.models import build_model
-from wf_pipeline.runtime.progress import NullReporter
 from wf_pipeline.recipe.loader import load_recipe
+from wf_pipeline.runtime.device import resolve_device, seed_everything
+from wf_pipeline.runtime.progress import NullReporter
 from wf_pipeline.runtime.rundir import RunDir
+from wf_pipeline.training.gradual import run_pruning_stage
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "recipes" / "default.yaml"
@@ -89,14 +91,12 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="print every epoch and pruning step")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (on a busy machine 1 avoids oversubscription)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     sparsities = args.sparsity or ([0.9] if args.quick else [0.9, 0.95])
     base = [*(QUICK if args.quick else []), *args.overrides]
     print(f"gradual pruning benchmark ({'quick' if args.quick else 'full'}): recipe {args.recipe.name}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"{platform.processor() or platform.machine()}", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_line()}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wf-bench-gradual-") as tmp:
         for sparsity in sparsities:

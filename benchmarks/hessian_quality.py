@@ -43,11 +43,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.research.common import log, markdown_table, new_figure, save_outputs, study_parser  # noqa: E402
 
+# torch only after benchmarks.research.common, whose wf_pipeline import sets OMP_WAIT_POLICY first
+# isort: split
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402

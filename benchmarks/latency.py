@@ -20,7 +20,6 @@ import argparse
 import copy
 import gzip
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from benchmarks._shared import machine_line
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.latency import measure_interleaved
 from wf_pipeline.deploy.ort_session import create_session
@@ -56,8 +56,8 @@ def load_model() -> tuple[torch.nn.Module, str]:
 
 def prune_global_magnitude(model: torch.nn.Module, sparsity: float) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """Global magnitude pruning of every conv/linear weight with the project's pruning API."""
-    from wf_pipeline.pruning.masks import MaskSet
     from wf_pipeline.pruning import PruneSettings, prune_step
+    from wf_pipeline.pruning.masks import MaskSet
     from wf_pipeline.pruning.selection import select_prunable
 
     pruned = copy.deepcopy(model)
@@ -139,7 +139,7 @@ def main() -> int:
     print(f"model: {model_source}; pruned to {args.sparsity:.0%} by global magnitude "
           f"(sparsity matches masks: {sparse.sparsity_matches})")
     print(f"ORT {args.threads} thread(s), {warmup} warm-up + {repeats} timed runs per model, interleaved; "
-          f"{platform.processor() or platform.machine()}")
+          f"{machine_line()}")
     for row in latency:
         print(f"batch {row['batch_size']:>3}: dense p50 {row['dense_p50_ms']:.3f} ms | pruned (compact storage) p50 "
               f"{row['pruned_compact_storage_p50_ms']:.3f} ms | pruned (dense storage) p50 "

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
 
+from benchmarks._shared import log
 from wf_pipeline.data import build_data
 from wf_pipeline.models import load_default_model
 from wf_pipeline.recipe.schema import DataConfig, PruningConfig, WoodFisherConfig
@@ -48,7 +48,7 @@ def main() -> None:
     started = time.perf_counter()
     sweep = run_oneshot_sweep(model, data, pruning, sparsities, args.methods, torch.device("cpu"),
                               recalibrate_bn=args.recalibrate_bn, seed=args.seed,
-                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+                              progress=log)
     seconds = time.perf_counter() - started
     print(sweep_markdown(sweep))
     target = {}

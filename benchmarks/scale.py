@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._shared import load_average, log
+
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"num_grads": 128, "block_size": 128, "damp": 1e-5, "image_size": 224, "sparsity": 0.5}
 BUDGET_GB = {"resnet50": 6.5, "mobilenet_v2": 1.8}  # peak targets 8 and 3 GB, minus ~1 GB of torch + model
@@ -210,7 +212,7 @@ def full_case(name: str, tmp: str, args: argparse.Namespace, results: list[dict[
     case = model_case(name, tmp, args)
     budgeted = spawn({**case, "mode": "budgeted"}, args.timeout)
     results.append(budgeted)
-    print(f"{name} budgeted: {budgeted}", file=sys.stderr, flush=True)
+    log(f"{name} budgeted: {budgeted}")
     entry: dict[str, Any] = {}
     if "error" in budgeted:
         return entry
@@ -229,7 +231,7 @@ def full_case(name: str, tmp: str, args: argparse.Namespace, results: list[dict[
                 extra = {"budget_gb": args.max_in_memory_gb} if mode == "in-memory" else {}
                 row = pair[mode] = spawn({**case, **extra, "mode": mode, "repeat": repeat}, args.timeout)
                 results.append(row)
-                print(f"{name} {mode} (repeat {repeat}): {row}", file=sys.stderr, flush=True)
+                log(f"{name} {mode} (repeat {repeat}): {row}")
             if any("error" in row for row in pair.values()):
                 break
             pairs.append((pair["budgeted"], pair["in-memory"]))
@@ -290,7 +292,7 @@ def main() -> None:
                     extra["chunk_size"] = results[0]["plan"]["chunk_size"]
                 case = {**base, **extra, "mode": mode, "save_weights": saved[mode]}
                 results.append(spawn(case, args.timeout))
-                print(f"{mode}: {results[-1]}", file=sys.stderr, flush=True)
+                log(f"{mode}: {results[-1]}")
             memory = next(r for r in results if r["mode"] == "in-memory")
             for mode in ("budgeted-spill", "budgeted-recompute"):
                 row = next(r for r in results if r["mode"] == mode)
@@ -321,7 +323,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "scale", "quick": args.quick, "zero_init_residual": args.zero_init_residual,
                       "plan_only": args.plan_only, "reduced": reduced_overrides(args) or None,
                       "threads": os.cpu_count(),
-                      "load_avg_1m": os.getloadavg()[0], "summary": summary, "results": results}))
+                      "load_avg_1m": load_average(), "summary": summary, "results": results}))
 
 
 if __name__ == "__main__":

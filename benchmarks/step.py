@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see wf_pipeline/__init__.
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -36,24 +35,11 @@ from typing import Any
 
 import torch  # noqa: E402
 
+from benchmarks._shared import cpu_model, load_average, set_threads  # noqa: E402
+
 REFERENCE_STEP_S = 168.0  # research code, same job, quiet machine (shared README, 2026-11-25)
 TARGET_STEP_S = 3.4  # issue 12: >= 50x the reference on a quiet 2-core machine
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "default.yaml"
-
-
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_job(recipe_path: Path, sparsity: float | None, num_grads: int | None) -> dict[str, Any]:
@@ -151,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
     baseline_repeats = args.baseline_repeats or (1 if args.quick else 3)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     load_start = load_average()
     print(f"step: {'quick' if args.quick else 'full'} run, {args.threads} threads, torch {torch.__version__}, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
+from benchmarks._shared import cpu_model, load_average, set_threads
 from wf_pipeline.data import build_data
 from wf_pipeline.deploy.export import export_onnx
 from wf_pipeline.deploy.latency import measure_interleaved
@@ -235,10 +235,9 @@ def main() -> None:
         if args.readme:
             write_readme(args.readme, summary)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     overrides = [*(QUICK if args.quick else []), *args.overrides]
-    machine = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    machine = f"{os.cpu_count()} cores, {cpu_model()}"
     print(f"structured pruning benchmark ({'quick' if args.quick else 'full'}): {RECIPE.name}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -263,9 +262,9 @@ def main() -> None:
                       f"channels removed {row['channel_sparsity']:.1%}, MACs {row['macs'] / dense['macs']:.3f}x, "
                       f"wall {row['wall_s']:.0f}s (prune {row['prune_s']:.0f}s, fine-tune {row['finetune_s']:.0f}s)",
                       flush=True)
-        load_before = os.getloadavg()[0]
+        load_before = load_average()
         latency = measure_latency(files, [1, 32], args.quick)
-        latency_load = max(load_before, os.getloadavg()[0])
+        latency_load = max(load_before, load_average())
     for row in rows:
         row["latency_ms"] = {str(b): latency[row["method"]][b] for b in (1, 32)}
         row["latency_ratio"] = {str(b): latency[row["method"]][b] / latency["dense"][b] for b in (1, 32)}

@@ -9,19 +9,20 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # scripts run as `python benchmarks/research/x.py`
     sys.path.insert(0, str(REPO))
 
 import wf_pipeline  # noqa: E402,F401  - first: it sets OMP_WAIT_POLICY before torch loads
+from benchmarks._shared import log, machine  # noqa: E402  - threads, machine facts, progress: shared by all benchmarks
 
 DEFAULT_OUT = REPO / "results"
 
@@ -80,10 +81,6 @@ def reduction(full: dict[str, Sequence[Any]], used: dict[str, Sequence[Any]]) ->
     return "; ".join(missing) or None
 
 
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -109,11 +106,6 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def machine() -> dict[str, Any]:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "load_1min": load, "platform": platform.platform(), "python": platform.python_version()}
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)):  # -> (Figure, axes)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -20,13 +20,31 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks._shared import set_threads  # noqa: E402
 from benchmarks.research.common import (  # noqa: E402
-    UnitLog, log, markdown_table, mean_std, new_figure, pm, reduction, save_outputs, study_parser,
+    UnitLog,
+    log,
+    markdown_table,
+    mean_std,
+    new_figure,
+    pm,
+    reduction,
+    save_outputs,
+    study_parser,
 )
 from benchmarks.research.oneshot_core import (  # noqa: E402
-    DATA_FREE, LABELS, Selection, Statistics, accuracy_with_and_without_bn, collect_statistics, fisher_draw, prune_copy,
+    DATA_FREE,
+    LABELS,
+    Selection,
+    Statistics,
+    accuracy_with_and_without_bn,
+    collect_statistics,
+    fisher_draw,
+    prune_copy,
 )
 
+# torch only after benchmarks.research.common, whose wf_pipeline import sets OMP_WAIT_POLICY first
+# isort: split
 import torch  # noqa: E402
 
 from wf_pipeline.data import build_data  # noqa: E402
@@ -49,8 +67,7 @@ def sweep_seed(label: str, seed: int, first_seed: bool, sparsities: list[float],
 
     Sparsity-major, each pruned model logged to `units` as it is measured (a resumed run skips those).
     """
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     data = build_data(DataConfig(dataset="fashion_mnist", augment=False, test_subset=test_subset), seed=0)
     model = build_model(MODELS[label]).eval()
     dense, _ = evaluate(model, data.test_batches(), torch.device("cpu"))

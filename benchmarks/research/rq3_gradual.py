@@ -21,21 +21,33 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks._shared import set_threads  # noqa: E402
 from benchmarks.research.common import (  # noqa: E402
-    REPO, UnitLog, log, markdown_table, mean_std, new_figure, pm, reduction, save_outputs, study_parser,
+    REPO,
+    UnitLog,
+    log,
+    markdown_table,
+    mean_std,
+    new_figure,
+    pm,
+    reduction,
+    save_outputs,
+    study_parser,
 )
 
+# torch only after benchmarks.research.common, whose wf_pipeline import sets OMP_WAIT_POLICY first
+# isort: split
 import torch  # noqa: E402
 
 from wf_pipeline.data import build_data  # noqa: E402
 from wf_pipeline.data.loaders import TensorBatches  # noqa: E402
-from wf_pipeline.runtime.device import seed_everything  # noqa: E402
-from wf_pipeline.training.gradual import run_pruning_stage  # noqa: E402
 from wf_pipeline.models import build_model  # noqa: E402
 from wf_pipeline.recipe.loader import load_recipe  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig  # noqa: E402
+from wf_pipeline.runtime.device import seed_everything  # noqa: E402
 from wf_pipeline.runtime.rundir import RunDir  # noqa: E402
 from wf_pipeline.training.epoch import evaluate  # noqa: E402
+from wf_pipeline.training.gradual import run_pruning_stage  # noqa: E402
 
 METHODS = ("magnitude", "woodfisher")
 LABELS = {"magnitude": "global magnitude", "woodfisher": "WoodFisher"}
@@ -66,8 +78,7 @@ def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root:
     key = f"{method}|{target:g}|{seed}"
     if key in units.done:
         return units.done[key]
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     overrides = [f"{k}={v}" for k, v in budget.items()]
     overrides += [f"pruning.method={method}", f"pruning.final_sparsity={target}", f"seed={seed}",
                   f"output.root={root}", f"output.run_name={method}-{int(target * 1000)}-{seed}"]

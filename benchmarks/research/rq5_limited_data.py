@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.research.common import log, markdown_table, mean_std, new_figure, pm, save_outputs, study_parser  # noqa: E402
 from benchmarks.research.oneshot_core import Selection, collect_statistics, prune_copy  # noqa: E402
 
+# torch only after benchmarks.research.common, whose wf_pipeline import sets OMP_WAIT_POLICY first
+# isort: split
 import torch  # noqa: E402
 
 from wf_pipeline.data import build_data  # noqa: E402
