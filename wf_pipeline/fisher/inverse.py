@@ -46,6 +46,7 @@ from wf_pipeline.fisher.conditioning import (
     unit_roundoff,
 )
 from wf_pipeline.fisher.parallel import map_slices
+from wf_pipeline.fisher.split_gram import SplitGram
 
 Progress = Callable[[str, int, int], None]
 ReduceFn = Callable[[Tensor], None]
@@ -320,15 +321,20 @@ class _StatisticsMixin:
     def mean_gradient(self) -> Tensor:
         if not self.track_mean:
             raise ValueError("this accumulator was built with track_mean=False")
-        if self.num_samples == 0:
-            raise ValueError("no gradients accumulated")
-        mean = self.grad_sum / self.num_samples
-        if not bool(torch.isfinite(mean).all()):
-            raise FisherStatisticsError(
-                "the mean gradient contains NaN or Inf",
-                hint="a gradient is NaN/Inf or too large for float32: check the model's weights and the Fisher data",
-            )
-        return mean
+        return checked_mean(self.grad_sum, self.num_samples)
+
+
+def checked_mean(grad_sum: Tensor, num_samples: int) -> Tensor:
+    """``grad_sum / num_samples``; NaN/Inf raise :class:`FisherStatisticsError` instead of reaching the scores."""
+    if num_samples == 0:
+        raise ValueError("no gradients accumulated")
+    mean = grad_sum / num_samples
+    if not bool(torch.isfinite(mean).all()):
+        raise FisherStatisticsError(
+            "the mean gradient contains NaN or Inf",
+            hint="a gradient is NaN/Inf or too large for float32: check the model's weights and the Fisher data",
+        )
+    return mean
 
 
 def _block_sumsq(blocked: Tensor) -> Tensor:
@@ -361,19 +367,21 @@ class BlockGramAccumulator(_StatisticsMixin):
         self.damp = damp
         self.rtol = float(rtol)
         self.adaptive = damp is not None and unit_roundoff(dtype) > unit_roundoff(torch.float64)
-        K, B = layout.num_blocks, layout.block_size
-        if out is not None and (tuple(out.shape) != (K, B, B) or out.dtype != dtype):
-            raise ValueError(f"out must be a ({K}, {B}, {B}) {dtype} buffer")
-        # the blocks held in `dtype` (`out`: a caller's buffer, e.g. a view of a larger one; inverted in place)
-        self.gram = torch.zeros(K, B, B, dtype=dtype, device=device) if out is None else out.zero_()
-        self.low_index: Tensor | None = None  # block ids of `gram`'s rows; None: all blocks, in order
-        self.stale = torch.zeros(K, dtype=torch.bool, device=device)  # `gram` rows moved to float64 since
-        self.high = torch.zeros(0, B, B, dtype=torch.float64, device=device)  # promoted blocks
-        self.high_index = torch.zeros(0, dtype=torch.long, device=device)
+        # the sums (`out`: a caller's buffer, e.g. a view of a larger one, inverted in place), split by precision
+        self.split = SplitGram(layout.num_blocks, layout.block_size, dtype, device, out)
         self.adds = 0  # chunks folded in (each rounds the running sums once)
         self.ranks = 1  # processes whose sums were added by reduce()
-        self._carried = torch.zeros(K, dtype=torch.float64, device=device)  # rounding carried into float64
         self._init_stats(layout.dim, dtype, device, track_mean)
+
+    @property
+    def gram(self) -> Tensor:
+        """The sums of the blocks held in `dtype` (rows of :attr:`SplitGram.low_index`)."""
+        return self.split.gram
+
+    @property
+    def high_index(self) -> Tensor:
+        """Ids of the blocks held in float64."""
+        return self.split.high_index
 
     # ----------------------------------------------------------------- adding
     def add(self, chunk: Tensor) -> None:
@@ -388,58 +396,30 @@ class BlockGramAccumulator(_StatisticsMixin):
             raise ValueError(f"expected block-major rows (K={K}, n, B={B})")
         if self.adaptive:
             self._promote_before(blocked)
-        if self.low_index is None:
-            self.gram.baddbmm_(blocked.mT, blocked)  # rows already moved to float64 are ignored from now on
-        elif self.low_index.numel():
-            low = blocked.index_select(0, self.low_index)
-            self.gram.baddbmm_(low.mT, low)
-        if self.high_index.numel():
-            all_high = self.high_index.numel() == self.layout.num_blocks and bool(self.high_index.diff().ge(0).all())
-            high = blocked.double() if all_high else blocked.index_select(0, self.high_index).double()
-            self.high.baddbmm_(high.mT, high)
+        self.split.add(blocked)
         self.adds += 1
         self._add_blocked_stats(blocked, self.layout)
 
-    def _low_ids(self) -> Tensor:
-        if self.low_index is None:
-            return torch.arange(self.layout.num_blocks, device=self.gram.device)
-        return self.low_index
+    def _rounding(self, ranks: int) -> float:
+        """Relative rounding of a `dtype` partial sum so far (``u·sqrt(adds+1)`` per rank)."""
+        return unit_roundoff(self.dtype) * math.sqrt(ranks * self.adds + 1)
 
     def _promote_before(self, blocked: Tensor) -> None:
         """Move to float64 the blocks whose `dtype` sums would exceed the error budget with this chunk."""
-        low = self._low_ids()
-        if self.damp is None or not low.numel() or bool(self.stale.all()):
+        split = self.split
+        low = split.low_ids()
+        if self.damp is None or not low.numel() or bool(split.stale.all()):
             return
         # ‖S + S_chunk‖_F <= ‖S‖_F + Σ g² over the chunk: one read of the buffer, no copy
-        bound = frobenius_norms(self.gram) + _block_sumsq(blocked).index_select(0, low)
+        bound = frobenius_norms(split.gram) + _block_sumsq(blocked).index_select(0, low)
         count = float(self.count) + blocked.shape[1]
         # ERROR_CONSTANT·u·sqrt(adds+1)·‖S‖_F/count <= (rtol/SAFETY)·damp  <=>  ‖S‖_F <= limit
         limit = (self.rtol / SAFETY) * self.damp * count / (
             ERROR_CONSTANT * unit_roundoff(self.dtype) * math.sqrt(self.ranks * (self.adds + 1) + 1)
         )
-        rows = ((bound > limit) & ~self.stale).nonzero().squeeze(1)
+        rows = ((bound > limit) & ~split.stale).nonzero().squeeze(1)
         if rows.numel():
-            self._promote(rows)
-
-    def _promote(self, rows: Tensor) -> None:
-        """Move the `gram` rows `rows` (with their partial sums) to the float64 storage."""
-        ids = self._low_ids()[rows]
-        sums = self.gram.index_select(0, rows)
-        self._carried[ids] = unit_roundoff(self.dtype) * math.sqrt(self.ranks * self.adds + 1) * frobenius_norms(sums)
-        promoted = sums.double()
-        del sums
-        self.high = promoted if not self.high.numel() else torch.cat([self.high, promoted])
-        self.high_index = torch.cat([self.high_index, ids])
-        self.stale[rows] = True
-        if float(self.stale.float().mean()) > 0.25:  # stop computing dead rows once they cost more than a copy
-            self._compact()
-
-    def _compact(self) -> None:
-        """Drop the `gram` rows already moved to float64."""
-        keep = ~self.stale
-        self.low_index = self._low_ids()[keep]
-        self.gram = self.gram[keep]
-        self.stale = torch.zeros(self.low_index.numel(), dtype=torch.bool, device=self.gram.device)
+            split.promote(rows, self._rounding(self.ranks))
 
     def reduce(self, reduce_fn: ReduceFn) -> None:
         """Sum the statistics across processes in place (e.g. ``dist.all_reduce``).
@@ -448,22 +428,8 @@ class BlockGramAccumulator(_StatisticsMixin):
         are in float64 (one extra reduction of a ``K+1`` vector), so their buffers line up.
         """
         if self.adaptive:
-            flags = torch.zeros(self.layout.num_blocks + 1, dtype=torch.float64, device=self.gram.device)
-            flags[self.high_index] = 1.0
-            flags[-1] = 1.0  # counts the ranks
-            reduce_fn(flags)
-            self.ranks = max(1, int(round(float(flags[-1]))))
-            is_high = torch.zeros(self.layout.num_blocks, dtype=torch.bool, device=flags.device)
-            is_high[self.high_index] = True
-            newly = (flags[:-1] > 0) & ~is_high
-            if newly.any():
-                self._promote((newly[self._low_ids()] & ~self.stale).nonzero().squeeze(1))
-            if bool(self.stale.any()):
-                self._compact()  # every rank now holds the same low rows, in block order
-            order = torch.argsort(self.high_index)  # same block order on every rank
-            self.high_index, self.high = self.high_index[order], self.high[order]
-            reduce_fn(self._carried)
-        for stat in (self.gram, self.high, self.grad_sum, self.count):
+            self.ranks = self.split.agree(reduce_fn, self._rounding)
+        for stat in (self.split.gram, self.split.high, self.grad_sum, self.count):
             if stat.numel():
                 reduce_fn(stat)
 
@@ -483,42 +449,21 @@ class BlockGramAccumulator(_StatisticsMixin):
             raise ValueError("no gradients accumulated")
         if self.damp is not None and damp != self.damp:
             raise ValueError(f"damp {damp} differs from the {self.damp} this accumulator planned its precision for")
-        K = self.layout.num_blocks
-        in_place = self.low_index is None  # the buffer still has a row per block: reuse it for the result
+        split, K = self.split, self.layout.num_blocks
+        in_place = split.whole  # the buffer still has a row per block: reuse it for the result
         if in_place:
-            self.gram[self.stale] = 0  # rows moved to float64: invert λI there (trivially), overwritten below
-        elif bool(self.stale.any()):
-            self._compact()
+            split.gram[split.stale] = 0  # rows moved to float64: invert λI there (trivially), overwritten below
+        elif bool(split.stale.any()):
+            split.compact()
         # Planned blocks only exceed rtol where even float64 cannot hold them: jitter those. Without a
         # plan, blocks beyond rtol are kept as they are (and reported): jitter would move them further
         # from the exact inverse than the rounding did, unless they fail to factorise at all.
-        repair_above = self.rtol if self.damp is not None else UNPLANNED_REPAIR_ABOVE
-        low_ids, high_ids = self._low_ids(), self.high_index
-        scale = math.sqrt(self.ranks * self.adds + 1)
-        total = self.gram.shape[0] + self.high.shape[0]
-        done = {"n": 0}
-
-        def invert(mats: Tensor, ids: Tensor, u: float, carried: Tensor | None) -> list[dict[str, Any]]:
-            def one_slice(s: int, e: int) -> dict[str, Any]:
-                sums = mats[s:e]
-                norms = frobenius_norms(sums)
-                finite = torch.isfinite(norms)
-                if not bool(finite.all()):
-                    return {"non_finite": ids[s:e][~finite]}
-                perturbation = ERROR_CONSTANT * (u * scale * norms / n + u * damp)
-                if carried is not None:
-                    perturbation += ERROR_CONSTANT * carried[s:e] / n
-                sums.div_(n).diagonal(dim1=-2, dim2=-1).add_(damp)
-                return invert_checked_(sums, damp, perturbation, self.rtol, repair_above)
-
-            base = done["n"]
-            out = map_slices(one_slice, mats.shape[0], INVERT_SLICE_BLOCKS,
-                             on_done=None if progress is None else (lambda e: progress("inverse", base + e, total)))
-            done["n"] += mats.shape[0]
-            return out
-
-        results = invert(self.gram, low_ids, unit_roundoff(self.dtype), None)
-        results += invert(self.high, high_ids, unit_roundoff(torch.float64), self._carried[high_ids])
+        inverter = _SumsInverter(n, damp, self.rtol, self.rtol if self.damp is not None else UNPLANNED_REPAIR_ABOVE,
+                                 math.sqrt(self.ranks * self.adds + 1), split.gram.shape[0] + split.high.shape[0],
+                                 progress)
+        low_ids, high_ids = split.low_ids(), split.high_index
+        results = inverter(split.gram, low_ids, unit_roundoff(self.dtype), None)
+        results += inverter(split.high, high_ids, unit_roundoff(torch.float64), split.carried[high_ids])
         bad = [r["non_finite"] for r in results if "non_finite" in r]
         if bad:
             raise _non_finite_error(self.layout, torch.cat(bad))
@@ -531,20 +476,51 @@ class BlockGramAccumulator(_StatisticsMixin):
             route="fast",
         )
         if in_place:
-            blocks = self.gram  # inverted in place: the buffer now belongs to the inverse
+            blocks = split.gram  # inverted in place: the buffer now belongs to the inverse
             if high_ids.numel():
-                blocks[high_ids] = self.high.to(self.dtype)
+                blocks[high_ids] = split.high.to(self.dtype)
         else:
             blocks = torch.empty(K, self.layout.block_size, self.layout.block_size, dtype=self.dtype,
-                                 device=self.gram.device)
+                                 device=split.gram.device)
             if low_ids.numel():
-                blocks[low_ids] = self.gram
-            blocks[high_ids] = self.high.to(self.dtype)
-        self.gram, self.high = torch.empty(0), torch.empty(0)
+                blocks[low_ids] = split.gram
+            blocks[high_ids] = split.high.to(self.dtype)
+        split.gram, split.high = torch.empty(0), torch.empty(0)
         result = BlockFisherInverse(self.layout, blocks, damp, n, health=health)
         if max_jitter is not None:
             health.require(max_jitter)
         return result
+
+
+class _SumsInverter:
+    """Inverts ``damp·I + sums/n`` in place, a slice of blocks at a time, each checked to `rtol` (see
+    :func:`~wf_pipeline.fisher.conditioning.invert_checked_`); progress counts over both precisions."""
+
+    def __init__(self, n: int, damp: float, rtol: float, repair_above: float, scale: float, total: int,
+                 progress: Progress | None) -> None:
+        self.n, self.damp, self.rtol, self.repair_above, self.scale = n, damp, rtol, repair_above, scale
+        self.total, self.progress, self.done = total, progress, 0
+
+    def __call__(self, mats: Tensor, ids: Tensor, u: float, carried: Tensor | None) -> list[dict[str, Any]]:
+        n, damp = self.n, self.damp
+
+        def one_slice(s: int, e: int) -> dict[str, Any]:
+            sums = mats[s:e]
+            norms = frobenius_norms(sums)
+            finite = torch.isfinite(norms)
+            if not bool(finite.all()):
+                return {"non_finite": ids[s:e][~finite]}
+            perturbation = ERROR_CONSTANT * (u * self.scale * norms / n + u * damp)
+            if carried is not None:
+                perturbation += ERROR_CONSTANT * carried[s:e] / n
+            sums.div_(n).diagonal(dim1=-2, dim2=-1).add_(damp)
+            return invert_checked_(sums, damp, perturbation, self.rtol, self.repair_above)
+
+        base, progress = self.done, self.progress
+        out = map_slices(one_slice, mats.shape[0], INVERT_SLICE_BLOCKS,
+                         on_done=None if progress is None else (lambda e: progress("inverse", base + e, self.total)))
+        self.done += mats.shape[0]
+        return out
 
 
 class WoodburyAccumulator(_StatisticsMixin):

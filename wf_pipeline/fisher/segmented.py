@@ -27,13 +27,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from wf_pipeline.fisher.conditioning import DEFAULT_RTOL, FisherStatisticsError, InverseHealth, frobenius_norms
+from wf_pipeline.fisher.conditioning import DEFAULT_RTOL, InverseHealth
 from wf_pipeline.fisher.inverse import (
     BlockFisherInverse,
     BlockGramAccumulator,
     BlockLayout,
     _dtype_name,
     _non_finite_error,
+    checked_mean,
 )
 
 SEGMENT_BYTES = 32 * 2**20  # float64 bytes of one segment's blocks at most
@@ -92,17 +93,9 @@ class SegmentedGramAccumulator:
     :meth:`finish` to fill and invert one segment at a time.
     """
 
-    def __init__(
-        self,
-        layout: BlockLayout,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        damp: float | None = None,
-        rtol: float = DEFAULT_RTOL,
-        track_mean: bool = True,
-        blocks_per_segment: int | None = None,
-        shared: bool = True,
-    ) -> None:
+    def __init__(self, layout: BlockLayout, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 damp: float | None = None, rtol: float = DEFAULT_RTOL, track_mean: bool = True,
+                 blocks_per_segment: int | None = None, shared: bool = True) -> None:
         K, B = layout.num_blocks, layout.block_size
         self.layout, self.dtype, self.damp, self.rtol, self.track_mean = layout, dtype, damp, float(rtol), track_mean
         self.device = torch.device(device)
@@ -170,17 +163,8 @@ class SegmentedGramAccumulator:
     def mean_gradient(self) -> Tensor:
         if not self.track_mean:
             raise ValueError("this accumulator was built with track_mean=False")
-        n = self.num_samples
-        if n == 0:
-            raise ValueError("no gradients accumulated")
         parts = [self._sums[i] if i in self._done else self.segment(i).grad_sum for i in range(self.num_segments)]
-        mean = torch.cat(parts) / n
-        if not bool(torch.isfinite(mean).all()):
-            raise FisherStatisticsError(
-                "the mean gradient contains NaN or Inf",
-                hint="a gradient is NaN/Inf or too large for float32: check the model's weights and the Fisher data",
-            )
-        return mean
+        return checked_mean(torch.cat(parts), self.num_samples)
 
     # ----------------------------------------------------------------- inverting
     def finish(self, index: int, damp: float, reduce_fn: ReduceFn | None = None) -> None:
@@ -209,16 +193,8 @@ class SegmentedGramAccumulator:
 
     def _check_finite(self, indices: list[int]) -> None:
         """NaN/Inf sums raise, naming the blocks in the whole layout (a segment's own block ids are local)."""
-        bad = []
-        for index in indices:
-            acc, start = self._open[index], self.bounds[index][0]
-            if acc.gram.numel():
-                low = ~torch.isfinite(frobenius_norms(acc.gram)) & ~acc.stale  # (rows moved to float64 are dead)
-                bad.append(acc._low_ids()[low] + start)
-            if acc.high.numel():
-                bad.append(acc.high_index[~torch.isfinite(frobenius_norms(acc.high))] + start)
-        ids = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long)
-        if ids.numel():
+        bad = [self._open[index].split.nonfinite_blocks() + self.bounds[index][0] for index in indices]
+        if bad and (ids := torch.cat(bad)).numel():
             raise _non_finite_error(self.layout, ids)
 
     def _finish_all(self, damp: float, progress: Progress | None) -> InverseHealth:
