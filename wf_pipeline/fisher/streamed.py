@@ -382,6 +382,46 @@ class _PeekedBatches:
         return itertools.chain([self.head], first)
 
 
+class SpilledRows:
+    """Every group's gradient rows on disk, one file per group, written chunk after chunk by one pass over every
+    layer and read back a range of blocks at a time (each chunk's rows are block-major: one contiguous read)."""
+
+    def __init__(self, folder: Path, groups: list[BlockGroup], job: FisherJob) -> None:
+        self.job = job
+        self.paths = {group.start: folder / f"rows-{group.start}.bin" for group in groups}  # group start -> file
+        self.groups = groups
+        self.chunk_rows: list[int] = []  # rows in each spilled chunk, in order
+
+    def write(self, chunk: Tensor) -> None:
+        """Append each group's blocks of a block-major chunk ``(K, n, B)`` to its file (time booked as spill)."""
+        t0 = time.perf_counter()
+        for group in self.groups:  # (blocks, n, B) slices along the first dimension: contiguous
+            _write_tensor(chunk[group.start : group.stop], self.paths[group.start], append=True)
+        self.chunk_rows.append(chunk.shape[1])
+        self.job.add_time("spill", time.perf_counter() - t0)
+
+    def read(self, group: BlockGroup, start: int, stop: int) -> Iterator[Tensor]:
+        """Blocks ``[start, stop)`` of the group's rows, one chunk at a time as written (so sums run in the same
+        order)."""
+        B = self.job.block_size
+        first = next(iter(self.job.params.values()))
+        itemsize = first.element_size()
+        offset = 0
+        with open(self.paths[group.start], "rb") as source:
+            for n in self.chunk_rows:
+                t0 = time.perf_counter()
+                buffer = torch.empty(stop - start, n, B, dtype=first.dtype)
+                source.seek(offset + (start - group.start) * n * B * itemsize)
+                source.readinto(buffer.numpy().data.cast("B"))
+                offset += (group.stop - group.start) * n * B * itemsize
+                self.job.add_time("spill", time.perf_counter() - t0)
+                yield buffer.to(first.device)
+
+    def release(self, group: BlockGroup) -> None:
+        """Remove the group's file: each is read once, so the disk frees as the groups go."""
+        self.paths.pop(group.start).unlink()
+
+
 class _GroupSource:
     """A group's gradient rows: from a pass restricted to its layers over a fixed set of Fisher samples, or
     read back from the rows one earlier pass over every layer spilled to disk (``plan.gradient_spill``)."""
@@ -392,8 +432,7 @@ class _GroupSource:
         self.fisher_type = job.fisher_type
         self.names = list(job.params)
         self.passes_done = 0
-        self.spilled_rows: dict[int, Path] = {}  # group start block -> its rows on disk, chunk after chunk
-        self.chunk_rows: list[int] = []  # rows in each spilled chunk, in order
+        self.spilled: SpilledRows | None = None  # every group's rows on disk, with plan.gradient_spill
 
     def _progress(self) -> Progress:
         job = self.job
@@ -428,33 +467,14 @@ class _GroupSource:
 
     def spill_gradients(self, folder: Path) -> None:
         """One pass over every layer; each group's block rows are appended to its own file, chunk by chunk."""
-        for group in self.plan.groups:
-            self.spilled_rows[group.start] = folder / f"rows-{group.start}.bin"
+        self.spilled = SpilledRows(folder, self.plan.groups, self.job)
         for chunk in self._pass(self.job.params, self.layout):
-            t0 = time.perf_counter()
-            for group in self.plan.groups:  # (blocks, n, B) slices along the first dimension: contiguous
-                _write_tensor(chunk[group.start : group.stop], self.spilled_rows[group.start], append=True)
-            self.chunk_rows.append(chunk.shape[1])
+            self.spilled.write(chunk)
             del chunk
-            self.job.add_time("spill", time.perf_counter() - t0)
         release_free_memory()  # the pass's activations: the groups' statistics come next
 
-    def _read_back(self, group: BlockGroup, start: int, stop: int) -> Iterator[Tensor]:
-        """Blocks ``[start, stop)`` of the group's spilled rows, one chunk at a time as written (so sums run in
-        the same order). Each chunk's rows are block-major, so a range of blocks is one contiguous read."""
-        B = self.layout.block_size
-        first = next(iter(self.job.params.values()))
-        itemsize = first.element_size()
-        offset = 0
-        with open(self.spilled_rows[group.start], "rb") as source:
-            for n in self.chunk_rows:
-                t0 = time.perf_counter()
-                buffer = torch.empty(stop - start, n, B, dtype=first.dtype)
-                source.seek(offset + (start - group.start) * n * B * itemsize)
-                source.readinto(buffer.numpy().data.cast("B"))
-                offset += (group.stop - group.start) * n * B * itemsize
-                self.job.add_time("spill", time.perf_counter() - t0)
-                yield buffer.to(first.device)
+    def _is_spilled(self, group: BlockGroup) -> bool:
+        return self.spilled is not None and group.start in self.spilled.paths
 
     def cache_samples(self) -> None:
         """Draw the N·m samples once (and the model's labels for the true Fisher) so every pass sees them."""
@@ -472,9 +492,9 @@ class _GroupSource:
 
     def _group_parts(self, group: BlockGroup) -> Iterator[Tensor]:
         """The group's rows ``(blocks, n, B)`` chunk by chunk: read back, or from a pass over its layers."""
-        if group.start in self.spilled_rows:
-            yield from self._read_back(group, group.start, group.stop)
-            self.spilled_rows.pop(group.start).unlink()  # read once: free the disk as the groups go
+        if self.spilled is not None and self._is_spilled(group):
+            yield from self.spilled.read(group, group.start, group.stop)
+            self.spilled.release(group)
             return
         layers = list(group.layers)
         params = {self.names[i]: self.job.params[self.names[i]] for i in layers}
@@ -487,7 +507,7 @@ class _GroupSource:
         """Fold the group's rows into `acc` and invert it. Rows spilled to disk are read a segment at a time and
         each segment is inverted before the next is read, so only one segment's float64 blocks are ever held."""
         job = self.job
-        if group.start not in self.spilled_rows:
+        if self.spilled is None or not self._is_spilled(group):
             for part in self._group_parts(group):
                 t1 = time.perf_counter()
                 acc.add_blocked(part)
@@ -497,7 +517,7 @@ class _GroupSource:
                 acc.reduce(job.reduce_fn)
             return
         for index, (s, e) in enumerate(acc.bounds):
-            for part in self._read_back(group, group.start + s, group.start + e):
+            for part in self.spilled.read(group, group.start + s, group.start + e):
                 t1 = time.perf_counter()
                 acc.add_segment(index, part)
                 del part
@@ -505,7 +525,7 @@ class _GroupSource:
             t0 = time.perf_counter()
             acc.finish(index, job.damp, job.reduce_fn)
             job.add_time("inverse", time.perf_counter() - t0)
-        self.spilled_rows.pop(group.start).unlink()  # read once: free the disk as the groups go
+        self.spilled.release(group)
 
     def group_stats(self, group: BlockGroup, with_mean: bool) -> tuple[_GroupStats, Tensor | None]:
         """The group's statistics, inverted (Gram) or stored (low-rank), and its gradient sum."""
@@ -519,7 +539,7 @@ class _GroupSource:
             # each in its own buffer (float32 rows of promoted blocks are dropped: at most float64 per block).
             acc = SegmentedGramAccumulator(layout, dtype=job.stat_dtype, device=device, damp=job.damp, rtol=job.rtol,
                                            track_mean=with_mean, blocks_per_segment=self.plan.segment_blocks or None,
-                                           shared=group.start in self.spilled_rows)
+                                           shared=self._is_spilled(group))
             self._accumulate(acc, group)
             t0 = time.perf_counter()
             num_samples = acc.num_samples
