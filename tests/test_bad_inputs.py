@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,30 @@ BAD_OVERRIDES = [
     ("block-size-1e9-float", ["pruning.woodfisher.block_size=1.0e+9"], ["pruning.woodfisher.block_size", "GB"]),
     ("user-code-untrusted", ["model.name=os:system", "model.kwargs={command: 'touch PWNED'}"],
      ["model.name", "--trust-recipe-code"]),
+    # issue 20, values: every whole number fits 64 bits; regex lists hold no empty pattern; --set keys are names
+    ("seed-2-to-the-70", [f"seed={2 ** 70}"], ["seed", "64 bits"]),
+    ("seed-below-int64", [f"seed={-2 ** 64}"], ["seed", "64 bits"]),
+    ("epochs-2-to-the-64", [f"finetune.epochs={2 ** 64}"], ["finetune.epochs", "64 bits"]),
+    ("kwargs-int-2-to-the-70", [f"model.kwargs={{width: {2 ** 70}}}"], ["model.kwargs.width", "64 bits"]),
+    ("layers-empty-regex", ["pruning.layers=['']"], ["pruning.layers", "empty regex"]),
+    ("layers-blank-regex", ["pruning.layers=['conv', ' ']"], ["pruning.layers", "empty regex"]),
+    ("skip-empty-regex", ["pruning.skip=['']"], ["pruning.skip", "empty regex"]),
+    ("group-layers-empty-regex", ["pruning.groups=[{layers: [''], final_sparsity: 0.5}]"],
+     ["pruning.groups.0.layers", "empty regex"]),
+    ("min-keep-layers-empty-key", ["pruning.structure=channel", "pruning.method=magnitude",
+                                   "pruning.channel.min_keep_layers={'': 0.5}"], ["min_keep_layers", "empty regex"]),
+    ("set-key-double-dot", ["a..b=1"], ["a..b", "not a field path"]),
+    ("set-key-leading-dot", [".seed=1"], [".seed", "not a field path"]),
+    ("set-key-trailing-dot", ["seed.=1"], ["seed.", "not a field path"]),
+    ("set-key-space", ["pruning. final_sparsity=0.5"], ["not a field path"]),
+    ("set-value-duplicate-key", ["model.kwargs={width: 4, width: 8}"], ["duplicate key 'width'"]),
+    # issue 20, late refusals: made by recipe check, before a run folder or lock exists
+    ("weights-unknown-torchvision-name", ["model.weights=ResNet18_Weights.NO_SUCH"],
+     ["model.weights", "ResNet18_Weights.NO_SUCH"]),
+    ("weights-unknown-torchvision-enum", ["model.weights=NoSuchNet_Weights.DEFAULT"], ["model.weights"]),
+    ("memory-budget-below-smallest-plan", ["pruning.woodfisher.memory_budget_gb=0.000001"],
+     ["pruning.woodfisher.memory_budget_gb", "smallest budget"]),
+    *([] if torch.cuda.is_available() else [("device-cuda-without-gpu", ["device=cuda"], ["device", "no GPU"])]),
 ]
 
 
@@ -206,3 +231,155 @@ def test_every_bundled_recipe_names_its_weights() -> None:
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
         assert "weights" in raw.get("model", {}), path
+
+
+# ------------------------------------------------------------------ issue 20: recipe files that are not recipes
+def _fifo(folder: Path) -> Path:
+    import os
+
+    path = folder / "pipe.yaml"
+    os.mkfifo(path)
+    return path
+
+
+def _written(name: str, text: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        (folder / name).write_text(text)
+        return folder / name
+    return make
+
+
+# (id, makes the recipe path in a folder, words). Rule: a recipe is a regular UTF-8 file of at most 1 MB whose
+# YAML names no key twice; each is refused by every command that reads a recipe.
+BAD_FILES: list[tuple[str, Callable[[Path], Path], list[str]]] = [
+    ("dev-zero", lambda folder: Path("/dev/zero"), ["/dev/zero", "not a regular file"]),
+    ("dev-null-char-device", lambda folder: Path("/dev/null"), ["not a regular file"]),
+    ("named-pipe", _fifo, ["pipe.yaml", "not a regular file"]),
+    ("larger-than-1-mb", _written("big.yaml", "name: big\n" + "# padding\n" * 120_000), ["larger than"]),
+    ("not-utf8", lambda folder: (folder / "latin.yaml").write_bytes(b"name: caf\xe9\n") and folder / "latin.yaml",
+     ["cannot read recipe"]),
+    ("duplicate-top-level-key", _written("dup.yaml", "name: a\nname: b\nmodel: {weights: null}\n"),
+     ["duplicate key 'name'", "line 1"]),
+    ("duplicate-nested-key", _written("dup2.yaml", "name: a\nmodel:\n  weights: null\n  weights: x.pt\n"),
+     ["duplicate key 'weights'"]),
+    ("duplicate-key-sparseml", _written("dupsml.yaml", "modifiers:\n  - !GMPruningModifier\n    params: __ALL__\n"
+                                        "    params: __ALL__\n    final_sparsity: 0.5\n"),
+     ["duplicate key 'params'"]),
+]
+
+
+@pytest.mark.parametrize("case_id,make,words", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_recipe_file_that_is_not_a_recipe(tmp_path: Path, capsys, monkeypatch, case_id, make, words) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = make(tmp_path)
+    before = files_under(tmp_path)
+    for command in (["recipe", "show"], ["recipe", "check"], ["compress"]):
+        assert_one_line_exit_2(run_cli(capsys, monkeypatch, *command, str(path)), *words)
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "recipe", "check", str(TINY), "--base", str(path)), *words)
+    assert files_under(tmp_path) == before
+
+
+# ------------------------------------------------------------------ issue 20: usage errors are one line too
+BAD_USAGE = [
+    ("memory-budget-not-a-number", ["compress", str(TINY), "--memory-budget", "abc"], ["--memory-budget"]),
+    ("oneshot-memory-budget-not-a-number", ["oneshot", str(TINY), "--memory-budget", "1e"], ["--memory-budget"]),
+    ("unknown-option", ["recipe", "check", str(TINY), "--no-such-flag"], ["--no-such-flag"]),
+    ("option-without-value", ["compress", str(TINY), "--set"], ["--set"]),
+    ("unknown-command", ["compres", str(TINY)], ["compres"]),
+    ("missing-argument", ["compress"], ["recipe_path"]),
+]
+
+
+@pytest.mark.parametrize("case_id,args,words", BAD_USAGE, ids=[c[0] for c in BAD_USAGE])
+def test_usage_errors_are_one_line(tmp_path: Path, capsys, monkeypatch, case_id, args, words) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(capsys, monkeypatch, *args)
+    assert_one_line_exit_2(result, *words)
+    assert "--help" in result.err and "╭" not in result.err
+    assert not files_under(tmp_path)
+
+
+# ------------------------------------------------------------------ issue 20: run folders
+def _symlink_to_elsewhere(run: Path, elsewhere: Path) -> None:
+    run.symlink_to(elsewhere, target_is_directory=True)
+
+
+def _plain_folder(run: Path, elsewhere: Path) -> None:
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+
+
+def _run_folder_linked_recipe(run: Path, elsewhere: Path) -> None:
+    run.mkdir()
+    (elsewhere / "recipe.yaml").write_text("name: x\n")
+    (run / "recipe.yaml").symlink_to(elsewhere / "recipe.yaml")
+    (run / "environment.json").write_text("{}")
+
+
+# (id, what is at artifacts/tiny-digits, command-line flags, words). Rule: an existing path at the run
+# folder's place must be a real run folder (not a link, holds recipe.yaml + environment.json) for every command.
+RUN_FOLDER_CASES = [
+    ("symlink-resume", _symlink_to_elsewhere, ["--resume"], ["symbolic link"]),
+    ("symlink-overwrite", _symlink_to_elsewhere, ["--overwrite"], ["symbolic link"]),
+    ("symlink-plain", _symlink_to_elsewhere, [], ["symbolic link"]),
+    ("not-a-run-resume", _plain_folder, ["--resume"], ["not a run folder"]),
+    ("not-a-run-overwrite", _plain_folder, ["--overwrite"], ["not a run folder"]),
+    ("run-with-linked-recipe-resume", _run_folder_linked_recipe, ["--resume"], ["not a run folder"]),
+]
+
+
+@pytest.mark.parametrize("case_id,make,flags,words", RUN_FOLDER_CASES, ids=[c[0] for c in RUN_FOLDER_CASES])
+def test_run_folder_must_be_a_real_run_folder(tmp_path: Path, capsys, monkeypatch, case_id, make, flags,
+                                              words) -> None:
+    root, elsewhere = tmp_path / "artifacts", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    make(root / "tiny-digits", elsewhere)
+    before = {path: path.read_bytes() if path.is_file() else None for path in files_under(tmp_path)}
+    args = sets(f"output.root={root}")
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "compress", str(TINY), *flags, *args), "tiny-digits", *words)
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "recipe", "check", str(TINY), *args), *words)
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "oneshot", str(TINY), "--overwrite",
+                                   *sets(f"output.root={root}", "output.run_name=tiny-digits")), *words)
+    after = {path: path.read_bytes() if path.is_file() else None for path in files_under(tmp_path)}
+    assert after == before  # nothing written through the link, nothing deleted, no lock file
+
+
+def test_existing_run_and_missing_run_refused_before_anything_exists(tmp_path: Path, capsys, monkeypatch) -> None:
+    root = tmp_path / "runs" / "artifacts"
+    args = sets(f"output.root={root}")
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "compress", str(TINY), "--resume", *args),
+                           "--resume", "no run directory")
+    assert not (tmp_path / "runs").exists()  # no empty artifacts/, no lock file
+    run = root / "tiny-digits"
+    run.mkdir(parents=True)
+    for name in ("recipe.yaml", "environment.json"):
+        (run / name).write_text("{}")
+    before = files_under(tmp_path)
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "compress", str(TINY), *args), "already exists", "--resume")
+    assert files_under(tmp_path) == before  # no .tiny-digits.lock left behind
+
+
+REPORT_CASES = [
+    ("any-folder", lambda tmp: tmp, ["not a run folder"]),
+    ("missing", lambda tmp: tmp / "nope", ["not found"]),
+    ("a-file", lambda tmp: (tmp / "f.txt").write_text("x") and tmp / "f.txt", ["not a run folder"]),
+    ("symlink-to-run", lambda tmp: _linked_run(tmp), ["symbolic link"]),
+]
+
+
+def _linked_run(tmp: Path) -> Path:
+    run = tmp / "real"
+    run.mkdir()
+    for name in ("recipe.yaml", "environment.json"):
+        (run / name).write_text("{}")
+    (tmp / "link").symlink_to(run, target_is_directory=True)
+    return tmp / "link"
+
+
+@pytest.mark.parametrize("case_id,make,words", REPORT_CASES, ids=[c[0] for c in REPORT_CASES])
+def test_report_writes_only_into_a_run_folder(tmp_path: Path, capsys, monkeypatch, case_id, make, words) -> None:
+    target = make(tmp_path)
+    before = files_under(tmp_path)
+    assert_one_line_exit_2(run_cli(capsys, monkeypatch, "report", str(target)), "report", *words)
+    assert files_under(tmp_path) == before

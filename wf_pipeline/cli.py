@@ -345,8 +345,8 @@ def _report_usage_error(exc: TyperException) -> None:
     ctx = getattr(exc, "ctx", None)
     if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command: its help was printed when it was raised
         return
-    where = f" (hint: see `{ctx.command_path} --help`)" if ctx is not None else ""
-    sys.stderr.write(_one_line(f"error: {exc.format_message()}{where}") + "\n")
+    command = ctx.command_path if ctx is not None else "wf-pipeline"
+    sys.stderr.write(_one_line(f"error: {exc.format_message()} (hint: see `{command} --help`)") + "\n")
 
 
 def main() -> None:

@@ -89,7 +89,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.load(raw, Loader=sparseml.UniqueKeyLoader) if raw.strip() else None  # noqa: S506 - safe loader
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {item!r}: value is not valid YAML", "quote strings that contain ':' or '#'") from exc
+        problem = getattr(exc, "problem", None)
+        raise RecipeError(f"--set {item!r}: value is not valid YAML" + (f": {problem}" if problem else ""),
+                          "quote strings that contain ':' or '#'") from exc
     return parts, value
 
 
