@@ -96,7 +96,8 @@ def load_bundled_model() -> tuple[torch.nn.Module, str]:
         from wf_pipeline.models.cifar_resnet import resnet20
 
         torch.manual_seed(0)
-        return resnet20(num_classes=10, in_channels=1).eval(), f"random-init ResNet-20 (bundled model unavailable: {exc})"
+        model = resnet20(num_classes=10, in_channels=1).eval()
+        return model, f"random-init ResNet-20 (bundled model unavailable: {exc})"
 
 
 def blocked_chunks(layout: Any, num_grads: int, chunk_size: int, blocks: int | None = None) -> Iterator[torch.Tensor]:
@@ -208,7 +209,8 @@ def fisher_pool(model_source: str, in_shape: tuple[int, ...]) -> tuple[Any, str]
         g = torch.Generator().manual_seed(0)
         xs = torch.randn(2000, *in_shape, generator=g)
         ys = torch.randint(0, 10, (2000,), generator=g)
-        return (lambda: [(xs[i : i + 100], ys[i : i + 100]) for i in range(0, 2000, 100)]), f"random inputs (data unavailable: {exc})"
+        return ((lambda: [(xs[i : i + 100], ys[i : i + 100]) for i in range(0, 2000, 100)]),
+                f"random inputs (data unavailable: {exc})")
 
 
 def run_pruning_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,7 +260,8 @@ def main() -> None:
     sizes, model_bytes, model_source = resnet20_layer_sizes()
     layout = BlockLayout(sizes, args.block_size)
     N, B, K = args.num_grads, args.block_size, layout.num_blocks
-    print(f"layers: {model_source}; d = {layout.dim} weights in {len(sizes)} layers, K = {K} blocks of B = {B}, N = {N}")
+    print(f"layers: {model_source}; d = {layout.dim} weights in {len(sizes)} layers, K = {K} blocks of B = {B}, "
+          f"N = {N}")
 
     fast = run_fast_route(args, sizes)
     best = min(fast["runs"], key=lambda r: r["total_s"])
@@ -291,7 +294,8 @@ def main() -> None:
         wood_s, wood_inv = run_woodbury_route(args, layout, K, num_grads=wood_grads)
     wood_total = wood_s * N / wood_grads
     extrapolated = wood_grads < N
-    note = f" (measured with {wood_grads} of {N} gradients on all blocks, extrapolated linearly in N)" if extrapolated else ""
+    note = (f" (measured with {wood_grads} of {N} gradients on all blocks, extrapolated linearly in N)"
+            if extrapolated else "")
     speedup = wood_total / best["total_s"]
     print(f"rank-one Woodbury route ({wood_threads} thread(s), the faster here): {wood_total:.2f} s{note}; "
           f"{2 * 2 * N * B * B * K / wood_total / 1e9:.2f} GFLOP/s")
@@ -325,7 +329,8 @@ def main() -> None:
         "fast_s": best["total_s"], "fast_accumulate_s": best["accumulate_s"], "fast_invert_s": best["invert_s"],
         "fast_runs_s": [r["total_s"] for r in fast["runs"]],
         "roofline_s": roofline_s, "fraction_of_gemm_peak": fraction, "x_roofline": best["total_s"] / roofline_s,
-        "woodbury_s": wood_total, "woodbury_threads": wood_threads, "woodbury_extrapolated": extrapolated, "woodbury_grads_measured": wood_grads,
+        "woodbury_s": wood_total, "woodbury_threads": wood_threads, "woodbury_extrapolated": extrapolated,
+        "woodbury_grads_measured": wood_grads,
         "speedup_vs_rank_one": speedup,
         "peak_bytes": fast["peak_bytes"], "peak_target_bytes": target_bytes,
         "peak_within_target": None if fast["peak_bytes"] is None else fast["peak_bytes"] <= target_bytes,

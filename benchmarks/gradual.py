@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["magnitude", "woodfisher"],
                         choices=["magnitude", "woodfisher", "woodtaylor", "diag_fisher", "magnitude_uniform"])
     parser.add_argument("--verbose", action="store_true", help="print every epoch and pruning step")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (on a busy machine 1 avoids oversubscription)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (on a busy machine 1 avoids oversubscription)")
     args = parser.parse_args()
     set_threads(args.threads)
 
@@ -128,7 +129,8 @@ def main() -> None:
         summary[f"woodfisher_drop_{key}"] = dense - wf["accuracy"]
         summary[f"woodfisher_minus_magnitude_{key}"] = wf["accuracy"] - mag["accuracy"]
         print(f"{sparsity:.0%}: magnitude {mag['accuracy']:.4f}, woodfisher {wf['accuracy']:.4f} "
-              f"(woodfisher - dense {wf['accuracy'] - dense:+.4f}; woodfisher - magnitude {wf['accuracy'] - mag['accuracy']:+.4f}); "
+              f"(woodfisher - dense {wf['accuracy'] - dense:+.4f}; "
+              f"woodfisher - magnitude {wf['accuracy'] - mag['accuracy']:+.4f}); "
               f"wall magnitude {mag['wall_s']:.0f}s, woodfisher {wf['wall_s']:.0f}s")
     print(json.dumps(summary, default=float))
 

@@ -2,8 +2,9 @@
 
 A small MLP (784-40-20-10, tanh) is trained on Fashion-MNIST in this script (deterministic, seconds).
 For each layer block (fc2 and fc3, whole; fc1's 31,360 weights would need a 7.9 GB Hessian and ~10^13
-flops of Hessian-vector products, beyond a 2-core machine) the exact Hessian of the mean loss over a fixed "curvature set" of training images is built
-with curvlinops-for-pytorch (Hessian-vector products), and every approximation is compared with it:
+flops of Hessian-vector products, beyond a 2-core machine) the exact Hessian of the mean loss over a fixed
+"curvature set" of training images is built with curvlinops-for-pytorch (Hessian-vector products), and every
+approximation is compared with it:
 
 * WoodFisher: the empirical Fisher ``(1/N) Σ g gᵀ`` of N per-sample gradients (our
   ``wf_pipeline.fisher`` code: ``GradientComputer`` + ``BlockFisherInverse`` with the block = the layer),
@@ -141,7 +142,8 @@ def per_sample_gradients(model: nn.Sequential, block: Block, x: Tensor, y: Tenso
     """``(n, |idx|)`` per-sample gradients of the block's weights, from our Fisher code."""
     layer = model[block.index]
     computer = GradientComputer(model, {"weight": layer.weight}, dtype=torch.float64)
-    rows = [computer.compute(x[i : i + 500].unsqueeze(1), y[i : i + 500].unsqueeze(1))[:, idx] for i in range(0, len(y), 500)]
+    rows = [computer.compute(x[i : i + 500].unsqueeze(1), y[i : i + 500].unsqueeze(1))[:, idx]
+            for i in range(0, len(y), 500)]
     return torch.cat(rows)
 
 
@@ -219,10 +221,12 @@ def evaluate_method(inverse: Tensor, exact_inverse: Tensor | None, loss: BlockLo
     removed = single_weight_removal(w, inverse, sample)
     actual_single = loss(removed) - loss.base
     record: dict[str, Any] = {
-        "inv_err": None if exact_inverse is None else float(torch.linalg.norm(inverse - exact_inverse) / torch.linalg.norm(exact_inverse)),
+        "inv_err": (None if exact_inverse is None
+                    else float(torch.linalg.norm(inverse - exact_inverse) / torch.linalg.norm(exact_inverse))),
         "stat_spearman": spearman(stat, exact_stat),
         "single_spearman": spearman(stat[sample], actual_single),
-        "single_median_rel_err": float(((stat[sample] - actual_single).abs() / actual_single.abs().clamp_min(1e-12)).median()),
+        "single_median_rel_err": float(((stat[sample] - actual_single).abs()
+                                        / actual_single.abs().clamp_min(1e-12)).median()),
         "groups": {},
     }
     for fraction in GROUP_FRACTIONS:
@@ -260,8 +264,10 @@ def study_block(model: nn.Sequential, block: Block, curv: tuple[Tensor, Tensor],
         inputs = model[: block.index](x)
     data = batches(inputs, y)
     t0 = time.perf_counter()
-    hessian = operator_block(cl.HessianLinearOperator(suffix, loss_fn, [layer.weight], data, check_deterministic=False), numel, idx)
-    true_fisher = operator_block(cl.GGNLinearOperator(suffix, loss_fn, [layer.weight], data, check_deterministic=False), numel, idx)
+    hessian = operator_block(
+        cl.HessianLinearOperator(suffix, loss_fn, [layer.weight], data, check_deterministic=False), numel, idx)
+    true_fisher = operator_block(
+        cl.GGNLinearOperator(suffix, loss_fn, [layer.weight], data, check_deterministic=False), numel, idx)
     log(f"  {block.label}: exact Hessian and true Fisher of {len(idx)} weights in {time.perf_counter() - t0:.1f} s")
     hessian, spectrum = positive_part(hessian)
     exact_inverse = damped_inverse(hessian, damp)
@@ -273,7 +279,8 @@ def study_block(model: nn.Sequential, block: Block, curv: tuple[Tensor, Tensor],
     result: dict[str, Any] = {"block": block.label, "weights": len(idx), "damp": damp, "hessian": spectrum,
                               "curves": {}, "methods": {}}
     result["methods"]["exact Hessian"] = evaluate_method(exact_inverse, exact_inverse, loss, sample, exact_stat)
-    result["methods"]["true Fisher"] = evaluate_method(damped_inverse(true_fisher, damp), exact_inverse, loss, sample, exact_stat)
+    result["methods"]["true Fisher"] = evaluate_method(damped_inverse(true_fisher, damp), exact_inverse, loss, sample,
+                                                       exact_stat)
     identity = torch.eye(len(idx), dtype=torch.float64)
     result["methods"]["magnitude"] = evaluate_method(identity, None, loss, sample, exact_stat)
 
@@ -330,7 +337,7 @@ def plot_curves(results: list[dict[str, Any]], layer: str) -> Any:
     panels = (("inv_err", "relative Frobenius error of inverse", True),
               ("stat_spearman", "Spearman ρ of OBS statistic vs exact", False),
               ("group50", "actual ΔL, 50% of block removed", True))
-    for ax, (key, title, log_y) in zip(axes[0], panels):
+    for ax, (key, title, log_y) in zip(axes[0], panels, strict=True):
         for name in CURVE_METHODS:
             points = res["curves"][name]
             values = [p["groups"]["0.5"]["actual"] if key == "group50" else p[key] for p in points]
@@ -380,7 +387,8 @@ def main() -> None:
                                         "single_spearman": m["single_spearman"],
                                         "group50_actual": m["groups"]["0.5"]["actual"]}
                                  for name, m in res["methods"].items()}
-    payload = {"quick": args.quick, "damp": args.damp, "test_accuracy": test_acc, "curvature_size": curvature_size, "n_grid": n_grid,
+    payload = {"quick": args.quick, "damp": args.damp, "test_accuracy": test_acc, "curvature_size": curvature_size,
+               "n_grid": n_grid,
                "epochs": epochs, "curve_layer": curve_layer, "summary": summary, "blocks": results}
     save_outputs(args.out, "rq1_hessian_quality", markdown, payload, plot_curves(results, curve_layer), started)
 

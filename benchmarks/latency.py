@@ -112,12 +112,15 @@ def main() -> int:
         legacy = write_sparse_initializer_file(sparse.dense_path, folder / "pruned.sparse_initializers.onnx", 0.5)
         files = {"dense model": dense.path, "pruned, dense storage": sparse.dense_path,
                  "pruned, compact storage (shipped)": sparse.path, "pruned, sparse initializers (earlier)": legacy}
-        sizes = {label: {"bytes": path.stat().st_size, "gzip_bytes": gzip_size(path), "full_check": passes_full_check(path)}
+        sizes = {label: {"bytes": path.stat().st_size, "gzip_bytes": gzip_size(path),
+                         "full_check": passes_full_check(path)}
                  for label, path in files.items()}
 
         load_s = {}
         sessions = {}
-        for key, path in (("dense", dense.path), ("pruned_compact_storage", sparse.path), ("pruned_dense_storage", sparse.dense_path)):
+        timed = (("dense", dense.path), ("pruned_compact_storage", sparse.path),
+                 ("pruned_dense_storage", sparse.dense_path))
+        for key, path in timed:
             started = time.perf_counter()
             sessions[key] = create_session(path, threads=args.threads)
             load_s[key] = time.perf_counter() - started
@@ -131,7 +134,8 @@ def main() -> int:
                 **{f"{key}_p50_ms": s.p50 for key, s in stats.items()},
                 **{f"{key}_p90_ms": s.p90 for key, s in stats.items()},
                 "ratio_p50_pruned_vs_dense": stats["pruned_compact_storage"].p50 / stats["dense"].p50,
-                "ratio_p50_compact_vs_dense_storage": stats["pruned_compact_storage"].p50 / stats["pruned_dense_storage"].p50,
+                "ratio_p50_compact_vs_dense_storage":
+                    stats["pruned_compact_storage"].p50 / stats["pruned_dense_storage"].p50,
             })
 
     storage_ratio = sparse.file_bytes / sparse.dense_file_bytes
@@ -143,10 +147,12 @@ def main() -> int:
     for row in latency:
         print(f"batch {row['batch_size']:>3}: dense p50 {row['dense_p50_ms']:.3f} ms | pruned (compact storage) p50 "
               f"{row['pruned_compact_storage_p50_ms']:.3f} ms | pruned (dense storage) p50 "
-              f"{row['pruned_dense_storage_p50_ms']:.3f} ms | ratio pruned/dense {row['ratio_p50_pruned_vs_dense']:.3f}")
+              f"{row['pruned_dense_storage_p50_ms']:.3f} ms | "
+              f"ratio pruned/dense {row['ratio_p50_pruned_vs_dense']:.3f}")
     for label, size in sizes.items():
         check = "passes" if size["full_check"] else "FAILS"
-        print(f"{label:>38}: {size['bytes'] / 1e3:8.1f} kB   gzip {size['gzip_bytes'] / 1e3:8.1f} kB   full check {check}")
+        print(f"{label:>38}: {size['bytes'] / 1e3:8.1f} kB   gzip {size['gzip_bytes'] / 1e3:8.1f} kB   "
+              f"full check {check}")
     verdict = "meets" if storage_ratio <= TARGET_RATIO else "MISSES"
     print(f"compact storage / dense storage = {storage_ratio:.3f} ({verdict} the <= {TARGET_RATIO} target); "
           f"compact / dense model file = {sparse.file_bytes / dense.file_bytes:.3f}; "

@@ -44,7 +44,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data = build_data(DataConfig(dataset="fashion_mnist", test_subset=test_subset, augment=False), seed=args.seed)
     model = load_default_model()
-    pruning = PruningConfig(method="woodfisher", woodfisher=WoodFisherConfig(num_grads=num_grads, block_size=128, damp=1e-5))
+    pruning = PruningConfig(method="woodfisher",
+                            woodfisher=WoodFisherConfig(num_grads=num_grads, block_size=128, damp=1e-5))
     started = time.perf_counter()
     sweep = run_oneshot_sweep(model, data, pruning, sparsities, args.methods, torch.device("cpu"),
                               recalibrate_bn=args.recalibrate_bn, seed=args.seed,
@@ -56,13 +57,16 @@ def main() -> None:
     if breaking is not None and "woodfisher" in args.methods:
         margin = sweep.accuracy("woodfisher", breaking) - sweep.accuracy("magnitude", breaking)
         target = {"magnitude_breaks_at": breaking, "woodfisher_minus_magnitude": margin, "target_met": margin >= 0.05}
-        print(f"magnitude first loses >=5 points at {breaking:.0%}; WoodFisher - magnitude there: {margin * 100:+.2f} points "
+        print(f"magnitude first loses >=5 points at {breaking:.0%}; "
+              f"WoodFisher - magnitude there: {margin * 100:+.2f} points "
               f"(target +5: {'met' if margin >= 0.05 else 'NOT met'})")
     else:
         print("magnitude never lost 5 points in this sweep: the target comparison does not apply")
-    print(json.dumps({"benchmark": "oneshot", "quick": args.quick, "num_grads": num_grads, "recalibrate_bn": args.recalibrate_bn,
+    results = [{k: r[k] for k in ("method", "sparsity", "accuracy", "prune_seconds")} for r in sweep.results]
+    print(json.dumps({"benchmark": "oneshot", "quick": args.quick, "num_grads": num_grads,
+                      "recalibrate_bn": args.recalibrate_bn,
                       "test_images": len(data.test_split), "dense_accuracy": sweep.dense_accuracy,
-                      "results": [{k: r[k] for k in ("method", "sparsity", "accuracy", "prune_seconds")} for r in sweep.results],
+                      "results": results,
                       **target, "seconds": seconds}))
 
 

@@ -6,7 +6,7 @@ answer, where they differ, the table and the plot — and replaces the block of 
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` with it. Every figure in the block comes from the
 studies' JSON files; nothing is typed by hand.
 
-    python benchmarks/run_all.py                 # full run (<= 60 min on 2 cores), updates results/ and docs/research.md
+    python benchmarks/run_all.py                 # full run (<= 60 min on 2 cores): results/ and docs/research.md
     python benchmarks/run_all.py --quick         # <= 3 min; writes results-quick/ and leaves docs/research.md alone
     python benchmarks/run_all.py --quick --out /tmp/r --doc /tmp/research.md   # quick, into a copy
 
@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.research.common import log, mean_std  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-METHOD_NAMES = {"woodfisher": "WoodFisher", "woodtaylor": "WoodTaylor", "kfac": "K-FAC OBS", "diag_fisher": "diagonal Fisher",
-                "magnitude": "global magnitude", "magnitude_uniform": "uniform magnitude"}
+METHOD_NAMES = {"woodfisher": "WoodFisher", "woodtaylor": "WoodTaylor", "kfac": "K-FAC OBS",
+                "diag_fisher": "diagonal Fisher", "magnitude": "global magnitude",
+                "magnitude_uniform": "uniform magnitude"}
 STUDIES: dict[str, tuple[str, str]] = {
     "rq1": ("benchmarks/hessian_quality.py", "rq1_hessian_quality"),
     "rq2": ("benchmarks/research/rq2_oneshot.py", "rq2_oneshot"),
@@ -77,14 +78,17 @@ def section_rq1(data: dict[str, Any]) -> tuple[str, str, str]:
     for block, methods in data["summary"].items():
         wf, kf, dg = methods["WoodFisher"], methods["K-FAC"], methods["diagonal Fisher"]
         lines.append(f"{block}: inverse error WoodFisher {wf['inv_err']:.3f}, K-FAC {kf['inv_err']:.3f}, diagonal "
-                     f"{dg['inv_err']:.3f}, true Fisher {methods['true Fisher']['inv_err']:.3f}; statistic rank correlation "
-                     f"{wf['stat_spearman']:.3f} / {kf['stat_spearman']:.3f} / {dg['stat_spearman']:.3f}; loss increase "
+                     f"{dg['inv_err']:.3f}, true Fisher {methods['true Fisher']['inv_err']:.3f}; "
+                     f"statistic rank correlation "
+                     f"{wf['stat_spearman']:.3f} / {kf['stat_spearman']:.3f} / {dg['stat_spearman']:.3f}; "
+                     f"loss increase "
                      f"after removing 50% of the block {wf['group50_actual']:.4f} / {kf['group50_actual']:.4f} / "
                      f"{dg['group50_actual']:.4f} (exact Hessian {methods['exact Hessian']['group50_actual']:.4f})")
         if not wf["inv_err"] < dg["inv_err"]:
             differs.append(f"on {block} the diagonal Fisher's inverse is closer than WoodFisher's")
         if not wf["inv_err"] < kf["inv_err"]:
-            differs.append(f"on {block} K-FAC's inverse is closer than WoodFisher's ({kf['inv_err']:.3f} vs {wf['inv_err']:.3f})")
+            differs.append(f"on {block} K-FAC's inverse is closer than WoodFisher's "
+                           f"({kf['inv_err']:.3f} vs {wf['inv_err']:.3f})")
         if kf["group50_actual"] < wf["group50_actual"]:
             differs.append(f"on {block} removing half the weights with K-FAC's OBS update costs less loss than with "
                            f"WoodFisher's ({kf['group50_actual']:.4f} vs {wf['group50_actual']:.4f})")
@@ -111,10 +115,13 @@ def section_rq2(data: dict[str, Any]) -> tuple[str, str, str]:
             for s in sparsities:
                 best_other = max(mean[m][key][s] for m in mean if m != "woodfisher")
                 wins += mean["woodfisher"][key][s] >= best_other - 0.005
-            hard = next((s for s in sparsities if res["dense_accuracy"] - mean["magnitude"][key][s] >= 0.05), sparsities[-1])
-            others = ", ".join(f"{METHOD_NAMES[m]} {fmt_pct(mean[m][key][hard])}" for m in ("woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"))
-            measured.append(f"{model} {label}: WoodFisher best or within 0.5 points of the best at {wins} of {len(sparsities)} "
-                            f"sparsities; at {float(hard):.0%} WoodFisher {fmt_pct(mean['woodfisher'][key][hard])} vs {others}")
+            hard = next((s for s in sparsities if res["dense_accuracy"] - mean["magnitude"][key][s] >= 0.05),
+                        sparsities[-1])
+            others = ", ".join(f"{METHOD_NAMES[m]} {fmt_pct(mean[m][key][hard])}"
+                               for m in ("woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"))
+            measured.append(f"{model} {label}: WoodFisher best or within 0.5 points of the best at {wins} of "
+                            f"{len(sparsities)} sparsities; at {float(hard):.0%} WoodFisher "
+                            f"{fmt_pct(mean['woodfisher'][key][hard])} vs {others}")
             for m in mean:
                 if m != "woodfisher" and mean[m][key][hard] > mean["woodfisher"][key][hard] + 0.005:
                     differs.append(f"{METHOD_NAMES[m]} beats WoodFisher on {model} {label} at {float(hard):.0%}")
@@ -137,9 +144,11 @@ def section_rq3(data: dict[str, Any]) -> tuple[str, str, str]:
         diff = s[f"woodfisher_{k}"] - s[f"magnitude_{k}"]
         spread = {m: mean_std([r["test_accuracy"] for r in data["rows"] if r["method"] == m and r["target"] == t])[1]
                   for m in ("woodfisher", "magnitude")}
-        measured.append(f"{k}%: WoodFisher {fmt_pct(s[f'woodfisher_{k}'])} ± {100 * spread['woodfisher']:.2f} vs magnitude "
-                        f"{fmt_pct(s[f'magnitude_{k}'])} ± {100 * spread['magnitude']:.2f} over seeds ({100 * diff:+.2f} points; "
-                        f"train−test gap {100 * s[f'woodfisher_gap_{k}']:+.2f} vs {100 * s[f'magnitude_gap_{k}']:+.2f} points)")
+        measured.append(f"{k}%: WoodFisher {fmt_pct(s[f'woodfisher_{k}'])} ± {100 * spread['woodfisher']:.2f} "
+                        f"vs magnitude {fmt_pct(s[f'magnitude_{k}'])} ± {100 * spread['magnitude']:.2f} "
+                        f"over seeds ({100 * diff:+.2f} points; "
+                        f"train−test gap {100 * s[f'woodfisher_gap_{k}']:+.2f} vs "
+                        f"{100 * s[f'magnitude_gap_{k}']:+.2f} points)")
         if diff <= 0:
             differs.append(f"at {k}% WoodFisher is not more accurate ({100 * diff:+.2f} points)")
         elif diff <= max(spread.values()):
@@ -151,7 +160,8 @@ def section_rq3(data: dict[str, Any]) -> tuple[str, str, str]:
     if len(data["targets"]) < 2:
         differs.append("with one target measured, whether the lead grows with sparsity is not tested here")
     differs.append(f"our fine-tuning budget is reduced ({data['budget']['finetune.epochs']} x "
-                   f"{data['budget']['finetune.steps_per_epoch']} steps) and the task easy, so gaps are smaller and noisier "
+                   f"{data['budget']['finetune.steps_per_epoch']} steps) and the task easy, "
+                   f"so gaps are smaller and noisier "
                    f"than the paper's ImageNet ones")
     return claim, "; ".join(measured) + ".", "; ".join(differs) + "."
 
@@ -162,7 +172,8 @@ def section_rq4(data: dict[str, Any]) -> tuple[str, str, str]:
     measured, differs = [], []
     for t in data["targets"]:
         row = {s: data["summary"][s][f"{t:g}"]["accuracy_bn"] for s in ("global", "uniform", "hand-tuned")}
-        measured.append(f"{t:.0%} (BN recalibrated): global {fmt_pct(row['global'])}, uniform {fmt_pct(row['uniform'])}, "
+        measured.append(f"{t:.0%} (BN recalibrated): global {fmt_pct(row['global'])}, "
+                        f"uniform {fmt_pct(row['uniform'])}, "
                         f"hand-tuned {fmt_pct(row['hand-tuned'])}")
         for other in ("uniform", "hand-tuned"):
             if row[other] > row["global"] + 0.005:
@@ -172,7 +183,8 @@ def section_rq4(data: dict[str, Any]) -> tuple[str, str, str]:
     measured.append(f"at {data['targets'][-1]:.0%} WoodFisher pruned the first layer to {layers[first]:.1%} and the "
                     f"classifier to {layers[last]:.1%}")
     if not differs:
-        differs.append("none: the automatic allocation is at least as good here (one-shot; the paper shows it for gradual pruning)")
+        differs.append("none: the automatic allocation is at least as good here "
+                       "(one-shot; the paper shows it for gradual pruning)")
     return claim, "; ".join(measured) + ".", "; ".join(differs) + "."
 
 
@@ -208,16 +220,21 @@ def results_block(out: Path, keys: list[str], runs: dict[str, Any], readme_dir: 
     cpu_text = f", {sum(cpu) / 60:.1f} CPU-min" if all(c is not None for c in cpu) else ""
     rel = os.path.relpath(out, readme_dir).replace(os.sep, "/")
     quick_keys = [k for k in keys if load(out, STUDIES[k][1]).get("quick")]
-    mode = "" if not quick_keys else (" QUICK RUN: tiny budgets for CI, not evidence." if len(quick_keys) == len(keys)
-                                      else f" QUICK RUN for {', '.join(k.upper() for k in quick_keys)} (marked below): not evidence.")
+    if not quick_keys:
+        mode = ""
+    elif len(quick_keys) == len(keys):
+        mode = " QUICK RUN: tiny budgets for CI, not evidence."
+    else:
+        mode = f" QUICK RUN for {', '.join(k.upper() for k in quick_keys)} (marked below): not evidence."
     reduced_keys = [k for k in keys if load(out, STUDIES[k][1]).get("reduced")]
     if reduced_keys:
         mode += f" Reduced run for {', '.join(k.upper() for k in reduced_keys)} (marked below: what it left out)."
     parts = ["### Research questions (generated by `benchmarks/run_all.py`)\n",
              (f"**{mode.strip()}** " if mode else "")
              + f"Each study is one command (`--quick` for a small version) writing a table, a plot and a JSON file to "
-             f"`{rel}/`; this block is rewritten from those files ({total / 60:.1f} min wall{cpu_text} in all on a 2-core "
-             f"machine shared with other jobs; each study's wall time and the load average at its end are under its title).\n"]
+             f"`{rel}/`; this block is rewritten from those files ({total / 60:.1f} min wall{cpu_text} in all "
+             f"on a 2-core machine shared with other jobs; each study's wall time and the load average at its end "
+             f"are under its title).\n"]
     for key in keys:
         script, name = STUDIES[key]
         title, builder = SECTIONS[key]
@@ -229,7 +246,8 @@ def results_block(out: Path, keys: list[str], runs: dict[str, Any], readme_dir: 
         seconds = runs.get(key, {}).get("seconds", data.get("seconds", 0))
         cost = [f"{seconds:.0f} s wall"]
         if data.get("resumed_units"):
-            cost = [f"{seconds:.0f} s wall for the last call, which reused {data['resumed_units']} units finished by an "
+            cost = [f"{seconds:.0f} s wall for the last call, which reused {data['resumed_units']} units "
+                    f"finished by an "
                     f"earlier, stopped call"]
             walls = [r["wall_s"] for r in data.get("rows", []) if "wall_s" in r]
             if walls:
@@ -239,7 +257,8 @@ def results_block(out: Path, keys: list[str], runs: dict[str, Any], readme_dir: 
         if (data.get("machine") or {}).get("load_1min") is not None:
             cost.append(f"load average {data['machine']['load_1min']:.1f} at its end")
         parts.append(f"#### {title}\n\n`python {script}`{label} ({', '.join(cost)})\n\n"
-                     f"- **Paper's claim:** {claim}\n- **Measured here:** {measured}\n- **Where they differ:** {differ}\n\n"
+                     f"- **Paper's claim:** {claim}\n- **Measured here:** {measured}\n"
+                     f"- **Where they differ:** {differ}\n\n"
                      f"{table}\n\n![{key.upper()}]({rel}/{name}.png)\n")
     return "\n".join(parts)
 
@@ -260,7 +279,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="results folder (default results/, or results-quick/ with --quick)")
     parser.add_argument("--doc", "--readme", dest="doc", type=Path,
-                        help="Markdown file whose results block to update (default docs/research.md for a full run into results/)")
+                        help="Markdown file whose results block to update "
+                             "(default docs/research.md for a full run into results/)")
     parser.add_argument("--only", nargs="+", choices=list(STUDIES),
                         help="run only these studies (the block still covers every study with results in --out)")
     parser.add_argument("--no-run", action="store_true", help="only rebuild the block from existing JSON files")
@@ -284,7 +304,8 @@ def main() -> None:
         block = results_block(out, keys, runs, readme.resolve().parent)
         replace_block(readme, block)
     print(block)
-    print(json.dumps({"benchmark": "run_all", "quick": args.quick, "out": str(out), "readme": str(readme) if readme else None,
+    print(json.dumps({"benchmark": "run_all", "quick": args.quick, "out": str(out),
+                      "readme": str(readme) if readme else None,
                       "studies": runs, "seconds": round(time.perf_counter() - started, 1)}))
 
 

@@ -8,8 +8,8 @@ in-memory step (all statistics in memory at once, one gradient pass), and report
 time (and CPU time) split into gradients / statistics / inverse / update (+ spill I/O), and the plan
 (representation, groups, gradient passes, chunk, revisits, expected peak). On a shared machine wall
 times drift: the two steps run ``--repeats`` times in ABBA order (budgeted, in-memory, in-memory,
-budgeted, ...), and the time ratio is the median of the pairs' ratios (CPU-time ratio alongside). Targets: ResNet-50 peak RSS <= 8 GB,
-MobileNetV2 <= 3 GB, budgeted time <= 1.5x the in-memory step where that fits.
+budgeted, ...), and the time ratio is the median of the pairs' ratios (CPU-time ratio alongside). Targets:
+ResNet-50 peak RSS <= 8 GB, MobileNetV2 <= 3 GB, budgeted time <= 1.5x the in-memory step where that fits.
 
 ``--quick`` (CI, ~1-2 min on a quiet machine): ResNet-18 at 64 px, N=16, block 16, a budget (1.8 GB) that
 needs groups: with a spill folder (one gradient pass, rows and inverses on disk) and without (a pass per
@@ -93,8 +93,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         "fisher_health": report.extra.get("fisher_health"),  # promoted (float64) and repaired blocks
     }
     if case.get("save_weights"):
-        torch.save({n: p.detach().clone() for n, p in params.items()} | {f"mask:{k}": v for k, v in masks.masks.items()},
-                   case["save_weights"])
+        weights = {n: p.detach().clone() for n, p in params.items()}
+        torch.save(weights | {f"mask:{k}": v for k, v in masks.masks.items()}, case["save_weights"])
     return out
 
 
@@ -281,7 +281,8 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="scale-bench-", dir=ROOT / "artifacts" if (ROOT / "artifacts").is_dir() else None) as tmp:
+    scratch = ROOT / "artifacts" if (ROOT / "artifacts").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="scale-bench-", dir=scratch) as tmp:
         if args.quick:
             base = dict(QUICK)
             saved = {}
@@ -317,7 +318,8 @@ def main() -> None:
             print(f"{row['model']} {row['mode']}: FAILED {row['error']}")
             continue
         split = ", ".join(f"{k} {v:.1f}s" for k, v in row["split_s"].items())
-        print(f"{row['model']:>13} {row['mode']:<19} peak RSS {row['peak_rss_gb']:.2f} GB (plan {row['plan']['peak_bytes'] / 1e9:.2f}"
+        print(f"{row['model']:>13} {row['mode']:<19} peak RSS {row['peak_rss_gb']:.2f} GB "
+              f"(plan {row['plan']['peak_bytes'] / 1e9:.2f}"
               f" + {row['baseline_rss_gb']:.2f} resident), {row['seconds']:.1f}s ({row['cpu_s']:.0f} CPU-s): {split}")
         print(f"{'':>13} {row['plan']['summary']}")
     print(json.dumps({"benchmark": "scale", "quick": args.quick, "zero_init_residual": args.zero_init_residual,

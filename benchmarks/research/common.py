@@ -125,7 +125,8 @@ def save_outputs(out: Path, name: str, markdown: str, payload: dict[str, Any], f
 
     out.mkdir(parents=True, exist_ok=True)
     # The study's own process plus its finished worker processes.
-    cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    usages = map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    cpu = sum(u.ru_utime + u.ru_stime for u in usages)
     payload = {"study": name, **payload, "seconds": round(time.perf_counter() - started, 1),
                "cpu_seconds": round(cpu, 1), "machine": machine()}
     write_text(out / f"{name}.md", markdown)

@@ -7,7 +7,8 @@ statistics re-estimated on training batches). Seeds are Fisher sample draws (whi
 Fisher pool the gradients see), so the data-free magnitude methods have one value per point.
 All weights of every conv/linear layer are pruned (global ranking unless stated).
 
-    python benchmarks/research/rq2_oneshot.py           # full: 2 models, 6 sparsities, 3 seeds, N = 1000, 1,000 test images
+    python benchmarks/research/rq2_oneshot.py           # full: 2 models, 6 sparsities, 3 seeds, N = 1000,
+                                                        # 1,000 test images
     python benchmarks/research/rq2_oneshot.py --quick   # ResNet-20 only, 70%, 1 seed, N = 64, 300 test images
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ from wf_pipeline.training.epoch import evaluate  # noqa: E402
 
 MODELS = {
     "ResNet-20": ModelConfig(name="resnet20", num_classes=10, in_channels=1, weights="builtin:resnet20-fmnist"),
-    "MobileNetV1-0.25": ModelConfig(name="mobilenetv1", num_classes=10, in_channels=1, weights="builtin:mobilenetv1-fmnist",
+    "MobileNetV1-0.25": ModelConfig(name="mobilenetv1", num_classes=10, in_channels=1,
+                                    weights="builtin:mobilenetv1-fmnist",
                                     kwargs={"width_mult": 0.25, "small_input": True}),
 }
 METHODS = ["woodfisher", "woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"]
@@ -112,7 +114,8 @@ def sweep(models: list[str], seeds: list[int], workers: int, **kwargs: Any) -> l
         for part in mine:
             for key, value in part["seconds"].items():
                 seconds[key] = seconds.get(key, 0.0) + value
-        results.append({"model": label, "dense_accuracy": mine[0]["dense_accuracy"], "test_images": mine[0]["test_images"],
+        results.append({"model": label, "dense_accuracy": mine[0]["dense_accuracy"],
+                        "test_images": mine[0]["test_images"],
                         "rows": [r for p in mine for r in p["rows"]], "seconds": seconds})
     return results
 
@@ -128,10 +131,12 @@ def tables(results: list[dict[str, Any]], sparsities: list[float]) -> str:
             header = ["method", *[f"{s:.0%}" for s in sparsities]]
             body = []
             for method in METHODS:
-                cells = [cell([r for r in res["rows"] if r["method"] == method and r["sparsity"] == s], key) for s in sparsities]
+                cells = [cell([r for r in res["rows"] if r["method"] == method and r["sparsity"] == s], key)
+                         for s in sparsities]
                 body.append([LABELS[method], *cells])
             parts.append(f"**{res['model']}**, {title} (dense {100 * res['dense_accuracy']:.2f}%, "
-                         f"{res['test_images']:,} test images; mean ± std over seeds, %):\n\n" + markdown_table(header, body))
+                         f"{res['test_images']:,} test images; mean ± std over seeds, %):\n\n"
+                         + markdown_table(header, body))
     return "\n".join(parts)
 
 
@@ -172,10 +177,13 @@ def plot(results: list[dict[str, Any]], sparsities: list[float]) -> Any:
 def main() -> None:
     parser = study_parser(__doc__)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="a subset of the models (default: all)")
-    parser.add_argument("--sparsities", nargs="+", type=float, help="a subset of the sparsities (output marked reduced)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="other Fisher draws (output marked reduced if not the full run's)")
+    parser.add_argument("--sparsities", nargs="+", type=float,
+                        help="a subset of the sparsities (output marked reduced)")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="other Fisher draws (output marked reduced if not the full run's)")
     parser.add_argument("--workers", type=int, default=2, help="(model, seed) sweeps in parallel, one thread each")
-    parser.add_argument("--damp", type=float, default=1e-3, help="dampening λ of every Fisher (the default recipe's; the paper used 1e-5)")
+    parser.add_argument("--damp", type=float, default=1e-3,
+                        help="dampening λ of every Fisher (the default recipe's; the paper used 1e-5)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.quick:
@@ -192,8 +200,9 @@ def main() -> None:
     markdown = (f"One-shot pruning, no fine-tuning; N = {num_grads} gradients per seed (block 128, λ = {args.damp:g}); "
                 f"seeds: {len(seeds)}; BatchNorm recalibration on {bn} training batches of 128."
                 + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n" + tables(results, sparsities))
-    payload = {"quick": args.quick, "reduced": reduced, "resumed_units": len(units.done), "models": models, "num_grads": num_grads, "seeds": seeds,
-               "sparsities": sparsities, "damp": args.damp, "summary": summarise(results, sparsities), "results": results}
+    payload = {"quick": args.quick, "reduced": reduced, "resumed_units": len(units.done), "models": models,
+               "num_grads": num_grads, "seeds": seeds, "sparsities": sparsities, "damp": args.damp,
+               "summary": summarise(results, sparsities), "results": results}
     save_outputs(args.out, "rq2_oneshot", markdown, payload, plot(results, sparsities), started)
     units.finish()
 

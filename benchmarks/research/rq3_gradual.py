@@ -72,8 +72,8 @@ def final_evaluation(model: torch.nn.Module, test_images: int | None, train_imag
 FULL_GRID = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
 
 
-def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path, eval_sizes: tuple[int | None, int],
-            units: UnitLog, threads: int | None = None) -> dict[str, Any]:
+def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path,
+            eval_sizes: tuple[int | None, int], units: UnitLog, threads: int | None = None) -> dict[str, Any]:
     """One gradual-pruning run and its final evaluation, logged to `units` (a resumed run reuses it)."""
     key = f"{method}|{target:g}|{seed}"
     if key in units.done:
@@ -108,7 +108,8 @@ def table(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, 
             if sel:
                 body.append([LABELS[method], f"{target:.0%}", pm([r["test_accuracy"] for r in sel]),
                              pm([r["train_accuracy"] for r in sel]), pm([r["gap"] for r in sel]), len(sel)])
-    return markdown_table(["method", "target", "test accuracy (%)", "train accuracy (%)", "train − test (points)", "seeds"], body)
+    header = ["method", "target", "test accuracy (%)", "train accuracy (%)", "train − test (points)", "seeds"]
+    return markdown_table(header, body)
 
 
 def plot(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, float]) -> Any:
@@ -117,8 +118,10 @@ def plot(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, f
                            ("gap", axes[0][1], "train − test accuracy (generalisation gap)")):
         for method in METHODS:
             stats = [mean_std([r[key] for r in rows if r["method"] == method and r["target"] == t]) for t in targets]
-            ax.errorbar(targets, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=LABELS[method])
-        ax.axhline(dense[1] if key == "test_accuracy" else dense[0] - dense[1], color="grey", linestyle="--", label="dense")
+            ax.errorbar(targets, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                        label=LABELS[method])
+        ax.axhline(dense[1] if key == "test_accuracy" else dense[0] - dense[1], color="grey", linestyle="--",
+                   label="dense")
         ax.set_xlabel("target sparsity")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -131,7 +134,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="runs in parallel, one thread each (small models use 2 cores better this way)")
     parser.add_argument("--targets", nargs="+", type=float, help="a subset of the targets (output marked reduced)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="other seeds (output marked reduced if not the full run's)")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="other seeds (output marked reduced if not the full run's)")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.quick:
@@ -139,11 +143,12 @@ def main() -> None:
     else:
         targets, seeds, budget, eval_sizes = FULL_GRID["targets"], FULL_GRID["seeds"], FULL, (None, 5000)
     targets, seeds = args.targets or targets, args.seeds or seeds
-    units = UnitLog(args.out, "rq3_gradual", {"quick": args.quick, "budget": budget, "eval_sizes": eval_sizes}, args.resume)
+    config = {"quick": args.quick, "budget": budget, "eval_sizes": eval_sizes}
+    units = UnitLog(args.out, "rq3_gradual", config, args.resume)
     resumed = len(units.done)
     if "dense" not in units.done:  # (train, test) accuracy of the dense model, logged like a run
-        units.done["dense"] = list(final_evaluation(build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model),
-                                                    *eval_sizes))
+        dense_model = build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model)
+        units.done["dense"] = list(final_evaluation(dense_model, *eval_sizes))
         units.add("dense", units.done["dense"])
     dense = (units.done["dense"][0], units.done["dense"][1])
     jobs = [(method, target, seed) for target in targets for seed in seeds for method in METHODS]
@@ -159,19 +164,23 @@ def main() -> None:
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
     reduced = None if args.quick else reduction(FULL_GRID, {"targets": targets, "seeds": seeds})
     note = (f"Gradual pruning with recipes/default.yaml, only the method changed; reduced budget for the studies: "
-            f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps ({steps} optimizer "
+            f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps "
+            f"({steps} optimizer "
             f"steps; the default recipe has 1,800), pruning steps at epochs 0..{budget['pruning.schedule.end_epoch']}, "
             f"N = {budget['pruning.woodfisher.num_grads']} gradients per WoodFisher step. Test accuracy on "
             f"{'all 10,000' if eval_sizes[0] is None else f'{eval_sizes[0]:,}'} test images, train accuracy on "
             f"{eval_sizes[1]:,} fixed training images (no augmentation); mean ± std over seeds."
             + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n")
-    summary = {f"{m}_{int(round(t * 100))}": mean_std([r["test_accuracy"] for r in rows if r["method"] == m and r["target"] == t])[0]
-               for m in METHODS for t in targets}
-    summary.update({f"{m}_gap_{int(round(t * 100))}": mean_std([r["gap"] for r in rows if r["method"] == m and r["target"] == t])[0]
-                    for m in METHODS for t in targets})
-    payload = {"quick": args.quick, "reduced": reduced, "resumed_units": resumed, "budget": budget, "targets": targets, "seeds": seeds,
+    def mean_of(key: str, m: str, t: float) -> float:
+        return mean_std([r[key] for r in rows if r["method"] == m and r["target"] == t])[0]
+
+    summary = {f"{m}_{int(round(t * 100))}": mean_of("test_accuracy", m, t) for m in METHODS for t in targets}
+    summary.update({f"{m}_gap_{int(round(t * 100))}": mean_of("gap", m, t) for m in METHODS for t in targets})
+    payload = {"quick": args.quick, "reduced": reduced, "resumed_units": resumed, "budget": budget, "targets": targets,
+               "seeds": seeds,
                "dense": {"train_accuracy": dense[0], "test_accuracy": dense[1]}, "summary": summary, "rows": rows}
-    save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(rows, targets, dense), started)
+    save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(rows, targets, dense),
+                 started)
     units.finish()
 
 

@@ -45,10 +45,10 @@ def hand_tuned_counts(names: list[str], sizes: list[int], target: float) -> list
     """First and last layer dense, the same sparsity everywhere else, total zeros = target · all weights."""
     dense = {names[0], names[-1]}
     total = round(target * sum(sizes))
-    rest = sum(n for name, n in zip(names, sizes) if name not in dense)
+    rest = sum(n for name, n in zip(names, sizes, strict=True) if name not in dense)
     if total > rest:
         raise ValueError(f"target {target:.0%} cannot be met with {sorted(dense)} dense")
-    counts = [0 if name in dense else int(total * n / rest) for name, n in zip(names, sizes)]
+    counts = [0 if name in dense else int(total * n / rest) for name, n in zip(names, sizes, strict=True)]
     for i in sorted((i for i, name in enumerate(names) if name not in dense), key=lambda i: -sizes[i]):
         if sum(counts) >= total:
             break
@@ -81,9 +81,11 @@ def main() -> None:
                     kwargs["counts"] = hand_tuned_counts(names, sizes, target)
                 pruned, info = prune_copy(model, "woodfisher", stats, target, selection, damp=args.damp, **kwargs)
                 plain, recal = accuracy_with_and_without_bn(pruned, data, bn)
-                rows.append({"strategy": strategy, "target": target, "seed": seed, "accuracy": plain, "accuracy_bn": recal,
-                             "achieved_sparsity": info["achieved_sparsity"], "per_layer_sparsity": info["per_layer_sparsity"]})
-                log(f"  seed {seed} {strategy} @ {target:.0%}: {plain:.4f} / BN {recal:.4f} (total {info['achieved_sparsity']:.4f})")
+                rows.append({"strategy": strategy, "target": target, "seed": seed, "accuracy": plain,
+                             "accuracy_bn": recal, "achieved_sparsity": info["achieved_sparsity"],
+                             "per_layer_sparsity": info["per_layer_sparsity"]})
+                log(f"  seed {seed} {strategy} @ {target:.0%}: {plain:.4f} / BN {recal:.4f} "
+                    f"(total {info['achieved_sparsity']:.4f})")
 
     header = ["allocation", *[f"{t:.0%} as pruned" for t in targets], *[f"{t:.0%} BN recal." for t in targets]]
     body = []
@@ -95,8 +97,10 @@ def main() -> None:
     chosen = [r for r in rows if r["strategy"] == "global" and r["target"] == top]
     per_layer = {n: mean_std([r["per_layer_sparsity"][n] for r in chosen])[0] for n in names}
     spread = (min(per_layer.values()), max(per_layer.values()))
-    markdown = (f"ResNet-20 (dense {100 * dense:.2f}% on {test_subset:,} test images), one-shot WoodFisher (N = {num_grads}, "
-                f"block 128, λ = {args.damp:g}) at equal total sparsity, mean ± std over {len(seeds)} Fisher draws (%). "
+    markdown = (f"ResNet-20 (dense {100 * dense:.2f}% on {test_subset:,} test images), "
+                f"one-shot WoodFisher (N = {num_grads}, "
+                f"block 128, λ = {args.damp:g}) at equal total sparsity, "
+                f"mean ± std over {len(seeds)} Fisher draws (%). "
                 f"At {top:.0%} the global ranking gave layers {spread[0]:.1%} to {spread[1]:.1%} sparsity "
                 f"(first layer {per_layer[names[0]]:.1%}, classifier {per_layer[names[-1]]:.1%}).\n\n"
                 + markdown_table(header, body))
@@ -106,26 +110,32 @@ def main() -> None:
     ax.bar(range(len(names)), [per_layer[n] for n in names], color="tab:blue", label="WoodFisher global ranking")
     ax.axhline(top, color="grey", linestyle="--", label=f"uniform {top:.0%}")
     hand = hand_tuned_counts(names, sizes, top)
-    ax.plot(range(len(names)), [c / n for c, n in zip(hand, sizes)], "k_", markersize=12, label="hand-tuned")
+    ax.plot(range(len(names)), [c / n for c, n in zip(hand, sizes, strict=True)], "k_", markersize=12,
+            label="hand-tuned")
     ax.set_xticks(range(len(names)), [n.removesuffix(".weight") for n in names], rotation=90, fontsize=6)
     ax.set_ylabel("sparsity of layer")
     ax.set_title(f"Per-layer sparsity at {top:.0%} total (ResNet-20)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[0][1]
     for strategy in STRATEGIES:
-        stats_ = [mean_std([r["accuracy_bn"] for r in rows if r["strategy"] == strategy and r["target"] == t]) for t in targets]
-        ax.errorbar(targets, [m for m, _ in stats_], yerr=[s for _, s in stats_], marker="o", capsize=3, label=LABELS[strategy])
+        stats_ = [mean_std([r["accuracy_bn"] for r in rows if r["strategy"] == strategy and r["target"] == t])
+                  for t in targets]
+        ax.errorbar(targets, [m for m, _ in stats_], yerr=[s for _, s in stats_], marker="o", capsize=3,
+                    label=LABELS[strategy])
     ax.axhline(dense, color="grey", linestyle="--", label="dense")
     ax.set_xlabel("total sparsity")
     ax.set_ylabel("test accuracy (BN recalibrated)")
     ax.set_title("Allocation of sparsity over layers", fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    summary = {s: {f"{t:g}": {"accuracy": mean_std([r["accuracy"] for r in rows if r["strategy"] == s and r["target"] == t])[0],
-                              "accuracy_bn": mean_std([r["accuracy_bn"] for r in rows if r["strategy"] == s and r["target"] == t])[0]}
+    def mean_of(key: str, s: str, t: float) -> float:
+        return mean_std([r[key] for r in rows if r["strategy"] == s and r["target"] == t])[0]
+
+    summary = {s: {f"{t:g}": {"accuracy": mean_of("accuracy", s, t), "accuracy_bn": mean_of("accuracy_bn", s, t)}
                    for t in targets} for s in STRATEGIES}
     payload = {"quick": args.quick, "dense_accuracy": dense, "targets": targets, "seeds": seeds, "num_grads": num_grads,
-               "summary": summary, "woodfisher_per_layer_sparsity": per_layer, "layer_sizes": dict(zip(names, sizes)),
+               "summary": summary, "woodfisher_per_layer_sparsity": per_layer,
+               "layer_sizes": dict(zip(names, sizes, strict=True)),
                "rows": [{k: v for k, v in r.items() if k != "per_layer_sparsity"} for r in rows]}
     save_outputs(args.out, "rq4_layerwise", markdown, payload, fig, started)
 

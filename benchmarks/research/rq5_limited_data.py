@@ -46,7 +46,8 @@ def main() -> None:
     device = torch.device("cpu")
     base = build_data(DataConfig(dataset="fashion_mnist", augment=False, test_subset=test_subset), seed=0)
     dense, _ = evaluate(model, base.test_batches(), device)
-    magnitude = {t: evaluate(prune_copy(model, "magnitude", None, t, selection)[0], base.test_batches(), device)[0] for t in targets}
+    magnitude = {t: evaluate(prune_copy(model, "magnitude", None, t, selection)[0], base.test_batches(), device)[0]
+                 for t in targets}
     rows: list[dict[str, Any]] = []
     for k in per_class:
         for seed in seeds:
@@ -56,23 +57,31 @@ def main() -> None:
                                          fisher_pool=60_000, fisher_samples_per_class=k), seed=seed)
             pool = len(data.fisher_split)  # type: ignore[arg-type]
             n = min(pool, MAX_GRADS)
-            stats = collect_statistics(model, selection, data.fisher_batches(batch_size=100), num_grads=n, damp=args.damp)
+            stats = collect_statistics(model, selection, data.fisher_batches(batch_size=100), num_grads=n,
+                                       damp=args.damp)
             for target in targets:
                 pruned, _ = prune_copy(model, "woodfisher", stats, target, selection, damp=args.damp)
                 acc, _ = evaluate(pruned, base.test_batches(), device)
                 rows.append({"per_class": k, "seed": seed, "target": target, "num_grads": n, "accuracy": acc})
-                log(f"  {k}/class (N={n}) seed {seed} @ {target:.0%}: WoodFisher {acc:.4f} (magnitude {magnitude[target]:.4f})")
+                log(f"  {k}/class (N={n}) seed {seed} @ {target:.0%}: WoodFisher {acc:.4f} "
+                    f"(magnitude {magnitude[target]:.4f})")
 
     header = ["samples per class", "N gradients", *[f"WoodFisher {t:.0%}" for t in targets]]
-    body = [[k, next(r["num_grads"] for r in rows if r["per_class"] == k),
-             *[pm([r["accuracy"] for r in rows if r["per_class"] == k and r["target"] == t]) for t in targets]] for k in per_class]
+
+    def accuracies(k: int, t: float) -> list[float]:
+        return [r["accuracy"] for r in rows if r["per_class"] == k and r["target"] == t]
+
+    body = [[k, next(r["num_grads"] for r in rows if r["per_class"] == k), *[pm(accuracies(k, t)) for t in targets]]
+            for k in per_class]
     body.append(["global magnitude (no data)", 0, *[pm([magnitude[t]]) for t in targets]])
-    markdown = (f"ResNet-20 one-shot (dense {100 * dense:.2f}% on {test_subset:,} test images), no BatchNorm recalibration, "
-                f"WoodFisher block 128, λ = {args.damp:g}; mean ± std over {len(seeds)} pool draws (%).\n\n" + markdown_table(header, body))
+    markdown = (f"ResNet-20 one-shot (dense {100 * dense:.2f}% on {test_subset:,} test images), "
+                f"no BatchNorm recalibration, "
+                f"WoodFisher block 128, λ = {args.damp:g}; mean ± std over {len(seeds)} pool draws (%).\n\n"
+                + markdown_table(header, body))
     fig, axes = new_figure()
     ax = axes[0][0]
     for target in targets:
-        stats_ = [mean_std([r["accuracy"] for r in rows if r["per_class"] == k and r["target"] == target]) for k in per_class]
+        stats_ = [mean_std(accuracies(k, target)) for k in per_class]
         line = ax.errorbar(per_class, [m for m, _ in stats_], yerr=[s for _, s in stats_], marker="o", capsize=3,
                            label=f"WoodFisher {target:.0%}")
         ax.axhline(magnitude[target], linestyle=":", color=line[0].get_color(), label=f"magnitude {target:.0%}")
@@ -83,8 +92,8 @@ def main() -> None:
     ax.set_title("RQ5: WoodFisher with limited data (ResNet-20)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    summary = {f"{t:g}": {"magnitude": magnitude[t], **{str(k): mean_std([r["accuracy"] for r in rows if r["per_class"] == k and r["target"] == t])[0]
-                                                        for k in per_class}} for t in targets}
+    summary = {f"{t:g}": {"magnitude": magnitude[t], **{str(k): mean_std(accuracies(k, t))[0] for k in per_class}}
+               for t in targets}
     payload = {"quick": args.quick, "dense_accuracy": dense, "per_class": per_class, "targets": targets, "seeds": seeds,
                "summary": summary, "rows": rows}
     save_outputs(args.out, "rq5_limited_data", markdown, payload, fig, started)
