@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +61,7 @@ def run_one(recipe_path: Path, overrides: list[str], root: Path, verbose: bool) 
     result = run_pruning_stage(recipe, run, model, data, device, reporter=PrintReporter(label, verbose))
     wall = time.perf_counter() - started
     m = result.metrics
+    assert m.prune_reports is not None and m.timings is not None and m.per_layer_sparsity is not None
     return {
         "method": recipe.pruning.method,
         "target_sparsity": recipe.pruning.final_sparsity,
@@ -136,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

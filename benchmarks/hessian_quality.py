@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.research.common import log, markdown_table, new_figure, save_outputs, study_parser  # noqa: E402
@@ -117,8 +117,15 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- curvature matrices
+def linear_at(model: nn.Sequential, index: int) -> nn.Linear:
+    """The MLP's layer at `index` (a block is always a Linear layer)."""
+    layer = model[index]
+    assert isinstance(layer, nn.Linear), f"layer {index} is {type(layer).__name__}, not Linear"
+    return layer
+
+
 def block_indices(model: nn.Sequential, block: Block) -> Tensor:
-    weight = model[block.index].weight
+    weight = linear_at(model, block.index).weight
     rows = weight.shape[0] if block.rows is None else block.rows
     return torch.arange(rows * weight.shape[1])
 
@@ -140,8 +147,8 @@ def batches(x: Tensor, y: Tensor, size: int = 2500) -> list[tuple[Tensor, Tensor
 
 def per_sample_gradients(model: nn.Sequential, block: Block, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     """``(n, |idx|)`` per-sample gradients of the block's weights, from our Fisher code."""
-    layer = model[block.index]
-    computer = GradientComputer(model, {"weight": layer.weight}, dtype=torch.float64)
+    layer = linear_at(model, block.index)
+    computer = GradientComputer(model, {"weight": cast(nn.Parameter, layer.weight)}, dtype=torch.float64)
     rows = [computer.compute(x[i : i + 500].unsqueeze(1), y[i : i + 500].unsqueeze(1))[:, idx]
             for i in range(0, len(y), 500)]
     return torch.cat(rows)
@@ -160,7 +167,7 @@ class BlockLoss:
     """
 
     def __init__(self, model: nn.Sequential, block: Block, x: Tensor, y: Tensor, idx: Tensor) -> None:
-        self.layer = model[block.index]
+        self.layer = linear_at(model, block.index)
         self.suffix = model[block.index + 1 :]
         self.idx = idx
         self.y = y
@@ -253,7 +260,7 @@ def study_block(model: nn.Sequential, block: Block, curv: tuple[Tensor, Tensor],
                 damp: float, sample_size: int, seed: int) -> dict[str, Any]:
     cl = require_curvlinops()
     x, y = curv
-    layer = model[block.index]
+    layer = linear_at(model, block.index)
     idx = block_indices(model, block)
     numel = layer.weight.numel()
     loss_fn = nn.CrossEntropyLoss()

@@ -63,6 +63,7 @@ def main() -> None:
     else:
         print("magnitude never lost 5 points in this sweep: the target comparison does not apply")
     results = [{k: r[k] for k in ("method", "sparsity", "accuracy", "prune_seconds")} for r in sweep.results]
+    assert data.test_split is not None
     print(json.dumps({"benchmark": "oneshot", "quick": args.quick, "num_grads": num_grads,
                       "recalibrate_bn": args.recalibrate_bn,
                       "test_images": len(data.test_split), "dense_accuracy": sweep.dense_accuracy,

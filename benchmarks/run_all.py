@@ -217,7 +217,8 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], tuple[str, str, str]]]
 def results_block(out: Path, keys: list[str], runs: dict[str, Any], readme_dir: Path) -> str:
     total = sum(r["seconds"] for r in runs.values())
     cpu = [load(out, STUDIES[k][1]).get("cpu_seconds") for k in keys]
-    cpu_text = f", {sum(cpu) / 60:.1f} CPU-min" if all(c is not None for c in cpu) else ""
+    known = [c for c in cpu if c is not None]
+    cpu_text = f", {sum(known) / 60:.1f} CPU-min" if len(known) == len(cpu) else ""
     rel = os.path.relpath(out, readme_dir).replace(os.sep, "/")
     quick_keys = [k for k in keys if load(out, STUDIES[k][1]).get("quick")]
     if not quick_keys:

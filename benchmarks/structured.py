@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +90,7 @@ def prune_one(method: str, overrides: list[str], root: Path, verbose: bool,
     path = root / f"{method}.onnx"
     exported = export_onnx(stage.model.cpu().eval(), data.sample_input(2), path, sparse_storage=False)
     m = stage.metrics
+    assert m.prune_reports is not None and m.timings is not None
     row = {
         "method": method,
         "accuracy": m.final_accuracy,
@@ -269,9 +269,9 @@ def main() -> None:
         row["latency_ms"] = {str(b): latency[row["method"]][b] for b in (1, 32)}
         row["latency_ratio"] = {str(b): latency[row["method"]][b] / latency["dense"][b] for b in (1, 32)}
 
-    summary: dict[str, Any] = {"benchmark": "structured", "quick": args.quick, "recipe": RECIPE.name,
-                               "overrides": overrides, "threads": torch.get_num_threads(), "machine": machine,
-                               "note": args.note, "latency_load_1min": latency_load, "results": rows}
+    summary = {"benchmark": "structured", "quick": args.quick, "recipe": RECIPE.name,
+               "overrides": overrides, "threads": torch.get_num_threads(), "machine": machine,
+               "note": args.note, "latency_load_1min": latency_load, "results": rows}
     print()
     print(table(summary))
     if "woodfisher" in args.methods:
@@ -293,4 +293,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -21,7 +21,7 @@ def _type_name(annotation: object) -> str:
     return text.replace("NoneType", "None")
 
 
-def _is_model(annotation: object) -> bool:
+def _is_model(annotation: object) -> typing.TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 

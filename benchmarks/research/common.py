@@ -13,7 +13,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ class UnitLog:
         self.path.unlink(missing_ok=True)
 
 
-def reduction(full: dict[str, Sequence[Any]], used: dict[str, Sequence[Any]]) -> str | None:
+def reduction(full: Mapping[str, Sequence[Any]], used: Mapping[str, Sequence[Any]]) -> str | None:
     """What a run left out of the full configuration, in words (None when it ran all of it)."""
     missing = [f"{key} {', '.join(map(str, used[key]))} of the full {', '.join(map(str, values))}"
                for key, values in full.items() if list(used[key]) != list(values)]

@@ -60,7 +60,7 @@ MODELS = {
                                     kwargs={"width_mult": 0.25, "small_input": True}),
 }
 METHODS = ["woodfisher", "woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"]
-FULL = {"models": list(MODELS), "sparsities": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], "seeds": [0, 1, 2]}
+FULL: dict[str, list[Any]] = {"models": list(MODELS), "sparsities": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], "seeds": [0, 1, 2]}
 
 
 def sweep_seed(label: str, seed: int, first_seed: bool, sparsities: list[float], num_grads: int, test_subset: int,

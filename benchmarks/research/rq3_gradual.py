@@ -63,13 +63,13 @@ def final_evaluation(model: torch.nn.Module, test_images: int | None, train_imag
     split = data.train_split
     assert split is not None and data.preprocess is not None
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(123))[:train_images]
-    train = TensorBatches(split.images[idx], split.labels[idx], data.preprocess, 500)  # type: ignore[arg-type]
+    train = TensorBatches(split.images[idx], split.labels[idx], data.preprocess, 500)
     device = torch.device("cpu")
     model.eval()
     return evaluate(model, train, device)[0], evaluate(model, data.test_batches(), device)[0]
 
 
-FULL_GRID = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
+FULL_GRID: dict[str, list[Any]] = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
 
 
 def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path,
@@ -101,7 +101,7 @@ def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root:
 
 
 def table(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, float]) -> str:
-    body = [["dense", "0%", pm([dense[1]]), pm([dense[0]]), f"{100 * (dense[0] - dense[1]):+.2f}", ""]]
+    body: list[list[Any]] = [["dense", "0%", pm([dense[1]]), pm([dense[0]]), f"{100 * (dense[0] - dense[1]):+.2f}", ""]]
     for target in targets:
         for method in METHODS:
             sel = [r for r in rows if r["method"] == method and r["target"] == target]
@@ -138,6 +138,7 @@ def main() -> None:
                         help="other seeds (output marked reduced if not the full run's)")
     args = parser.parse_args()
     started = time.perf_counter()
+    eval_sizes: tuple[int | None, int]
     if args.quick:
         targets, seeds, budget, eval_sizes = [0.9], [0], QUICK, (500, 500)
     else:
