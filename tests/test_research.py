@@ -112,7 +112,7 @@ def cnn_batches(n: int = 24):  # -> factory of (x, y) mini-batches
 
 
 def test_kronecker_inverse_diag_and_products_match_the_explicit_inverse() -> None:
-    from wf_pipeline.pruning.kfac import KroneckerEigen
+    from wf_pipeline.pruning.research.kfac import KroneckerEigen
 
     g, a, damp = random_spd(3, 5), random_spd(4, 6), 0.3
     eigen = KroneckerEigen.from_factors(g, a)
@@ -125,7 +125,7 @@ def test_kronecker_inverse_diag_and_products_match_the_explicit_inverse() -> Non
 def test_kfac_factors_reproduce_curvlinops_operator() -> None:
     """Our eigendecomposed factors, in our flat (row-major) order, are the library's K-FAC matrix."""
     cl = pytest.importorskip("curvlinops")
-    from wf_pipeline.pruning.kfac import kfac_factors
+    from wf_pipeline.pruning.research.kfac import kfac_factors
 
     model = tiny_cnn().eval()
     params = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
@@ -143,7 +143,7 @@ def test_kfac_factors_reproduce_curvlinops_operator() -> None:
 
 
 def test_kfac_update_is_the_obs_update_of_the_kfac_matrix() -> None:
-    from wf_pipeline.pruning.kfac import KroneckerEigen, kfac_independent_update
+    from wf_pipeline.pruning.research.kfac import KroneckerEigen, kfac_independent_update
 
     weight = nn.Parameter(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(8)))
     eigen, damp = KroneckerEigen.from_factors(random_spd(3, 9), random_spd(4, 10)), 0.2

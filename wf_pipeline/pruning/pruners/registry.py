@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from wf_pipeline.pruning.pruners.base import Pruner
 from wf_pipeline.pruning.pruners.diagonal import DiagonalFisherPruner
-from wf_pipeline.pruning.pruners.kfac import KFACPruner
 from wf_pipeline.pruning.pruners.magnitude import MagnitudePruner, UniformMagnitudePruner
 from wf_pipeline.pruning.pruners.woodfisher import WoodFisherPruner, WoodTaylorPruner
+from wf_pipeline.pruning.research import KFACPruner  # research baseline (optional extra)
 from wf_pipeline.pruning.settings import METHODS, PruneSettings
 from wf_pipeline.recipe.schema import CHANNEL_ONLY_METHODS
 

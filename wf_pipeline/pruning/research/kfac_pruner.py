@@ -1,4 +1,4 @@
-"""K-FAC-based OBS pruning (research baseline, needs the ``research`` extra): see pruning/kfac.py.
+"""K-FAC-based OBS pruning (research baseline, needs the ``research`` extra): the maths in :mod:`.kfac`.
 
 Statistics are the layers' Kronecker factors from curvlinops over ``num_grads`` Fisher-pool samples
 (``fisher_type`` empirical: the data's labels, as WoodFisher; true: labels sampled from the model);
@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.pruning.kfac import (
+from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
+from wf_pipeline.pruning.research.kfac import (
     KroneckerEigen,
     kfac_factors,
     kfac_independent_update,
@@ -22,7 +23,6 @@ from wf_pipeline.pruning.kfac import (
     require_curvlinops,
     take_samples,
 )
-from wf_pipeline.pruning.pruners.base import FlatPruner, PruneView, StepContext, Update
 from wf_pipeline.pruning.settings import PruneSettings
 
 
