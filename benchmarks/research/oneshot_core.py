@@ -106,7 +106,7 @@ def choose_by_counts(scores: Tensor, sizes: Sequence[int], counts: Sequence[int]
     """Prune the `counts[i]` lowest-scored weights of layer i (a hand-set per-layer sparsity)."""
     chosen = torch.zeros(scores.numel(), dtype=torch.bool)
     offset = 0
-    for size, count in zip(sizes, counts):
+    for size, count in zip(sizes, counts, strict=True):
         if count > 0:
             order = torch.argsort(scores[offset : offset + size].double(), stable=True)[:count]
             chosen[offset + order] = True
@@ -116,7 +116,8 @@ def choose_by_counts(scores: Tensor, sizes: Sequence[int], counts: Sequence[int]
 
 @torch.no_grad()
 def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity: float, selection: Selection,
-               *, damp: float = 1e-5, ranking: str = "global", counts: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
+               *, damp: float = 1e-5, ranking: str = "global",
+               counts: Sequence[int] | None = None) -> tuple[nn.Module, dict]:
     """A pruned copy of `model` (pruned weights exactly zero) and what the step did.
 
     `counts` (weights to prune per selected layer) overrides `sparsity`/`ranking` (hand-set sparsities).
@@ -152,7 +153,8 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
                 scores = woodtaylor_scores(weights.to(dtype), stats.inverse.diag(), newton * newton_scale)
             else:
                 scores = obs_scores(weights.to(dtype), stats.inverse.diag())
-    new = choose_by_counts(scores, sizes, counts) if counts is not None else choose_pruned(scores, kept, sizes, sparsity, ranking)
+    new = (choose_by_counts(scores, sizes, counts) if counts is not None
+           else choose_pruned(scores, kept, sizes, sparsity, ranking))
     pruned = new
 
     if method in ("woodfisher", "woodtaylor"):
@@ -172,17 +174,19 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
             predicted = float(scores[pruned].sum())
     offset = 0
     per_layer = {}
-    for (name, param), size in zip(params.items(), sizes):
+    for (name, param), size in zip(params.items(), sizes, strict=True):
         mask = pruned[offset : offset + size].view_as(param)
         param.copy_(updated[offset : offset + size].view_as(param).to(param.dtype))
         param.masked_fill_(mask, 0)
         per_layer[name] = float(mask.double().mean())
         offset += size
     achieved = float(pruned.double().mean())
-    return pruned_model, {"achieved_sparsity": achieved, "per_layer_sparsity": per_layer, "predicted_loss_increase": predicted}
+    return pruned_model, {"achieved_sparsity": achieved, "per_layer_sparsity": per_layer,
+                          "predicted_loss_increase": predicted}
 
 
-def accuracy_with_and_without_bn(model: nn.Module, data: DataBundle, recalibrate_batches: int) -> tuple[float, float | None]:
+def accuracy_with_and_without_bn(model: nn.Module, data: DataBundle,
+                                 recalibrate_batches: int) -> tuple[float, float | None]:
     """Test accuracy as pruned, and after re-estimating BatchNorm statistics (None if the model has no BN)."""
     device = torch.device("cpu")
     plain, _ = evaluate(model, data.test_batches(), device)
