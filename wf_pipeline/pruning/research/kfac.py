@@ -34,7 +34,7 @@ CURVLINOPS_FISHER = {"empirical": "empirical", "true": "mc", "type-2": "type-2"}
 def require_curvlinops() -> Any:
     """The curvlinops module, or one clear error naming the extra to install."""
     try:
-        import curvlinops  # type: ignore[import-untyped]
+        import curvlinops
     except ImportError as exc:
         raise WFError(
             "pruning method 'kfac' needs curvlinops-for-pytorch, which is not installed",
