@@ -33,6 +33,14 @@ def tiny_recipe(root: Path, *overrides: str):
     return recipe
 
 
+def grouped(recipe, groups: list[dict]):
+    """`recipe` pruning `groups` instead of its top-level target (which groups replace: both is refused)."""
+    raw = recipe.to_dict()
+    for name in ("layers", "initial_sparsity", "final_sparsity"):
+        raw["pruning"].pop(name, None)
+    return type(recipe).model_validate(raw | {"pruning": raw["pruning"] | {"groups": groups}})
+
+
 def bare_run(recipe) -> RunDir:
     run = RunDir(Path(recipe.output.root) / recipe.run_name())
     run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -277,13 +285,12 @@ def test_resume_inside_an_epoch_after_a_pruning_step(tmp_path: Path) -> None:
 
 
 def test_groups_prune_their_own_layers_to_their_own_targets(tmp_path: Path) -> None:
-    recipe = tiny_recipe(tmp_path, "finetune.epochs=2", "finetune.steps_per_epoch=2")
-    recipe.pruning.groups = [
+    recipe = grouped(tiny_recipe(tmp_path, "finetune.epochs=2", "finetune.steps_per_epoch=2"), [
         {"name": "early", "layers": [r"^layer1\."], "final_sparsity": 0.5,
          "schedule": {"start_epoch": 0, "end_epoch": 0}},
         {"name": "late", "layers": [r"^layer[23]\."], "initial_sparsity": 0.3, "final_sparsity": 0.8,
          "schedule": {"start_epoch": 0, "end_epoch": 1, "frequency": 0.5}},
-    ]
+    ])
     run, result = _run_stage(recipe)
     sparsity = result.metrics.per_layer_sparsity
     early = [n for n in sparsity if n.startswith("layer1.")]
@@ -298,9 +305,8 @@ def test_groups_prune_their_own_layers_to_their_own_targets(tmp_path: Path) -> N
 
 
 def test_groups_must_not_overlap_and_must_match(tmp_path: Path) -> None:
-    recipe = tiny_recipe(tmp_path)
-    recipe.pruning.groups = [{"layers": [r"^layer1\."], "final_sparsity": 0.5},
-                             {"layers": [r"^layer1\.0\."], "final_sparsity": 0.7}]
+    recipe = grouped(tiny_recipe(tmp_path), [{"layers": [r"^layer1\."], "final_sparsity": 0.5},
+                                             {"layers": [r"^layer1\.0\."], "final_sparsity": 0.7}])
     with pytest.raises(WFError, match=r"pruning.groups\[1\].layers: parameter 'layer1.0.conv1.weight' is already"):
         _run_stage(recipe)
     recipe.pruning.groups = [{"layers": ["^nothing"], "final_sparsity": 0.5}]

@@ -223,11 +223,13 @@ def _require_catalog(catalog: ModelCatalog | None, source: str) -> ModelCatalog:
 def recipe_header(path: str | Path, base_path: str | Path | None, overrides: list[str] | None,
                   model_catalog: ModelCatalog) -> str:
     """The comment block above a translated SparseML recipe: what each field became ('' for our recipes)."""
-    base = None
+    base = base_text = None
     if base_path is not None:
-        base, _ = parse_recipe_text(read_recipe_text(Path(base_path)), str(base_path), model_catalog=model_catalog)
+        base_text = read_recipe_text(Path(base_path))
+        base, _ = parse_recipe_text(base_text, str(base_path), model_catalog=model_catalog)
     return sparseml.conversion_header(read_recipe_text(Path(path)), str(path), model=model_catalog, base=base,
-                                      overrides=overrides)
+                                      overrides=overrides, base_source=None if base_path is None else str(base_path),
+                                      base_text=base_text)
 
 
 def validate_recipe(raw: dict[str, Any], source: str) -> Recipe:

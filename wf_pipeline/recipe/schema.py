@@ -405,6 +405,10 @@ class ChannelConfig(Strict):
         return rounds
 
 
+# Top-level pruning fields that pruning.groups replace (each group has its own).
+_GROUP_OWNED = ("layers", "initial_sparsity", "final_sparsity")
+
+
 class PruningConfig(Strict):
     # kfac: K-FAC-based OBS, a research baseline that needs the optional `research` extra (curvlinops).
     method: Literal["woodfisher", "woodtaylor", "magnitude", "magnitude_uniform", "diag_fisher", "kfac", "taylor",
@@ -430,7 +434,7 @@ class PruningConfig(Strict):
     groups: list[PruningGroupConfig] = Field(
         default_factory=list,
         description="several targets over different parameter groups; when given, each group prunes its own "
-        "layers (minus pruning.skip) and pruning.layers/initial_sparsity/final_sparsity are not used",
+        "layers (minus pruning.skip) and pruning.layers/initial_sparsity/final_sparsity must not be set",
     )
     channel: ChannelConfig = Field(default_factory=ChannelConfig, description="structure channel only")
 
@@ -455,6 +459,23 @@ class PruningConfig(Strict):
         if self.structure == "unstructured" and self.method in CHANNEL_ONLY_METHODS:
             raise ValueError(f"method {self.method!r} removes whole channels: set pruning.structure to 'channel'")
         return self
+
+    @model_validator(mode="after")
+    def _groups_own_their_targets(self) -> PruningConfig:
+        given = [name for name in _GROUP_OWNED if name in self.model_fields_set] if self.groups else []
+        if given:
+            raise ValueError(f"pruning.{given[0]} is not used when pruning.groups is given (each group prunes its own "
+                             f"layers to its own sparsity): remove pruning.{given[0]} and set it in each group")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_group_owned(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Written recipes with groups leave out the top-level targets no group reads."""
+        data = handler(self)
+        if self.groups:
+            for name in _GROUP_OWNED:
+                data.pop(name, None)
+        return data
 
     def schedules(self) -> list[ScheduleConfig]:
         """The schedule of every pruning group (one entry when `groups` is empty)."""

@@ -56,10 +56,20 @@ def entry_pattern(entry: str) -> str:
     if entry in (ALL, ALL_PRUNABLE):
         return ".*"
     if entry.startswith("re:"):
-        body = entry[3:]
+        flags, body = split_global_flags(entry[3:])
         open_ended = body.endswith(".*") or (body.endswith("$") and not body.endswith("\\$"))
-        return f"^(?:{body})" + ("" if open_ended else ".*")
+        return flags + f"^(?:{body})" + ("" if open_ended else ".*")
     return f"^{re.escape(entry)}$"
+
+
+_GLOBAL_FLAGS = re.compile(r"(?:\(\?[aiLmsux]+\))+")
+
+
+def split_global_flags(body: str) -> tuple[str, str]:
+    """('(?i)', 'conv.*') for '(?i)conv.*': Python takes global flags only at the start of a pattern, so a
+    pattern wrapped in a group keeps its leading flags in front of the group."""
+    match = _GLOBAL_FLAGS.match(body)
+    return (match.group(0), body[match.end():]) if match else ("", body)
 
 
 def describe_names(names: list[str], limit: int = 6) -> str:

@@ -106,10 +106,11 @@ def referenced_names(expression: str) -> set[str]:
     return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and id(node) not in called}
 
 
-def resolve_variables(raw: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_variables(raw: Mapping[str, Any], errors: list[ExpressionError] | None = None) -> dict[str, Any]:
     """Evaluate every ``eval(...)`` variable, in dependency order; other values pass through.
 
-    Raises ExpressionError naming the variable for unknown names and for dependency cycles.
+    Raises ExpressionError naming the variable for unknown names and for dependency cycles; with an `errors`
+    list, collects every variable's error there instead (once each) and returns the variables that resolved.
     """
     resolved: dict[str, Any] = {}
     visiting: list[str] = []
@@ -144,7 +145,13 @@ def resolve_variables(raw: Mapping[str, Any]) -> dict[str, Any]:
         return result
 
     for variable in raw:
-        resolve(variable)
+        try:
+            resolve(variable)
+        except ExpressionError as exc:
+            if errors is None:
+                raise
+            if all(exc.message != seen.message for seen in errors):
+                errors.append(exc)
     return resolved
 
 

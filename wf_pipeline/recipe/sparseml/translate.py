@@ -24,6 +24,7 @@ Call sequence (the recipe loader does this)::
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from wf_pipeline.recipe.param_catalog import ModelCatalog, ModelParams
 from wf_pipeline.recipe.sparseml.fields import (
     Context,
     Modifier,
+    Problem,
     Record,
     SparseMLRecipeError,
     StopModifier,
@@ -646,6 +648,22 @@ def _match_target(target: _Target, model: ModelParams, field_name: str, ctx: Con
     target.selected = [name for name in model.prunable if name in selected]
 
 
+def _check_refused_names(mod: Modifier, model: ModelParams) -> None:
+    """A refused modifier's `params` are checked against the model too, so the user sees every problem in one
+    run instead of meeting a misspelt name only after removing the modifier."""
+    if "params" not in mod.fields:
+        return
+    try:
+        entries = _entries(mod, "params", mod.deref(mod.fields["params"]))
+    except StopModifier:
+        return
+    matches = [match_entry(entry, model) for entry in entries]
+    missing = [match.entry for match in matches if not match.prunable and not match.other]
+    if missing:
+        mod.problem("params", f"{len(missing)} of {len(entries)} parameter names/patterns match no parameter of "
+                    f"{model.description}: {', '.join(missing)}", "fix the names")
+
+
 def _check_overlaps(targets: list[_Target], ctx: Context) -> None:
     owner: dict[str, _Target] = {}
     for target in targets:
@@ -1092,10 +1110,13 @@ def translate_sparseml(
     from_user = base is not None
     result = copy.deepcopy(base if base is not None else DEFAULT_BASE)
     raw_variables = {key: value for key, value in raw.items() if not _is_modifier_list_key(key)}
-    try:
-        variables = resolve_variables(raw_variables)
-    except ExpressionError as exc:
-        raise RecipeError(f"SparseML recipe: {exc.message}", hint=exc.hint) from exc
+    variable_errors: list[ExpressionError] = []
+    variables = resolve_variables(raw_variables, variable_errors)
+    if len(variable_errors) == 1:
+        raise RecipeError(f"SparseML recipe: {variable_errors[0].message}", hint=variable_errors[0].hint)
+    if variable_errors:  # every bad variable at once (modifiers that use them would only repeat them)
+        raise SparseMLRecipeError([Problem("recipe variables", exc.message, exc.hint or "fix the expression")
+                                   for exc in variable_errors])
     ctx = Context(variables=variables, allow_rounding=allow_rounding)
     if not isinstance(model, ModelParams):
         model = model(result, from_user)
@@ -1111,6 +1132,7 @@ def translate_sparseml(
         if parser is None:
             hint = _UNSUPPORTED_HINTS.get(mod.tag, f"supported modifiers: {', '.join(_SUPPORTED_TAGS)}")
             mod.problem(None, "this modifier has no wf-pipeline translation", hint)
+            _check_refused_names(mod, model)
             continue
         try:
             parser(mod, parsed)
@@ -1201,14 +1223,26 @@ def conversion_header(
     model: ModelParams | ModelCatalog,
     base: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    base_source: str | None = None,
+    base_text: str | None = None,
 ) -> str:
-    """The comment block `recipe convert` writes above a translated SparseML recipe ('' for our own recipes)."""
+    """The comment block `recipe convert` writes above a translated SparseML recipe ('' for our own recipes):
+    the provenance (the source's sha256, the ``--base`` recipe's path and sha256), then the per-field account."""
     if "Modifier" not in text:
         return ""
     raw = load_sparseml_text(text)
     if not is_sparseml_recipe(raw):
         return ""
     header = translate_sparseml(raw, model=model, base=base).header(source)
+    first, rest = header.split("\n", 1)
+    provenance = [f"# Source sha256: {_sha256(text)}"]
+    provenance.append(f"# Base recipe: {base_source} (sha256: {_sha256(base_text or '')})" if base_source is not None
+                      else "# Base recipe: none (the bundled default model and data)")
+    header = "\n".join([first, *provenance, rest])
     if overrides:
         header = header[:-1] + f"# --set overrides applied after the translation: {', '.join(overrides)}\n\n"
     return header
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
