@@ -213,7 +213,6 @@ def validate(
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory under artifacts/")]) -> None:
     """Write the HTML report of a run (also done at the end of compress)."""
     from wf_pipeline.reporting.report import write_report
-
     from wf_pipeline.runtime.rundir import require_run_folder
 
     require_run_folder(run_dir, "report", "give a run folder that compress made, e.g. artifacts/<run-name>")
