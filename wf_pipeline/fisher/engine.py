@@ -11,7 +11,8 @@ its own business, decided by the plan (:func:`build_fisher`):
 * streamed (:class:`StreamedFisher`): block groups streamed through the budget, spilled to disk or recomputed,
   with the per-weight vectors kept (:mod:`wf_pipeline.fisher.streamed`).
 
-Both give the same numbers: the streamed groups see the same chunks in the same order as the in-memory blocks.
+Both prune the same weights: each streamed group sees the same gradient chunks in the same order as the in-memory
+blocks (tests/test_streamed_fisher.py and tests/test_memory_budget.py hold them to float32 rounding).
 """
 from __future__ import annotations
 
