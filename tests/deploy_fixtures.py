@@ -1,6 +1,8 @@
 """Tiny models and data shared by the deploy/report tests (export, validate, gates, report)."""
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -79,8 +81,8 @@ def remove_channels(model: TinyNet, keep1: list[int], keep2: list[int]) -> TinyN
     with torch.no_grad():
         slim.conv1.weight.copy_(model.conv1.weight[i1])
         copy_bn(slim.bn1, model.bn1, i1)
-        slim.block[0].weight.copy_(model.block[0].weight[i2][:, i1])
-        copy_bn(slim.block[1], model.block[1], i2)
+        cast(nn.Conv2d, slim.block[0]).weight.copy_(cast(nn.Conv2d, model.block[0]).weight[i2][:, i1])
+        copy_bn(cast(nn.BatchNorm2d, slim.block[1]), cast(nn.BatchNorm2d, model.block[1]), i2)
         slim.fc.weight.copy_(model.fc.weight[:, fc_columns])
         slim.fc.bias.copy_(model.fc.bias)
     return slim

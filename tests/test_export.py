@@ -124,7 +124,9 @@ def _decode_in_ort_and_reference(array: np.ndarray) -> tuple[np.ndarray, np.ndar
     assert conversion.names == ["w"]
     onnx.checker.check_model(compact, full_check=True)
     session = ort.InferenceSession(compact.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {})[0], ReferenceEvaluator(compact).run(None, {})[0], compact
+    reference = ReferenceEvaluator(compact).run(None, {})
+    assert isinstance(reference, list)
+    return session.run(None, {})[0], reference[0], compact
 
 
 @pytest.mark.parametrize("shape, density, dtype", [
@@ -390,6 +392,7 @@ def _deep_net_with_masks(fully_pruned: list[str]) -> tuple[torch.nn.Module, dict
             if isinstance(module, torch.nn.BatchNorm2d):  # folding really rescales (negative gammas: -0.0 too)
                 module.weight.uniform_(-1.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
+                assert module.running_var is not None
                 module.running_var.uniform_(0.5, 2.0)
     masks = {name: torch.rand(p.shape) > 0.5 for name, p in model.named_parameters() if p.dim() >= 2}
     for name in fully_pruned:

@@ -6,6 +6,7 @@ import struct
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ def test_fashion_mnist_reads_debian_layout_gz_files(tmp_path: Path, monkeypatch)
     _fake_fashion(tmp_path / "fm")
     config = DataConfig(dataset="fashion_mnist", root=str(tmp_path / "fm"), fisher_pool=30, batch_size=16)
     data = build_data(config, seed=3)
+    assert data.test_split is not None and data.fisher_split is not None
     assert (data.num_train, len(data.test_split), len(data.fisher_split)) == (60, 20, 30)
     assert data.in_channels == 1 and data.image_size == 28 and data.num_classes == 10
     x, y = next(iter(data.train_batches(0)))
@@ -53,12 +55,15 @@ def test_fashion_mnist_missing_files_is_a_clear_error(tmp_path: Path) -> None:
                     reason="Debian dataset not installed")
 def test_fashion_mnist_debian_package_full_size() -> None:
     data = build_data(DataConfig(dataset="fashion_mnist", fisher_pool=1000), seed=0)
+    assert data.test_split is not None and data.fisher_split is not None
     assert data.num_train == 60_000 and len(data.test_split) == 10_000 and len(data.fisher_split) == 1000
 
 
 def test_splits_are_deterministic_and_fisher_pool_is_training_data() -> None:
     a = build_data(DataConfig(dataset="digits", fisher_pool=100), seed=5)
     b = build_data(DataConfig(dataset="digits", fisher_pool=100), seed=5)
+    assert a.fisher_split is not None and b.fisher_split is not None
+    assert a.test_split is not None and a.train_split is not None
     assert torch.equal(a.fisher_split.images, b.fisher_split.images)
     xa, _ = next(iter(a.train_batches(2)))
     xb, _ = next(iter(b.train_batches(2)))
@@ -73,6 +78,7 @@ def test_splits_are_deterministic_and_fisher_pool_is_training_data() -> None:
 
 def test_limited_data_fisher_pool_has_k_per_class() -> None:
     data = build_data(DataConfig(dataset="digits", fisher_samples_per_class=3), seed=0)
+    assert data.fisher_split is not None
     counts = torch.bincount(data.fisher_split.labels, minlength=10)
     assert counts.tolist() == [3] * 10
 
@@ -111,6 +117,7 @@ def test_cifar10_from_local_folder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(cifar_module, "check_integrity", lambda *args, **kwargs: True)
     data = build_data(DataConfig(dataset="cifar10", root=str(tmp_path), fisher_pool=8, batch_size=4), seed=0)
+    assert data.test_split is not None
     assert data.num_train == 20 and len(data.test_split) == 4
     x, _ = next(iter(data.train_batches(0)))
     assert x.shape == (4, 3, 32, 32)
@@ -140,6 +147,7 @@ def test_imagefolder(tmp_path: Path) -> None:
 
 def test_digits_tiny_dataset() -> None:
     data = build_data(DataConfig(dataset="digits"), seed=0)
+    assert data.test_split is not None
     assert data.num_classes == 10 and data.image_size == 8 and data.num_train + len(data.test_split) == 1797
 
 
@@ -161,17 +169,17 @@ def test_torchvision_weights_from_local_state_dict(tmp_path: Path) -> None:
     for key, value in reference.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     # Fine-tuning setup: grey inputs and 10 classes from the same ImageNet-shaped file.
-    adapted = build_model(ModelConfig(name="resnet18", num_classes=10, in_channels=1, weights=str(path)))
+    adapted: Any = build_model(ModelConfig(name="resnet18", num_classes=10, in_channels=1, weights=str(path)))
     assert adapted.fc.out_features == 10
     assert torch.allclose(adapted.conv1.weight[:, 0], reference.conv1.weight.sum(1))
     assert torch.equal(adapted.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
 
 
 def test_ddp_prefixed_checkpoint_loads(tmp_path: Path) -> None:
-    model = build_model(ModelConfig(name="resnet20", in_channels=1))
+    model: Any = build_model(ModelConfig(name="resnet20", in_channels=1))
     path = tmp_path / "ddp.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
-    loaded = build_model(ModelConfig(name="resnet20", in_channels=1, weights=str(path)))
+    loaded: Any = build_model(ModelConfig(name="resnet20", in_channels=1, weights=str(path)))
     assert torch.equal(loaded.fc.weight, model.fc.weight)
 
 
@@ -198,7 +206,7 @@ def test_user_factory_module_path(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(WFError, match="--trust-recipe-code"):  # user code runs only when trusted
         build_model(config)
     assert "my_models" not in sys.modules
-    model = build_model(config, trust_code=True)
+    model: Any = build_model(config, trust_code=True)  # the factory's nn.Sequential
     assert model[0].out_channels == 2 and model(torch.randn(1, 1, 8, 8)).shape == (1, 3)
     sys.modules.pop("my_models", None)
     with pytest.raises(WFError, match="no callable"):

@@ -16,7 +16,7 @@ def _torch_layer_counts(model: nn.Module, sample: torch.Tensor) -> dict[str, dic
     counts: dict[str, dict[str, int]] = {}
     handles = []
 
-    def hook(name: str, module: nn.Module):
+    def hook(name: str, module: nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
         def record(_, inputs, output):
             batch = inputs[0].shape[0]
             weight = module.weight.detach()

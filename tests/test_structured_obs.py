@@ -2,6 +2,8 @@
 row-block Fisher statistics against explicit per-sample gradients."""
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,7 +119,7 @@ def test_row_fisher_matches_explicit_per_sample_gradients():
     model = _ConvPair().double().eval()
     x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 2, (12,))
-    params = {"b.weight": model.b.weight, "fc.weight": model.fc.weight}
+    params = {"b.weight": cast(nn.Parameter, model.b.weight), "fc.weight": cast(nn.Parameter, model.fc.weight)}
     mask = torch.ones_like(model.b.weight, dtype=torch.bool)
     mask[:, 1] = False  # input channel 1 already removed: zero gradient, decoupled
     with torch.no_grad():

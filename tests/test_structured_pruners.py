@@ -40,6 +40,7 @@ def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_var is not None
             module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
     return model.eval()
 

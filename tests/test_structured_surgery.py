@@ -32,6 +32,7 @@ def _randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             n = module.num_features
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
             module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
             with torch.no_grad():

@@ -50,6 +50,7 @@ def test_full_validation_measures_everything(models, test_set):
     assert result.accuracy == pytest.approx(_torch_accuracy(models["sparse_model"], test_set), abs=1e-9)
     assert result.baseline_accuracy == pytest.approx(_torch_accuracy(models["dense_model"], test_set), abs=1e-9)
     assert result.test_samples == 200
+    assert result.parity is not None
     assert result.parity.samples == 40 and result.parity.source == "test data"
     assert result.parity.max_abs_diff < 1e-4 and result.parity.top1_agreement == 1.0
     masks = models["masks"]
@@ -57,9 +58,10 @@ def test_full_validation_measures_everything(models, test_set):
     assert result.sparsity == pytest.approx(expected)
     assert result.baseline_sparsity == pytest.approx(0.0)
     assert result.sparse_initializers == 3
-    assert result.file_bytes < result.baseline_file_bytes
+    assert result.baseline_file_bytes is not None and result.file_bytes < result.baseline_file_bytes
     assert [lat.batch_size for lat in result.latency] == [1, 3]
     for lat in result.latency:
+        assert lat.pruned is not None and lat.dense is not None
         assert len(lat.pruned.runs_ms) == len(lat.dense.runs_ms) == TINY.repeats
         assert lat.pruned.p50 <= lat.pruned.p90 <= lat.pruned.p99
         assert lat.ratio_p50 == pytest.approx(lat.pruned.p50 / lat.dense.p50)
@@ -77,11 +79,12 @@ def test_failing_gate_fails_result_and_outputs_name_it(models, test_set, tmp_pat
     paths = write_validation_outputs(result, tmp_path / "validation")
     assert set(paths) == {"json", "junit", "markdown"} and all(p.exists() for p in paths.values())
     suite = ET.parse(paths["junit"]).getroot().find("testsuite")
+    assert suite is not None
     assert suite.get("failures") == "1" and suite.get("tests") == "3"
     cases = {case.get("name"): case for case in suite.iter("testcase")}
     assert set(cases) == {"min_accuracy", "min_sparsity", "max_parity_error"}
     failure = cases["min_accuracy"].find("failure")
-    assert failure is not None and "min_accuracy" in failure.get("message")
+    assert failure is not None and "min_accuracy" in failure.get("message", "")
     assert cases["min_sparsity"].find("failure") is None
 
     data = json.loads(paths["json"].read_text())
@@ -102,7 +105,7 @@ def test_accuracy_is_computed_in_ort_per_model(models):
                             baseline_path=models["dense"], settings=TINY, gates=GatesConfig())
     assert result.baseline_accuracy == 1.0
     assert result.accuracy == pytest.approx(_torch_accuracy(models["sparse_model"], (images, labels)))
-    assert result.accuracy_drop == pytest.approx(1.0 - result.accuracy)
+    assert result.accuracy is not None and result.accuracy_drop == pytest.approx(1.0 - result.accuracy)
 
 
 def test_loader_and_tensor_test_data_agree(models, test_set):
@@ -113,14 +116,14 @@ def test_loader_and_tensor_test_data_agree(models, test_set):
     b = validate_model(models["sparse"], torch_model=models["sparse_model"], test_data=test_set,
                        baseline_path=None, settings=settings, gates=GatesConfig())
     assert a.accuracy == b.accuracy and a.test_samples == b.test_samples == 200
-    assert a.parity.samples == 25  # parity stops at parity_samples even across loader batches
+    assert a.parity is not None and a.parity.samples == 25  # parity stops at parity_samples even across loader batches
 
 
 def test_wrong_torch_model_fails_parity_gate(models):
     other = TinyNet().eval()
     result = validate_model(models["sparse"], torch_model=other, test_data=None, baseline_path=None,
                             settings=TINY, gates=GatesConfig())
-    assert result.parity.source == "random normal inputs"
+    assert result.parity is not None and result.parity.source == "random normal inputs"
     assert [g.name for g in result.failed_gates] == ["max_parity_error"]
     assert result.accuracy is None
 
