@@ -89,9 +89,10 @@ class FisherInverse(ABC):
 class InMemoryFisher(FisherInverse):
     """Every inverse block in one tensor."""
 
-    def __init__(self, inverse: BlockFisherInverse, plan: FisherPlan, grad_mean: Tensor | None = None) -> None:
+    def __init__(self, inverse: BlockFisherInverse, plan: FisherPlan, grad_mean: Tensor | None = None,
+                 timings: dict[str, float] | None = None) -> None:
         self.inverse, self.plan, self.grad_mean = inverse, plan, grad_mean
-        self.timings: dict[str, float] = {}
+        self.timings = {} if timings is None else timings
         self._newton: Tensor | None = None
 
     @property
@@ -198,9 +199,7 @@ def build_fisher(job: FisherJob, plan: FisherPlan, *, route: str = "fast", with_
                 grouped.close()
                 raise
         return StreamedFisher(grouped)
-    fisher = _in_memory(job, plan, route, with_grad_mean, max_jitter)
-    fisher.timings = job.timings
-    return fisher
+    return _in_memory(job, plan, route, with_grad_mean, max_jitter)
 
 
 def _in_memory(job: FisherJob, plan: FisherPlan, route: str, with_grad_mean: bool,
@@ -237,4 +236,4 @@ def _in_memory(job: FisherJob, plan: FisherPlan, route: str, with_grad_mean: boo
     inverse = acc.inverse(job.damp, progress=job.progress, max_jitter=max_jitter)
     job.add_time("inverse", time.perf_counter() - t0)
     grad_mean = acc.mean_gradient().to(inverse.blocks.dtype) if with_grad_mean else None
-    return InMemoryFisher(inverse, plan, grad_mean)
+    return InMemoryFisher(inverse, plan, grad_mean, job.timings)
