@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import yaml
 
 from tests.cli_helpers import run_cli
 
-TINY = {
+TINY: dict[str, Any] = {
     "name": "tiny",
     "model": {"name": "resnet20", "num_classes": 10, "in_channels": 1, "weights": None},
     "data": {"dataset": "digits", "batch_size": 64, "fisher_pool": 200},

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from pydantic import ValidationError
+from torchvision.datasets import ImageFolder
 
 from tests.cli_helpers import run_cli
 from wf_pipeline.data import build_data
@@ -48,7 +50,8 @@ def test_imagefolder_defaults_are_imagenet_224(tmp_path: Path) -> None:
     assert (data.num_classes, data.in_channels, data.image_size) == (2, 3, 224)
     x, y = data.test_tensors()
     assert x.shape == (len(y), 3, 224, 224)
-    classes = data.folder_sets[1].classes  # type: ignore[index]
+    assert data.folder_sets is not None
+    classes = cast(ImageFolder, data.folder_sets[1]).classes
     grey = _expected((128, 128, 128))
     greys = 0
     for xi, yi in zip(x, y, strict=True):

@@ -10,7 +10,7 @@ from torch import nn
 
 from tests.cli_helpers import run_cli
 from wf_pipeline.fisher.inverse import accumulation_dtype
-from wf_pipeline.fisher.plan import plan_within, smallest_budget
+from wf_pipeline.fisher.plan import FisherPlan, plan_within, smallest_budget
 from wf_pipeline.fisher.streamed import FisherJob, measure_plan_inputs
 from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step
 
@@ -42,9 +42,14 @@ def _budget_for_passes(num_grads: int, block: int, spill: Path | None, passes: i
                     accumulation_dtype(num_grads, block, torch.float32))
     inputs = measure_plan_inputs(job, max_chunk=16, spill_root=spill)
     low = smallest_budget(inputs)
-    high = next(b for b in range(low, 100 * low, max(1, low // 50)) if plan_within(inputs, b).revisit == "none")
-    for budget in range(high, low, -max(1, low // 200)):  # the roomiest budget that still needs the passes
+    def plan_at(budget: int) -> FisherPlan:
         plan = plan_within(inputs, budget)
+        assert plan is not None, f"no plan within {budget} bytes (smallest {low})"
+        return plan
+
+    high = next(b for b in range(low, 100 * low, max(1, low // 50)) if plan_at(b).revisit == "none")
+    for budget in range(high, low, -max(1, low // 200)):  # the roomiest budget that still needs the passes
+        plan = plan_at(budget)
         if plan.chunk_size >= 8 and len(plan.groups) >= passes and plan.gradient_spill == (spill is not None):
             return budget / 1e9
     raise AssertionError("no budget forces the passes")

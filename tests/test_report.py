@@ -127,6 +127,7 @@ def test_structured_run_shows_channels_params_macs_and_latency_dense_vs_pruned(t
     assert f"| MACs per sample | {dense_macs:,} | {slim_macs:,} | {slim_macs / dense_macs:.3f} |" in md
     assert f"| parameters | 1,898 | 748 | {748 / 1898:.3f} |" in md
     for lat in result.latency:
+        assert lat.pruned is not None and lat.dense is not None
         ratio = lat.pruned.p50 / lat.dense.p50
         assert f"| ORT p50 latency, batch {lat.batch_size} (ms) |" in md and f"| {ratio:.3f} |" in md
     # the CI summary of the validation carries the totals too

@@ -34,7 +34,7 @@ def test_curvlinops_block_is_the_exact_hessian_block(index: int) -> None:
     """The Hessian block RQ1 builds from curvlinops (on the network's suffix) equals autograd's."""
     cl = pytest.importorskip("curvlinops")
     model, (x, y) = tiny_mlp(), tiny_data()
-    layer = model[index]
+    layer = hq.linear_at(model, index)
     block = hq.Block("b", index)
     idx = hq.block_indices(model, block)
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_block_loss_is_the_model_loss() -> None:
         assert loss.base == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
         w = loss.block_weights()
         w[3] = 0.0
-        model[2].weight.view(-1)[3] = 0.0
+        hq.linear_at(model, 2).weight.view(-1)[3] = 0.0
         assert float(loss(w.unsqueeze(0))[0]) == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
 
 
@@ -186,7 +186,7 @@ def test_kfac_without_curvlinops_is_one_clear_error(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "curvlinops", None)  # import curvlinops -> ImportError
     with pytest.raises(WFError) as info:
         build_pruner(PruneSettings("kfac"))
-    assert "curvlinops" in str(info.value) and "research" in info.value.hint
+    assert "curvlinops" in str(info.value) and "research" in (info.value.hint or "")
 
 
 # ----------------------------------------------------------------------------- the one-shot studies' shortcut
@@ -242,7 +242,7 @@ def test_unit_log_resumes_only_finished_units_of_the_same_configuration(tmp_path
 def test_reduction_names_what_a_run_left_out() -> None:
     from benchmarks.research.common import reduction
 
-    full = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
+    full: dict[str, list[float]] = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
     assert reduction(full, {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}) is None
     assert reduction(full, {"targets": [0.9, 0.95], "seeds": [0, 1]}) == "targets 0.9, 0.95 of the full 0.9, 0.95, 0.98"
 

@@ -121,7 +121,8 @@ def test_second_process_on_a_live_run_is_refused_and_a_dead_owner_blocks_nothing
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(TINY), str(root)], env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding", holder.stderr.read()
+        assert holder.stdout is not None and holder.stderr is not None
+        assert holder.stdout.readline().strip() == "holding", holder.stderr.read()
         for args in (["--resume"], ["--overwrite"]):
             refused = run_cli(capsys, monkeypatch, "compress", str(TINY), *args, *sets(f"output.root={root}", *QUICK))
             assert refused.code == 2, refused.err

@@ -17,7 +17,7 @@ from wf_pipeline.errors import RecipeError, WFError
 from wf_pipeline.models.catalog import model_params
 from wf_pipeline.models.zoo import set_trust_recipe_code
 from wf_pipeline.recipe.param_catalog import ModelParams, ParamInfo
-from wf_pipeline.recipe.schema import Recipe
+from wf_pipeline.recipe.schema import LRScheduleConfig, Recipe
 from wf_pipeline.recipe.sparseml import (
     SparseMLRecipeError,
     Translation,
@@ -980,6 +980,7 @@ def test_no_pruning_modifier_means_fine_tuning_only_unless_base_prunes() -> None
     raw, _ = convert_text(text)
     recipe = Recipe.model_validate(raw)
     assert recipe.pruning.method == "none"
+    assert isinstance(recipe.finetune.lr_schedule, LRScheduleConfig)
     assert recipe.finetune.lr_schedule.kind == "constant" and recipe.finetune.optimizer.lr == 0.01
     raw, notes = convert_text(text, base={"pruning": {"method": "woodfisher", "schedule": {"end_epoch": 2}}})
     assert Recipe.model_validate(raw).pruning.method == "woodfisher"
