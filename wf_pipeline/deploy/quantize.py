@@ -12,7 +12,6 @@ per-channel symmetric INT8 weights). What this module adds is what ORT does not 
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -156,8 +155,8 @@ def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarra
     started = time.perf_counter()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # The work folder sits beside the output (same file system) and goes away even after an error.
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_path.parent) as tmp:
+    # The work folder sits beside the output and goes away after an error too; after a kill, resume removes it.
+    with atomic_io.temp_dir(out_path) as tmp:
         try:
             model, kept = _quantize_calls(Path(source), Path(tmp), calibration, cfg)
         except WFError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,11 +76,29 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     Only call this while no other process writes into `folder` (the caller holds the run lock).
     """
     removed = []
-    for path in Path(folder).rglob(f"*{TEMP_SUFFIX}"):
-        if path.is_file() and _TEMP_NAME.match(path.name):
+    for path in sorted(Path(folder).rglob(f"*{TEMP_SUFFIX}")):
+        if not _TEMP_NAME.match(path.name) or not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():  # a work folder (temp_dir) a killed writer left
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
             path.unlink(missing_ok=True)
-            removed.append(path)
+        else:
+            continue
+        removed.append(path)
     return removed
+
+
+@contextmanager
+def temp_dir(beside: str | Path) -> Iterator[Path]:
+    """A work folder next to `beside` (`.<name>.<random>.tmp`), removed afterwards; after a kill,
+    `remove_stale_temp_files` of the run folder removes it."""
+    beside = Path(beside)
+    path = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=TEMP_SUFFIX, dir=beside.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def append_jsonl(target: str | Path, record: Any) -> None:
