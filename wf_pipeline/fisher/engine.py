@@ -26,7 +26,8 @@ from torch import Tensor
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.conditioning import InverseHealth
 from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
-from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockLayout, WoodburyAccumulator, accumulation_dtype
+from wf_pipeline.fisher.inverse import BlockFisherInverse, WoodburyAccumulator, accumulation_dtype
+from wf_pipeline.fisher.layout import BlockLayout
 from wf_pipeline.fisher.plan import FisherPlan
 from wf_pipeline.fisher.segmented import SegmentedGramAccumulator
 from wf_pipeline.fisher.streamed import FisherJob, GroupedInverse, collect_grouped_inverse

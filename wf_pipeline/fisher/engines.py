@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from wf_pipeline.fisher.inverse import BlockLayout
+from wf_pipeline.fisher.layout import BlockLayout
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

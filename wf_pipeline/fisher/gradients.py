@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.engines import LoopEngine, RowWriter, VmapEngine
-from wf_pipeline.fisher.inverse import BlockLayout
 from wf_pipeline.fisher.layerwise import LayerwiseEngine
+from wf_pipeline.fisher.layout import BlockLayout
 from wf_pipeline.fisher.per_sample import LayerwiseUnsupported, layerwise_blocker
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]

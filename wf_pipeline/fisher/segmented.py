@@ -31,11 +31,10 @@ from wf_pipeline.fisher.conditioning import DEFAULT_RTOL, InverseHealth
 from wf_pipeline.fisher.inverse import (
     BlockFisherInverse,
     BlockGramAccumulator,
-    BlockLayout,
     _dtype_name,
-    _non_finite_error,
     checked_mean,
 )
+from wf_pipeline.fisher.layout import BlockLayout, non_finite_error
 
 SEGMENT_BYTES = 32 * 2**20  # float64 bytes of one segment's blocks at most
 SEGMENT_BUDGET_SHARE = 64  # and at most this share of the memory budget (small budgets: small segments)
@@ -195,7 +194,7 @@ class SegmentedGramAccumulator:
         """NaN/Inf sums raise, naming the blocks in the whole layout (a segment's own block ids are local)."""
         bad = [self._open[index].split.nonfinite_blocks() + self.bounds[index][0] for index in indices]
         if bad and (ids := torch.cat(bad)).numel():
-            raise _non_finite_error(self.layout, ids)
+            raise non_finite_error(self.layout, ids)
 
     def _finish_all(self, damp: float, progress: Progress | None) -> InverseHealth:
         self._check_finite([i for i in range(self.num_segments) if i in self._open])

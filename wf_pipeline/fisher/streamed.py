@@ -38,7 +38,8 @@ from wf_pipeline.fisher.gradients import (
     sample_model_labels,
     unwrap_model,
 )
-from wf_pipeline.fisher.inverse import BlockFisherInverse, BlockLayout, low_rank_block_inverses
+from wf_pipeline.fisher.inverse import BlockFisherInverse, low_rank_block_inverses
+from wf_pipeline.fisher.layout import BlockLayout
 from wf_pipeline.fisher.plan import (
     LOWRANK_SLICE_BLOCKS,
     BlockGroup,

@@ -16,7 +16,7 @@ import torch
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.conditioning import record_health
 from wf_pipeline.fisher.engine import FisherInverse, build_fisher, check_route, statistics_dtype
-from wf_pipeline.fisher.inverse import BlockLayout
+from wf_pipeline.fisher.layout import BlockLayout
 from wf_pipeline.fisher.plan import FisherPlan, default_budget_bytes
 from wf_pipeline.fisher.streamed import FisherJob, plan_fisher_step
 from wf_pipeline.pruning.pruners.base import PruneView, StepContext
