@@ -492,11 +492,50 @@ def test_recipe_card_with_multistep_lr() -> None:
     Recipe.model_validate(raw)
 
 
+def test_pruning_plus_quantization_converts_with_a_note_that_qat_becomes_calibration() -> None:
+    raw, header = convert_sparseml(load_fixture("gmp_quantization.yaml"))
+    assert raw["quantize"] == {"enabled": True}
+    assert raw["pruning"]["final_sparsity"] == 0.85
+    assert any("becomes post-training static INT8 calibration" in note for note in header)
+    Recipe.model_validate(raw)
+
+
+def _modifier(text: str) -> str:
+    """One more modifier (YAML written flush left) for the end of a gmp() recipe's modifier list."""
+    return textwrap.indent(textwrap.dedent(text).lstrip("\n"), "  ")
+
+
+def test_quantization_modifier_fields_translate_or_are_refused_together() -> None:
+    text = gmp() + _modifier("""
+      - !QuantizationModifier
+        start_epoch: 8.0
+        num_calibration_steps: 4
+        exclude_module_types: [ReLU, Linear]
+    """)
+    raw, _ = convert_text(text)
+    assert raw["quantize"] == {"enabled": True, "calibration_samples": 256, "calibration_batch_size": 64,
+                               "keep_fp32_op_types": ["Gemm", "Relu"]}
+    Recipe.model_validate(raw)
+    bad = problems(gmp() + _modifier("""
+      - !QuantizationModifier
+        weight_bits: 4
+        exclude_module_types: [Bogus]
+        qat_colour: blue
+    """))
+    assert [p.where for p in bad] == ["!QuantizationModifier (modifiers[3]) field 'qat_colour'"]
+    bad = problems(gmp() + _modifier("""
+      - !QuantizationModifier
+        weight_bits: 4
+        exclude_module_types: [Bogus]
+    """))
+    assert {p.where.split("field ")[-1] for p in bad} == {"'weight_bits'", "'exclude_module_types'"}
+
+
 def test_unknown_modifier_is_named() -> None:
     with pytest.raises(RecipeError) as info:
-        convert_sparseml(load_fixture("gmp_quantization.yaml"))
-    assert "QuantizationModifier" in info.value.message and "modifiers[2]" in info.value.message
-    assert info.value.hint and "quantize" in info.value.hint
+        convert_text(gmp() + "\n  - !DistillationModifier\n    hardness: 0.5\n")
+    assert "DistillationModifier" in info.value.message and "modifiers[3]" in info.value.message
+    assert info.value.hint and "distillation" in info.value.hint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,12 +902,11 @@ def test_all_problems_are_reported_together_with_place_and_fix() -> None:
     assert [p.where for p in found] == [
         "!LearningRateModifier (training_modifiers[2]) field 'lr_class'",
         "!GMPruningModifier (pruning_modifiers[0]) field 'mask_type'",
-        "!QuantizationModifier (quantization_modifiers[0])",
     ]
     assert all(p.fix for p in found)
     message = info.value.message
-    assert message.startswith("SparseML recipe has 3 problems: (1) !LearningRateModifier")
-    assert "-> fix: use mask_type: unstructured" in message and "(3) !QuantizationModifier" in message
+    assert message.startswith("SparseML recipe has 2 problems: (1) !LearningRateModifier")
+    assert "-> fix: use mask_type: unstructured" in message and "QuantizationModifier" not in message
 
 
 def test_several_problems_in_one_modifier_are_all_reported() -> None:

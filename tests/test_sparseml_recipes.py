@@ -184,7 +184,7 @@ def test_without_base_the_zoo_card_fails_against_the_bundled_model(
     [
         (
             "pruned_quantized_card.md",
-            ["3 problems", "CosineAnnealingWarmRestarts", "mask_type", "QuantizationModifier"],
+            ["2 problems", "CosineAnnealingWarmRestarts", "mask_type"],
         ),
         ("mfac_oneshot.md", ["MFACPruningModifier", "use !OBSPruningModifier"]),
     ],

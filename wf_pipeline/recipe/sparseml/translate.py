@@ -60,6 +60,7 @@ from wf_pipeline.recipe.sparseml.params import (
     match_entry,
     select_with,
 )
+from wf_pipeline.recipe.sparseml.quantization import parse_quantization
 from wf_pipeline.recipe.sparseml.safe_eval import (
     ExpressionError,
     eval_body,
@@ -110,10 +111,10 @@ _SUPPORTED_TAGS = (
     "SetWeightDecayModifier",
     *_PRUNING_TAGS,
     "ConstantPruningModifier",
+    "QuantizationModifier",
 )
 # Why well-known SparseML modifiers have no translation, to make the error actionable.
 _UNSUPPORTED_HINTS = {
-    "QuantizationModifier": "wf-pipeline does not quantize; remove the quantization modifier",
     "MFACPruningModifier": "use !OBSPruningModifier (block-diagonal empirical Fisher from fresh gradients, the "
     "WoodFisher method); M-FAC's buffer of recent training gradients has no equivalent",
     "DistillationModifier": "knowledge distillation is not supported; remove the modifier",
@@ -279,6 +280,7 @@ class _Parsed:
     lr: LRModifiers = field(default_factory=LRModifiers)
     prunings: list[_Pruning] = field(default_factory=list)
     holds: list[_Hold] = field(default_factory=list)
+    quantize: dict[str, Any] = field(default_factory=dict)  # the quantize section a QuantizationModifier asks for
 
     def last_epoch(self) -> float:
         """SparseML trains until the latest end_epoch of any modifier (its manager's max_epochs)."""
@@ -559,6 +561,7 @@ _PARSERS: dict[str, Callable[[Modifier, Any], None]] = {
     "LearningRateModifier": lambda mod, out: parse_lr_class(mod, out.lr),
     "SetWeightDecayModifier": lambda mod, out: parse_weight_decay(mod, out.lr),
     "ConstantPruningModifier": _parse_constant,
+    "QuantizationModifier": lambda mod, out: parse_quantization(mod, out.quantize),
     **{tag: _parse_pruning for tag in _PRUNING_TAGS},
 }
 
@@ -1181,6 +1184,8 @@ def translate_sparseml(
     else:
         result["pruning"] = {"method": "none"}
         ctx.note("no pruning modifier: pruning.method set to none (fine-tuning only)")
+    if parsed.quantize:
+        _merge_into(result, "quantize", parsed.quantize, "")
     shown = {
         name: value for name, value in variables.items() if not isinstance(value, (dict, list)) or len(str(value)) < 200
     }
