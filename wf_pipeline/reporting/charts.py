@@ -11,6 +11,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from wf_pipeline.deploy.validate import LatencyResult
+
 PRUNED_COLOUR = "#d95f02"
 DENSE_COLOUR = "#7570b3"
 ACCENT = "#1b9e77"
@@ -114,22 +116,22 @@ def training_curves_chart(epoch_records: list[dict[str, Any]], prune_records: li
     return _png(fig)
 
 
-def latency_distribution_chart(latency: list[dict[str, Any]]) -> bytes:
+def latency_distribution_chart(latency: list[LatencyResult]) -> bytes:
     """One panel per batch size: histograms of every timed run, pruned vs dense, with p50 lines."""
     fig = Figure(figsize=(4.2 * len(latency), 3.6))
     axes = fig.subplots(1, len(latency), squeeze=False)[0]
     for ax, entry in zip(axes, latency, strict=True):
-        series = [("pruned", entry.get("pruned"), PRUNED_COLOUR), ("dense", entry.get("dense"), DENSE_COLOUR)]
-        present = [(label, stats, colour) for label, stats, colour in series if stats and stats.get("runs_ms")]
-        all_runs = [v for _, stats, _ in present for v in stats["runs_ms"]]
+        series = [("pruned", entry.pruned, PRUNED_COLOUR), ("dense", entry.dense, DENSE_COLOUR)]
+        present = [(label, stats, colour) for label, stats, colour in series if stats and stats.runs_ms]
+        all_runs = [v for _, stats, _ in present for v in stats.runs_ms]
         low, high = min(all_runs), max(all_runs)
         bins = 30 if high > low else 1
         for label, stats, colour in present:
-            ax.hist(stats["runs_ms"], bins=bins, range=(low, high) if high > low else None, alpha=0.55,
-                    color=colour, label=f"{label} (p50 {stats['p50']:.3f} ms)")
-            ax.axvline(stats["p50"], color=colour, linestyle="--")
-        ratio = entry.get("ratio_p50")
-        title = f"batch {entry.get('batch_size')}, {entry.get('threads', '?')} thread(s)"
+            ax.hist(stats.runs_ms, bins=bins, range=(low, high) if high > low else None, alpha=0.55,
+                    color=colour, label=f"{label} (p50 {stats.p50:.3f} ms)")
+            ax.axvline(stats.p50, color=colour, linestyle="--")
+        ratio = entry.ratio_p50
+        title = f"batch {entry.batch_size}, {entry.threads} thread(s)"
         ax.set_title(title + (f"\nratio p50 {ratio:.3f}" if ratio is not None else ""), fontsize=9)
         ax.set_xlabel("ms per batch")
         ax.set_ylabel("runs")

@@ -1,9 +1,11 @@
 """The run report: one self-contained HTML file (charts embedded as base64 PNG) plus report.md.
 
 It reads whatever the run directory holds (the run-directory contract is in README.md: "Run directory"
-under Usage, and "`wf-pipeline report RUN_DIR`") and leaves out, with a note, any piece that is missing
-or unreadable: a report of a half-finished run is still useful. Both formats are rendered from the same
-list of blocks, so they never disagree.
+under Usage; the report in docs/deployment.md) and leaves out, with a note, any piece that is missing
+or unreadable: a report of a half-finished run is still useful. metrics.json, validation.json and
+export.json are read back into the typed results that wrote them (RunMetrics, ValidationResult,
+ExportResult: see records.py), so every cell comes from a checked attribute. Both formats are rendered
+from the same list of blocks, so they never disagree.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from typing import Any
 
 import yaml
 
+from wf_pipeline.deploy.validate import ValidationResult
 from wf_pipeline.errors import WFError
 from wf_pipeline.reporting import charts
 from wf_pipeline.reporting.metrics import RunMetrics
+from wf_pipeline.reporting.records import ExportRecord, RecordError, read_export, read_validation
 from wf_pipeline.runtime import atomic_io
 
 ASSETS_DIR = "report_files"
@@ -59,8 +63,8 @@ class RunData:
     metrics: RunMetrics | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     oneshot: dict[str, Any] | None = None
-    validation: dict[str, Any] | None = None
-    export: dict[str, Any] | None = None
+    validation: ValidationResult | None = None
+    export: ExportRecord | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -123,11 +127,16 @@ def load_run(run_dir: Path) -> RunData:
     run.metrics = _read_metrics(run)
     run.history = _read_history(run)
     run.oneshot = _read_json(run, "oneshot/oneshot.json")
-    run.validation = _read_json(run, "validation/validation.json")
+    validation = _read_json(run, "validation/validation.json")
+    try:
+        run.validation = None if validation is None else read_validation(validation)
+    except RecordError as exc:
+        run.notes.append(f"validation/validation.json left out: {exc}")
     export = _read_json(run, "export/export.json")
-    if isinstance(export, dict) and isinstance(export.get("pruned"), dict):
-        export = {**export["pruned"], "dense_baseline": export.get("dense_baseline")}
-    run.export = export if isinstance(export, dict) else None
+    try:
+        run.export = None if export is None else read_export(export)
+    except RecordError as exc:
+        run.notes.append(f"export/export.json left out: {exc}")
     return run
 
 
@@ -174,35 +183,32 @@ def _summary_section(run: RunData) -> Section:
         rows.append(["achieved sparsity (masks)", _pct(m.sparsity)])
     if m.num_params is not None:
         rows.append(["parameters", _num(m.num_params)])
-    v = run.validation or {}
-    if v:
-        rows.append(["test accuracy in ONNX Runtime", _pct(v.get("accuracy"))])
-        if v.get("baseline_accuracy") is not None:
-            rows.append(["dense baseline accuracy in ONNX Runtime", _pct(v.get("baseline_accuracy"))])
-        rows.append(["weight sparsity read from the ONNX file", _pct(v.get("sparsity"))])
-        rows.append(["ONNX file size", _size(v.get("file_bytes"))])
-        if v.get("baseline_file_bytes"):
-            rows.append(["dense baseline file size", _size(v.get("baseline_file_bytes"))])
-        if v.get("quantized"):
+    v = run.validation
+    if v is not None:
+        rows.append(["test accuracy in ONNX Runtime", _pct(v.accuracy)])
+        if v.baseline_accuracy is not None:
+            rows.append(["dense baseline accuracy in ONNX Runtime", _pct(v.baseline_accuracy)])
+        rows.append(["weight sparsity read from the ONNX file", _pct(v.sparsity)])
+        rows.append(["ONNX file size", _size(v.file_bytes)])
+        if v.baseline_file_bytes:
+            rows.append(["dense baseline file size", _size(v.baseline_file_bytes)])
+        if v.quantized:
             rows.append(["shipped format", "INT8 (ONNX QDQ)"])
-            rows.append(["test accuracy of its FP32 source in ONNX Runtime", _pct(v.get("fp32_accuracy"))])
-        parity = v.get("parity") or {}
-        if parity:
-            rows.append(["max |logit diff| vs PyTorch", _num(parity.get("max_abs_diff"), 3)])
-            rows.append(["top-1 agreement with PyTorch", _pct(parity.get("top1_agreement"))])
-        agreement = v.get("int8_agreement") or {}
-        if agreement:
-            rows.append([f"INT8 top-1 agreement with {agreement.get('reference')}",
-                         _pct(agreement.get("top1_agreement"))])
-            rows.append(["INT8 mean |logit error| relative to FP32", _pct(agreement.get("relative_error"))])
-        for lat in v.get("latency") or []:
-            pruned = (lat.get("pruned") or {}).get("p50")
-            text = f"{pruned:.3f} ms" if isinstance(pruned, (int, float)) else "n/a"
-            if lat.get("ratio_p50") is not None:
-                text += f" (ratio to dense {lat['ratio_p50']:.3f})"
-            if lat.get("fp32_ratio_p50") is not None:
-                text += f"; its FP32 source {lat['fp32_ratio_p50']:.3f}"
-            rows.append([f"ORT p50 latency, batch {lat.get('batch_size')}", text])
+            rows.append(["test accuracy of its FP32 source in ONNX Runtime", _pct(v.fp32_accuracy)])
+        if v.parity is not None:
+            rows.append(["max |logit diff| vs PyTorch", _num(v.parity.max_abs_diff, 3)])
+            rows.append(["top-1 agreement with PyTorch", _pct(v.parity.top1_agreement)])
+        agreement = v.int8_agreement
+        if agreement is not None:
+            rows.append([f"INT8 top-1 agreement with {agreement.reference}", _pct(agreement.top1_agreement)])
+            rows.append(["INT8 mean |logit error| relative to FP32", _pct(agreement.relative_error)])
+        for lat in v.latency:
+            text = f"{lat.pruned.p50:.3f} ms"
+            if lat.ratio_p50 is not None:
+                text += f" (ratio to dense {lat.ratio_p50:.3f})"
+            if lat.fp32_ratio_p50 is not None:
+                text += f"; its FP32 source {lat.fp32_ratio_p50:.3f}"
+            rows.append([f"ORT p50 latency, batch {lat.batch_size}", text])
     if m.total_seconds is not None:
         rows.append(["total time", f"{m.total_seconds:.1f} s"])
     if rows:
@@ -214,19 +220,15 @@ def _summary_section(run: RunData) -> Section:
 
 def _gates_section(run: RunData) -> Section | None:
     v = run.validation
-    if not v:
+    if v is None:
         return None
-    gates = v.get("gates") or []
+    gates = v.gates
     section = Section("Deployment gates")
-    failed = [g.get("name") for g in gates if g.get("status") == "failed" or g.get("passed") is False]
-    verdict = "all gates passed" if not failed else "FAILED: " + ", ".join(str(n) for n in failed)
+    failed = [g.name for g in v.failed_gates]
+    verdict = "all gates passed" if not failed else "FAILED: " + ", ".join(failed)
     section.blocks.append(Paragraph(f"Verdict: **{verdict}**"))
     if gates:
-        rows = [
-            [str(g.get("name")), str(g.get("status", "n/a")).upper(), _num(g.get("value"), 6),
-             _num(g.get("threshold"), 6), str(g.get("message", ""))]
-            for g in gates
-        ]
+        rows = [[g.name, g.status.upper(), _num(g.value, 6), _num(g.threshold, 6), g.message] for g in gates]
         section.blocks.append(Table(["gate", "status", "value", "threshold", "detail"], rows))
     else:
         section.blocks.append(Paragraph("No gates were configured."))
@@ -252,11 +254,11 @@ def _sparsity_section(run: RunData) -> Section | None:
     torch_sparsity = run.metrics.per_layer_sparsity if run.metrics else None
     onnx_sparsity = None
     if run.export:
-        onnx_sparsity = run.export.get("onnx_per_layer_sparsity") or None
-        torch_sparsity = torch_sparsity or run.export.get("torch_per_layer_sparsity")
+        onnx_sparsity = run.export.pruned.onnx_per_layer_sparsity or None
+        torch_sparsity = torch_sparsity or run.export.pruned.torch_per_layer_sparsity
     if not onnx_sparsity and run.validation:
-        onnx_sparsity = run.validation.get("per_initializer_sparsity") or None
-    if not isinstance(torch_sparsity, dict) or not torch_sparsity:
+        onnx_sparsity = run.validation.per_initializer_sparsity or None
+    if not torch_sparsity:
         if not onnx_sparsity:
             return None
         torch_sparsity = {}
@@ -267,7 +269,7 @@ def _sparsity_section(run: RunData) -> Section | None:
     if collapsed:
         section.blocks.append(Paragraph(f"**Warning**: {collapsed}."))
     if run.export:
-        verdict = "match" if run.export.get("sparsity_matches") else "DO NOT match"
+        verdict = "match" if run.export.pruned.sparsity_matches else "DO NOT match"
         section.blocks.append(Paragraph(f"The zeros in the exported ONNX file {verdict} the PyTorch masks."))
     onnx_sparsity = onnx_sparsity or {}
     names = list(dict.fromkeys([*torch_sparsity, *onnx_sparsity]))
@@ -319,30 +321,30 @@ def _training_section(run: RunData) -> Section | None:
 
 
 def _latency_section(run: RunData) -> Section | None:
-    validation = run.validation or {}
-    latency = [lat for lat in validation.get("latency") or [] if (lat.get("pruned") or {}).get("runs_ms")]
-    if not latency:
+    validation = run.validation
+    latency = [lat for lat in validation.latency if lat.pruned.runs_ms] if validation else []
+    if validation is None or not latency:
         return None
     section = Section("Latency in ONNX Runtime")
-    settings = validation.get("settings") or {}
+    settings = validation.settings
     section.blocks.append(Paragraph(
-        f"{settings.get('warmup', '?')} warm-up and {settings.get('repeats', '?')} timed runs per model; "
+        f"{settings.warmup} warm-up and {settings.repeats} timed runs per model; "
         "pruned and dense runs interleaved so machine drift affects both equally."))
     section.blocks.append(Image("latency.png", charts.latency_distribution_chart(latency), "latency distribution"))
     rows = []
-    three_way = any(lat.get("fp32") for lat in latency)  # a quantized run: its FP32 source was timed too
+    three_way = any(lat.fp32 for lat in latency)  # a quantized run: its FP32 source was timed too
     for lat in latency:
-        pruned, dense = lat.get("pruned") or {}, lat.get("dense") or {}
-        fp32 = [_num((lat.get("fp32") or {}).get("p50"), 4), _num(lat.get("fp32_ratio_p50"), 4)] if three_way else []
-        rows.append([str(lat.get("batch_size")), str(lat.get("threads", "?")),
-                     *[_num(pruned.get(k), 4) for k in ("p50", "p90", "p99")],
-                     *[_num(dense.get(k), 4) for k in ("p50", "p90", "p99")],
-                     _num(lat.get("ratio_p50"), 4), *fp32])
+        pruned, dense = lat.pruned, lat.dense
+        fp32 = [_num(lat.fp32.p50 if lat.fp32 else None, 4), _num(lat.fp32_ratio_p50, 4)] if three_way else []
+        rows.append([str(lat.batch_size), str(lat.threads),
+                     *[_num(getattr(pruned, k), 4) for k in ("p50", "p90", "p99")],
+                     *[_num(getattr(dense, k) if dense else None, 4) for k in ("p50", "p90", "p99")],
+                     _num(lat.ratio_p50, 4), *fp32])
     shipped = "shipped INT8" if three_way else "pruned"
     headers = ["batch", "threads", f"{shipped} p50 ms", "p90", "p99", "dense p50 ms", "p90", "p99", "ratio",
                *(["pruned FP32 p50 ms", "FP32 ratio"] if three_way else [])]
     section.blocks.append(Table(headers, rows))
-    env = validation.get("environment") or {}
+    env = validation.environment
     if env:
         section.blocks.append(Paragraph(f"onnxruntime {env.get('onnxruntime')} on {env.get('processor')}, "
                                         f"{env.get('cpu_count')} CPUs."))
@@ -350,26 +352,24 @@ def _latency_section(run: RunData) -> Section | None:
 
 
 def _export_section(run: RunData) -> Section | None:
-    e = run.export
-    if not e:
+    if run.export is None:
         return None
-    compact = e.get("compact_weights") or []
-    ratio = e.get("size_ratio")
+    e = run.export.pruned
+    ratio = e.file_bytes / e.dense_file_bytes if e.dense_file_bytes else None
     rows = [
-        ["file", str(e.get("path"))],
-        ["opset", _num(e.get("opset"))],
-        ["passes onnx.checker full check", str(e.get("onnx_full_check", "n/a"))],
-        ["storage", f"{e.get('storage_format')} ({len(compact)} weights)" if e.get("storage_format") else "dense"],
-        ["file size",
-         _size(e.get("file_bytes")) + (f" ({ratio:.3f} x dense storage)" if isinstance(ratio, float) else "")],
-        ["dense-storage twin size", _size(e.get("dense_file_bytes"))],
-        ["layer tensors without a PyTorch name", ", ".join(e.get("generated_names") or []) or "none"],
-        ["max |diff| ORT vs PyTorch (sample input)", _num(e.get("torch_max_abs_diff"), 3)],
-        ["max |diff| compact vs dense storage in ORT", _num(e.get("sparse_vs_dense_max_abs_diff"), 3)],
+        ["file", str(e.path)],
+        ["opset", _num(e.opset)],
+        ["passes onnx.checker full check", str(e.onnx_full_check)],
+        ["storage", f"{e.storage_format} ({len(e.compact_weights)} weights)" if e.storage_format else "dense"],
+        ["file size", _size(e.file_bytes) + (f" ({ratio:.3f} x dense storage)" if ratio is not None else "")],
+        ["dense-storage twin size", _size(e.dense_file_bytes)],
+        ["layer tensors without a PyTorch name", ", ".join(e.generated_names) or "none"],
+        ["max |diff| ORT vs PyTorch (sample input)", _num(e.torch_max_abs_diff, 3)],
+        ["max |diff| compact vs dense storage in ORT", _num(e.sparse_vs_dense_max_abs_diff, 3)],
     ]
     section = Section("ONNX export")
     section.blocks.append(Table(["item", "value"], rows))
-    notes = [*(e.get("notes") or []), *(e.get("sparsity_notes") or [])]
+    notes = [*e.notes, *e.sparsity_notes]
     if notes:
         section.blocks.append(Paragraph("Notes: " + "; ".join(str(n) for n in notes)))
     return section
@@ -414,13 +414,13 @@ def _ratio(dense: Any, pruned: Any) -> str:
 
 
 def _structure_section(run: RunData) -> Section | None:
-    e = run.export or {}
-    pruned = e.get("structure")
-    if not isinstance(pruned, dict) or not pruned.get("layers"):
+    if run.export is None:
         return None
-    dense_export = e.get("dense_baseline") or {}
-    dense_structure = dense_export.get("structure")
-    dense: dict[str, Any] = dense_structure if isinstance(dense_structure, dict) else {}
+    e, dense_export = run.export.pruned, run.export.dense_baseline
+    pruned = e.structure  # model_stats of the ONNX file: a plain mapping (layers, params, macs, ...)
+    if not pruned.get("layers"):
+        return None
+    dense: dict[str, Any] = dense_export.structure if dense_export else {}
     section = Section("Dense vs pruned: channels, parameters, compute")
     totals = [
         ["parameters", dense.get("params"), pruned.get("params")],
@@ -429,12 +429,13 @@ def _structure_section(run: RunData) -> Section | None:
         ["FLOPs per sample (2 × MACs)",
          *[2 * v if isinstance(v, int) else None for v in (dense.get("macs"), pruned.get("macs"))]],
         ["non-zero MACs per sample", dense.get("nonzero_macs"), pruned.get("nonzero_macs")],
-        ["ONNX file bytes", dense_export.get("file_bytes"), e.get("file_bytes")],
+        ["ONNX file bytes", dense_export.file_bytes if dense_export else None, e.file_bytes],
     ]
     rows = [[str(label), _num(d), _num(p), _ratio(d, p)] for label, d, p in totals]
-    for lat in (run.validation or {}).get("latency") or []:
-        d, p = (lat.get("dense") or {}).get("p50"), (lat.get("pruned") or {}).get("p50")
-        rows.append([f"ORT p50 latency, batch {lat.get('batch_size')} (ms)", _num(d), _num(p), _ratio(d, p)])
+    for lat in run.validation.latency if run.validation else []:
+        dense_p50 = lat.dense.p50 if lat.dense else None
+        rows.append([f"ORT p50 latency, batch {lat.batch_size} (ms)", _num(dense_p50), _num(lat.pruned.p50),
+                     _ratio(dense_p50, lat.pruned.p50)])
     section.blocks.append(Table(["", "dense", "pruned", "pruned / dense"], rows))
 
     dense_layers = {layer["name"]: layer for layer in dense.get("layers") or []}
