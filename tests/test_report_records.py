@@ -1,5 +1,5 @@
-"""Typed results through the run directory: validation.json and export.json read back into the dataclasses
-that wrote them, and the report's cells come from those fields (a renamed field fails here)."""
+"""Typed results through the run directory: validation.json, export.json and history.jsonl read back into the
+dataclasses that wrote them, and the report's cells come from those fields (a renamed field fails here)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from wf_pipeline.deploy.export import ExportResult
 from wf_pipeline.deploy.gates import GateResult
 from wf_pipeline.deploy.latency import LatencyStats
 from wf_pipeline.deploy.validate import LatencyResult, ParityResult, ValidationResult, ValidationSettings
+from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord
 from wf_pipeline.reporting.records import RecordError, from_dict, read_export, read_validation
 from wf_pipeline.reporting.report import write_report
 
@@ -117,3 +118,28 @@ def test_an_unreadable_validation_json_is_left_out_with_the_reason(tmp_path: Pat
     write_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "validation/validation.json left out: validation.json.accuracy: missing" in md
+
+
+def test_history_records_round_trip_and_leave_unmeasured_fields_out() -> None:
+    prune = PruneRecord(epoch=1.5, optimizer_step=15, event=2, target_sparsity=0.7, achieved_sparsity=0.7,
+                        test_accuracy_after=0.61, timings={"total": 0.25}, method="woodfisher", num_grads=64)
+    line = _json(prune.to_dict())
+    assert line["kind"] == "prune" and "group" not in line and "warnings" not in line and "fisher_plan" not in line
+    with pytest.raises(RecordError, match="group: missing"):  # strict: the left-out fields are missing
+        from_dict(PruneRecord, line, strict=True)
+    assert from_dict(PruneRecord, line) == prune
+    epoch = EpochRecord(epoch=3, train_loss=0.5, train_accuracy=0.8, test_accuracy=0.75, sparsity=0.7, lr=0.01)
+    assert from_dict(EpochRecord, _json(epoch.to_dict())) == epoch
+
+
+def test_report_training_table_comes_from_typed_history(tmp_path: Path) -> None:
+    lines = [EpochRecord(epoch=0, train_loss=1.0, test_accuracy=0.5, sparsity=0.0).to_dict(),
+             PruneRecord(epoch=1.0, target_sparsity=0.625, achieved_sparsity=0.6251, test_accuracy_after=0.4375,
+                         timings={"total": 0.125}).to_dict(),
+             {"kind": "prune", "epoch": "one"},  # does not fit PruneRecord: noted, left out
+             {"kind": "stage", "name": "other kinds are not charted"}]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1 | 62.50% | 62.51% | 43.75% | 0.125 |" in md
+    assert "history.jsonl: left out 1 record(s) (history.jsonl prune record.epoch: expected a number" in md

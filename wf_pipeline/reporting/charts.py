@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from wf_pipeline.deploy.validate import LatencyResult
+from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord
 
 PRUNED_COLOUR = "#d95f02"
 DENSE_COLOUR = "#7570b3"
@@ -75,26 +76,25 @@ def _timeline(epochs: list[int]) -> list[int]:
     return out
 
 
-def training_curves_chart(epoch_records: list[dict[str, Any]], prune_records: list[dict[str, Any]]) -> bytes:
+def training_curves_chart(epoch_records: list[EpochRecord], prune_records: list[PruneRecord]) -> bytes:
     """Test accuracy and train loss per epoch, sparsity on a second axis, pruning steps as vertical lines."""
     fig = Figure(figsize=(8, 4.2))
     ax_acc, ax_loss = fig.subplots(1, 2)
-    x = [e + 1 for e in _timeline([int(r.get("epoch", i)) for i, r in enumerate(epoch_records)])]
-    accuracy = [(xi, r["test_accuracy"]) for xi, r in zip(x, epoch_records, strict=True)
-                if r.get("test_accuracy") is not None]
+    x = [e + 1 for e in _timeline([r.epoch for r in epoch_records])]
+    accuracy = [(xi, r.test_accuracy) for xi, r in zip(x, epoch_records, strict=True) if r.test_accuracy is not None]
     if accuracy:
         ax_acc.plot(*zip(*accuracy, strict=True), marker="o", color=ACCENT, label="test accuracy")
-    prune_points = [(float(p.get("epoch", 0)), p) for p in prune_records]
+    prune_points = [(p.epoch, p) for p in prune_records]
     for epoch, _ in prune_points:
         ax_acc.axvline(epoch, color=PRUNED_COLOUR, alpha=0.35, linestyle=":")
-    after = [(e, p["test_accuracy_after"]) for e, p in prune_points if p.get("test_accuracy_after") is not None]
+    after = [(e, p.test_accuracy_after) for e, p in prune_points if p.test_accuracy_after is not None]
     if after:
         ax_acc.scatter(*zip(*after, strict=True), color=PRUNED_COLOUR, marker="v", zorder=3,
                        label="right after a pruning step")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy")
     ax_acc.grid(alpha=0.3)
-    sparsity = [(xi, r["sparsity"]) for xi, r in zip(x, epoch_records, strict=True) if r.get("sparsity") is not None]
+    sparsity = [(xi, r.sparsity) for xi, r in zip(x, epoch_records, strict=True) if r.sparsity is not None]
     if sparsity:
         twin = ax_acc.twinx()
         # "pre": an epoch's record holds the sparsity it was trained at, reached at the epoch's start
@@ -105,7 +105,7 @@ def training_curves_chart(epoch_records: list[dict[str, Any]], prune_records: li
         twin.set_ylabel("sparsity")
     ax_acc.legend(fontsize=7, loc="best")
     ax_acc.set_title("Accuracy and sparsity")
-    loss = [(xi, r["train_loss"]) for xi, r in zip(x, epoch_records, strict=True) if r.get("train_loss") is not None]
+    loss = [(xi, r.train_loss) for xi, r in zip(x, epoch_records, strict=True) if r.train_loss is not None]
     if loss:
         ax_loss.plot(*zip(*loss, strict=True), marker=".", color=DENSE_COLOUR)
     ax_loss.set_xlabel("epoch")

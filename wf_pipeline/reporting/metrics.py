@@ -129,3 +129,60 @@ def _matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, dict) and all(_matches(k, key_type) and _matches(v, value_type)
                                                for k, v in value.items())
     return isinstance(value, annotation)
+
+
+# ---------------------------------------------------------------------------------------------- history.jsonl
+
+
+@dataclass
+class EpochRecord:
+    """One history.jsonl line after an epoch of dense training or fine-tuning.
+
+    The writers fill every measured field; the reader (the report) also takes lines of older or partial
+    runs, so only the epoch is required.
+    """
+
+    epoch: int
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    test_accuracy: float | None = None  # on the monitor slice during a stage, the whole test set at its end
+    test_loss: float | None = None  # dense training only
+    sparsity: float | None = None
+    lr: float | None = None
+    elapsed_s: float | None = None
+    kind: str = "epoch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _history_line(self)
+
+
+@dataclass
+class PruneRecord:
+    """One history.jsonl line after a pruning step (one per group and step with pruning groups)."""
+
+    epoch: float  # fractional with fractional schedules
+    optimizer_step: int | None = None
+    event: int | None = None
+    group: str | None = None  # only with several pruning groups
+    target_sparsity: float | None = None
+    achieved_sparsity: float | None = None
+    test_accuracy_after: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: gradients, inverse, obs, total, ...
+    method: str | None = None
+    num_grads: int | None = None
+    fisher_plan: dict[str, Any] | None = None  # WoodFisher steps: the memory plan the step ran under
+    warnings: list[str] = field(default_factory=list)  # Fisher repairs (float64 retries, added damping)
+    kind: str = "prune"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _history_line(self)
+
+
+def _history_line(record: EpochRecord | PruneRecord) -> dict[str, Any]:
+    """The JSON object of a history line: `kind` first, fields that were not measured left out."""
+    out: dict[str, Any] = {"kind": record.kind}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if f.name != "kind" and value is not None and value != [] and not (f.name == "timings" and value == {}):
+            out[f.name] = value
+    return out

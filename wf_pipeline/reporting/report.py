@@ -22,8 +22,8 @@ import yaml
 from wf_pipeline.deploy.validate import ValidationResult
 from wf_pipeline.errors import WFError
 from wf_pipeline.reporting import charts
-from wf_pipeline.reporting.metrics import RunMetrics
-from wf_pipeline.reporting.records import ExportRecord, RecordError, read_export, read_validation
+from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord, RunMetrics
+from wf_pipeline.reporting.records import ExportRecord, RecordError, from_dict, read_export, read_validation
 from wf_pipeline.runtime import atomic_io
 
 ASSETS_DIR = "report_files"
@@ -61,7 +61,7 @@ class RunData:
     recipe: dict[str, Any] | None = None
     environment: dict[str, Any] | None = None
     metrics: RunMetrics | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRecord | PruneRecord] = field(default_factory=list)
     oneshot: dict[str, Any] | None = None
     validation: ValidationResult | None = None
     export: ExportRecord | None = None
@@ -102,6 +102,24 @@ def _read_history(run: RunData) -> list[dict[str, Any]]:
     return records
 
 
+def _typed_history(run: RunData, records: list[dict[str, Any]]) -> list[EpochRecord | PruneRecord]:
+    """history.jsonl lines as EpochRecord / PruneRecord (other kinds are not shown; misfits are noted)."""
+    kinds: dict[Any, type[EpochRecord] | type[PruneRecord]] = {"epoch": EpochRecord, "prune": PruneRecord}
+    typed: list[EpochRecord | PruneRecord] = []
+    misfits = []
+    for record in records:
+        cls = kinds.get(record.get("kind"))
+        if cls is None:
+            continue
+        try:
+            typed.append(from_dict(cls, record, where=f"history.jsonl {record.get('kind')} record"))
+        except RecordError as exc:
+            misfits.append(str(exc))
+    if misfits:
+        run.notes.append(f"history.jsonl: left out {len(misfits)} record(s) ({misfits[0]})")
+    return typed
+
+
 def _read_metrics(run: RunData) -> RunMetrics | None:
     data = _read_json(run, "metrics.json")
     if data is None:
@@ -125,7 +143,7 @@ def load_run(run_dir: Path) -> RunData:
             run.notes.append(f"could not read recipe.yaml: {exc}")
     run.environment = _read_json(run, "environment.json")
     run.metrics = _read_metrics(run)
-    run.history = _read_history(run)
+    run.history = _typed_history(run, _read_history(run))
     run.oneshot = _read_json(run, "oneshot/oneshot.json")
     validation = _read_json(run, "validation/validation.json")
     try:
@@ -302,8 +320,8 @@ def _oneshot_section(run: RunData) -> Section | None:
 
 
 def _training_section(run: RunData) -> Section | None:
-    epochs = [r for r in run.history if r.get("kind") == "epoch"]
-    prunes = [r for r in run.history if r.get("kind") == "prune"]
+    epochs = [r for r in run.history if isinstance(r, EpochRecord)]
+    prunes = [r for r in run.history if isinstance(r, PruneRecord)]
     if not epochs and not prunes:
         return None
     section = Section("Training and pruning")
@@ -311,9 +329,8 @@ def _training_section(run: RunData) -> Section | None:
                                 "training and pruning curves"))
     if prunes:
         rows = [
-            [_num(p.get("epoch")), _pct(p.get("target_sparsity")), _pct(p.get("achieved_sparsity")),
-             _pct(p.get("test_accuracy_after")),
-             _num((p.get("timings") or {}).get("total"), 3) if isinstance(p.get("timings"), dict) else "n/a"]
+            [_num(p.epoch), _pct(p.target_sparsity), _pct(p.achieved_sparsity), _pct(p.test_accuracy_after),
+             _num(p.timings.get("total"), 3) if p.timings else "n/a"]
             for p in prunes
         ]
         section.blocks.append(Table(["epoch", "target", "achieved", "accuracy right after", "seconds"], rows))

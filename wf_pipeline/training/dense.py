@@ -9,7 +9,7 @@ import torch
 from wf_pipeline.data import build_data
 from wf_pipeline.models import build_model
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.reporting.metrics import RunMetrics
+from wf_pipeline.reporting.metrics import EpochRecord, RunMetrics
 from wf_pipeline.runtime.atomic_io import torch_save, write_json
 from wf_pipeline.runtime.device import resolve_device, seed_everything
 from wf_pipeline.runtime.progress import NullReporter, Reporter
@@ -51,10 +51,10 @@ def run_dense_training(recipe: Recipe, run: RunDir, *, save_to: Path | None = No
         )
         reporter.finish(task)
         accuracy, test_loss = evaluate(model, data.test_batches(), device)
-        record = {"kind": "epoch", "epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                  "test_accuracy": accuracy, "test_loss": test_loss, "sparsity": 0.0,
-                  "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - started}
-        run.append_history(record)
+        record = EpochRecord(epoch=epoch, train_loss=stats.loss, train_accuracy=stats.accuracy,
+                             test_accuracy=accuracy, test_loss=test_loss, sparsity=0.0,
+                             lr=optimizer.param_groups[0]["lr"], elapsed_s=time.time() - started)
+        run.append_history(record.to_dict())
         reporter.message(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, test accuracy {accuracy:.4f}")
         torch_save(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                                 "rng": torch.get_rng_state()})

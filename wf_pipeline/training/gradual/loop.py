@@ -33,7 +33,7 @@ from wf_pipeline.errors import WFError
 from wf_pipeline.pruning import MaskSet, PruneSettings, PruneView, prune_step, select_prunable
 from wf_pipeline.pruning.pruners.registry import pruner_class
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.reporting.metrics import RunMetrics
+from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord, RunMetrics
 from wf_pipeline.runtime.device import seed_everything
 from wf_pipeline.runtime.distributed import (
     SINGLE_PROCESS,
@@ -243,11 +243,12 @@ class _Stage:
         self.state.reports.append({**where, "test_accuracy_after": accuracy,
                                    **{k: v for k, v in report.to_dict().items() if k != "per_layer_sparsity"}})
         warnings = report.extra.get("warnings") or []  # Fisher repairs (float64 retries, added damping)
-        self._record({"kind": "prune", **where, "target_sparsity": report.target_sparsity,
-                      "achieved_sparsity": report.achieved_sparsity, "test_accuracy_after": accuracy,
-                      "timings": report.timings, "method": report.method, "num_grads": report.num_grads,
-                      **({"fisher_plan": report.extra["fisher_plan"]} if "fisher_plan" in report.extra else {}),
-                      **({"warnings": warnings} if warnings else {})})
+        self._record(PruneRecord(
+            epoch=event.epoch, optimizer_step=event.step, event=event.index,
+            group=group.name if len(self.groups) > 1 else None, target_sparsity=report.target_sparsity,
+            achieved_sparsity=report.achieved_sparsity, test_accuracy_after=accuracy, timings=report.timings,
+            method=report.method, num_grads=report.num_grads, fisher_plan=report.extra.get("fisher_plan"),
+            warnings=list(warnings)).to_dict())
         if "fisher_plan_summary" in report.extra:
             self.reporter.message(report.extra["fisher_plan_summary"])
         for line in warnings:
@@ -286,9 +287,9 @@ class _Stage:
         is_last = self.state.steps_done >= self.total_steps and self.state.events_done == len(self.events)
         accuracy = self.evaluate(full=is_last)
         self.state.epoch_tally = type(tally)()
-        self._record({"kind": "epoch", "epoch": epoch, "train_loss": float(loss[0]), "train_accuracy": float(loss[1]),
-                      "test_accuracy": accuracy, "sparsity": self.sparsity(),
-                      "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": self._elapsed()})
+        self._record(EpochRecord(epoch=epoch, train_loss=float(loss[0]), train_accuracy=float(loss[1]),
+                                 test_accuracy=accuracy, sparsity=self.sparsity(),
+                                 lr=self.optimizer.param_groups[0]["lr"], elapsed_s=self._elapsed()).to_dict())
         self.reporter.message(f"epoch {epoch + 1}/{self.epochs}: train loss {float(loss[0]):.4f}, "
                               f"test accuracy {accuracy:.4f}, sparsity {self.sparsity():.2%}")
 
