@@ -41,7 +41,8 @@ def _export(path: str, file_bytes: int) -> ExportResult:
                         onnx_per_layer_sparsity={"conv.weight": 0.9},
                         compact_weights=["conv.weight"], storage_format="bitmask", onnx_full_check=True,
                         torch_max_abs_diff=3.5e-06, sparse_vs_dense_max_abs_diff=0.0,
-                        structure={"params": 100, "macs": 1000, "layers": []})
+                        structure={"params": 100, "nonzero_params": 10, "macs": 1000, "nonzero_macs": 100,
+                                   "layers": []})
 
 
 def _json(data: dict[str, Any]) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from wf_pipeline.deploy.model_stats import LayerStats, ModelStats
 from wf_pipeline.deploy.validate import ValidationResult
 from wf_pipeline.errors import WFError
 from wf_pipeline.reporting import charts
@@ -434,18 +435,21 @@ def _structure_section(run: RunData) -> Section | None:
     if run.export is None:
         return None
     e, dense_export = run.export.pruned, run.export.dense_baseline
-    pruned = e.structure  # model_stats of the ONNX file: a plain mapping (layers, params, macs, ...)
-    if not pruned.get("layers"):
+    if not e.structure:
         return None
-    dense: dict[str, Any] = dense_export.structure if dense_export else {}
+    pruned = from_dict(ModelStats, e.structure, where="export.json pruned.structure")
+    if not pruned.layers:
+        return None
+    dense = (from_dict(ModelStats, dense_export.structure, where="export.json dense_baseline.structure")
+             if dense_export and dense_export.structure else None)
     section = Section("Dense vs pruned: channels, parameters, compute")
     totals = [
-        ["parameters", dense.get("params"), pruned.get("params")],
-        ["non-zero parameters", dense.get("nonzero_params"), pruned.get("nonzero_params")],
-        ["MACs per sample", dense.get("macs"), pruned.get("macs")],
+        ["parameters", dense.params if dense else None, pruned.params],
+        ["non-zero parameters", dense.nonzero_params if dense else None, pruned.nonzero_params],
+        ["MACs per sample", dense.macs if dense else None, pruned.macs],
         ["FLOPs per sample (2 × MACs)",
-         *[2 * v if isinstance(v, int) else None for v in (dense.get("macs"), pruned.get("macs"))]],
-        ["non-zero MACs per sample", dense.get("nonzero_macs"), pruned.get("nonzero_macs")],
+         *[2 * v if isinstance(v, int) else None for v in (dense.macs if dense else None, pruned.macs)]],
+        ["non-zero MACs per sample", dense.nonzero_macs if dense else None, pruned.nonzero_macs],
         ["ONNX file bytes", dense_export.file_bytes if dense_export else None, e.file_bytes],
     ]
     rows = [[str(label), _num(d), _num(p), _ratio(d, p)] for label, d, p in totals]
@@ -455,11 +459,15 @@ def _structure_section(run: RunData) -> Section | None:
                      _ratio(dense_p50, lat.pruned.p50)])
     section.blocks.append(Table(["", "dense", "pruned", "pruned / dense"], rows))
 
-    dense_layers = {layer["name"]: layer for layer in dense.get("layers") or []}
-    pruned_layers = {layer["name"]: layer for layer in pruned["layers"]}
+    dense_layers = {layer.name: layer for layer in (dense.layers if dense else [])}
+    pruned_layers = {layer.name: layer for layer in pruned.layers}
     names = list(dict.fromkeys([*dense_layers, *pruned_layers]))
+
+    def out_channels(layers: dict[str, LayerStats], name: str) -> int | None:
+        return layers[name].out_channels if name in layers else None
+
     narrower = [n for n in names if n in dense_layers
-                and (pruned_layers.get(n) or {}).get("out_channels") != dense_layers[n]["out_channels"]]
+                and out_channels(pruned_layers, n) != dense_layers[n].out_channels]
     if not dense_layers:
         summary = "No dense baseline structure in export.json: the pruned model only."
     elif narrower:
@@ -471,17 +479,17 @@ def _structure_section(run: RunData) -> Section | None:
                                     "convolutions; MACs of conv and linear layers per input sample)."))
     if narrower:
         section.blocks.append(Image("channels_per_layer.png", charts.channels_per_layer_chart(
-            names, [(dense_layers.get(n) or {}).get("out_channels") for n in names],
-            [(pruned_layers.get(n) or {}).get("out_channels") for n in names]), "channels per layer, dense vs pruned"))
+            names, [out_channels(dense_layers, n) for n in names],
+            [out_channels(pruned_layers, n) for n in names]), "channels per layer, dense vs pruned"))
     table = []
     for name in names:
-        d, p = dense_layers.get(name) or {}, pruned_layers.get(name)
+        d, p = dense_layers.get(name), pruned_layers.get(name)
+        dense_out, dense_params, dense_macs = (d.out_channels, d.params, d.macs) if d else (None, None, None)
         if p is None:
-            table.append([name, _arrow(d.get("out_channels"), 0), _arrow(d.get("params"), 0), "0",
-                          _arrow(d.get("macs"), 0), "0"])
+            table.append([name, _arrow(dense_out, 0), _arrow(dense_params, 0), "0", _arrow(dense_macs, 0), "0"])
             continue
-        table.append([name, _arrow(d.get("out_channels"), p["out_channels"]), _arrow(d.get("params"), p["params"]),
-                      _num(p["nonzero_params"]), _arrow(d.get("macs"), p.get("macs")), _num(p.get("nonzero_macs"))])
+        table.append([name, _arrow(dense_out, p.out_channels), _arrow(dense_params, p.params),
+                      _num(p.nonzero_params), _arrow(dense_macs, p.macs), _num(p.nonzero_macs)])
     headers = ["layer", "out channels", "parameters", "non-zero parameters", "MACs", "non-zero MACs"]
     section.blocks.append(Table(headers, table))
     return section
