@@ -4,6 +4,7 @@ code from the recipe unless the command line allows it; and a dense (`method: no
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable
@@ -383,3 +384,31 @@ def test_report_writes_only_into_a_run_folder(tmp_path: Path, capsys, monkeypatc
     before = files_under(tmp_path)
     assert_one_line_exit_2(run_cli(capsys, monkeypatch, "report", str(target)), "report", *words)
     assert files_under(tmp_path) == before
+
+
+# ------------------------------------------------------------------ issue 20: hints name settings that work
+def _hinted_settings(error: str) -> list[str]:
+    """The `field: value` settings a one-line error's hint names, as --set items."""
+    import re
+
+    hint = error.split("(hint:", 1)[1]
+    return [f"{field}={value}" for field, value in re.findall(r"(pruning\.woodfisher\.\w+):? (?:to )?([0-9.e+-]+)",
+                                                               hint)]
+
+
+@pytest.mark.parametrize("command", [["compress"], ["oneshot", "--sparsity", "0.5", "0.8", "--method", "woodfisher"]])
+def test_following_the_repair_hint_works_and_a_refused_run_leaves_nothing(tmp_path: Path, capsys, monkeypatch,
+                                                                           command) -> None:
+    root = tmp_path / "artifacts"
+    args = sets(f"output.root={root}", "pruning.woodfisher.damp=1e-16", "validate.repeats=1", "validate.warmup=0",
+                "validate.batch_sizes=[1]", "data.test_subset=64")
+    refused = run_cli(capsys, monkeypatch, command[0], str(TINY), *args, *command[1:])
+    assert_one_line_exit_2(refused, "extra damping", "max_repair_jitter")
+    assert not root.exists()  # the run folder, its lock file and the root it made are gone
+    hinted = _hinted_settings(refused.err)
+    assert {item.split("=")[0] for item in hinted} == {f"pruning.woodfisher.{name}" for name in ("damp",
+                                                                                                  "max_repair_jitter")}
+    for setting in hinted:  # each alternative the hint names gets through the whole run
+        shutil.rmtree(root, ignore_errors=True)
+        result = run_cli(capsys, monkeypatch, command[0], str(TINY), *args, "--set", setting, *command[1:])
+        assert result.code == 0, (setting, result.err)

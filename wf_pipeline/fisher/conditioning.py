@@ -120,8 +120,12 @@ class InverseHealth:
                 f"the Fisher inverse needed extra damping up to {self.max_jitter:.3g} x damp in "
                 f"{self.jittered_blocks} of {self.num_blocks} blocks (effective damping {self.effective_damp_max:.3g} "
                 f"instead of {self.damp:.3g}): the gradients are too large for this damping even in float64",
-                hint=f"raise pruning.woodfisher.damp to at least {self.effective_damp_max:.2g}, or accept the repair "
-                     f"with pruning.woodfisher.max_repair_jitter: {_round_up(self.max_jitter)}",
+                # Later steps see larger gradients and need more (x8 over the tiny recipe's run): the values
+                # named keep a margin of 10 or more, so following the hint gets through the run.
+                hint=f"raise pruning.woodfisher.damp to {_with_margin(self.effective_damp_max)}, or accept the "
+                     f"repair with pruning.woodfisher.max_repair_jitter: {_with_margin(self.max_jitter)} "
+                     f"(this step needs {self.effective_damp_max:.2g} or {_round_up(self.max_jitter)}; later steps "
+                     "can need more)",
             )
 
 
@@ -136,6 +140,13 @@ def record_health(extra: dict[str, Any], health: InverseHealth) -> None:
     extra["fisher_health"] = health.to_dict()
     extra["repaired_blocks"] = health.repaired_blocks
     extra["warnings"] = health.warnings()
+
+
+def _with_margin(x: float) -> str:
+    """The power of ten at or above 10·x, for a hint whose value must hold for the steps still to come."""
+    if not math.isfinite(x) or x <= 0:
+        return str(x)
+    return f"{10.0 ** math.ceil(math.log10(10 * x)):g}"
 
 
 def _round_up(x: float) -> str:

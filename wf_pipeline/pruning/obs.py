@@ -110,12 +110,19 @@ def newton_step_scale(newton: Tensor, weights: Tensor, sizes: Sequence[int], cap
 
 
 def spd_solve(mats: Tensor, rhs: Tensor) -> Tensor:
-    """Solve batched SPD systems; systems that fail Cholesky in low precision are redone in fp64 by LU."""
+    """Solve batched SPD systems; systems that fail Cholesky in low precision are redone in fp64 by LU, and
+    those singular even in fp64 (a heavily repaired inverse at a tiny damp) get the least-squares solution of
+    least norm (the pseudo-inverse's), so a step never fails on a block it can still update."""
     chol, info = torch.linalg.cholesky_ex(mats)
     x = torch.cholesky_solve(rhs, chol)
     bad = (info != 0).nonzero().squeeze(1)
     if bad.numel():
-        x[bad] = torch.linalg.solve(mats[bad].double(), rhs[bad].double()).to(x.dtype)
+        mats64, rhs64 = mats[bad].double(), rhs[bad].double()
+        solved, lu_info = torch.linalg.solve_ex(mats64, rhs64)
+        singular = (lu_info != 0) | ~torch.isfinite(solved).flatten(1).all(dim=1)
+        if bool(singular.any()):
+            solved[singular] = torch.linalg.pinv(mats64[singular], hermitian=True) @ rhs64[singular]
+        x[bad] = solved.to(x.dtype)
     return x
 
 

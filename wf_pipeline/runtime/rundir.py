@@ -101,20 +101,34 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self, what: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise WFError(f"output: run directory {what} is in use by {owner}",
-                          "wait for that run to finish or stop it (two processes must never write one run), "
-                          "or choose another --set output.run_name=NEW") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise WFError(f"output: run directory {what} is in use by {owner}",
+                              "wait for that run to finish or stop it (two processes must never write one run), "
+                              "or choose another --set output.run_name=NEW") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the file was removed (a refused run cleaning up) while we waited: lock the new one
         # Who holds it, for the message a second process prints (informational: the flock decides).
         os.ftruncate(fd, 0)
         owner = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         os.pwrite(fd, owner.encode(), 0)
         self._fd = fd
+
+    def remove(self) -> None:
+        """Delete the lock file while holding it (whoever opened it meanwhile retries on the new one)."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+        self.release()
 
     def release(self) -> None:
         if self._fd is not None:
@@ -134,6 +148,7 @@ class RunDir:
     writer: bool = True
     lock: RunLock | None = field(default=None, repr=False, compare=False)
     created: bool = False  # made by this process (not reopened by --resume)
+    root_created: bool = False  # its output.root too
 
     def file(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
@@ -283,6 +298,7 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     """
     final = check_run_location(recipe, resume=resume, overwrite=overwrite)  # refusals before anything exists
     root = final.parent
+    root_created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = _lock_for(root, final.name)
     try:
@@ -292,6 +308,7 @@ def open_run_dir(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
             lock.release()
             _held.pop(lock.path, None)
         raise
+    run.root_created = run.created and root_created
     if run not in _opened:
         _opened.append(run)
     return run
@@ -340,8 +357,13 @@ def discard_refused_runs(exc: WFError) -> None:
         if not run.writer or not run.path.is_dir():
             continue
         if run.created and not run.read_history() and not run.file(STATUS_FILE).exists():
-            run.release()
+            lock = run.lock
             shutil.rmtree(run.path, ignore_errors=True)
+            if lock is not None:
+                lock.remove()  # still held: nobody else has the run
+            run.release()
+            if run.root_created and not any(run.path.parent.iterdir()):
+                run.path.parent.rmdir()
             continue
         run.logger().error("refused (exit code 2): %s", exc)
 
