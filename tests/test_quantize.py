@@ -132,16 +132,31 @@ def test_int8_agrees_with_fp32_on_unseen_test_images_within_the_documented_bound
     assert abs(accuracy - fp32_accuracy) <= 0.01
 
 
-def test_narrow_convs_and_named_op_types_stay_fp32(fmnist_int8) -> None:
-    _, fp32, result = fmnist_int8
-    assert list(result.fp32_nodes.values()) == ["keep_fp32_below_channels: 1 -> 16 channels"]
+def test_slow_int8_convs_are_measured_and_named_op_types_stay_fp32(fmnist_int8, tmp_path: Path) -> None:
+    data, fp32, result = fmnist_int8
+    # ResNet-20's 1-channel input conv is the only one outside ORT's fast INT8 kernel; its precision was measured
+    assert result.slow_int8_convs["convs"] == ["/conv1/Conv"] and result.slow_int8_convs["how"] == "measured"
+    timings = result.slow_int8_convs["timings_ms"]
+    assert set(timings) == {"int8", "fp32"} and all(v > 0 for t in timings.values() for v in t.values())
+    assert result.slow_int8_convs["precision"] in ("int8", "fp32")
+    assert ("/conv1/Conv" in result.fp32_nodes) == (result.slow_int8_convs["precision"] == "fp32")
+    # a recorded choice is reused (what a resumed run does), a setting is obeyed without measuring
+    calibration = [x.numpy() for x in data.calibration_batches(64)]
+    choice = tmp_path / "choice.json"
+    choice.write_text(json.dumps({"convs": ["/conv1/Conv"], "precision": "fp32", "how": "measured"}))
+    reused = quantize_model(fp32, tmp_path / "a.onnx", calibration, QuantizeConfig(), choice_file=choice)
+    assert reused.slow_int8_convs["precision"] == "fp32" and "reused" in reused.slow_int8_convs["how"]
+    assert list(reused.fp32_nodes) == ["/conv1/Conv"]
+    forced = quantize_model(fp32, tmp_path / "b.onnx", calibration, QuantizeConfig(slow_int8_convs="int8"))
+    assert forced.fp32_nodes == {} and forced.slow_int8_convs["how"] == "setting"
     model = onnx.load(str(fp32))
-    kept = nodes_kept_fp32(model, QuantizeConfig(keep_fp32_below_channels=0, keep_fp32_op_types=["Gemm"],
-                                                 keep_fp32_nodes=[r"^/layer3/layer3\.2/"]))
+    kept = nodes_kept_fp32(model, QuantizeConfig(keep_fp32_op_types=["Gemm"], keep_fp32_nodes=[r"^/layer3/layer3\.2/"]))
     assert all(model_node_type(model, name) == "Gemm" or name.startswith("/layer3/layer3.2/") for name in kept)
     assert any(model_node_type(model, name) == "Gemm" for name in kept)
     assert sum(name.startswith("/layer3/layer3.2/") for name in kept) >= 2
-    assert nodes_kept_fp32(model, QuantizeConfig(keep_fp32_below_channels=0)) == {}
+    assert nodes_kept_fp32(model, QuantizeConfig()) == {}
+    assert nodes_kept_fp32(model, QuantizeConfig(), slow_convs_fp32=True) == {
+        "/conv1/Conv": "slow_int8_convs: 1 -> 16 channels"}
 
 
 def model_node_type(model: onnx.ModelProto, name: str) -> str:

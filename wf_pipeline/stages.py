@@ -26,7 +26,7 @@ from wf_pipeline.runtime.atomic_io import torch_save, write_json
 from wf_pipeline.runtime.device import resolve_device, seed_everything
 from wf_pipeline.runtime.progress import NullReporter, PhaseProgress, Reporter
 from wf_pipeline.runtime.rundir import RunDir, open_run_dir, open_shared_run_dir
-from wf_pipeline.training.epoch import evaluate
+from wf_pipeline.training.epoch import evaluate, test_images
 
 if TYPE_CHECKING:  # without importing ONNX Runtime at start-up
     from wf_pipeline.deploy.validate import ValidationResult
@@ -67,7 +67,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         model = build_model(recipe.model).to(device)
         dense = copy.deepcopy(model).cpu()
         dense_accuracy, _ = evaluate(model, data.test_batches(), device)
-        reporter.message(f"dense test accuracy: {dense_accuracy:.4f}")
+        reporter.message(f"dense test accuracy: {dense_accuracy:.4f} on {test_images(data)}")
         log.info("dense accuracy %.4f", dense_accuracy)
         stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume,
                                   initial_accuracy=dense_accuracy)  # already measured above
@@ -166,7 +166,8 @@ def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.n
         qcfg = recipe.quantize
         calibration = [x.numpy() for x in data.calibration_batches(qcfg.calibration_samples,
                                                                     qcfg.calibration_batch_size)]
-        quantized = quantize_model(result.dense_path or result.path, out / cfg.filename, calibration, qcfg)
+        quantized = quantize_model(result.dense_path or result.path, out / cfg.filename, calibration, qcfg,
+                                   choice_file=out / "quantize_choice.json")
         record["quantized"] = {**quantized.to_dict(), "calibration_split": "train"}
         shipped = quantized.path
     write_json(out / "export.json", record)

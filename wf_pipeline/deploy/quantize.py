@@ -2,15 +2,17 @@
 
 ONNX Runtime does the quantization (`quant_pre_process`, then `quantize_static` in QDQ format with
 per-channel symmetric INT8 weights). What this module adds is what ORT does not do:
-- which nodes stay FP32: named op types, node-name regexes, and Convs narrower than
-  `keep_fp32_below_channels` (ORT's INT8 convolutions are no faster than FP32 below 16 channels on
-  AVX-512 VNNI: see the README's pruned-and-quantized section);
+- which nodes stay FP32: named op types, node-name regexes, and the Convs outside ORT's fast x86 INT8
+  kernel (`slow_int8_convs`): measured both ways on this machine by default, since such a conv can be
+  slower in INT8 than in FP32 (a 1-channel input conv) or much faster (ResNet-18's 3-channel 7x7 conv);
+  the choice is recorded, and reused on --resume so a resumed run writes the same file;
 - calibration batches fed from arrays the caller chose (training images, never test images);
 - compact (bitmask) storage of zero-heavy INT8 weights, proven bit-identical in ORT;
 - an atomic write: a kill during quantization leaves no partial file, and the same inputs give the same bytes.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from wf_pipeline.deploy.latency import measure_interleaved
 from wf_pipeline.deploy.ort_session import create_session, load_onnx, run_logits
 from wf_pipeline.deploy.sparse_storage import INT8_TYPES, compact_weight_names, to_compact_storage
 from wf_pipeline.errors import WFError
@@ -42,6 +45,7 @@ class QuantizeResult:
     activations: str
     quantized_nodes: int  # compute nodes ORT runs in INT8 (inputs fed by DequantizeLinear)
     fp32_nodes: dict[str, str] = field(default_factory=dict)  # node name -> why it stays FP32
+    slow_int8_convs: dict[str, Any] = field(default_factory=dict)  # their precision and how it was chosen
     compact_weights: list[str] = field(default_factory=list)
     compact_vs_dense_max_abs_diff: float | None = None
     seconds: float = 0.0
@@ -64,25 +68,40 @@ class _Batches:
         return next(self._feeds, None)
 
 
-def _conv_channels(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """(input channels, output channels) of every Conv node whose weight is an initializer."""
+def _conv_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int, int]]:
+    """(input channels, output channels, groups) of every Conv node whose weight is an initializer."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    channels = {}
+    convs = {}
     for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in shapes:
             dims = shapes[node.input[1]]
             group = next((int(a.i) for a in node.attribute if a.name == "group"), 1)
-            channels[node.name] = (int(dims[1]) * group, int(dims[0]))
-    return channels
+            convs[node.name] = (int(dims[1]) * group, int(dims[0]), group)
+    return convs
 
 
-def nodes_kept_fp32(model: onnx.ModelProto, cfg: QuantizeConfig) -> dict[str, str]:
+def slow_int8_convs(model: onnx.ModelProto) -> dict[str, str]:
+    """Convs ONNX Runtime cannot run with its fast symmetric INT8 kernel on x86 (MLAS ConvSym), with why.
+
+    That kernel takes input channels in multiples of 4 and output channels from 16 on in multiples of 8
+    (blocks of 64 on AVX-512 VNNI); depthwise convs need channel counts that are multiples of 16. Other
+    convs run ORT's generic INT8 path.
+    """
+    slow = {}
+    for name, (cin, cout, group) in _conv_shapes(model).items():
+        if group == 1 and (cin % 4 or cout < 16 or cout % 8):
+            slow[name] = f"{cin} -> {cout} channels"
+        elif group > 1 and not (group == cin == cout and cin % 16 == 0):
+            slow[name] = f"{cin} -> {cout} channels in {group} groups"
+    return slow
+
+
+def nodes_kept_fp32(model: onnx.ModelProto, cfg: QuantizeConfig, slow_convs_fp32: bool = False) -> dict[str, str]:
     """Node name -> the setting that keeps it in FP32."""
     kept: dict[str, str] = {}
     patterns = [re.compile(p) for p in cfg.keep_fp32_nodes]
-    for name, (cin, cout) in _conv_channels(model).items():
-        if cfg.keep_fp32_below_channels and min(cin, cout) < cfg.keep_fp32_below_channels:
-            kept[name] = f"keep_fp32_below_channels: {cin} -> {cout} channels"
+    if slow_convs_fp32:
+        kept.update({name: f"slow_int8_convs: {why}" for name, why in slow_int8_convs(model).items()})
     for node in model.graph.node:
         if node.op_type in cfg.keep_fp32_op_types:
             kept[node.name] = f"keep_fp32_op_types: {node.op_type}"
@@ -105,28 +124,29 @@ def _count_quantized(model: onnx.ModelProto) -> int:
                if node.op_type not in qdq and any(name in dequantized for name in node.input))
 
 
-def _quantize_calls(source: Path, work: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
-                    ) -> tuple[onnx.ModelProto, dict[str, str]]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _prepare(source: Path, work: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "prepared.onnx"
     quant_pre_process(str(source), str(prepared))  # shape inference + graph clean-up, as ORT recommends
-    prepared_model = onnx.load(str(prepared))
-    kept = nodes_kept_fp32(prepared_model, cfg)
-    name = prepared_model.graph.input[0].name
+    return prepared
+
+
+def _quantize(prepared: Path, out: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
+              exclude: dict[str, str]) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    activation = QuantType.QInt8 if cfg.activations == "int8" else QuantType.QUInt8
-    quantized = work / "quantized.onnx"
     quantize_static(
-        str(prepared), str(quantized), _Batches(name, batches),  # ORT only calls get_next()
+        str(prepared), str(out), _Batches(name, batches),  # ORT only calls get_next()
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=_op_types_to_quantize(cfg),
         per_channel=True,
-        activation_type=activation,
+        activation_type=QuantType.QInt8 if cfg.activations == "int8" else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        nodes_to_exclude=sorted(kept),
+        nodes_to_exclude=sorted(exclude),
         calibrate_method=methods[cfg.calibrator],
         extra_options={
             "WeightSymmetric": True,  # zero point 0: a pruned weight stays an exact INT8 zero
@@ -134,7 +154,43 @@ def _quantize_calls(source: Path, work: Path, batches: Sequence[np.ndarray], cfg
             "CalibPercentile": cfg.percentile,
         },
     )
-    return onnx.load(str(quantized)), kept
+    return onnx.load(str(out))
+
+
+def _faster(files: dict[str, Path], batches: Sequence[np.ndarray]) -> tuple[str, dict[str, dict[str, float]]]:
+    """Which file runs faster (mean p50 over batch 1 and the calibration batch, 1 thread, interleaved)."""
+    sessions = {key: create_session(path, threads=1) for key, path in files.items()}
+    timings: dict[str, dict[str, float]] = {key: {} for key in files}
+    for batch in (batches[0][:1], batches[0]):
+        stats = measure_interleaved(sessions, batch, warmup=3, repeats=30 if batch.shape[0] == 1 else 10)
+        for key, stat in stats.items():
+            timings[key][f"batch_{batch.shape[0]}_p50_ms"] = stat.p50
+    baseline = next(iter(files))
+    score = {key: float(np.mean([t[k] / timings[baseline][k] for k in t])) for key, t in timings.items()}
+    return min(score, key=lambda key: score[key]), timings
+
+
+def _slow_conv_choice(prepared: Path, work: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
+                      choice_file: Path | None) -> dict[str, Any]:
+    """Whether the slow INT8 convs stay FP32: the setting, a recorded choice (resume), or a measurement."""
+    slow = sorted(slow_int8_convs(onnx.load(str(prepared), load_external_data=False)))
+    if not slow or cfg.slow_int8_convs != "measure":
+        return {"convs": slow, "precision": "int8" if cfg.slow_int8_convs == "measure" else cfg.slow_int8_convs,
+                "how": "setting" if slow else "no slow convs"}
+    if choice_file is not None and choice_file.is_file():
+        recorded = json.loads(choice_file.read_text())
+        if recorded.get("convs") == slow:
+            return {**recorded, "how": f"{recorded.get('how')} (recorded in {choice_file.name}, reused)"}
+    files = {}
+    for precision in ("int8", "fp32"):
+        files[precision] = work / f"slow-convs-{precision}.onnx"
+        _quantize(prepared, files[precision], batches, cfg, nodes_kept_fp32(
+            onnx.load(str(prepared), load_external_data=False), cfg, slow_convs_fp32=precision == "fp32"))
+    precision, timings = _faster(files, batches)
+    choice = {"convs": slow, "precision": precision, "how": "measured", "timings_ms": timings}
+    if choice_file is not None:
+        atomic_io.write_json(choice_file, choice)
+    return choice
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -142,10 +198,12 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarray], cfg: QuantizeConfig,
-                   ) -> QuantizeResult:
+                   choice_file: Path | None = None) -> QuantizeResult:
     """Quantize the FP32 ONNX file `source` (plain weight storage) to INT8 at `out_path`.
 
     `calibration` holds the input batches (float32 NCHW arrays) the activation ranges are measured on.
+    `choice_file` records the measured precision of the slow INT8 convs; when it exists (a resumed run)
+    the recorded choice is used again, so the same inputs give the same file.
     With `cfg.sparse_storage`, zero-heavy INT8 weights are stored compactly when that is smaller; the
     plain-storage twin is then written as `<stem>.dense.onnx` and the two must agree exactly in ORT.
     """
@@ -158,7 +216,11 @@ def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarra
     # The work folder sits beside the output and goes away after an error too; after a kill, resume removes it.
     with atomic_io.temp_dir(out_path) as tmp:
         try:
-            model, kept = _quantize_calls(Path(source), Path(tmp), calibration, cfg)
+            prepared = _prepare(Path(source), tmp)
+            choice = _slow_conv_choice(prepared, tmp, calibration, cfg, choice_file)
+            kept = nodes_kept_fp32(onnx.load(str(prepared), load_external_data=False), cfg,
+                                   slow_convs_fp32=choice["precision"] == "fp32")
+            model = _quantize(prepared, tmp / "quantized.onnx", calibration, cfg, kept)
         except WFError:
             raise
         except Exception as exc:
@@ -199,6 +261,7 @@ def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarra
         activations=cfg.activations,
         quantized_nodes=_count_quantized(model),
         fp32_nodes=kept,
+        slow_int8_convs=choice,
         compact_weights=compact_weight_names(written),
         compact_vs_dense_max_abs_diff=diff,
         seconds=time.perf_counter() - started,

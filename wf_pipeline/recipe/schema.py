@@ -533,10 +533,12 @@ class QuantizeConfig(Strict):
         default_factory=list, description="ONNX op types left in FP32, e.g. [Add, GlobalAveragePool]")
     keep_fp32_nodes: list[str] = Field(
         default_factory=list, description="regexes over ONNX node names left in FP32, e.g. ['^/conv1/']")
-    keep_fp32_below_channels: int = Field(
-        16, ge=0, le=4096,
-        description="Conv nodes with fewer input or output channels stay FP32: ONNX Runtime's INT8 convolutions "
-        "are no faster than FP32 below 16 channels (README, pruned and quantized); 0 quantizes every Conv")
+    slow_int8_convs: Literal["measure", "fp32", "int8"] = Field(
+        "measure",
+        description="Convs outside ONNX Runtime's fast INT8 kernel (input channels not a multiple of 4, output "
+        "channels under 16 or not a multiple of 8; depthwise: channels not a multiple of 16): 'measure' times the "
+        "model both ways on this machine and keeps the faster (recorded in export.json), 'fp32' keeps them FP32, "
+        "'int8' quantizes them")
     sparse_storage: bool = Field(
         True, description="store zero-heavy INT8 weights compactly (bitmask + non-zeros) where that is smaller")
 
