@@ -75,6 +75,9 @@ def compress(model: str, variant: str, work: Path, quick: bool) -> Path:
     args = [str(Path(sys.executable).parent / "wf-pipeline"), "compress", str(RECIPES / recipe),
             *[a for item in [*overrides, *(QUICK if quick else []), f"output.root={work}",
                              f"output.run_name={name}"] for a in ("--set", item)]]
+    if (run / "metrics.json").exists() and (run / "export" / "model.onnx").exists():
+        log(f"[deploy] {model} / {variant}: reusing the finished run {run}")
+        return run / "export"
     if run.exists():
         args.append("--resume")
     log(f"[deploy] {model} / {variant}: wf-pipeline compress {recipe} {' '.join(overrides)}")
