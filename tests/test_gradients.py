@@ -1,6 +1,8 @@
 """Per-sample / mini-batch gradients: every engine vs plain autograd, finite differences, masks, streaming."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 from torch import nn
@@ -39,7 +41,9 @@ def autograd_reference(
     """Plain model(x).backward() for one group of samples, flattened over `params`."""
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    return torch.cat([p.grad.reshape(-1) for p in params.values()])
+    grads = [p.grad for p in params.values()]
+    assert all(g is not None for g in grads)
+    return torch.cat([cast(torch.Tensor, g).reshape(-1) for g in grads])
 
 
 def collect(*args, **kwargs) -> torch.Tensor:
@@ -86,14 +90,14 @@ def test_gradient_matches_finite_differences_fp64(engine: str) -> None:
     for _ in range(12):
         layer = int(torch.randint(0, len(flat_params), (1,), generator=g))
         j = int(torch.randint(0, flat_params[layer].numel(), (1,), generator=g))
-        p = flat_params[layer].data.view(-1)
-        orig = float(p[j])
+        flat = flat_params[layer].data.view(-1)
+        orig = float(flat[j])
         losses = []
         for step in (eps, -eps):
-            p[j] = orig + step
+            flat[j] = orig + step
             with torch.no_grad():
                 losses.append(float(nn.functional.cross_entropy(model(xs), ys)))
-        p[j] = orig
+        flat[j] = orig
         fd = (losses[0] - losses[1]) / (2 * eps)
         assert grads[offsets[layer] + j].item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
@@ -279,7 +283,7 @@ def test_reused_output_buffer_gives_the_same_chunks(blocked: bool) -> None:
     params = select_prunable(model, [".*"], [])
     _, _, batches = pool(22, batch=5)
     layout = BlockLayout([p.numel() for p in params.values()], 8) if blocked else None
-    kwargs = dict(num_grads=22, chunk_size=8, layout=layout, engine="layerwise")
+    kwargs: dict[str, Any] = dict(num_grads=22, chunk_size=8, layout=layout, engine="layerwise")
     fresh = [c.clone() for c in iter_gradient_chunks(model, params, batches, **kwargs)]
     reused, pointers = [], []
     for chunk in iter_gradient_chunks(model, params, batches, reuse_output=True, **kwargs):
@@ -301,8 +305,8 @@ def test_layerwise_finiteness_shortcut_keeps_huge_finite_gradients_and_catches_a
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 3, bias=False)).eval()
     with torch.no_grad():
-        model[0].weight.mul_(1e-38)
-        model[1].weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0]]))
+        cast(nn.Linear, model[0]).weight.mul_(1e-38)
+        cast(nn.Linear, model[1]).weight.copy_(torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0]]))
     params = select_prunable(model, ["0\\."], [])
     xs = torch.full((6, 4), 2e38)  # gradients ~3e37 each: finite, but their sum overflows float32
     ys = torch.ones(6, dtype=torch.long)

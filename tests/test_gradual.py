@@ -157,11 +157,11 @@ def test_method_none_only_finetunes(tmp_path: Path) -> None:
 def test_limited_data_caps_per_sample_gradients(tmp_path: Path) -> None:
     assert plan_num_grads(1000, 1, 5000, 1) == (1000, None)
     total, note = plan_num_grads(1000, 1, 30, 1)
-    assert total == 30 and "exceeds the Fisher pool" in note
+    assert total == 30 and note is not None and "exceeds the Fisher pool" in note
     total, note = plan_num_grads(1000, 1, 31, 2)  # each of 2 ranks owns 15 samples of the pool
     assert total == 30
     total, note = plan_num_grads(100, 16, 200, 1)  # mini-batch gradients: distinct when cycled
-    assert total == 100 and "cycled" in note
+    assert total == 100 and note is not None and "cycled" in note
     with pytest.raises(WFError):
         plan_num_grads(10, 1, 1, 2)
 
@@ -170,6 +170,7 @@ def test_limited_data_caps_per_sample_gradients(tmp_path: Path) -> None:
     run = bare_run(recipe)
     result = run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
                                torch.device("cpu"))
+    assert result.metrics.prune_reports is not None and result.metrics.notes is not None
     assert result.metrics.prune_reports[0]["num_grads"] == 20  # 2 samples x 10 classes
     assert any("exceeds the Fisher pool" in note for note in result.metrics.notes)
 
@@ -323,6 +324,7 @@ def test_monitoring_uses_a_slice_and_the_end_the_whole_test_set(tmp_path: Path) 
         accuracy = record.get("test_accuracy", record.get("test_accuracy_after"))
         assert round(accuracy * 50, 6).is_integer(), record  # measured on 50 images
     data = build_data(recipe.data, recipe.seed)
+    assert data.test_split is not None
     full_size = len(data.test_split)
     assert full_size > 50
     assert history[-1]["test_accuracy"] == result.metrics.final_accuracy

@@ -2,6 +2,8 @@
 vmap, and the guards that hand models it cannot serve to vmap."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,9 @@ def per_sample_reference(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tens
     for xn, gn in zip(x, grad_out, strict=True):
         layer.zero_grad()
         (layer(xn.unsqueeze(0)) * gn.unsqueeze(0)).sum().backward()
-        rows.append(layer.weight.grad.reshape(-1).clone())
+        weight = layer.weight
+        assert isinstance(weight, torch.Tensor) and weight.grad is not None
+        rows.append(weight.grad.reshape(-1).clone())
     return torch.stack(rows)
 
 
@@ -52,6 +56,7 @@ def per_sample_reference(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tens
 def test_conv_rule_equals_autograd(name: str, method: str) -> None:
     torch.manual_seed(0)
     layer = CONVS[name]().double()
+    assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     spatial = {nn.Conv1d: (13,), nn.Conv2d: (11, 12), nn.Conv3d: (3, 7, 8)}[type(layer)]
     x = torch.randn(6, 4, *spatial, dtype=torch.float64)
     grad_out = torch.randn_like(layer(x))
@@ -242,7 +247,7 @@ def test_auto_falls_back_to_vmap_where_samples_interact(model: nn.Module, shape,
 
 
 def test_forced_layerwise_refuses_a_model_it_cannot_serve() -> None:
-    model = NotCalled()
+    model: nn.Module = NotCalled()
     params = select_prunable(model, [".*"], [])
     with pytest.raises(LayerwiseUnsupported, match="outside its module"):
         gradients(model, params, fisher_pool((6,), 4, classes=3), "layerwise", num_grads=2)
@@ -282,11 +287,11 @@ class _NoBackward(torch.autograd.Function):
     """Identity whose backward fails: marks a part of the graph the layer-wise backward must not run."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         raise AssertionError("backward ran past the first selected layer")
 
 
@@ -316,7 +321,9 @@ def test_layerwise_backward_stops_at_the_first_selected_layer() -> None:
         model.zero_grad()
         logits = model.fc(torch.relu(model.conv(model.stem(xs[i : i + 1]))).flatten(1))
         F.cross_entropy(logits, ys[i : i + 1]).backward()
-        reference = torch.cat([model.conv.weight.grad.reshape(-1), model.fc.weight.grad.reshape(-1)])
+        conv_grad, fc_grad = model.conv.weight.grad, model.fc.weight.grad
+        assert conv_grad is not None and fc_grad is not None
+        reference = torch.cat([conv_grad.reshape(-1), fc_grad.reshape(-1)])
         assert torch.allclose(fast[i], reference, atol=1e-6)
 
 
@@ -343,7 +350,7 @@ def test_passes_and_worker_threads_give_the_one_pass_gradients(monkeypatch: pyte
     from wf_pipeline.fisher.gradients import GradientComputer
     from wf_pipeline.models import load_default_model
 
-    model = load_default_model()
+    model: Any = load_default_model()  # a CIFAR ResNet-20: layer3[2].conv2 below
     params = select_prunable(model, [".*"], [])
     masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(1)) < 0.7 for n, p in params.items()}
     layout = BlockLayout([p.numel() for p in params.values()], 128)
@@ -400,7 +407,7 @@ def test_worker_threads_follow_the_engines_and_fall_back_for_an_uncopyable_model
 
     monkeypatch.setattr(layerwise_module.FrozenReplica, "__init__", counting_init)
     torch.manual_seed(0)
-    model = SharedAndInplace().eval()  # one conv called twice, in-place ReLU, a sequence Linear
+    model: nn.Module = SharedAndInplace().eval()  # one conv called twice, in-place ReLU, a sequence Linear
     params = select_prunable(model, [".*"], [])
     with torch_threads(2):
         stats = assert_engines_agree(model, params, fisher_pool((2, 9, 9), 10, classes=5), num_grads=6, chunk_size=4)
