@@ -89,7 +89,7 @@ def compress(
     m = outcome.metrics
     pruned_accuracy = m.final_accuracy if m.final_accuracy is not None else float("nan")
     console.print(f"[bold]dense accuracy[/bold] {m.dense_accuracy:.4f}  [bold]pruned accuracy[/bold] "
-                  f"{pruned_accuracy:.4f}  [bold]sparsity[/bold] {m.sparsity or 0:.3f}")
+                  f"{pruned_accuracy:.4f} (both on the whole test set)  [bold]sparsity[/bold] {m.sparsity or 0:.3f}")
     console.print(f"run directory: {outcome.run_dir}\nreport: {outcome.report}")
     if outcome.gates_passed is False:
         err_console.print(f"[red]deployment gates failed: {', '.join(outcome.failed_gates)}[/red]")
@@ -114,7 +114,8 @@ def train(
     recipe = _load(recipe_path, overrides)
     with RichReporter(console) as reporter:
         outcome = run_train(recipe, resume=resume, overwrite=overwrite, save_to=save_to, reporter=reporter)
-    console.print(f"test accuracy {outcome.metrics.final_accuracy:.4f}; run directory {outcome.run_dir}")
+    console.print(f"test accuracy {outcome.metrics.final_accuracy:.4f} on the whole test set; "
+                  f"run directory {outcome.run_dir}")
 
 
 def _split_floats(values: list[str]) -> list[float]:

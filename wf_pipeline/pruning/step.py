@@ -44,6 +44,16 @@ class PruneReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def notices(self) -> list[str]:
+        """What the step repaired or skipped, one line each (Fisher blocks redone in float64 or given extra
+        damping, non-finite gradients left out): every command shows them and every run file records them."""
+        lines = [str(line) for line in self.extra.get("warnings") or []]
+        skipped = int(self.extra.get("nonfinite_skipped") or 0)
+        if skipped:
+            lines.append(f"Fisher gradients: {skipped} non-finite gradient(s) skipped and replaced by other samples "
+                         "(pruning.woodfisher.nonfinite: skip)")
+        return lines
+
 
 def prune_step(
     model: nn.Module,

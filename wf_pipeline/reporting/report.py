@@ -335,6 +335,11 @@ def _training_section(run: RunData) -> Section | None:
             for p in prunes
         ]
         section.blocks.append(Table(["epoch", "target", "achieved", "accuracy right after", "seconds"], rows))
+    notices = [f"epoch {_num(p.epoch)}{f' ({p.group})' if p.group else ''}: {line}"
+               for p in prunes for line in p.warnings]
+    if notices:
+        section.blocks.append(Paragraph("**Repairs and skips** (the pruning steps went on with them): "
+                                        + "; ".join(notices)))
     return section
 
 

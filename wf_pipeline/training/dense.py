@@ -14,7 +14,7 @@ from wf_pipeline.runtime.atomic_io import torch_save, write_json
 from wf_pipeline.runtime.device import resolve_device, seed_everything
 from wf_pipeline.runtime.progress import NullReporter, Reporter
 from wf_pipeline.runtime.rundir import RunDir
-from wf_pipeline.training.epoch import evaluate, train_epoch
+from wf_pipeline.training.epoch import evaluate, test_images, train_epoch
 from wf_pipeline.training.optimizer import build_optimizer
 
 
@@ -55,7 +55,8 @@ def run_dense_training(recipe: Recipe, run: RunDir, *, save_to: Path | None = No
                              test_accuracy=accuracy, test_loss=test_loss, sparsity=0.0,
                              lr=optimizer.param_groups[0]["lr"], elapsed_s=time.time() - started)
         run.append_history(record.to_dict())
-        reporter.message(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, test accuracy {accuracy:.4f}")
+        reporter.message(f"epoch {epoch + 1}: train loss {stats.loss:.4f}, test accuracy {accuracy:.4f} "
+                         f"on {test_images(data)}")
         torch_save(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                                 "rng": torch.get_rng_state()})
     if cfg.epochs == 0 or start_epoch >= cfg.epochs:

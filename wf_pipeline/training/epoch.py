@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wf_pipeline.data import DataBundle
 from wf_pipeline.recipe.schema import TrainingConfig
 from wf_pipeline.training.lr_schedule import lr_at, weight_decay_at
 from wf_pipeline.training.optimizer import set_lr, set_weight_decay
@@ -61,6 +62,15 @@ def train_epoch(
         if after_step:
             after_step(step)
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), step - start_step)
+
+
+def test_images(data: DataBundle, limit: int | None = None) -> str:
+    """Which test images an accuracy is measured on ('the first 2,000 of 10,000 test images'), so that every
+    printed accuracy says it: a monitored subset and the whole set differ by a point or more."""
+    total = len(data.test_split) if data.test_split is not None else len(data.folder_sets[1])  # type: ignore[index,arg-type]
+    if limit is None or limit >= total:
+        return f"all {total:,} test images"
+    return f"the first {limit:,} of {total:,} test images"
 
 
 @torch.no_grad()

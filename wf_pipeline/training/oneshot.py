@@ -17,7 +17,7 @@ from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.schema import PruningConfig
 from wf_pipeline.runtime.atomic_io import atomic_path, write_json, write_text
-from wf_pipeline.training.epoch import evaluate
+from wf_pipeline.training.epoch import evaluate, test_images
 
 
 @torch.no_grad()
@@ -43,9 +43,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor
 class SweepResult:
     dense_accuracy: float
     results: list[dict[str, Any]] = field(default_factory=list)
+    test_images: str = "the test images"  # which ones every accuracy of the sweep is measured on
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dense_accuracy": self.dense_accuracy, "results": self.results}
+        return {"dense_accuracy": self.dense_accuracy, "results": self.results, "test_images": self.test_images}
 
     def accuracy(self, method: str, sparsity: float) -> float:
         return next(r["accuracy"] for r in self.results
@@ -71,7 +72,7 @@ def run_oneshot_sweep(
     """
     model = model.to(device)
     dense_acc, _ = evaluate(model, data.test_batches(), device)
-    sweep = SweepResult(dense_acc)
+    sweep = SweepResult(dense_acc, test_images=test_images(data))
     fisher_batches = data.fisher_batches(batch_size=max(pruning.woodfisher.grad_batch_size, 64))
     for method in methods:
         for sparsity in sparsities:
@@ -92,8 +93,14 @@ def run_oneshot_sweep(
             plan = report.extra.get("fisher_plan_summary")
             if plan:
                 sweep.results[-1]["fisher_plan"] = report.extra["fisher_plan"]
+            notices = report.notices()  # repairs and skips: in oneshot.json, oneshot.md and on the terminal
+            if notices:
+                sweep.results[-1]["warnings"] = notices
             if progress:
-                progress(f"{method} @ {sparsity:.0%}: accuracy {accuracy:.4f} ({seconds:.1f} s)")
+                for line in notices:
+                    progress(f"warning: {method} @ {sparsity:.0%}: {line}")
+                progress(f"{method} @ {sparsity:.0%}: test accuracy {accuracy:.4f} on {sweep.test_images} "
+                         f"({seconds:.1f} s)")
                 if plan and sparsity == sparsities[0]:
                     progress(plan)
     return sweep
@@ -102,12 +109,16 @@ def run_oneshot_sweep(
 def sweep_markdown(sweep: SweepResult) -> str:
     sparsities = sorted({r["sparsity"] for r in sweep.results})
     methods = list(dict.fromkeys(r["method"] for r in sweep.results))
-    lines = [f"Dense test accuracy: {sweep.dense_accuracy:.2%}", "",
+    lines = [f"Dense test accuracy: {sweep.dense_accuracy:.2%}; every accuracy is on {sweep.test_images}", "",
              "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
              "|---|" + "---|" * len(sparsities)]
     for method in methods:
         cells = [f"{sweep.accuracy(method, s):.2%}" for s in sparsities]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    notices = [f"- {r['method']} @ {r['sparsity']:.0%}: {line}"
+               for r in sweep.results for line in r.get("warnings", [])]
+    if notices:
+        lines += ["", "Repairs and skips:", *notices]
     return "\n".join(lines) + "\n"
 
 

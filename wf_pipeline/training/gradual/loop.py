@@ -44,7 +44,7 @@ from wf_pipeline.runtime.distributed import (
 )
 from wf_pipeline.runtime.progress import NullReporter, PhaseProgress, Reporter
 from wf_pipeline.runtime.rundir import RunDir
-from wf_pipeline.training.epoch import evaluate, train_epoch
+from wf_pipeline.training.epoch import evaluate, test_images, train_epoch
 from wf_pipeline.training.gradual.checkpoint import CHECKPOINT_NAME, StageState, load_checkpoint, save_checkpoint
 from wf_pipeline.training.gradual.fisher_data import (
     fisher_batch_size,
@@ -242,7 +242,7 @@ class _Stage:
             where["group"] = group.name
         self.state.reports.append({**where, "test_accuracy_after": accuracy,
                                    **{k: v for k, v in report.to_dict().items() if k != "per_layer_sparsity"}})
-        warnings = report.extra.get("warnings") or []  # Fisher repairs (float64 retries, added damping)
+        warnings = report.notices()  # Fisher repairs (float64 retries, added damping) and skipped gradients
         self._record(PruneRecord(
             epoch=event.epoch, optimizer_step=event.step, event=event.index,
             group=group.name if len(self.groups) > 1 else None, target_sparsity=report.target_sparsity,
@@ -253,10 +253,13 @@ class _Stage:
             self.reporter.message(report.extra["fisher_plan_summary"])
         for line in warnings:
             self.reporter.message(f"warning: {line}")
+            if self.dist.is_main:
+                self.run.logger().warning("pruning step %d%s: %s", event.index,
+                                          f" ({group.name})" if len(self.groups) > 1 else "", line)
         self.reporter.message(
             f"pruned {group.name if len(self.groups) > 1 else ''}to {report.achieved_sparsity:.2%} "
             f"(target {event.target:.2%}) at epoch {event.epoch:g} in {report.timings.get('total', 0.0):.1f}s: "
-            f"test accuracy {accuracy:.4f}")
+            f"test accuracy {accuracy:.4f} on {self.images(full=is_last)}")
 
     def finetune_until(self, stop: int) -> None:
         """Train from the current step up to (not including) step `stop`, within one epoch."""
@@ -291,7 +294,8 @@ class _Stage:
                                  test_accuracy=accuracy, sparsity=self.sparsity(),
                                  lr=self.optimizer.param_groups[0]["lr"], elapsed_s=self._elapsed()).to_dict())
         self.reporter.message(f"epoch {epoch + 1}/{self.epochs}: train loss {float(loss[0]):.4f}, "
-                              f"test accuracy {accuracy:.4f}, sparsity {self.sparsity():.2%}")
+                              f"test accuracy {accuracy:.4f} on {self.images(full=is_last)}, "
+                              f"sparsity {self.sparsity():.2%}")
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -323,6 +327,10 @@ class _Stage:
         views = [(g.pruner, PruneView(g.params, self.masks)) for g in self.groups]
         sizes = [p.space.num_channels for p, _ in views]  # type: ignore[attr-defined]
         return sum(p.sparsity(v) * n for (p, v), n in zip(views, sizes, strict=True)) / max(sum(sizes), 1)
+
+    def images(self, full: bool) -> str:
+        """The test images `evaluate(full)` measures, in words."""
+        return test_images(self.data, None if full else self.recipe.evaluation.monitor_samples)
 
     def evaluate(self, full: bool) -> float:
         """Test accuracy of the unwrapped model, measured on the main rank and shared with all."""
