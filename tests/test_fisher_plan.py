@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def _group_bytes(inputs: PlanInputs, start: int, stop: int, n: int, cache: int, 
 
 
 def _inputs(**kw) -> PlanInputs:
-    base = dict(sizes=[1000, 300], num_grads=200, block_size=100, stat_bytes=4, activation_bytes=1000,
+    base: dict[str, Any] = dict(sizes=[1000, 300], num_grads=200, block_size=100, stat_bytes=4, activation_bytes=1000,
                 input_bytes=400, max_chunk=50, threads=1)
     return PlanInputs(**(base | kw))
 

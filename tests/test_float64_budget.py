@@ -8,6 +8,7 @@ mode that sees each operator's outputs and drops storages once they are freed), 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ class AllocationTracker(TorchDispatchMode):
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = self.peak = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}  # an output on an input's storage (a view, in place) is not new
@@ -132,6 +133,7 @@ def test_segments_one_at_a_time_hold_one_segment_in_float64() -> None:
             else:
                 acc = SegmentedGramAccumulator(layout, damp=DAMP, blocks_per_segment=S, shared=name != "separate")
             if name == "one by one":
+                assert isinstance(acc, SegmentedGramAccumulator)
                 for index, (s, e) in enumerate(acc.bounds):
                     for rows in blocked:
                         acc.add_segment(index, rows[s:e])
@@ -140,6 +142,7 @@ def test_segments_one_at_a_time_hold_one_segment_in_float64() -> None:
                 for rows in blocked:
                     acc.add_blocked(rows)
             if name == "separate":
+                assert isinstance(acc, SegmentedGramAccumulator)
                 parts, health = acc.segment_inverses(DAMP)
                 results[name] = torch.cat([part for _, _, part in parts])
                 del parts
@@ -165,7 +168,7 @@ def _collect_peaks(monkeypatch) -> list[tuple[int, int, int]]:
     peaks: list[tuple[int, int, int]] = []
     original = streamed._GroupSource.group_stats
 
-    def tracked(self, group, with_mean):  # type: ignore[no-untyped-def]
+    def tracked(self, group, with_mean):
         with AllocationTracker() as tracker:
             result = original(self, group, with_mean)
         peaks.append((group.start, group.stop, tracker.peak))
@@ -218,12 +221,12 @@ def _record_health_and_inputs(monkeypatch):
     original_collect = streamed.collect_grouped_inverse
     original_measure = streamed.measure_plan_inputs
 
-    def collect(job, plan, **kwargs):  # type: ignore[no-untyped-def]
+    def collect(job, plan, **kwargs):
         grouped = original_collect(job, plan, **kwargs)
         plan_health.append(grouped.health)
         return grouped
 
-    def measure(job, **kwargs):  # type: ignore[no-untyped-def]
+    def measure(job, **kwargs):
         inputs = original_measure(job, **kwargs)
         plan_inputs.append(inputs)
         return inputs
@@ -236,8 +239,9 @@ def _record_health_and_inputs(monkeypatch):
 
 def test_plan_counts_float64_where_a_pass_fills_a_group() -> None:
     """Promotable float32 Gram blocks: 8·B² more per block of a group a pass fills; spilled rows need one segment."""
-    base = dict(sizes=[4096, 4096], num_grads=256, block_size=64, stat_bytes=4, activation_bytes=1000, input_bytes=400,
-                max_chunk=32, spill_free_bytes=10**12)
+    base: dict[str, Any] = dict(sizes=[4096, 4096], num_grads=256, block_size=64, stat_bytes=4,
+                                activation_bytes=1000, input_bytes=400,
+                                max_chunk=32, spill_free_bytes=10**12)
     plain, promotable = PlanInputs(**base), PlanInputs(**base, promotable=True)
     ample = 10**9
     a, b = make_plan(plain, ample), make_plan(promotable, ample)

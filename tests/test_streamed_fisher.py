@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,7 +59,11 @@ def _streamed_plan(job: FisherJob, chunk: int, spill: Path | None, mode: str, mi
         stats_total = inputs.block_bytes() * sum(inputs.blocks_per_layer)
         inputs = replace(inputs, spill_free_bytes=int(1.2 * stats_total))
     low = smallest_budget(inputs)
-    high = next(b for b in range(low, 100 * low, max(1, low // 50)) if plan_within(inputs, b).revisit == "none")
+    def revisit_at(budget: int) -> str | None:
+        plan = plan_within(inputs, budget)
+        return None if plan is None else plan.revisit
+
+    high = next(b for b in range(low, 100 * low, max(1, low // 50)) if revisit_at(b) == "none")
     for budget in range(high, low, -max(1, low // 200)):  # the roomiest budget that still needs the groups
         plan = plan_within(inputs, budget)
         if plan is None or plan.chunk_size < 2 or len(plan.groups) < min_groups:
@@ -84,6 +89,7 @@ def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, c
         weights = torch.cat([p.detach().reshape(-1) for p in params.values()]).to(grouped.dtype)
         assert grouped.diag is not None
         if taylor:
+            assert grouped.newton is not None
             scores = woodtaylor_scores(weights, grouped.diag, grouped.newton)
         else:
             scores = obs_scores(weights, grouped.diag)
@@ -104,7 +110,7 @@ def _budgeted_prune(model: nn.Module, method: str, num_grads: int, block: int, c
 
 
 def _in_memory_prune(model: nn.Module, method: str, num_grads: int, block: int, chunk: int, sparsity: float,
-                     fisher_type: str = "empirical", scale: float = 1.0, **fields: object):
+                     fisher_type: str = "empirical", scale: float = 1.0, **fields: Any):
     params = _weights(model)
     masks = MaskSet.dense(params)
     settings = PruneSettings(method=method, num_grads=num_grads, block_size=block, damp=DAMP, chunk_size=chunk,
