@@ -172,6 +172,8 @@ def validate(
     baseline: Annotated[Path | None, typer.Option(help="dense ONNX model to compare against")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         help="PyTorch state_dict of the same model, for parity checks")] = None,
+    fp32: Annotated[Path | None, typer.Option(
+        "--fp32", help="an INT8 model's FP32 source (export/model.fp32.onnx): agreement, parity, latency")] = None,
     out: Annotated[Path | None, typer.Option(help="where to write validation.json, junit.xml, validation.md")] = None,
     min_accuracy: Annotated[float | None, typer.Option()] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option()] = None,
@@ -180,6 +182,8 @@ def validate(
     min_sparsity: Annotated[float | None, typer.Option()] = None,
     max_parity_error: Annotated[float | None, typer.Option()] = None,
     min_top1_agreement: Annotated[float | None, typer.Option()] = None,
+    min_int8_agreement: Annotated[float | None, typer.Option()] = None,
+    max_int8_logit_error: Annotated[float | None, typer.Option()] = None,
     overrides: SetOption = None,
     trust_recipe_code: TrustOption = False,
 ) -> None:
@@ -195,13 +199,17 @@ def validate(
     recipe = _load(recipe_path, overrides)
     flags = {"min_accuracy": min_accuracy, "max_accuracy_drop": max_accuracy_drop, "max_latency_ms": max_latency_ms,
              "max_latency_ratio": max_latency_ratio, "min_sparsity": min_sparsity, "max_parity_error": max_parity_error,
-             "min_top1_agreement": min_top1_agreement}
+             "min_top1_agreement": min_top1_agreement, "min_int8_agreement": min_int8_agreement,
+             "max_int8_logit_error": max_int8_logit_error}
     gates_raw = {**recipe.validate_.gates.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
-    gates = validate_recipe(recipe.to_dict() | {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw}},
-                            "command-line gates").validate_.gates
+    # Whether the model is INT8 is read from the file itself: the recipe's own quantize switch does not apply.
+    as_given = {"validate": {**recipe.validate_.model_dump(), "gates": gates_raw},
+                "export": {**recipe.export.model_dump(), "enabled": True},
+                "quantize": {**recipe.quantize.model_dump(), "enabled": True}}
+    gates = validate_recipe(recipe.to_dict() | as_given, "command-line gates").validate_.gates
     with RichReporter(console) as reporter:
         outcome = run_validate(recipe, model_path, baseline=baseline, checkpoint=checkpoint, out=out, gates=gates,
-                               reporter=reporter)
+                               reporter=reporter, fp32=fp32)
     for gate in outcome.result.gates:
         status = {True: "[green]PASS[/green]", None: "[yellow]SKIP[/yellow]", False: "[red]FAIL[/red]"}[gate.passed]
         console.print(f"{status} {gate.message}")

@@ -243,11 +243,11 @@ class ValidateOutcome:
 
 def run_validate(recipe: Recipe, model_path: Path, *, baseline: Path | None = None, checkpoint: Path | None = None,
                  out: Path | None = None, gates: GatesConfig | None = None,
-                 reporter: Reporter | None = None) -> ValidateOutcome:
+                 reporter: Reporter | None = None, fp32: Path | None = None) -> ValidateOutcome:
     """Verify an ONNX model in ONNX Runtime on the recipe's test data and gate it (recipe gates by default)."""
     from wf_pipeline.errors import WFError
 
-    for path, what in ((model_path, "model"), (baseline, "--baseline"), (checkpoint, "--checkpoint")):
+    for path, what in ((model_path, "model"), (baseline, "--baseline"), (checkpoint, "--checkpoint"), (fp32, "--fp32")):
         if path is not None and not path.is_file():
             raise WFError(f"{what}: file not found: {path}", "give an existing file")
     torch_model = None
@@ -256,5 +256,5 @@ def run_validate(recipe: Recipe, model_path: Path, *, baseline: Path | None = No
     data = build_data(recipe.data, recipe.seed)
     out_dir = out or model_path.parent / "validation"
     result = _validate(recipe, out_dir, model_path, baseline, torch_model, data, gates or recipe.validate_.gates,
-                       reporter or NullReporter())
+                       reporter or NullReporter(), fp32_path=fp32)
     return ValidateOutcome(result, out_dir)

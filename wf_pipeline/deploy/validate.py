@@ -411,7 +411,7 @@ def validate_model(
     baseline_accuracy = baseline_correct / seen if seen and baseline_session is not None else None
     first = latency[0]
     unavailable = {}
-    if quantized and parity_result is None:
+    if quantized and parity_result is None and fp32_path is None:
         unavailable["max_parity_error"] = ("INT8 model: judged against its FP32 source by min_int8_agreement and "
                                            "max_int8_logit_error (the FP32 parity needs its FP32 file, --fp32)")
     gate_inputs = GateInputs(
