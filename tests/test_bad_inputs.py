@@ -193,7 +193,8 @@ def test_convert_to_a_folder_gives_one_line(tmp_path: Path, capsys, monkeypatch)
 
 def _tiny_onnx(path: Path, classes: int, side: int) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(side * side, classes)).eval()
-    torch.onnx.export(model, torch.zeros(1, 1, side, side), str(path), input_names=["input"], output_names=["logits"],
+    torch.onnx.export(model, (torch.zeros(1, 1, side, side),), str(path), input_names=["input"],
+                      output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
 
@@ -250,6 +251,13 @@ def _written(name: str, text: str) -> Callable[[Path], Path]:
     return make
 
 
+def _written_bytes(name: str, data: bytes) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        (folder / name).write_bytes(data)
+        return folder / name
+    return make
+
+
 # (id, makes the recipe path in a folder, words). Rule: a recipe is a regular UTF-8 file of at most 1 MB whose
 # YAML names no key twice; each is refused by every command that reads a recipe.
 BAD_FILES: list[tuple[str, Callable[[Path], Path], list[str]]] = [
@@ -257,8 +265,7 @@ BAD_FILES: list[tuple[str, Callable[[Path], Path], list[str]]] = [
     ("dev-null-char-device", lambda folder: Path("/dev/null"), ["not a regular file"]),
     ("named-pipe", _fifo, ["pipe.yaml", "not a regular file"]),
     ("larger-than-1-mb", _written("big.yaml", "name: big\n" + "# padding\n" * 120_000), ["larger than"]),
-    ("not-utf8", lambda folder: (folder / "latin.yaml").write_bytes(b"name: caf\xe9\n") and folder / "latin.yaml",
-     ["cannot read recipe"]),
+    ("not-utf8", _written_bytes("latin.yaml", b"name: caf\xe9\n"), ["cannot read recipe"]),
     ("duplicate-top-level-key", _written("dup.yaml", "name: a\nname: b\nmodel: {weights: null}\n"),
      ["duplicate key 'name'", "line 1"]),
     ("duplicate-nested-key", _written("dup2.yaml", "name: a\nmodel:\n  weights: null\n  weights: x.pt\n"),
@@ -412,3 +419,52 @@ def test_following_the_repair_hint_works_and_a_refused_run_leaves_nothing(tmp_pa
         shutil.rmtree(root, ignore_errors=True)
         result = run_cli(capsys, monkeypatch, command[0], str(TINY), *args, "--set", setting, *command[1:])
         assert result.code == 0, (setting, result.err)
+
+
+# ------------------------------------------------------------------ issue 20: repairs and skips are visible
+def test_kfac_applies_the_nonfinite_policy() -> None:
+    pytest.importorskip("curvlinops")
+    from wf_pipeline.errors import WFError
+    from wf_pipeline.pruning import MaskSet, PruneSettings, prune_step
+    from wf_pipeline.pruning.selection import select_prunable
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    params = select_prunable(model, [".*"], [])
+    xs, ys = torch.randn(12, 1, 8, 8), torch.arange(12) % 10
+    xs[5, 0, 0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in params.items()}
+    settings = PruneSettings("kfac", num_grads=12, damp=1e-3)
+    with pytest.raises(WFError, match=r"sample 5 .*non-finite") as info:
+        prune_step(model, params, MaskSet.dense(params), 0.5, settings, lambda: [(xs, ys)])
+    assert "pruning.woodfisher.nonfinite: skip" in str(info.value) and "\n" not in str(info.value)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+    report = prune_step(model, params, MaskSet.dense(params), 0.5, settings.replace(nonfinite="skip"),
+                        lambda: [(xs, ys)])
+    assert report.extra["nonfinite_skipped"] == 1 and all(torch.isfinite(p).all() for p in params.values())
+    assert any("1 non-finite gradient(s) skipped" in line for line in report.notices())
+
+
+def test_repairs_are_in_the_terminal_log_report_and_oneshot(tmp_path: Path, capsys, monkeypatch) -> None:
+    root = tmp_path / "artifacts"
+    args = sets(f"output.root={root}", "pruning.woodfisher.damp=1e-16", "pruning.woodfisher.max_repair_jitter=1e6",
+                "validate.repeats=1", "validate.warmup=0", "validate.batch_sizes=[1]", "data.test_subset=64",
+                "evaluation.monitor_samples=32")
+    result = run_cli(capsys, monkeypatch, "compress", str(TINY), *args)
+    assert result.code == 0, result.err
+    terminal = " ".join((result.out + result.err).split())
+    assert "warning: Fisher inverse:" in terminal and "extra damping" in terminal
+    run = root / "tiny-digits"
+    log_lines = [line for line in (run / "log.txt").read_text().splitlines() if "WARNING pruning step" in line]
+    assert len(log_lines) >= 2 and all("extra damping" in line for line in log_lines)  # one line per repair
+    assert "**Repairs and skips**" in (run / "report.md").read_text()
+    # every printed accuracy names its images: the monitored subset while training, all of them at the end
+    assert "test accuracy" in terminal and "on the first 32 of 64 test images" in terminal
+    assert "on all 64 test images" in terminal and "(both on the whole test set)" in terminal
+    oneshot = run_cli(capsys, monkeypatch, "oneshot", str(TINY), *args, "--sparsity", "0.5", "--method", "woodfisher")
+    assert oneshot.code == 0, oneshot.err
+    shown = " ".join(oneshot.out.split())
+    assert "warning: woodfisher @ 50%: Fisher inverse:" in shown and "on all 64 test images" in shown
+    sweep = root / "tiny-digits-oneshot" / "oneshot"
+    assert "Repairs and skips:" in (sweep / "oneshot.md").read_text()
+    assert json.loads((sweep / "oneshot.json").read_text())["results"][0]["warnings"]

@@ -123,7 +123,11 @@ def kfac_factors(
     factors = {}
     for name, param in params.items():
         module = owners[name]
-        eigen = KroneckerEigen.from_factors(state["gradient_covariances"][module], state["input_covariances"][module])
+        grad_cov, input_cov = state["gradient_covariances"][module], state["input_covariances"][module]
+        if not (bool(torch.isfinite(grad_cov).all()) and bool(torch.isfinite(input_cov).all())):
+            raise WFError(f"K-FAC factors of {name!r} are non-finite (a gradient overflowed)",
+                          "check the model's weights and the Fisher data")
+        eigen = KroneckerEigen.from_factors(grad_cov, input_cov)
         if eigen.shape[0] * eigen.shape[1] != param.numel():
             raise WFError(f"K-FAC factors of {name!r} have shape {eigen.shape}, "
                           f"which does not match {tuple(param.shape)}")
@@ -160,11 +164,40 @@ def kfac_independent_update(
     return torch.cat(out), predicted
 
 
-def take_samples(batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], count: int, device: torch.device,
-                 batch_size: int = 128) -> list[tuple[Tensor, Tensor]]:
-    """The first `count` Fisher-pool samples as mini-batches (the pool is cycled if it is smaller)."""
+def take_finite_samples(model: nn.Module, batches: Callable[[], Iterable[tuple[Tensor, Tensor]]], count: int,
+                        device: torch.device, nonfinite: str = "error",
+                        batch_size: int = 128) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """The first `count` Fisher-pool samples whose loss is finite, as mini-batches, and how many were skipped.
+
+    K-FAC's factors are sums over samples, so one non-finite sample poisons them all: as for WoodFisher's
+    gradients (``pruning.woodfisher.nonfinite``), such a sample is refused naming it (``error``) or left out
+    and replaced by the next (``skip``).
+    """
     from wf_pipeline.fisher.gradients import SampleStream
 
-    x, y = SampleStream(batches, device).take(count)
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, count, batch_size)]
-
+    stream = SampleStream(batches, device)
+    kept_x: list[Tensor] = []
+    kept_y: list[Tensor] = []
+    have = drawn = skipped = 0
+    while have < count:
+        x, y = stream.take(count - have)
+        with torch.no_grad():
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y, reduction="none")
+        finite = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(loss)
+        if not bool(finite.all()):
+            first = drawn + int((~finite).nonzero()[0, 0])
+            if nonfinite == "error":
+                raise WFError(f"K-FAC: Fisher sample {first} gives a non-finite loss (NaN/Inf in data or model)",
+                              "clean the data or fix the model, or set pruning.woodfisher.nonfinite: skip to leave "
+                              "such samples out")
+            skipped += int((~finite).sum())
+            if skipped > count:
+                raise WFError(f"K-FAC: {skipped} Fisher samples were non-finite before {count} finite ones",
+                              "clean the data or fix the model: nearly every sample gives a non-finite loss")
+        kept_x.append(x[finite])
+        kept_y.append(y[finite])
+        have += int(finite.sum())
+        drawn += len(y)
+    xs, ys = torch.cat(kept_x), torch.cat(kept_y)
+    return [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, count, batch_size)], skipped

@@ -21,7 +21,7 @@ from wf_pipeline.pruning.research.kfac import (
     kfac_independent_update,
     kfac_scores,
     require_curvlinops,
-    take_samples,
+    take_finite_samples,
 )
 from wf_pipeline.pruning.settings import PruneSettings
 
@@ -48,7 +48,10 @@ class KFACPruner(FlatPruner[KFACStats]):
             raise WFError("pruning method 'kfac' needs Fisher data",
                           hint="pass `batches` (the Fisher pool) to prune_step")
         t0 = time.perf_counter()
-        samples = take_samples(ctx.batches, self.settings.num_grads, view.device)
+        samples, skipped = take_finite_samples(ctx.model, ctx.batches, self.settings.num_grads, view.device,
+                                               self.settings.nonfinite)
+        if skipped:
+            ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + skipped
         fisher_type = "true" if self.settings.fisher_type == "true" else "empirical"
         with torch.enable_grad():
             factors = kfac_factors(ctx.model, view.params, samples, fisher_type)
