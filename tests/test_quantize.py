@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx
@@ -27,6 +28,7 @@ from wf_pipeline.deploy.validate import ValidationSettings, validate_model
 from wf_pipeline.models import build_model
 from wf_pipeline.recipe.loader import load_recipe
 from wf_pipeline.recipe.schema import DataConfig, GatesConfig, ModelConfig, QuantizeConfig
+from wf_pipeline.runtime.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,9 +81,10 @@ def test_export_stage_never_reads_the_test_split(tmp_path: Path, monkeypatch: py
         def file(self, *parts: str) -> Path:
             return self.path.joinpath(*parts)
 
-    clean = stages._export(recipe, Run(tmp_path / "clean"), model, model, build_data(recipe.data, recipe.seed),
-                           masks=None)  # type: ignore[arg-type]
+    clean = stages._export(recipe, cast(RunDir, Run(tmp_path / "clean")), model, model,
+                           build_data(recipe.data, recipe.seed), masks=None)
     poisoned = build_data(recipe.data, recipe.seed)
+    assert poisoned.test_split is not None
     poisoned.test_split.images.fill_(255)
 
     def forbidden(*_args, **_kwargs):
@@ -89,8 +92,7 @@ def test_export_stage_never_reads_the_test_split(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(type(poisoned), "test_batches", forbidden)
     monkeypatch.setattr(type(poisoned), "test_tensors", forbidden)
-    files = stages._export(recipe, Run(tmp_path / "poisoned"), model, model, poisoned,
-                           masks=None)  # type: ignore[arg-type]
+    files = stages._export(recipe, cast(RunDir, Run(tmp_path / "poisoned")), model, model, poisoned, masks=None)
     assert files.quantized and files.shipped.name == "model.onnx" and files.fp32.name == "model.fp32.onnx"
     assert is_quantized(onnx.load(str(files.shipped)))
     assert files.shipped.read_bytes() == clean.shipped.read_bytes()
