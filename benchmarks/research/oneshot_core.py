@@ -93,10 +93,11 @@ def collect_statistics(model: nn.Module, selection: Selection, batches: Batches,
     stats.inverse = acc.inverse(damp)
     stats.seconds["woodfisher_statistics"] = time.perf_counter() - t0
     if kfac:
-        from wf_pipeline.pruning.research.kfac import kfac_factors, take_samples
+        from wf_pipeline.pruning.research.kfac import kfac_factors, take_finite_samples
 
         t0 = time.perf_counter()
-        stats.kfac = kfac_factors(model, params, take_samples(batches, num_grads, torch.device("cpu")), "empirical")
+        samples, _ = take_finite_samples(model, batches, num_grads, torch.device("cpu"))  # the first num_grads
+        stats.kfac = kfac_factors(model, params, samples, "empirical")
         stats.seconds["kfac_factors"] = time.perf_counter() - t0
     model.train(was_training)
     return stats
