@@ -215,9 +215,13 @@ def test_torchrun_crash_exits_3_with_the_traceback_in_log(tmp_path: Path) -> Non
     result = torchrun(tmp_path, "--trust-recipe-code",
                       *sets(f"output.root={root}", "model.name=buggy_model:build", *QUICK))
     assert result.returncode == 3, result.stderr[-3000:]
-    assert "ChildFailedError" not in result.stderr
+    assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr  # issue 20: no rank's
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: rank ") for line in lines), result.stderr[-3000:]  # one per rank
     assert any("internal error" in line and "simulated bug" in line for line in error_lines(result.stderr))
-    assert "RuntimeError: simulated bug on a large batch" in (root / "tiny-digits" / "log.txt").read_text()
+    log = (root / "tiny-digits" / "log.txt").read_text()
+    assert "RuntimeError: simulated bug on a large batch" in log
+    assert "rank 1 crashed" in log  # rank 1's traceback is in the log, not on the terminal
 
 
 def test_launcher_reports_the_worker_that_failed_by_itself() -> None:

@@ -207,10 +207,20 @@ class RunDir:
         return log
 
     def log_crash(self, exc: BaseException) -> Path | None:
-        """Write `exc`'s traceback to log.txt; returns the log's path (None on a read-only handle)."""
-        if not self.writer or not self.path.is_dir():
+        """Write `exc`'s traceback to log.txt; returns the log's path (None when the run folder is gone).
+
+        A read-only handle (torchrun's other ranks) appends its own traceback too, under its rank, so that
+        every rank's terminal shows one line and log.txt the whole story.
+        """
+        if not self.path.is_dir():
             return None
         text = "".join(traceback.format_exception(exc))
+        if not self.writer:
+            rank = os.environ.get("RANK", "?")
+            with open(self.path / "log.txt", "a", encoding="utf-8") as handle:  # one write: lines stay whole
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR rank {rank} crashed (exit code 3); "
+                             f"please report this with the traceback:\n{text}")
+            return self.path / "log.txt"
         self.logger().error("crashed (exit code 3); please report this with the traceback:\n%s", text.rstrip())
         return self.path / "log.txt"
 
@@ -394,4 +404,7 @@ def open_shared_run_dir(recipe: Recipe, dist: DistContext, *, resume: bool = Fal
         raise WFError(shared["message"], shared["hint"])
     if shared.get("error") == "finished":
         raise RunAlreadyFinished(shared["run_dir"], shared["status"])
-    return run if run is not None else RunDir(Path(shared["path"]), writer=False)
+    if run is None:
+        run = RunDir(Path(shared["path"]), writer=False)
+        _opened.append(run)  # for its crash log (see RunDir.log_crash)
+    return run
