@@ -73,7 +73,7 @@ def explain_validation_error(exc: ValidationError, source: str) -> RecipeError:
         message = "unknown field"
     where = "" if field == "<recipe>" else f"{field}: "  # whole-recipe checks name their fields in the message
     return RecipeError(f"{source}: {where}{message}{shown}{extra}",
-                       _HINTS.get(err["type"], "see the recipe reference in README.md"))
+                       _HINTS.get(err["type"], "see the recipe reference in docs/recipe-reference.md"))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
