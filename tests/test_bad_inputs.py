@@ -468,3 +468,19 @@ def test_repairs_are_in_the_terminal_log_report_and_oneshot(tmp_path: Path, caps
     sweep = root / "tiny-digits-oneshot" / "oneshot"
     assert "Repairs and skips:" in (sweep / "oneshot.md").read_text()
     assert json.loads((sweep / "oneshot.json").read_text())["results"][0]["warnings"]
+
+
+def test_structured_report_key_metrics_describe_the_shipped_model(tmp_path: Path, capsys, monkeypatch) -> None:
+    root = tmp_path / "artifacts"
+    result = run_cli(capsys, monkeypatch, "compress", str(TINY), *sets(
+        f"output.root={root}", "pruning.structure=channel", "pruning.method=magnitude", "validate.repeats=1",
+        "validate.warmup=0", "validate.batch_sizes=[1]", "data.test_subset=64", "export.sparse_storage=false"))
+    assert result.code == 0, result.err
+    run = root / "tiny-digits"
+    metrics = json.loads((run / "metrics.json").read_text())
+    surgery = metrics["channel_surgery"]
+    assert metrics["num_params"] == surgery["params_after"] < surgery["params_before"]
+    assert not any(".bn" in name for name in metrics["per_layer_sparsity"])  # layers' weights only
+    report = (run / "report.md").read_text()
+    assert f"| parameters (shipped model) | {surgery['params_after']:,} (dense {surgery['params_before']:,}) |" in report
+    assert "| channels removed |" in report and "achieved sparsity (masks)" not in report

@@ -93,6 +93,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
 
                 # Cut the zeroed channels out (checked lossless): export sees a physically smaller model.
                 metrics.channel_surgery = remove_pruned_channels(pruned, cpu_masks, data.sample_input(2)).to_dict()
+                metrics.num_params = sum(p.numel() for p in pruned.parameters())  # the shipped (smaller) model
                 masks = None
             if recipe.export.enabled:
                 reporter.message("exporting ONNX" + (" and quantizing to INT8" if recipe.quantize.enabled else ""))

@@ -193,15 +193,23 @@ def _summary_section(run: RunData) -> Section:
     pruning = recipe.get("pruning") or {}
     if pruning:
         rows.append(["pruning method", str(pruning.get("method", "n/a"))])
-        rows.append(["target sparsity", _pct(pruning.get("final_sparsity"))])
+        groups = pruning.get("groups") or []
+        rows.append(["target sparsity", ", ".join(f"{g.get('name') or f'group{i}'} {_pct(g.get('final_sparsity'))}"
+                                                  for i, g in enumerate(groups))
+                     if groups else _pct(pruning.get("final_sparsity"))])
     if m.dense_accuracy is not None:
         rows.append(["dense test accuracy (PyTorch)", _pct(m.dense_accuracy)])
     if m.final_accuracy is not None:
         rows.append(["final test accuracy (PyTorch)", _pct(m.final_accuracy)])
+    # Every row describes the shipped model: after channel surgery, its parameters, and channels removed
+    # (its weights are dense: the file's weight sparsity below is about zeros, not about removed channels).
+    channel = m.structure == "channel"
     if m.sparsity is not None:
-        rows.append(["achieved sparsity (masks)", _pct(m.sparsity)])
+        rows.append(["channels removed" if channel else "achieved sparsity (masks)", _pct(m.sparsity)])
     if m.num_params is not None:
-        rows.append(["parameters", _num(m.num_params)])
+        before = (m.channel_surgery or {}).get("params_before")
+        rows.append(["parameters (shipped model)",
+                     _num(m.num_params) + (f" (dense {_num(before)})" if channel and before else "")])
     v = run.validation
     if v is not None:
         rows.append(["test accuracy in ONNX Runtime", _pct(v.accuracy)])

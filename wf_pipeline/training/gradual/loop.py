@@ -388,7 +388,9 @@ class _Stage:
             model_sparsity=all_zeros / max(all_params, 1),
             pruned_params=self.masks.num_zeros(),
             prunable_params=self.masks.num_params(),
-            per_layer_sparsity=self.masks.per_layer_sparsity(),
+            # the pruned layers' weights (channel masks also cover BatchNorm parameters: not layers of the chart)
+            per_layer_sparsity={name: value for name, value in self.masks.per_layer_sparsity().items()
+                                if any(name in group.params for group in self.groups)},
             schedule=[{"epoch": e.epoch, "optimizer_step": e.step, "target_sparsity": e.target,
                        **({"group": self.groups[e.group].name} if len(self.groups) > 1 else {})}
                       for e in self.events],
