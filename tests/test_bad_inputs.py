@@ -482,5 +482,79 @@ def test_structured_report_key_metrics_describe_the_shipped_model(tmp_path: Path
     assert metrics["num_params"] == surgery["params_after"] < surgery["params_before"]
     assert not any(".bn" in name for name in metrics["per_layer_sparsity"])  # layers' weights only
     report = (run / "report.md").read_text()
-    assert f"| parameters (shipped model) | {surgery['params_after']:,} (dense {surgery['params_before']:,}) |" in report
+    shipped, dense = surgery["params_after"], surgery["params_before"]
+    assert f"| parameters (shipped model) | {shipped:,} (dense {dense:,}) |" in report
     assert "| channels removed |" in report and "achieved sparsity (masks)" not in report
+
+
+# ------------------------------------------------------------------ issue 20: SparseML leftovers
+GM = ("  - !GMPruningModifier\n    params: {params}\n    init_sparsity: 0.05\n    final_sparsity: 0.5\n"
+      "    start_epoch: 0\n    end_epoch: 1\n    update_frequency: 0.5\n")
+EPOCHS = "modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n    end_epoch: 2\n"
+
+# (id, SparseML recipe text, words). Rule: every problem of a recipe is reported at once, each naming its place,
+# and a refused modifier's parameter names are checked like any other's.
+BAD_SPARSEML = [
+    ("refused-modifier-names-checked", EPOCHS + "  - !MovementPruningModifier\n    params: ['layer1.0.conv1.weightt']\n"
+     "    start_epoch: 1\n", ["2 problems", "no wf-pipeline translation", "layer1.0.conv1.weightt"]),
+    ("every-bad-variable", "a: eval(nope + 1)\nb: eval(alsonope * 2)\n" + EPOCHS + GM.format(params="__ALL_PRUNABLE__"),
+     ["2 problems", "'a'", "'b'", "nope", "alsonope"]),
+    ("bad-variable-and-names", "a: eval(nope + 1)\n" + EPOCHS + GM.format(params="['re:(?i)nosuchlayer.*']"),
+     ["recipe variable 'a'", "nope"]),
+    ("regex-flag-matching-nothing", EPOCHS + GM.format(params="['re:(?i)NOSUCH.*']"),
+     ["match no parameter", "re:(?i)NOSUCH.*"]),
+]
+
+
+@pytest.mark.parametrize("case_id,text,words", BAD_SPARSEML, ids=[c[0] for c in BAD_SPARSEML])
+def test_sparseml_problems_are_all_reported(tmp_path: Path, capsys, monkeypatch, case_id, text, words) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "sparseml.yaml"
+    path.write_text(text)
+    for command in (["recipe", "check"], ["recipe", "convert"], ["compress"]):
+        assert_one_line_exit_2(run_cli(capsys, monkeypatch, *command, str(path)), *words)
+    assert files_under(tmp_path) == {path}
+
+
+def test_sparseml_regex_flags_select_like_sparseml(tmp_path: Path, capsys, monkeypatch) -> None:
+    path = tmp_path / "flags.yaml"
+    path.write_text(EPOCHS + GM.format(params="['re:(?i)LAYER1\\..*conv.\\.weight']"))
+    result = run_cli(capsys, monkeypatch, "recipe", "convert", str(path))
+    assert result.code == 0, result.err
+    layers = yaml.safe_load(result.out)["pruning"]["layers"]
+    assert layers == ["(?i)^(?:LAYER1\\..*conv.\\.weight).*"]
+
+
+def test_groups_and_top_level_targets_are_not_mixed(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    groups = "pruning.groups=[{layers: ['^layer1'], final_sparsity: 0.5}]"
+    # our recipe: a top-level target beside groups is refused, naming the field and the fix (tiny sets both)
+    for command in (["recipe", "check"], ["compress"]):
+        assert_one_line_exit_2(run_cli(capsys, monkeypatch, *command, str(TINY), "--set", groups),
+                               "pruning.initial_sparsity is not used when pruning.groups is given", "remove")
+    # SparseML: two pruning modifiers become groups; the converter writes no top-level target beside them,
+    # and a --set of one is refused
+    path = tmp_path / "two.yaml"
+    path.write_text(EPOCHS + GM.format(params="['re:layer1.*']") + GM.format(params="['re:layer2.*']")
+                    .replace("0.5\n", "0.7\n", 1))
+    converted = run_cli(capsys, monkeypatch, "recipe", "convert", str(path))
+    assert converted.code == 0, converted.err
+    pruning = yaml.safe_load(converted.out)["pruning"]
+    assert len(pruning["groups"]) == 2 and not {"layers", "initial_sparsity", "final_sparsity"} & set(pruning)
+    for item in ("pruning.final_sparsity=0.9", "pruning.layers=[conv]"):
+        assert_one_line_exit_2(run_cli(capsys, monkeypatch, "recipe", "check", str(path), "--set", item),
+                               f"{item.split('=')[0]} is not used when pruning.groups is given")
+    assert files_under(tmp_path) == {path}
+
+
+def test_converted_header_names_source_hash_and_base(tmp_path: Path, capsys, monkeypatch) -> None:
+    import hashlib
+
+    path = tmp_path / "sml.yaml"
+    path.write_text(EPOCHS + GM.format(params="__ALL_PRUNABLE__"))
+    alone = run_cli(capsys, monkeypatch, "recipe", "convert", str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"# Source sha256: {digest}" in alone.out and "# Base recipe: none" in alone.out
+    with_base = run_cli(capsys, monkeypatch, "recipe", "convert", str(path), "--base", str(TINY))
+    base_digest = hashlib.sha256(TINY.read_bytes()).hexdigest()
+    assert f"# Base recipe: {TINY} (sha256: {base_digest})" in with_base.out
