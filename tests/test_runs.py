@@ -219,9 +219,43 @@ def test_torchrun_crash_exits_3_with_the_traceback_in_log(tmp_path: Path) -> Non
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("error: rank ") for line in lines), result.stderr[-3000:]  # one per rank
     assert any("internal error" in line and "simulated bug" in line for line in error_lines(result.stderr))
+    assert "RuntimeError: simulated bug on a large batch" in (root / "tiny-digits" / "log.txt").read_text()
+
+
+RANK_1_BUG = textwrap.dedent("""
+    import os
+    from torch import nn
+    from wf_pipeline.models.cifar_resnet import resnet20
+
+    class RankOneBug(nn.Module):
+        def __init__(self, num_classes, in_channels):
+            super().__init__()
+            self.net = resnet20(num_classes=num_classes, in_channels=in_channels, width=4)
+
+        def forward(self, x):
+            if self.training and os.environ.get("RANK") == "1":
+                raise RuntimeError("simulated bug on rank 1")
+            return self.net(x)
+
+    def build(num_classes=10, in_channels=1, width=4):
+        return RankOneBug(num_classes, in_channels)
+""")
+
+
+def test_torchrun_crash_on_rank_1_prints_one_line_and_logs_its_traceback(tmp_path: Path) -> None:
+    """Issue 20: rank 1's traceback went to the terminal (60 lines); now it is in log.txt under its rank."""
+    (tmp_path / "rank_one_bug.py").write_text(RANK_1_BUG)
+    root = tmp_path / "artifacts"
+    result = torchrun(tmp_path, "--trust-recipe-code",
+                      *sets(f"output.root={root}", "model.name=rank_one_bug:build", *QUICK))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(line.startswith("error: rank 1: internal error") and "simulated bug on rank 1" in line
+               for line in lines), result.stderr[-3000:]
+    assert all(line.startswith("error: rank ") for line in lines), result.stderr[-3000:]  # one line per rank
     log = (root / "tiny-digits" / "log.txt").read_text()
-    assert "RuntimeError: simulated bug on a large batch" in log
-    assert "rank 1 crashed" in log  # rank 1's traceback is in the log, not on the terminal
+    assert "rank 1 crashed" in log and "RuntimeError: simulated bug on rank 1" in log
 
 
 def test_launcher_reports_the_worker_that_failed_by_itself() -> None:
