@@ -558,3 +558,15 @@ def test_converted_header_names_source_hash_and_base(tmp_path: Path, capsys, mon
     with_base = run_cli(capsys, monkeypatch, "recipe", "convert", str(path), "--base", str(TINY))
     base_digest = hashlib.sha256(TINY.read_bytes()).hexdigest()
     assert f"# Base recipe: {TINY} (sha256: {base_digest})" in with_base.out
+
+
+def test_following_the_memory_budget_hint_works(tmp_path: Path, capsys, monkeypatch) -> None:
+    root = tmp_path / "artifacts"
+    args = sets(f"output.root={root}", "export.enabled=false", "validate.enabled=false", "data.test_subset=64")
+    refused = run_cli(capsys, monkeypatch, "compress", str(TINY), *args, "--memory-budget", "0.001")
+    assert_one_line_exit_2(refused, "pruning.woodfisher.memory_budget_gb", "smallest budget")
+    assert not root.exists()  # refused by the check, before the dense model was evaluated or a folder made
+    (hinted,) = _hinted_settings(refused.err)
+    assert hinted.startswith("pruning.woodfisher.memory_budget_gb=")
+    result = run_cli(capsys, monkeypatch, "compress", str(TINY), *args, "--set", hinted)
+    assert result.code == 0, result.err
