@@ -1,6 +1,10 @@
-"""Every bad input of issue 11 fails in seconds with one line and exit code 2, in `recipe check` and in
-`compress` (which then leaves no run directory), writes nothing outside the run root and runs no
-code from the recipe unless the command line allows it; and a dense (`method: none`) run exports."""
+"""Every bad input of issues 11 and 20 fails in seconds with one line and exit code 2, in `recipe check` and in
+`compress` (which then leaves no run directory, lock file or root), writes nothing outside the run root and runs
+no code from the recipe unless the command line allows it; and a dense (`method: none`) run exports.
+
+The cases are tables, one per rule (README, "Bad input"): values (BAD_OVERRIDES), recipe files (BAD_FILES),
+usage errors (BAD_USAGE), run folders (RUN_FOLDER_CASES, REPORT_CASES) and SparseML recipes (BAD_SPARSEML);
+the tests after them follow hints, and check that repairs, skips and key metrics are visible and right."""
 from __future__ import annotations
 
 import json
