@@ -34,11 +34,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny_digits.yaml"
-# slow_int8_convs fixed: 'measure' times the model, so two runs may choose differently (a resumed run reuses
-# its recorded choice: tested below).
+# slow_int8_convs and ship fixed: 'measure' and 'faster' time the model, so two runs may choose differently (a
+# resumed run reuses its recorded choices: tested below).
 QUICK = ["finetune.epochs=2", "finetune.steps_per_epoch=2", "pruning.schedule.end_epoch=1",
          "pruning.woodfisher.num_grads=16", "validate.repeats=2", "validate.warmup=0", "quantize.enabled=true",
-         "quantize.calibration_samples=128", "quantize.slow_int8_convs=fp32", "validate.gates.min_int8_agreement=0.5"]
+         "quantize.calibration_samples=128", "quantize.slow_int8_convs=fp32", "quantize.ship=int8",
+         "validate.gates.min_int8_agreement=0.5"]
 
 
 def _digits():
@@ -73,7 +74,7 @@ def test_export_stage_never_reads_the_test_split(tmp_path: Path, monkeypatch: py
     from wf_pipeline import stages
 
     recipe, _ = load_recipe(TINY, ["quantize.enabled=true", "quantize.calibration_samples=64",
-                                   "quantize.slow_int8_convs=fp32", f"output.root={tmp_path}"])
+                                   "quantize.slow_int8_convs=fp32", "quantize.ship=int8", f"output.root={tmp_path}"])
     model = build_model(recipe.model).eval()
 
     class Run:
@@ -101,6 +102,46 @@ def test_export_stage_never_reads_the_test_split(tmp_path: Path, monkeypatch: py
     record = json.loads((files.shipped.parent / "export.json").read_text())
     assert record["shipped"] == "model.onnx" and record["shipped_format"] == "int8-qdq"
     assert record["quantized"]["calibration_split"] == "train" and record["quantized"]["calibration_samples"] == 64
+
+
+@pytest.mark.parametrize("int8_over_fp32", [0.6, 1.4])
+def test_the_faster_of_int8_and_its_fp32_source_ships(int8_over_fp32: float, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from wf_pipeline import stages
+    from wf_pipeline.deploy import quantize as quantize_module
+
+    calls = []
+
+    def timed(int8_path, fp32_path, batches, record=None):
+        calls.append(record)
+        return {"int8_over_fp32": int8_over_fp32, "how": "measured", "timings_ms": {}}
+
+    monkeypatch.setattr(quantize_module, "int8_speed", timed)
+    recipe, _ = load_recipe(TINY, ["quantize.enabled=true", "quantize.calibration_samples=64",
+                                   "quantize.slow_int8_convs=fp32", f"output.root={tmp_path}"])
+    model = build_model(recipe.model).eval()
+
+    class Run:
+        path = tmp_path / "run"
+
+        def file(self, *parts: str) -> Path:
+            return self.path.joinpath(*parts)
+
+    files = stages._export(recipe, cast(RunDir, Run()), model, model, build_data(recipe.data, recipe.seed),
+                           masks=None)
+    export = tmp_path / "run" / "export"
+    record = json.loads((export / "export.json").read_text())
+    assert calls == [export / "int8_speed.json"]
+    assert record["quantized"]["speed_vs_fp32"]["int8_over_fp32"] == int8_over_fp32
+    if int8_over_fp32 < 1:
+        assert files.quantized and files.note is None and record["shipped_format"] == "int8-qdq"
+        assert is_quantized(onnx.load(str(export / "model.onnx")))
+        assert not (export / "model.int8.onnx").exists()
+    else:
+        assert not files.quantized and record["shipped_format"] == "fp32"
+        assert files.note is not None and "1.40x" in files.note and "model.int8.onnx" in files.note
+        assert (export / "model.onnx").read_bytes() == (export / "model.fp32.onnx").read_bytes()
+        assert is_quantized(onnx.load(str(export / "model.int8.onnx")))
 
 
 # ------------------------------------------------------------------------------------------- numerics

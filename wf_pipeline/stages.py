@@ -22,6 +22,7 @@ from wf_pipeline.models import build_model
 from wf_pipeline.preflight import check_recipe
 from wf_pipeline.recipe.schema import GatesConfig, Recipe
 from wf_pipeline.reporting.metrics import RunMetrics
+from wf_pipeline.runtime import atomic_io
 from wf_pipeline.runtime.atomic_io import torch_save, write_json
 from wf_pipeline.runtime.device import resolve_device, seed_everything
 from wf_pipeline.runtime.progress import NullReporter, PhaseProgress, Reporter
@@ -29,6 +30,7 @@ from wf_pipeline.runtime.rundir import RunDir, open_run_dir, open_shared_run_dir
 from wf_pipeline.training.epoch import evaluate, test_images
 
 if TYPE_CHECKING:  # without importing ONNX Runtime at start-up
+    from wf_pipeline.deploy.quantize import QuantizeResult
     from wf_pipeline.deploy.validate import ValidationResult
     from wf_pipeline.training.oneshot import SweepResult
 
@@ -101,6 +103,10 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                 files = _export(recipe, run, pruned, dense, data, masks)
                 metrics.add_timing("export_s", time.perf_counter() - t0)
                 metrics.onnx = str(files.shipped)
+                if files.note:
+                    log.warning(files.note)
+                    reporter.message(f"note: {files.note}")
+                    metrics.notes = [*(metrics.notes or []), files.note]
                 if recipe.validate_.enabled:
                     reporter.message("validating in ONNX Runtime")
                     t0 = time.perf_counter()
@@ -132,6 +138,7 @@ class ExportedFiles:
     fp32: Path  # the pruned FP32 model (the shipped file itself when not quantized)
     baseline: Path  # the dense FP32 model everything is judged against
     quantized: bool
+    note: str | None = None  # why a quantized run ships its FP32 model
 
 
 def fp32_filename(filename: str) -> str:
@@ -162,17 +169,40 @@ def _export(recipe: Recipe, run: RunDir, pruned: torch.nn.Module, dense: torch.n
                               "pruned": result.to_dict(), "dense_baseline": baseline.to_dict()}
     shipped = result.path
     if quantize:
-        from wf_pipeline.deploy.quantize import quantize_model
+        from wf_pipeline.deploy.quantize import int8_speed, quantize_model
 
         qcfg = recipe.quantize
         calibration = [x.numpy() for x in data.calibration_batches(qcfg.calibration_samples,
                                                                     qcfg.calibration_batch_size)]
-        quantized = quantize_model(result.dense_path or result.path, out / cfg.filename, calibration, qcfg,
+        fp32_plain = result.dense_path or result.path
+        quantized = quantize_model(fp32_plain, out / cfg.filename, calibration, qcfg,
                                    choice_file=out / "quantize_choice.json")
         record["quantized"] = {**quantized.to_dict(), "calibration_split": "train"}
         shipped = quantized.path
+        if qcfg.ship == "faster":
+            speed = int8_speed(quantized.path, fp32_plain, calibration, out / "int8_speed.json")
+            record["quantized"]["speed_vs_fp32"] = speed
+            if speed["int8_over_fp32"] >= 1.0:
+                quantize = False
+                record["shipped_format"] = "fp32"
+                record["int8_not_shipped"] = _ship_fp32_instead(out, cfg.filename, quantized, result.path, speed)
     write_json(out / "export.json", record)
-    return ExportedFiles(shipped=shipped, fp32=result.path, baseline=baseline.path, quantized=quantize)
+    return ExportedFiles(shipped=shipped, fp32=result.path, baseline=baseline.path, quantized=quantize,
+                         note=record.get("int8_not_shipped"))
+
+
+def _ship_fp32_instead(out: Path, filename: str, quantized: QuantizeResult, fp32: Path, speed: dict[str, Any]) -> str:
+    """INT8 runs slower than its FP32 source here: the FP32 model becomes `filename`, INT8 `<stem>.int8.onnx`."""
+    import os
+
+    stem = Path(filename).stem
+    for source, target in ((quantized.dense_path, out / f"{stem}.int8.dense.onnx"),
+                           (quantized.path, out / f"{stem}.int8.onnx")):
+        if source is not None:
+            os.replace(source, target)
+    atomic_io.write_bytes(out / filename, fp32.read_bytes())
+    return (f"the INT8 model ran {speed['int8_over_fp32']:.2f}x as long as its FP32 source on this machine "
+            f"(quantize.ship: faster), so the FP32 model ships as {filename}; the INT8 model is {stem}.int8.onnx")
 
 
 def _validate(recipe: Recipe, out_dir: Path, onnx_path: Path, baseline_path: Path | None,

@@ -268,6 +268,23 @@ def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarra
     )
 
 
+def int8_speed(int8_path: Path, fp32_path: Path, batches: Sequence[np.ndarray], record: Path | None = None,
+               ) -> dict[str, Any]:
+    """The INT8 model's latency over its FP32 source's, timed interleaved (batch 1 and the calibration batch).
+
+    A recorded result (a resumed run) is reused, so the decision it drives comes out the same.
+    """
+    if record is not None and record.is_file():
+        recorded = json.loads(record.read_text())
+        return {**recorded, "how": f"{recorded.get('how')} (recorded in {record.name}, reused)"}
+    _, timings = _faster({"fp32": fp32_path, "int8": int8_path}, batches)
+    ratio = float(np.mean([timings["int8"][k] / timings["fp32"][k] for k in timings["fp32"]]))
+    speed = {"int8_over_fp32": ratio, "how": "measured", "timings_ms": timings}
+    if record is not None:
+        atomic_io.write_json(record, speed)
+    return speed
+
+
 def is_quantized(model: onnx.ModelProto) -> bool:
     """True for a QDQ or QOperator INT8 model (any DequantizeLinear or QLinear* node)."""
     return any(node.op_type == "DequantizeLinear" or node.op_type.startswith("QLinear") for node in model.graph.node)

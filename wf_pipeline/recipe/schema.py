@@ -541,6 +541,11 @@ class QuantizeConfig(Strict):
         "'int8' quantizes them")
     sparse_storage: bool = Field(
         True, description="store zero-heavy INT8 weights compactly (bitmask + non-zeros) where that is smaller")
+    ship: Literal["faster", "int8"] = Field(
+        "faster",
+        description="'faster': ship the INT8 model only if it runs faster than its FP32 source on this machine "
+        "(timed interleaved; otherwise the FP32 model ships as export/model.onnx, the INT8 one stays beside it "
+        "as model.int8.onnx, and the report says why); 'int8': always ship the INT8 model")
 
     @field_validator("keep_fp32_nodes")
     @classmethod
