@@ -138,31 +138,36 @@ def _free_disk_near(folder: Path) -> int | None:
     return None if existing is None else free_disk_bytes(existing)
 
 
-def _check_fisher_budget(recipe: Recipe, model: nn.Module, groups: list, sample: torch.Tensor) -> list[str]:
+def _check_fisher_budget(recipe: Recipe, model: nn.Module, groups: list, data) -> list[str]:  # data: DataBundle
     """Plan each group's WoodFisher step within an explicit `memory_budget_gb`, as the step will (the same
-    measured inputs; spills go to the run folder): a budget below the smallest plan is refused here."""
+    measured inputs, gradient count and process count; spills go to the run folder): a budget below the
+    smallest plan is refused here."""
     from dataclasses import replace
 
     from wf_pipeline.fisher.engine import statistics_dtype
     from wf_pipeline.fisher.plan import make_plan
     from wf_pipeline.fisher.streamed import FisherJob, measure_plan_inputs
     from wf_pipeline.pruning import PruneSettings
+    from wf_pipeline.training.gradual.fisher_data import fisher_pool_size, plan_num_grads
 
     pcfg, wf = recipe.pruning, recipe.pruning.woodfisher
     if pcfg.method not in ("woodfisher", "woodtaylor") or pcfg.structure == "channel" or wf.memory_budget_gb is None:
         return []
     settings = PruneSettings.from_config(pcfg)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))  # under torchrun each rank plans its share
+    total, _ = plan_num_grads(wf.num_grads, wf.grad_batch_size, fisher_pool_size(data), world)
+    sample = data.sample_input(1)
     labels = torch.zeros(1, dtype=torch.long)
     spill_free = _free_disk_near(Path(recipe.output.root).expanduser())
     for group in groups:
         if not group.params:
             continue
         job = FisherJob(model=model, params=group.params, masks=None, batches=lambda: iter([(sample, labels)]),
-                        num_grads=wf.num_grads, block_size=wf.block_size, damp=wf.damp,
-                        stat_dtype=statistics_dtype(wf.route, wf.num_grads, wf.block_size, settings.torch_dtype),
+                        num_grads=max(1, -(-total // world)), block_size=wf.block_size, damp=wf.damp,
+                        stat_dtype=statistics_dtype(wf.route, total, wf.block_size, settings.torch_dtype),
                         grad_batch_size=wf.grad_batch_size)
         inputs = measure_plan_inputs(job, max_chunk=wf.chunk_size, vectors=3 if pcfg.method == "woodtaylor" else 1,
-                                     allow_lowrank=wf.route != "woodbury")
+                                     allow_lowrank=wf.route != "woodbury" and world == 1)
         make_plan(replace(inputs, spill_free_bytes=spill_free), int(wf.memory_budget_gb * 1e9))
     return [f"the WoodFisher step fits pruning.woodfisher.memory_budget_gb: {wf.memory_budget_gb:g}"]
 
@@ -194,7 +199,7 @@ def check_recipe(recipe: Recipe, *, resume: bool | None = None, overwrite: bool 
         groups = build_groups(model, recipe.pruning, PruneSettings.from_config(recipe.pruning), data.sample_input(1))
         sizes = [p.numel() for group in groups for p in group.params.values()]
         notes += _check_fisher_memory(recipe, sizes)
-        notes += _check_fisher_budget(recipe, model, groups, data.sample_input(1))
+        notes += _check_fisher_budget(recipe, model, groups, data)
         for group in groups:
             count = sum(p.numel() for p in group.params.values())
             notes.append(f"pruning {len(group.params)} layers, {count:,} weights, to {group.final_sparsity:.0%} "
