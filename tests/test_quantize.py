@@ -342,6 +342,21 @@ main()
 """
 
 
+def test_a_run_that_ships_fp32_instead_of_slower_int8_passes_validation_without_int8_gates(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from wf_pipeline.deploy import quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "int8_speed", lambda *args, **kwargs: {"int8_over_fp32": 1.5})
+    sets = [a for item in [*QUICK, "quantize.ship=faster", "validate.gates.min_int8_agreement=0.9",
+                           f"output.root={tmp_path}"] for a in ("--set", item)]
+    result = run_cli(capsys, monkeypatch, "compress", str(TINY), *sets)
+    assert result.code == 0, result.err
+    assert "1.50x as long as its FP32 source" in result.out
+    validation = json.loads((tmp_path / "tiny-digits" / "validation" / "validation.json").read_text())
+    assert validation["quantized"] is False
+    assert {g["name"] for g in validation["gates"]} == {"max_parity_error"}
+
+
 @pytest.mark.slow
 def test_resume_after_a_kill_during_quantization_gives_the_same_file(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
