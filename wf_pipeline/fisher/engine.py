@@ -25,7 +25,7 @@ from torch import Tensor
 
 from wf_pipeline.errors import WFError
 from wf_pipeline.fisher.conditioning import InverseHealth
-from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
+from wf_pipeline.fisher.gradients import GradientStats, fold_timed, iter_gradient_chunks
 from wf_pipeline.fisher.inverse import BlockFisherInverse, WoodburyAccumulator, accumulation_dtype
 from wf_pipeline.fisher.layout import BlockLayout
 from wf_pipeline.fisher.plan import FisherPlan
@@ -221,15 +221,7 @@ def _in_memory(job: FisherJob, plan: FisherPlan, route: str, with_grad_mean: boo
         generator=job.generator, progress=job.progress, layout=layout, nonfinite=job.nonfinite, stats=stats,
         reuse_output=True,  # each chunk is folded in before the next is computed
     )
-    while True:
-        t0 = time.perf_counter()
-        chunk = next(chunks, None)
-        t1 = time.perf_counter()
-        job.add_time("gradients", t1 - t0)
-        if chunk is None:
-            break
-        acc.add_blocked(chunk)
-        job.add_time("accumulate", time.perf_counter() - t1)
+    fold_timed(chunks, acc.add_blocked, job.add_time, ("accumulate",))
     job.engine, job.skipped = stats.engine, job.skipped + stats.skipped
     t0 = time.perf_counter()
     if job.reduce_fn is not None:

@@ -11,6 +11,7 @@ ever handed on (see :func:`iter_gradient_chunks`).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -270,6 +271,23 @@ def nonfinite_error(
         hint="a Fisher input holds NaN/Inf or the model overflows on it (exploding activations, a half-precision"
         " model): clean the data or fix the model, or set pruning.woodfisher.nonfinite: skip to leave such samples out",
     )
+
+
+def fold_timed(chunks: Iterator[Tensor], fold: Callable[[Tensor], None],
+               add_time: Callable[[str, float], None], fold_labels: tuple[str, ...]) -> None:
+    """Fold each gradient chunk into an accumulator as it is computed, booking the time of each side:
+    computing a chunk under "gradients", folding it under every label of `fold_labels`."""
+    while True:
+        t0 = time.perf_counter()
+        chunk = next(chunks, None)
+        t1 = time.perf_counter()
+        add_time("gradients", t1 - t0)
+        if chunk is None:
+            return
+        fold(chunk)
+        elapsed = time.perf_counter() - t1
+        for label in fold_labels:
+            add_time(label, elapsed)
 
 
 def iter_gradient_chunks(

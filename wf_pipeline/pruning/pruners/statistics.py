@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.fisher.gradients import GradientStats, iter_gradient_chunks
+from wf_pipeline.fisher.gradients import GradientStats, fold_timed, iter_gradient_chunks
 from wf_pipeline.pruning.pruners.base import PruneView, ReduceFn, StepContext
 from wf_pipeline.pruning.settings import PruneSettings
 
@@ -64,17 +64,7 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         stats=stats,
         reuse_output=True,  # each chunk is folded in before the next is computed
     )
-    while True:
-        t0 = time.perf_counter()
-        chunk = next(chunks, None)
-        t1 = time.perf_counter()
-        ctx.add_time("gradients", t1 - t0)
-        if chunk is None:
-            break
-        acc.add(chunk)
-        elapsed = time.perf_counter() - t1
-        ctx.add_time("inverse", elapsed)
-        ctx.add_time("accumulate", elapsed)
+    fold_timed(chunks, acc.add, ctx.add_time, ("inverse", "accumulate"))
     ctx.extra["gradient_engine"] = stats.engine
     if stats.skipped:
         ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + stats.skipped
