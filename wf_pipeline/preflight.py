@@ -192,7 +192,7 @@ def check_recipe(recipe: Recipe, *, resume: bool | None = None, overwrite: bool 
     notes = [f"model {recipe.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters"]
     data = build_data(recipe.data, recipe.seed)
     notes += _check_forward(model, data, recipe)
-    if recipe.pruning.method != "none":
+    if recipe.pruning.prunes:
         from wf_pipeline.pruning import PruneSettings
         from wf_pipeline.training.gradual.plan import build_groups
 

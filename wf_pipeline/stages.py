@@ -90,7 +90,7 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
                 log.warning(collapsed)
                 reporter.message(f"note: {collapsed}")
                 metrics.notes = [*(metrics.notes or []), collapsed]
-            if recipe.pruning.structure == "channel" and recipe.pruning.method != "none":
+            if recipe.pruning.removes_channels:
                 from wf_pipeline.pruning.structured import remove_pruned_channels
 
                 # Cut the zeroed channels out (checked lossless): export sees a physically smaller model.

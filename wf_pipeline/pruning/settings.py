@@ -70,7 +70,7 @@ class PruneSettings:
 
     @classmethod
     def from_config(cls, cfg: PruningConfig) -> PruneSettings:
-        if cfg.method == "none":
+        if not cfg.prunes:
             raise WFError(
                 "pruning.method is 'none': there is no pruning step to configure",
                 hint="set pruning.method to one of " + ", ".join(METHODS),

@@ -477,6 +477,16 @@ class PruningConfig(Strict):
                 data.pop(name, None)
         return data
 
+    @property
+    def prunes(self) -> bool:
+        """False for method 'none': the stage only fine-tunes (and exports) the model."""
+        return self.method != "none"
+
+    @property
+    def removes_channels(self) -> bool:
+        """Whole channels are removed (structure 'channel') and cut out of the model before export."""
+        return self.prunes and self.structure == "channel"
+
     def schedules(self) -> list[ScheduleConfig]:
         """The schedule of every pruning group (one entry when `groups` is empty)."""
         if not self.groups:
@@ -637,7 +647,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _schedule_within_finetune(self) -> Recipe:
-        if self.pruning.method != "none":
+        if self.pruning.prunes:
             for index, schedule in enumerate(self.pruning.schedules()):
                 where = "pruning.schedule" if not self.pruning.groups else f"pruning.groups[{index}].schedule"
                 if schedule.end_epoch > self.finetune.epochs:

@@ -125,7 +125,7 @@ class _Stage:
         self.method = self.pcfg.method
         self.epochs = self.cfg.epochs
         self.state = StageState()
-        self.groups: list[PruneGroup] = [] if self.method == "none" else build_groups(
+        self.groups: list[PruneGroup] = [] if not self.pcfg.prunes else build_groups(
             model, self.pcfg, self._settings(), data.sample_input(1))
         selected, held = self._held_parameters()
         # Weights that arrive exactly zero (an already-pruned model) stay pruned: sparsity only grows.
@@ -322,7 +322,7 @@ class _Stage:
 
     def sparsity(self) -> float:
         """Fraction of weights pruned; with channel structure, of prunable channels (or MACs) removed."""
-        if self.pcfg.structure != "channel" or not self.groups:
+        if not self.pcfg.removes_channels or not self.groups:
             return self.masks.sparsity()
         views = [(g.pruner, PruneView(g.params, self.masks)) for g in self.groups]
         sizes = [p.space.num_channels for p, _ in views]  # type: ignore[attr-defined]
@@ -383,7 +383,7 @@ class _Stage:
             structure=self.pcfg.structure,
             initial_accuracy=st.initial_accuracy,
             final_accuracy=st.last_accuracy,
-            target_sparsity=self.pcfg.final_sparsity if self.method != "none" and not self.pcfg.groups else None,
+            target_sparsity=self.pcfg.final_sparsity if self.pcfg.prunes and not self.pcfg.groups else None,
             sparsity=self.sparsity(),
             model_sparsity=all_zeros / max(all_params, 1),
             pruned_params=self.masks.num_zeros(),

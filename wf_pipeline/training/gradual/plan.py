@@ -52,7 +52,7 @@ def build_groups(model: nn.Module, cfg: PruningConfig, settings: PruneSettings,
     the model on `sample_input` (one batch of the data's input shape)."""
 
     def build_pruner(params: dict[str, nn.Parameter]) -> Pruner:
-        if cfg.structure != "channel":
+        if not cfg.removes_channels:
             return build_flat_pruner(settings)
         from wf_pipeline.pruning.structured import channel_pruner_for_recipe
 
