@@ -237,13 +237,20 @@ class Scale(nn.Module):
 )
 def test_auto_falls_back_to_vmap_where_samples_interact(model: nn.Module, shape, expected: str) -> None:
     torch.manual_seed(0)
+    for module in model.modules():  # built at collection from the unseeded global generator: make them the same
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
     params = select_prunable(model, [".*"], [])
     batches = fisher_pool(shape, 8, classes=3)
     # Groups of two samples: BatchNorm in training mode cannot take a batch of one.
     fast, stats = gradients(model, params, batches, "auto", num_grads=6, chunk_size=3, grad_batch_size=2)
     assert stats.engine in ("vmap", "loop") and expected in (stats.engine_note or "")
     reference, _ = gradients(model, params, batches, "loop", num_grads=6, chunk_size=3, grad_batch_size=2)
-    assert torch.allclose(fast, reference, atol=1e-6, rtol=1e-5)
+    # Relative to the whole gradient, as assert_engines_agree does: BatchNorm over a pair of samples is
+    # ill-conditioned, so single entries near zero differ in float32 by more than an element-wise rtol.
+    assert float((fast - reference).norm() / reference.norm()) < 1e-5
+    assert float((fast - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
 
 
 def test_forced_layerwise_refuses_a_model_it_cannot_serve() -> None:
