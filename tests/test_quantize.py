@@ -302,6 +302,7 @@ BAD_QUANTIZE = [
     (["quantize.keep_fp32_op_types=[conv]"], ["quantize.keep_fp32_op_types", "op type"]),
     (["quantize.percentile=50"], ["quantize.percentile"]),
     (["quantize.enabled=true", "export.enabled=false"], ["quantize.enabled", "export.enabled"]),
+    (["quantize.enabled=true", "export.dynamic_batch=false"], ["quantize.enabled", "export.dynamic_batch"]),
     (["validate.gates.min_int8_agreement=0.99"], ["min_int8_agreement", "quantize.enabled"]),
     (["quantize.colour=blue"], ["quantize.colour"]),
 ]

@@ -662,6 +662,9 @@ class Recipe(Strict):
         if self.quantize.enabled and not self.export.enabled:
             raise ValueError("quantize.enabled needs export.enabled: true (the INT8 model is made from the "
                              "exported FP32 file); enable export or set quantize.enabled: false")
+        if self.quantize.enabled and not self.export.dynamic_batch:
+            raise ValueError("quantize.enabled needs export.dynamic_batch: true (calibration and the INT8-vs-FP32 "
+                             "timing run batches of other sizes than the export's); set export.dynamic_batch: true")
         gates = self.validate_.gates
         defaults = GatesConfig.model_fields
         int8_gates = [name for name in ("min_int8_agreement", "max_int8_logit_error")
