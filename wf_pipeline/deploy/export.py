@@ -264,8 +264,10 @@ def _opset_of(model: onnx.ModelProto) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def _compare_in_ort(path: Path, dense_session, sample: np.ndarray, dynamic_batch: bool) -> float:
-    """Max |diff| between the compact file and its dense twin in ONNX Runtime; anything but 0 is a bug."""
+def compare_compact_in_ort(path: Path, dense_session, sample: np.ndarray, dynamic_batch: bool,
+                           setting: str = "export.sparse_storage") -> float:
+    """Max |diff| between the compact file and its dense twin in ONNX Runtime; anything but 0 is a bug
+    (the hint names `setting`, the switch that turns the compact form off)."""
     session = create_session(path, threads=1)
     probe = np.concatenate([sample, sample[:1]]) if dynamic_batch else sample  # a second batch size
     compact_out, dense_out = run_logits(session, probe), run_logits(dense_session, probe)
@@ -273,7 +275,7 @@ def _compare_in_ort(path: Path, dense_session, sample: np.ndarray, dynamic_batch
     if not np.array_equal(compact_out, dense_out):
         raise WFError(
             f"compact-storage ONNX file {path} differs from its dense twin in onnxruntime (max |diff| {diff:.3g})",
-            hint="set export.sparse_storage: false and report this as a bug",
+            hint=f"set {setting}: false and report this as a bug",
         )
     return diff
 
@@ -332,7 +334,7 @@ def export_onnx(
         file_bytes = _save_onnx(compact_model, out_path)
         compact_names = conversion.names
         storage_format = conversion.storage_format if compact_names else None
-        sparse_diff = _compare_in_ort(out_path, dense_session, sample.numpy(), dynamic_batch)
+        sparse_diff = compare_compact_in_ort(out_path, dense_session, sample.numpy(), dynamic_batch)
 
     written = load_onnx(out_path)  # read back what is on disk, not what is in memory
     check = compare_sparsity(written, weights, masks)

@@ -15,17 +15,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from wf_pipeline.deploy.export import compare_compact_in_ort
 from wf_pipeline.deploy.latency import measure_interleaved
-from wf_pipeline.deploy.ort_session import create_session, load_onnx, run_logits
+from wf_pipeline.deploy.ort_session import create_session, load_onnx
 from wf_pipeline.deploy.sparse_storage import INT8_TYPES, compact_weight_names, to_compact_storage
 from wf_pipeline.errors import WFError
 from wf_pipeline.recipe.schema import QuantizeConfig
@@ -132,15 +132,14 @@ def _prepare(source: Path, work: Path) -> Path:
     return prepared
 
 
-def _quantize(prepared: Path, out: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
+def _quantize(prepared: Path, input_name: str, out: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
               exclude: dict[str, str]) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     quantize_static(
-        str(prepared), str(out), _Batches(name, batches),  # ORT only calls get_next()
+        str(prepared), str(out), _Batches(input_name, batches),  # ORT only calls get_next()
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=_op_types_to_quantize(cfg),
         per_channel=True,
@@ -170,31 +169,37 @@ def _faster(files: dict[str, Path], batches: Sequence[np.ndarray]) -> tuple[str,
     return min(score, key=lambda key: score[key]), timings
 
 
-def _slow_conv_choice(prepared: Path, work: Path, batches: Sequence[np.ndarray], cfg: QuantizeConfig,
-                      choice_file: Path | None) -> dict[str, Any]:
+def _recorded_or_measured(record: Path | None, measure: Callable[[], dict[str, Any]],
+                          still_valid: Callable[[dict[str, Any]], bool] = lambda _: True) -> dict[str, Any]:
+    """A timing-based decision, measured once and recorded: a resumed run reuses it, so it writes the same file."""
+    if record is not None and record.is_file():
+        recorded = json.loads(record.read_text())
+        if still_valid(recorded):
+            return {**recorded, "how": f"{recorded.get('how')} (recorded in {record.name}, reused)"}
+    result = measure()
+    if record is not None:
+        atomic_io.write_json(record, result)
+    return result
+
+
+def _slow_conv_choice(prepared: Path, prepared_model: onnx.ModelProto, work: Path, batches: Sequence[np.ndarray],
+                      cfg: QuantizeConfig, choice_file: Path | None) -> dict[str, Any]:
     """Whether the slow INT8 convs stay FP32: the setting, a recorded choice (resume), or a measurement."""
-    slow = sorted(slow_int8_convs(onnx.load(str(prepared), load_external_data=False)))
+    slow = sorted(slow_int8_convs(prepared_model))
     if not slow or cfg.slow_int8_convs != "measure":
         return {"convs": slow, "precision": "int8" if cfg.slow_int8_convs == "measure" else cfg.slow_int8_convs,
                 "how": "setting" if slow else "no slow convs"}
-    if choice_file is not None and choice_file.is_file():
-        recorded = json.loads(choice_file.read_text())
-        if recorded.get("convs") == slow:
-            return {**recorded, "how": f"{recorded.get('how')} (recorded in {choice_file.name}, reused)"}
-    files = {}
-    for precision in ("int8", "fp32"):
-        files[precision] = work / f"slow-convs-{precision}.onnx"
-        _quantize(prepared, files[precision], batches, cfg, nodes_kept_fp32(
-            onnx.load(str(prepared), load_external_data=False), cfg, slow_convs_fp32=precision == "fp32"))
-    precision, timings = _faster(files, batches)
-    choice = {"convs": slow, "precision": precision, "how": "measured", "timings_ms": timings}
-    if choice_file is not None:
-        atomic_io.write_json(choice_file, choice)
-    return choice
 
+    def measure() -> dict[str, Any]:
+        files = {}
+        for precision in ("int8", "fp32"):
+            files[precision] = work / f"slow-convs-{precision}.onnx"
+            exclude = nodes_kept_fp32(prepared_model, cfg, slow_convs_fp32=precision == "fp32")
+            _quantize(prepared, prepared_model.graph.input[0].name, files[precision], batches, cfg, exclude)
+        precision, timings = _faster(files, batches)
+        return {"convs": slow, "precision": precision, "how": "measured", "timings_ms": timings}
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+    return _recorded_or_measured(choice_file, measure, lambda recorded: recorded.get("convs") == slow)
 
 
 def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarray], cfg: QuantizeConfig,
@@ -217,10 +222,11 @@ def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarra
     with atomic_io.temp_dir(out_path) as tmp:
         try:
             prepared = _prepare(Path(source), tmp)
-            choice = _slow_conv_choice(prepared, tmp, calibration, cfg, choice_file)
-            kept = nodes_kept_fp32(onnx.load(str(prepared), load_external_data=False), cfg,
-                                   slow_convs_fp32=choice["precision"] == "fp32")
-            model = _quantize(prepared, tmp / "quantized.onnx", calibration, cfg, kept)
+            prepared_model = onnx.load(str(prepared), load_external_data=False)
+            choice = _slow_conv_choice(prepared, prepared_model, tmp, calibration, cfg, choice_file)
+            kept = nodes_kept_fp32(prepared_model, cfg, slow_convs_fp32=choice["precision"] == "fp32")
+            model = _quantize(prepared, prepared_model.graph.input[0].name, tmp / "quantized.onnx", calibration,
+                              cfg, kept)
         except WFError:
             raise
         except Exception as exc:
@@ -238,14 +244,12 @@ def quantize_model(source: Path, out_path: Path, calibration: Sequence[np.ndarra
             dense_path = out_path.with_name(f"{out_path.stem}.dense.onnx")
             atomic_io.write_bytes(dense_path, dense_bytes)
             atomic_io.write_bytes(out_path, compact.SerializeToString())
-            probe = np.concatenate(list(calibration[:1]))[:8]
-            compact_out = run_logits(create_session(out_path, threads=1), probe)
-            dense_out = run_logits(create_session(dense_path, threads=1), probe)
-            diff = _max_diff(compact_out, dense_out)
-            if not np.array_equal(compact_out, dense_out):
-                out_path.unlink()
-                raise WFError(f"compact INT8 file differs from its plain twin in onnxruntime (max |diff| {diff:.3g})",
-                              hint="set quantize.sparse_storage: false and report this as a bug")
+            try:
+                diff = compare_compact_in_ort(out_path, create_session(dense_path, threads=1), calibration[0][:8],
+                                              dynamic_batch=True, setting="quantize.sparse_storage")
+            except WFError:
+                out_path.unlink()  # no compact file that computes something else is left in place
+                raise
     if dense_path is None:
         atomic_io.write_bytes(out_path, dense_bytes)
     written = load_onnx(out_path)
@@ -274,26 +278,14 @@ def int8_speed(int8_path: Path, fp32_path: Path, batches: Sequence[np.ndarray], 
 
     A recorded result (a resumed run) is reused, so the decision it drives comes out the same.
     """
-    if record is not None and record.is_file():
-        recorded = json.loads(record.read_text())
-        return {**recorded, "how": f"{recorded.get('how')} (recorded in {record.name}, reused)"}
-    _, timings = _faster({"fp32": fp32_path, "int8": int8_path}, batches)
-    ratio = float(np.mean([timings["int8"][k] / timings["fp32"][k] for k in timings["fp32"]]))
-    speed = {"int8_over_fp32": ratio, "how": "measured", "timings_ms": timings}
-    if record is not None:
-        atomic_io.write_json(record, speed)
-    return speed
+    def measure() -> dict[str, Any]:
+        _, timings = _faster({"fp32": fp32_path, "int8": int8_path}, batches)
+        ratio = float(np.mean([timings["int8"][k] / timings["fp32"][k] for k in timings["fp32"]]))
+        return {"int8_over_fp32": ratio, "how": "measured", "timings_ms": timings}
+
+    return _recorded_or_measured(record, measure)
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     """True for a QDQ or QOperator INT8 model (any DequantizeLinear or QLinear* node)."""
     return any(node.op_type == "DequantizeLinear" or node.op_type.startswith("QLinear") for node in model.graph.node)
-
-
-def int8_weight_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """INT8 weight initializers by name (the payload a QDQ model dequantizes), for size and sparsity reports."""
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
-            if init.data_type == onnx.TensorProto.INT8 and len(init.dims) >= 2}
-
-
-
