@@ -55,3 +55,22 @@ def machine_line() -> str:
 def log(text: str) -> None:
     """A progress line: on stderr, flushed at once, so stdout keeps the results and the JSON last line."""
     print(text, file=sys.stderr, flush=True)
+
+
+def interleaved_p50(files: dict[str, Any], shape: tuple[int, ...], repeats: dict[int, int],
+                    warmup: int = 5) -> dict[str, dict[int, float]]:
+    """p50 ms of every ONNX file at every batch size in `repeats` (batch -> timed rounds), all files interleaved
+    in one loop per batch size (alternating single runs), 1 intra-op thread, seeded standard-normal inputs."""
+    import numpy as np
+
+    from wf_pipeline.deploy.latency import measure_interleaved
+    from wf_pipeline.deploy.ort_session import create_session
+
+    sessions = {name: create_session(path, threads=1) for name, path in files.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in files}
+    rng = np.random.default_rng(0)
+    for batch, rounds in repeats.items():
+        x = rng.standard_normal((batch, *shape)).astype(np.float32)
+        for name, stats in measure_interleaved(sessions, x, warmup=warmup, repeats=rounds).items():
+            out[name][batch] = stats.p50
+    return out

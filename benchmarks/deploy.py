@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 import wf_pipeline  # noqa: E402,F401  - first: it sets OMP_WAIT_POLICY before torch loads
-from benchmarks._shared import log, machine, set_threads  # noqa: E402
+from benchmarks._shared import interleaved_p50, log, machine, set_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -112,22 +112,6 @@ def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
     return correct / len(labels)
 
 
-def latency(files: dict[str, Path], shape: tuple[int, ...], batch_sizes: list[int], rounds: dict[int, int],
-            ) -> dict[str, dict[int, float]]:
-    """p50 ms of every file at every batch size, all files interleaved, 1 intra-op thread."""
-    from wf_pipeline.deploy.latency import measure_interleaved
-    from wf_pipeline.deploy.ort_session import create_session
-
-    sessions = {name: create_session(path, threads=1) for name, path in files.items()}
-    out: dict[str, dict[int, float]] = {name: {} for name in files}
-    for batch in batch_sizes:
-        x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-        stats = measure_interleaved(sessions, x, warmup=5, repeats=rounds[batch])
-        for name, s in stats.items():
-            out[name][batch] = s.p50
-    return out
-
-
 def small_model(model: str, work: Path, quick: bool) -> dict[str, Any]:
     from wf_pipeline.data import build_data
     from wf_pipeline.recipe.schema import DataConfig
@@ -145,7 +129,7 @@ def small_model(model: str, work: Path, quick: bool) -> dict[str, Any]:
     log(f"[deploy] {model}: accuracy of {len(files)} files on {len(labels)} test images")
     acc = {name: accuracy(path, images, labels) for name, path in files.items()}
     log(f"[deploy] {model}: latency, interleaved")
-    lat = latency(files, tuple(images.shape[1:]), [1, 32], {1: 200 if quick else 600, 32: 40 if quick else 240})
+    lat = interleaved_p50(files, tuple(images.shape[1:]), {1: 200 if quick else 600, 32: 40 if quick else 240})
     rows = []
     for name, path in files.items():
         rows.append({"model": model, "variant": name, "accuracy": acc[name],
@@ -199,8 +183,7 @@ def large_models(work: Path, quick: bool) -> list[dict[str, Any]]:
             files[f"{label} FP32"] = fp32
             files[f"{label} INT8"] = quantize_model(fp32, fp32.with_suffix(".int8.onnx"), calibration, cfg).path
         log(f"[deploy] {name} 224 px: latency, interleaved")
-        batches = [1] if quick else [1, 32]
-        lat = latency(files, (3, 224, 224), batches, {1: 10 if quick else 60, 32: 8})
+        lat = interleaved_p50(files, (3, 224, 224), {1: 10} if quick else {1: 60, 32: 8})
         for label, path in files.items():
             rows.append({"model": name, "variant": label, "accuracy": None,
                          "p50_ms": {str(b): v for b, v in lat[label].items()},

@@ -29,15 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import wf_pipeline  # noqa: F401  - first: it sets OMP_WAIT_POLICY before torch loads
-from benchmarks._shared import cpu_model, load_average, set_threads
+from benchmarks._shared import cpu_model, interleaved_p50, load_average, set_threads
 from wf_pipeline.data import build_data
 from wf_pipeline.deploy.export import export_onnx
-from wf_pipeline.deploy.latency import measure_interleaved
-from wf_pipeline.deploy.ort_session import create_session
 from wf_pipeline.models import build_model
 from wf_pipeline.pruning.structured import remove_pruned_channels
 from wf_pipeline.recipe.loader import load_recipe
@@ -132,19 +129,11 @@ def save(work: Path, row: dict[str, Any], overrides: list[str]) -> None:
     write_text(work / f"{row['method']}.json", json.dumps({"overrides": overrides, "row": row}, default=float))
 
 
-def measure_latency(files: dict[str, Path], batch_sizes: list[int], quick: bool) -> dict[str, dict[int, float]]:
-    """p50 milliseconds per model and batch size, all models interleaved in one loop per batch size."""
-    sessions = {name: create_session(path, threads=1) for name, path in files.items()}
-    out: dict[str, dict[int, float]] = {name: {} for name in files}
-    rng = np.random.default_rng(0)
-    for batch in batch_sizes:
-        x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
-        # Enough rounds that the p50 ratio settles (80 rounds at batch 32 moved it by +-0.05 between runs).
-        repeats = (40 if quick else 600) if batch == 1 else (15 if quick else 240)
-        stats = measure_interleaved(sessions, x, warmup=5 if quick else 20, repeats=repeats)
-        for name, s in stats.items():
-            out[name][batch] = s.p50
-    return out
+def measure_latency(files: dict[str, Path], quick: bool) -> dict[str, dict[int, float]]:
+    """p50 milliseconds per model at batch 1 and 32, all models interleaved in one loop per batch size."""
+    # Enough rounds that the p50 ratio settles (80 rounds at batch 32 moved it by +-0.05 between runs).
+    repeats = {1: 40, 32: 15} if quick else {1: 600, 32: 240}
+    return interleaved_p50(files, (1, 28, 28), repeats, warmup=5 if quick else 20)
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -263,7 +252,7 @@ def main() -> None:
                       f"wall {row['wall_s']:.0f}s (prune {row['prune_s']:.0f}s, fine-tune {row['finetune_s']:.0f}s)",
                       flush=True)
         load_before = load_average()
-        latency = measure_latency(files, [1, 32], args.quick)
+        latency = measure_latency(files, args.quick)
         latency_load = max(load_before, load_average())
     for row in rows:
         row["latency_ms"] = {str(b): latency[row["method"]][b] for b in (1, 32)}
