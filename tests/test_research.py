@@ -211,6 +211,58 @@ def test_oneshot_core_matches_prune_step() -> None:
     assert isinstance(stats, Statistics)
 
 
+def test_kfac_block_inverse_is_the_diagonal_blocks_of_the_kfac_inverse() -> None:
+    """K-FAC's inverse restricted to WoodFisher's blocks (blocks that straddle rows, and padding) is exact."""
+    from benchmarks.research.oneshot_core import kfac_block_inverse
+    from wf_pipeline.pruning.research.kfac import KroneckerEigen
+
+    damp, block = 0.2, 5
+    params = {"a": nn.Parameter(torch.randn(3, 4, dtype=torch.float64)),
+              "b": nn.Parameter(torch.randn(2, 6, dtype=torch.float64))}
+    factors = {"a": KroneckerEigen.from_factors(random_spd(3, 11), random_spd(4, 12)),
+               "b": KroneckerEigen.from_factors(random_spd(2, 13), random_spd(6, 14))}
+    inverse = kfac_block_inverse(params, factors, damp, block)
+    for layer, name in enumerate(params):
+        n = params[name].numel()
+        dense = torch.linalg.inv(factors[name].dense() + damp * torch.eye(n, dtype=torch.float64))
+        k0 = inverse.layout.block_offsets[layer]
+        for k in range(inverse.layout.blocks_per_layer[layer]):
+            lo, hi = k * block, min((k + 1) * block, n)
+            torch.testing.assert_close(inverse.blocks[k0 + k, : hi - lo, : hi - lo], dense[lo:hi, lo:hi])
+            if hi - lo < block:
+                torch.testing.assert_close(inverse.blocks[k0 + k, hi - lo :, hi - lo :],
+                                           torch.eye(block - hi + lo, dtype=torch.float64) / damp)
+
+
+def test_same_update_rule_for_woodfisher_and_kfac() -> None:
+    """The rule-matched K-FAC methods prune what K-FAC OBS prunes; with one block per layer, the independent
+    rule is the whole-layer one, and the joint rule is the constrained minimum of K-FAC's quadratic model."""
+    pytest.importorskip("curvlinops")
+    from benchmarks.research.oneshot_core import Selection, collect_statistics, prune_copy
+
+    model, batches = tiny_cnn(), cnn_batches()
+    selection = Selection()
+    stats = collect_statistics(model, selection, batches, num_grads=24, block_size=128, damp=1e-3, kfac=True)
+    whole, _ = prune_copy(model, "kfac", stats, 0.5, selection, damp=1e-3)
+    independent, _ = prune_copy(model, "kfac_independent", stats, 0.5, selection, damp=1e-3)
+    joint, info = prune_copy(model, "kfac_joint", stats, 0.5, selection, damp=1e-3)
+    assert stats.kfac is not None
+    for name, p in selection.params(joint).items():
+        mask = p == 0
+        assert torch.equal(mask, selection.params(whole)[name] == 0), name  # same scores, same choice
+        if p.numel() <= 128:  # the layer is one block: block-local rules are the whole-layer ones
+            torch.testing.assert_close(selection.params(independent)[name], selection.params(whole)[name])
+            fisher = stats.kfac[name].dense() + 1e-3 * torch.eye(p.numel(), dtype=torch.float64)
+            w0 = selection.params(model)[name].detach().double().reshape(-1)
+            expected, _ = constrained_minimum(fisher, w0, mask.reshape(-1))
+            torch.testing.assert_close(p.detach().double().reshape(-1), expected, rtol=1e-4, atol=1e-6)
+    assert info["predicted_loss_increase"] > 0
+    wf_joint, _ = prune_copy(model, "woodfisher", stats, 0.5, selection, damp=1e-3)
+    wf_independent, _ = prune_copy(model, "woodfisher_independent", stats, 0.5, selection, damp=1e-3)
+    for p, q in zip(selection.params(wf_joint).values(), selection.params(wf_independent).values(), strict=True):
+        assert torch.equal(p == 0, q == 0) and not torch.equal(p, q)  # same choice, another update
+
+
 def test_hand_tuned_counts_keep_first_and_last_dense_and_meet_the_total() -> None:
     from benchmarks.research.rq4_layerwise import hand_tuned_counts
 

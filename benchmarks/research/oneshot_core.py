@@ -8,6 +8,12 @@ prunes a fresh copy of the model with the product's own functions (``obs_scores`
 ``diag_fisher_scores``, ``choose_pruned``, ``obs_update``), exactly as ``prune_step`` does with
 ``recompute_steps: 1`` (tests/test_research.py checks that they agree) but without recomputing the
 gradients for every point of the sweep.
+
+WoodFisher and K-FAC are compared under the same OBS update rule as well: each curvature's inverse,
+restricted to the same diagonal blocks of B consecutive weights (:func:`kfac_block_inverse` for K-FAC),
+goes through the product's ``obs_update`` with ``update="joint"`` (the constrained solve over the
+block's pruned weights) or ``update="independent"`` (the summed single-weight updates). The K-FAC
+literature's rule, independent updates with the whole layer's K-FAC inverse, is kept beside them.
 """
 from __future__ import annotations
 
@@ -31,14 +37,21 @@ from wf_pipeline.training.epoch import evaluate
 from wf_pipeline.training.oneshot import recalibrate_batchnorm
 
 LABELS = {
-    "woodfisher": "WoodFisher",
-    "woodtaylor": "WoodTaylor",
-    "kfac": "K-FAC OBS",
+    "woodfisher": "WoodFisher (joint)",
+    "woodfisher_independent": "WoodFisher (independent)",
+    "kfac_joint": "K-FAC OBS (joint)",
+    "kfac_independent": "K-FAC OBS (independent)",
+    "kfac": "K-FAC OBS (independent, whole layer)",
+    "woodtaylor": "WoodTaylor (joint)",
     "diag_fisher": "diagonal Fisher",
     "magnitude": "global magnitude",
     "magnitude_uniform": "uniform magnitude",
 }
 DATA_FREE = ("magnitude", "magnitude_uniform")
+# Block-local OBS update rule of each method that uses one (the whole-layer K-FAC rule is apart).
+BLOCK_RULES = {"woodfisher": "joint", "woodtaylor": "joint", "woodfisher_independent": "independent",
+               "kfac_joint": "joint", "kfac_independent": "independent"}
+KFAC_METHODS = ("kfac", "kfac_joint", "kfac_independent")
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 
 
@@ -61,6 +74,7 @@ class Statistics:
     grad_mean: Tensor | None = None
     fisher_diag: Tensor | None = None
     kfac: dict | None = None
+    kfac_blocks: BlockFisherInverse | None = None  # K-FAC's inverse, restricted to WoodFisher's blocks
     num_grads: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -99,8 +113,40 @@ def collect_statistics(model: nn.Module, selection: Selection, batches: Batches,
         samples, _ = take_finite_samples(model, batches, num_grads, torch.device("cpu"))  # the first num_grads
         stats.kfac = kfac_factors(model, params, samples, "empirical")
         stats.seconds["kfac_factors"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats.kfac_blocks = kfac_block_inverse(params, stats.kfac, damp, block_size)
+        stats.seconds["kfac_blocks"] = time.perf_counter() - t0
     model.train(was_training)
     return stats
+
+
+def kfac_block_inverse(params: dict[str, nn.Parameter], factors: dict, damp: float,
+                       block_size: int) -> BlockFisherInverse:
+    """The diagonal ``B × B`` blocks of each layer's dampened K-FAC inverse ``(G ⊗ A + λI)⁻¹``, in WoodFisher's layout.
+
+    Entry ``(o, i), (o', i')`` of the inverse is ``Σ_g Q_G[o,g] Q_G[o',g] C_g[i,i']`` with
+    ``C_g = Q_A diag(1 / (s_g s_a + λ)) Q_Aᵀ``; the ``C_g`` of a layer are formed once (``out × in × in``),
+    then each block gathers its rows. Padded coordinates get ``1/λ`` on the diagonal, as in a dampened Gram.
+    """
+    layout = BlockLayout([p.numel() for p in params.values()], block_size)
+    blocks = torch.zeros(layout.num_blocks, block_size, block_size, dtype=torch.float64)
+    for layer, name in enumerate(params):
+        eigen = factors[name]
+        n, in_dim = params[name].numel(), eigen.shape[1]
+        scale = 1.0 / (eigen.sg.unsqueeze(1) * eigen.sa.unsqueeze(0) + damp)  # (out, in): per (g, a)
+        per_g = (eigen.qa.unsqueeze(0) * scale.unsqueeze(1)) @ eigen.qa.T  # C_g, (out, in, in)
+        for k in range(layout.blocks_per_layer[layer]):
+            flat = torch.arange(k * block_size, min((k + 1) * block_size, n))
+            rows, cols = flat // in_dim, flat % in_dim
+            qg = eigen.qg[rows]  # (b, out)
+            gathered = per_g[:, cols.unsqueeze(1), cols.unsqueeze(0)]  # (out, b, b)
+            block = torch.einsum("kg,lg,gkl->kl", qg, qg, gathered)
+            b = len(flat)
+            index = layout.block_offsets[layer] + k
+            blocks[index, :b, :b] = block
+            if b < block_size:
+                blocks[index, b:, b:] = torch.eye(block_size - b, dtype=torch.float64) / damp
+    return BlockFisherInverse(layout, blocks, damp, 0)
 
 
 def choose_by_counts(scores: Tensor, sizes: Sequence[int], counts: Sequence[int]) -> Tensor:
@@ -137,7 +183,7 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
         scores = weights.abs()
     else:
         assert stats is not None
-        if method == "kfac":
+        if method in KFAC_METHODS:
             from wf_pipeline.pruning.research.kfac import kfac_scores
 
             assert stats.kfac is not None, "K-FAC factors were not collected"
@@ -158,12 +204,14 @@ def prune_copy(model: nn.Module, method: str, stats: Statistics | None, sparsity
            else choose_pruned(scores, kept, sizes, sparsity, ranking))
     pruned = new
 
-    if method in ("woodfisher", "woodtaylor"):
-        assert stats is not None and stats.inverse is not None
-        dtype = stats.inverse.blocks.dtype
+    if method in BLOCK_RULES:
+        assert stats is not None
+        inverse = stats.kfac_blocks if method.startswith("kfac") else stats.inverse
+        assert inverse is not None, f"{method}: its block inverse was not collected"
+        dtype = inverse.blocks.dtype
         grad_mean = stats.grad_mean.to(dtype) if method == "woodtaylor" and stats.grad_mean is not None else None
-        updated, predicted = obs_update(stats.inverse, weights.to(dtype), pruned, update="joint", grad_mean=grad_mean,
-                                        newton_scale=newton_scale)
+        updated, predicted = obs_update(inverse, weights.to(dtype), pruned, update=BLOCK_RULES[method],
+                                        grad_mean=grad_mean, newton_scale=newton_scale)
     elif method == "kfac":
         from wf_pipeline.pruning.research.kfac import kfac_independent_update
 

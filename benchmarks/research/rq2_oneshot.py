@@ -7,6 +7,11 @@ statistics re-estimated on training batches). Seeds are Fisher sample draws (whi
 Fisher pool the gradients see), so the data-free magnitude methods have one value per point.
 All weights of every conv/linear layer are pruned (global ranking unless stated).
 
+WoodFisher and K-FAC are each run with both OBS update rules on the same blocks of 128 weights: joint
+(the constrained solve over a block's pruned weights, WoodFisher's default) and independent (the summed
+single-weight updates), so the two curvatures are compared under the same rule; K-FAC with independent
+updates over the whole layer (the K-FAC pruning literature's rule) is kept beside them.
+
     python benchmarks/research/rq2_oneshot.py           # full: 2 models, 6 sparsities, 3 seeds, N = 1000,
                                                         # 1,000 test images
     python benchmarks/research/rq2_oneshot.py --quick   # ResNet-20 only, 70%, 1 seed, N = 64, 300 test images
@@ -59,7 +64,8 @@ MODELS = {
                                     weights="builtin:mobilenetv1-fmnist",
                                     kwargs={"width_mult": 0.25, "small_input": True}),
 }
-METHODS = ["woodfisher", "woodtaylor", "kfac", "diag_fisher", "magnitude", "magnitude_uniform"]
+METHODS = ["woodfisher", "woodfisher_independent", "kfac_joint", "kfac_independent", "kfac", "woodtaylor",
+           "diag_fisher", "magnitude", "magnitude_uniform"]
 FULL: dict[str, list[Any]] = {"models": list(MODELS), "sparsities": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95], "seeds": [0, 1, 2]}
 
 
