@@ -1,8 +1,7 @@
 """wf-pipeline: WoodFisher second-order pruning, sparse ONNX export and ONNX Runtime verification."""
-import os as _os
+from wf_pipeline.openmp_wait import apply_at_import as _apply_openmp_wait
 
-# GNU OpenMP spin-waits by default: when another process holds a core, 2-thread torch ops ran 10-100x
-# slower here. Passive waiting costs little when the machine is idle. Only effective before torch loads.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: how OpenMP threads wait (passive on a shared CPU, a short spin on an idle one).
+OPENMP_WAIT = _apply_openmp_wait()
 
 __version__ = "0.1.0"

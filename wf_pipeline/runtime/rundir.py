@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import wf_pipeline
 from wf_pipeline import __version__
 from wf_pipeline.errors import RunAlreadyFinished, WFError
 from wf_pipeline.recipe.schema import Recipe
@@ -90,6 +91,7 @@ def environment_info(seed: int) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "cuda_available": torch.cuda.is_available(),
         "torch_threads": torch.get_num_threads(),
+        "openmp_wait": wf_pipeline.OPENMP_WAIT,
     }
 
 
