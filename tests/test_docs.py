@@ -117,6 +117,7 @@ def test_recipe_reference_matches_the_schema() -> None:
     ("README.md", "<!-- architecture:begin -->", "<!-- architecture:end -->"),
     ("README.md", "<!-- structured-benchmark:begin -->", "<!-- structured-benchmark:end -->"),
     ("README.md", "<!-- deploy:begin -->", "<!-- deploy:end -->"),
+    ("README.md", "<!-- research-summary:begin -->", "<!-- research-summary:end -->"),
     ("docs/research.md", "<!-- results:begin -->", "<!-- results:end -->"),
     ("docs/recipe-reference.md", "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"),
 ])

@@ -36,17 +36,6 @@ from wf_pipeline.recipe.schema import WoodFisherConfig
 from wf_pipeline.training.epoch import evaluate
 from wf_pipeline.training.oneshot import recalibrate_batchnorm
 
-LABELS = {
-    "woodfisher": "WoodFisher (joint)",
-    "woodfisher_independent": "WoodFisher (independent)",
-    "kfac_joint": "K-FAC OBS (joint)",
-    "kfac_independent": "K-FAC OBS (independent)",
-    "kfac": "K-FAC OBS (independent, whole layer)",
-    "woodtaylor": "WoodTaylor (joint)",
-    "diag_fisher": "diagonal Fisher",
-    "magnitude": "global magnitude",
-    "magnitude_uniform": "uniform magnitude",
-}
 DATA_FREE = ("magnitude", "magnitude_uniform")
 # Block-local OBS update rule of each method that uses one (the whole-layer K-FAC rule is apart).
 BLOCK_RULES = {"woodfisher": "joint", "woodtaylor": "joint", "woodfisher_independent": "independent",

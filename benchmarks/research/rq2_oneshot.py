@@ -28,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks._shared import set_threads  # noqa: E402
 from benchmarks.research.common import (  # noqa: E402
+    LABELS,
     UnitLog,
     log,
     markdown_table,
@@ -40,7 +41,6 @@ from benchmarks.research.common import (  # noqa: E402
 )
 from benchmarks.research.oneshot_core import (  # noqa: E402
     DATA_FREE,
-    LABELS,
     Selection,
     Statistics,
     accuracy_with_and_without_bn,
