@@ -368,6 +368,9 @@ def section_rq3(data: dict[str, Any], tables: list[MdTable]) -> tuple[str, str, 
                       [gx, hy])
     if len(data["targets"]) < 2:
         d.notes.append("with one target measured, whether the lead grows with sparsity is not tested here")
+    if "validation_images" not in data:
+        d.notes.append("this run predates the study's validation split and K-FAC baseline: no setting was tuned in "
+                       "it, the damping is the default recipe's (picked on test accuracy)")
     budget = data["budget"]
     d.notes.append(f"fine-tuning budget {budget['finetune.epochs']} x {budget['finetune.steps_per_epoch']} steps "
                    + ("(the default recipe's full budget)" if data.get("full_budget") else

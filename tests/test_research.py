@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,53 @@ def test_unit_log_resumes_only_finished_units_of_the_same_configuration(tmp_path
     assert not fresh.path.exists()
 
 
+def test_cell_store_writes_one_file_per_cell_and_reuses_only_the_same_configuration(tmp_path: Path) -> None:
+    from benchmarks.research.common import CellStore
+
+    store = CellStore(tmp_path, {"budget": 240})
+    store.add("woodfisher|0.9|0|pruning.woodfisher.damp=1e-3", {"test_accuracy": 0.9})
+    CellStore(tmp_path, {"budget": 1800}).add("magnitude|0.9|0|default", {"test_accuracy": 0.8})  # another config
+    (tmp_path / "torn.json").write_text('{"key": "kfac|0.9|0|default", "conf')  # a file cut by a kill
+    assert len(list(tmp_path.glob("*.json"))) == 3
+    again = CellStore(tmp_path, {"budget": 240})
+    assert again.done == {"woodfisher|0.9|0|pruning.woodfisher.damp=1e-3": {"test_accuracy": 0.9}}
+    again.finish()
+    assert store.path("woodfisher|0.9|0|pruning.woodfisher.damp=1e-3").is_file()  # cells stay
+
+
+def test_rq3_validation_split_is_disjoint_from_test_set_training_and_fisher_samples() -> None:
+    """The validation split comes from the training set, by index apart from what fine-tuning and the Fisher
+    pool (whose samples the pruning steps evaluate gradients on) use, and shares no image with the test set."""
+    from benchmarks.research.rq3_gradual import carve_validation
+    from wf_pipeline.data import build_data
+    from wf_pipeline.recipe.schema import DataConfig
+
+    data = build_data(DataConfig(dataset="digits", fisher_pool=300, augment=False), seed=3)
+    assert data.train_split is not None and data.test_split is not None
+    carved = carve_validation(data, 200)
+    n = len(data.train_split)
+    validation, train, fisher = (set(i.tolist()) for i in (carved.validation_idx, carved.train_idx, carved.fisher_idx))
+    assert len(validation) == 200 and validation.isdisjoint(train) and validation | train == set(range(n))
+    assert fisher <= train and len(fisher) == 300 and validation.isdisjoint(fisher)
+    split = carved.data
+    assert split.train_split is not None and split.fisher_split is not None
+    torch.testing.assert_close(split.fisher_split.images, data.train_split.images[carved.fisher_idx])
+    torch.testing.assert_close(split.train_split.images, data.train_split.images[carved.train_idx])
+    torch.testing.assert_close(carved.validation.images, data.train_split.images[carved.validation_idx])
+
+    def contents(images: torch.Tensor) -> set[bytes]:
+        return {image.numpy().tobytes() for image in images}
+
+    held_out = contents(carved.validation.images)
+    assert held_out.isdisjoint(contents(data.test_split.images))
+    assert held_out.isdisjoint(contents(split.fisher_split.images))
+    seen = [x for x, _ in split.fisher_batches(batch_size=50)()]  # what a pruning step's gradients see
+    preprocessed = {x.numpy().tobytes() for x in data.preprocess(carved.validation.images)}  # type: ignore[misc]
+    assert all(x.numpy().tobytes() not in preprocessed for batch in seen for x in batch)
+    # the same draw for every run and method of a study: a fixed seed of its own
+    assert torch.equal(carve_validation(data, 200).validation_idx, carved.validation_idx)
+
+
 def test_reduction_names_what_a_run_left_out() -> None:
     from benchmarks.research.common import reduction
 
@@ -338,3 +386,88 @@ def test_bundled_mobilenetv1_loads_by_its_builtin_name() -> None:
     path = BUILTIN_CHECKPOINTS["mobilenetv1-fmnist"]
     assert path.stat().st_size < 1_500_000
     assert json.loads(path.with_suffix(".json").read_text())["test_accuracy"] > 0.85
+
+
+# ----------------------------------------------------------------------------- "where they differ", cell by cell
+STUDY_FILES = {"rq1": "rq1_hessian_quality", "rq2": "rq2_oneshot", "rq3": "rq3_gradual", "rq4": "rq4_layerwise",
+               "rq5": "rq5_limited_data"}
+REFERENCE_ROWS = {"exact Hessian H₊", "true Fisher", "dense"}  # yardsticks, not competitors
+
+
+def differ_of(out: Path, key: str, markdown: str | None = None):  # -> (Differ, tables, text)
+    from benchmarks import run_all
+    from benchmarks.research.common import parse_tables
+
+    name = STUDY_FILES[key]
+    markdown = markdown if markdown is not None else (out / f"{name}.md").read_text()
+    tables = parse_tables(markdown)
+    _, _, differ = run_all.SECTIONS[key][1](json.loads((out / f"{name}.json").read_text()), tables)
+    return differ, parse_tables(markdown), differ.text()
+
+
+@pytest.mark.parametrize("key", list(STUDY_FILES))
+def test_where_they_differ_quotes_its_own_tables_and_skips_no_cell(key: str) -> None:
+    """Every cell a statement quotes is the cell of the table it describes, as printed and in the text; every
+    result cell of every table is examined (reference rows apart, and only those)."""
+    from benchmarks.research.common import mean_text
+
+    differ, tables, text = differ_of(REPO / "results", key)
+    for statement, cited in differ.statements:
+        assert statement in text
+        for cell in cited:
+            assert tables[cell.table].rows[cell.row][cell.column] == cell.text, (statement, cell)
+            assert mean_text(cell.text) in statement, (statement, cell)
+    every = {(t, r, c) for t, table in enumerate(tables) for r, c in table.result_cells()}
+    references = {(t, r) for t, table in enumerate(tables) for r, row in enumerate(table.rows)
+                  if REFERENCE_ROWS & set(row)}
+    assert differ.references == references
+    skipped = {cell for cell in every if cell not in differ.examined and cell[:2] not in references}
+    assert not skipped, f"{key}: cells no comparison looked at: " + ", ".join(
+        f"{tables[t].header[c]} of {tables[t].rows[r][:2]}" for t, r, c in sorted(skipped))
+    assert differ.examined <= every
+
+
+def test_rq2_where_they_differ_names_every_cell_a_baseline_wins() -> None:
+    """Independently of run_all: every (table, sparsity) where a baseline beats WoodFisher (joint) by more than
+    0.5 points is named, and no other; a cell made contrary by hand is found."""
+    from benchmarks.research.common import parse_tables, parse_value
+
+    def expected(markdown: str) -> set[str]:
+        names = set()
+        for table in parse_tables(markdown):
+            model = table.caption.split("**")[1]
+            where = f"{model} {'with BN recalibration' if 'BatchNorm' in table.caption else 'as pruned'}"
+            rows = {row[0]: row for row in table.rows}
+            for c in range(1, len(table.header)):
+                ours = parse_value(rows["WoodFisher (joint)"][c])
+                best = max(parse_value(row[c])[0] for label, row in rows.items()  # type: ignore[index]
+                           if not label.startswith(("WoodFisher", "WoodTaylor", "K-FAC")))
+                if ours is not None and best > ours[0] + 0.5:
+                    names.add(f"{where} at {table.header[c]}:")
+        return names
+
+    out = REPO / "results"
+    markdown = (out / "rq2_oneshot.md").read_text()
+    first = markdown.split("| WoodFisher (joint) | ", 1)
+    edited = first[0] + "| WoodFisher (joint) | 1.00 ± 0.00 | " + first[1].split(" | ", 1)[1]  # 30%, first table
+    for md in (markdown, edited):
+        _, _, text = differ_of(out, "rq2", md)
+        named = set(re.findall(r"((?:ResNet-20|MobileNetV1-0\.25) (?:as pruned|with BN recalibration) at \d+%:)",
+                               text))
+        assert named == expected(md)
+    assert "ResNet-20 as pruned at 30%:" in differ_of(out, "rq2", edited)[2]
+
+
+def test_research_blocks_are_generated_from_results() -> None:
+    """docs/research.md's block and the README's research summary are what run_all.py builds from results/ (no
+    hand edits, no stale text): rebuild with `benchmarks/run_all.py --no-run`."""
+    from benchmarks import run_all
+
+    out = REPO / "results"
+    keys = [k for k, (_, name) in run_all.STUDIES.items() if (out / f"{name}.json").is_file()]
+    runs = {k: {"seconds": run_all.load(out, run_all.STUDIES[k][1]).get("seconds", 0.0)} for k in keys}
+    doc = REPO / "docs" / "research.md"
+    block = run_all.results_block(out, keys, runs, doc.parent)
+    assert f"{run_all.BEGIN}\n{block}\n{run_all.END}" in doc.read_text()
+    summary = run_all.summary_block(out, doc, REPO)
+    assert f"{run_all.SUMMARY_BEGIN}\n{summary}\n{run_all.SUMMARY_END}" in (REPO / "README.md").read_text()

@@ -1,18 +1,37 @@
 """RQ3: does second-order information give better accuracy after gradual pruning? And generalisation?
 
 The default recipe (recipes/default.yaml: ResNet-20 on Fashion-MNIST, cubic schedule, conv1 and fc
-dense) runs its whole pruning stage with WoodFisher and with global magnitude, changing nothing but
-the method, at 90/95/98% and over seeds (the recipe's seed: data order and Fisher draws). To fit the
-studies' one-hour budget the fine-tuning budget is reduced (the table says by how much); both methods
-get exactly the same. The final models are evaluated on the whole test set and on a fixed subset of
-training images (no augmentation) for the train/test gap.
+dense) runs its whole pruning stage with WoodFisher, with global magnitude and with K-FAC OBS (the
+gradual second-order baseline), changing nothing but the method, at 90/95/98% and over seeds (the
+recipe's seed: data order and Fisher draws). To fit the studies' one-hour budget the fine-tuning
+budget is reduced (the table says by how much); every method gets exactly the same.
 
-    python benchmarks/research/rq3_gradual.py           # full: 3 targets x 2 seeds x 2 methods
+Validation split: 5,000 training images are held out before anything runs (a fixed draw, the same
+for every run): fine-tuning and the Fisher pool use only the rest, so the split is disjoint from the
+test set, from the training data and from the Fisher samples. Every choice the study makes is made on
+it, never on test accuracy: with ``--grid KEY=V1,V2`` (a recipe override, e.g. the damping
+``pruning.woodfisher.damp``) each value is run, and per method and target the value with the best mean
+validation accuracy over seeds is reported; a ``pruning.woodfisher.*`` grid applies to the methods that
+use those settings (WoodFisher, K-FAC), any other key to every method (the table counts the
+configurations each method was given). The final models are evaluated on the validation split, on
+the whole test set and on a fixed subset of the training images they were trained on (no
+augmentation) for the train/test gap.
+
+``--work-dir DIR`` writes each (method, target, seed, configuration) as its own JSON file there and
+reuses the files it finds, so the study can be split over processes (each with ``--methods``,
+``--targets`` or ``--seeds`` a part of the grid) and resumed; a last call over the whole grid assembles
+the table.
+
+    python benchmarks/research/rq3_gradual.py           # 3 targets x 2 seeds x 3 methods, reduced budget
     python benchmarks/research/rq3_gradual.py --quick   # 90% only, 1 seed, a few optimizer steps
+    python benchmarks/research/rq3_gradual.py --work-dir /tmp/rq3 --methods kfac --seeds 1   # one part
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import multiprocessing
+import re
 import sys
 import tempfile
 import time
@@ -24,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks._shared import set_threads  # noqa: E402
 from benchmarks.research.common import (  # noqa: E402
     REPO,
+    CellStore,
     UnitLog,
     log,
     markdown_table,
@@ -39,8 +59,9 @@ from benchmarks.research.common import (  # noqa: E402
 # isort: split
 import torch  # noqa: E402
 
-from wf_pipeline.data import build_data  # noqa: E402
+from wf_pipeline.data import DataBundle, build_data  # noqa: E402
 from wf_pipeline.data.loaders import TensorBatches  # noqa: E402
+from wf_pipeline.data.sources import TensorSplit  # noqa: E402
 from wf_pipeline.models import build_model  # noqa: E402
 from wf_pipeline.recipe.loader import load_recipe  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig  # noqa: E402
@@ -49,78 +70,175 @@ from wf_pipeline.runtime.rundir import RunDir  # noqa: E402
 from wf_pipeline.training.epoch import evaluate  # noqa: E402
 from wf_pipeline.training.gradual import run_pruning_stage  # noqa: E402
 
-METHODS = ("magnitude", "woodfisher")
-LABELS = {"magnitude": "global magnitude", "woodfisher": "WoodFisher"}
+METHODS = ("magnitude", "woodfisher", "kfac")
+LABELS = {"magnitude": "global magnitude", "woodfisher": "WoodFisher", "kfac": "K-FAC OBS"}
+USES_FISHER_SETTINGS = ("woodfisher", "kfac")  # the methods pruning.woodfisher.* settings apply to
 FULL = {"finetune.epochs": 4, "finetune.steps_per_epoch": 60, "pruning.schedule.end_epoch": 2,
         "pruning.woodfisher.num_grads": 500, "data.test_subset": 1000}
 QUICK = {"finetune.epochs": 2, "finetune.steps_per_epoch": 8, "pruning.schedule.end_epoch": 1,
          "pruning.woodfisher.num_grads": 64, "data.test_subset": 200}
+VALIDATION_IMAGES, VALIDATION_SEED = 5000, 1234
+QUICK_VALIDATION_IMAGES = 500
 
 
-def final_evaluation(model: torch.nn.Module, test_images: int | None, train_images: int) -> tuple[float, float]:
-    """(train accuracy on a fixed training subset without augmentation, test accuracy)."""
+@dataclasses.dataclass
+class Carved:
+    """A run's data with a validation split held out of the training set, and the indices of each part
+    (into the full training split)."""
+
+    data: DataBundle
+    validation: TensorSplit
+    validation_idx: torch.Tensor
+    train_idx: torch.Tensor
+    fisher_idx: torch.Tensor
+
+
+def carve_validation(data: DataBundle, size: int, seed: int = VALIDATION_SEED) -> Carved:
+    """Hold out `size` training images (a draw fixed by `seed`, the same for every run and method).
+
+    Fine-tuning (the bundle's training split) and the Fisher pool are drawn from the rest only; the
+    pool is drawn as :func:`wf_pipeline.data.build_data` draws it (``data.fisher_pool`` images, seed + 2).
+    """
+    train = data.train_split
+    assert train is not None and not data.cfg.fisher_samples_per_class
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    validation_idx, train_idx = order[:size].sort().values, order[size:].sort().values
+    pool = data.cfg.fisher_pool
+    if pool is not None and pool < len(train_idx):
+        draw = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(data.seed + 2))[:pool]
+        fisher_idx = train_idx[draw.sort().values]
+    else:
+        fisher_idx = train_idx
+
+    def split(idx: torch.Tensor) -> TensorSplit:
+        return TensorSplit(train.images[idx], train.labels[idx])
+
+    carved = dataclasses.replace(data, train_split=split(train_idx), fisher_split=split(fisher_idx))
+    return Carved(carved, split(validation_idx), validation_idx, train_idx, fisher_idx)
+
+
+def final_evaluation(model: torch.nn.Module, carved: Carved, test_images: int | None,
+                     train_images: int) -> dict[str, float]:
+    """Accuracy on the validation split, the test set and a fixed subset of the training images the run used
+    (no augmentation)."""
     data = build_data(DataConfig(dataset="fashion_mnist", augment=False, test_subset=test_images), seed=0)
-    split = data.train_split
-    assert split is not None and data.preprocess is not None
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(123))[:train_images]
-    train = TensorBatches(split.images[idx], split.labels[idx], data.preprocess, 500)
+    assert data.preprocess is not None
+    train = carved.data.train_split
+    assert train is not None
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(123))[:train_images]
     device = torch.device("cpu")
     model.eval()
-    return evaluate(model, train, device)[0], evaluate(model, data.test_batches(), device)[0]
+
+    def accuracy(split: TensorSplit) -> float:
+        return evaluate(model, TensorBatches(split.images, split.labels, data.preprocess, 500), device)[0]  # type: ignore[arg-type]
+
+    return {"validation_accuracy": accuracy(carved.validation),
+            "train_accuracy": accuracy(TensorSplit(train.images[idx], train.labels[idx])),
+            "test_accuracy": evaluate(model, data.test_batches(), device)[0]}
 
 
-FULL_GRID: dict[str, list[Any]] = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1]}
+FULL_GRID: dict[str, list[Any]] = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1], "methods": list(METHODS)}
 
 
-def run_one(method: str, target: float, seed: int, budget: dict[str, Any], root: Path,
-            eval_sizes: tuple[int | None, int], units: UnitLog, threads: int | None = None) -> dict[str, Any]:
+def configurations(method: str, grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every assignment of the grid's values that applies to `method` (one empty one without a grid)."""
+    keys = [k for k in grid if not k.startswith("pruning.woodfisher.") or method in USES_FISHER_SETTINGS]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def config_name(config: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
+def after_step(report: Any) -> float | None:
+    """A pruning step's test accuracy right after it (a record or a dict, as metrics hold them)."""
+    return report.get("test_accuracy_after") if isinstance(report, dict) else getattr(report, "test_accuracy_after",
+                                                                                        None)
+
+
+def run_one(method: str, target: float, seed: int, config: dict[str, str], budget: dict[str, Any], root: Path,
+            sizes: tuple[int | None, int, int], units: UnitLog | CellStore,
+            threads: int | None = None) -> dict[str, Any]:
     """One gradual-pruning run and its final evaluation, logged to `units` (a resumed run reuses it)."""
-    key = f"{method}|{target:g}|{seed}"
+    key = f"{method}|{target:g}|{seed}|{config_name(config)}"
     if key in units.done:
         return units.done[key]
     set_threads(threads)
-    overrides = [f"{k}={v}" for k, v in budget.items()]
+    overrides = [f"{k}={v}" for k, v in {**budget, **config}.items()]
     overrides += [f"pruning.method={method}", f"pruning.final_sparsity={target}", f"seed={seed}",
                   f"output.root={root}", f"output.run_name={method}-{int(target * 1000)}-{seed}"]
     recipe, _ = load_recipe(REPO / "recipes" / "default.yaml", overrides)
     seed_everything(recipe.seed, recipe.deterministic)
-    data = build_data(recipe.data, recipe.seed)
+    test_images, train_images, validation_images = sizes
+    carved = carve_validation(build_data(recipe.data, recipe.seed), validation_images)
     model = build_model(recipe.model)
-    run = RunDir(root / recipe.run_name())
+    run = RunDir(root / f"{recipe.run_name()}-{re.sub(r'[^A-Za-z0-9.=-]+', '_', config_name(config))}")
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = run_pruning_stage(recipe, run, model, data, torch.device("cpu"))
-    train_acc, test_acc = final_evaluation(result.model, *eval_sizes)
-    row = {"method": method, "target": target, "seed": seed, "sparsity": result.metrics.sparsity,
-           "train_accuracy": train_acc, "test_accuracy": test_acc, "gap": train_acc - test_acc,
-           "accuracy_after_steps": [r.get("test_accuracy_after") for r in result.metrics.prune_reports or []],
+    result = run_pruning_stage(recipe, run, model, carved.data, torch.device("cpu"))
+    acc = final_evaluation(result.model, carved, test_images, train_images)
+    row = {"method": method, "target": target, "seed": seed, "config": config, "sparsity": result.metrics.sparsity,
+           **acc, "gap": acc["train_accuracy"] - acc["test_accuracy"],
+           "accuracy_after_steps": [after_step(r) for r in result.metrics.prune_reports or []],
            "wall_s": time.perf_counter() - started}
     units.add(key, row)
-    log(f"  {method} -> {target:.0%} seed {seed}: test {test_acc:.4f}, train {train_acc:.4f} ({row['wall_s']:.0f} s)")
+    log(f"  {method} -> {target:.0%} seed {seed} [{config_name(config)}]: validation {acc['validation_accuracy']:.4f}, "
+        f"test {acc['test_accuracy']:.4f}, train {acc['train_accuracy']:.4f} ({row['wall_s']:.0f} s)")
     return row
 
 
-def table(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, float]) -> str:
-    body: list[list[Any]] = [["dense", "0%", pm([dense[1]]), pm([dense[0]]), f"{100 * (dense[0] - dense[1]):+.2f}", ""]]
+def choose(rows: list[dict[str, Any]], method: str, target: float) -> tuple[dict[str, str], int]:
+    """The configuration of `method` at `target` with the best mean validation accuracy over seeds (never test),
+    and how many were tried."""
+    mine = [r for r in rows if r["method"] == method and r["target"] == target]
+    names = {config_name(r["config"]): r["config"] for r in mine}
+    best = max(names, key=lambda n: (mean_std([r["validation_accuracy"] for r in mine
+                                               if config_name(r["config"]) == n])[0], n))
+    return names[best], len(names)
+
+
+def chosen_rows(rows: list[dict[str, Any]], targets: list[float]) -> list[dict[str, Any]]:
+    """Per method and target only the runs of the configuration chosen on the validation split."""
+    out = []
+    for target in targets:
+        for method in METHODS:
+            if any(r["method"] == method and r["target"] == target for r in rows):
+                config, _ = choose(rows, method, target)
+                out += [r for r in rows if r["method"] == method and r["target"] == target and r["config"] == config]
+    return out
+
+
+def table(rows: list[dict[str, Any]], targets: list[float], dense: dict[str, float]) -> str:
+    body: list[list[Any]] = [["dense", "0%", pm([dense["validation_accuracy"]]), pm([dense["test_accuracy"]]),
+                              pm([dense["train_accuracy"]]),
+                              f"{100 * (dense['train_accuracy'] - dense['test_accuracy']):+.2f}", "", ""]]
     for target in targets:
         for method in METHODS:
             sel = [r for r in rows if r["method"] == method and r["target"] == target]
             if sel:
-                body.append([LABELS[method], f"{target:.0%}", pm([r["test_accuracy"] for r in sel]),
-                             pm([r["train_accuracy"] for r in sel]), pm([r["gap"] for r in sel]), len(sel)])
-    header = ["method", "target", "test accuracy (%)", "train accuracy (%)", "train − test (points)", "seeds"]
+                config, tried = choose(rows, method, target)
+                sel = [r for r in sel if r["config"] == config]
+                body.append([LABELS[method], f"{target:.0%}", pm([r["validation_accuracy"] for r in sel]),
+                             pm([r["test_accuracy"] for r in sel]), pm([r["train_accuracy"] for r in sel]),
+                             pm([r["gap"] for r in sel]), len(sel),
+                             f"{config_name(config)} (of {tried})" if tried > 1 else "—"])
+    header = ["method", "target", "validation accuracy (%)", "test accuracy (%)", "train accuracy (%)",
+              "train − test (points)", "seeds", "chosen on validation"]
     return markdown_table(header, body)
 
 
-def plot(rows: list[dict[str, Any]], targets: list[float], dense: tuple[float, float]) -> Any:
+def plot(rows: list[dict[str, Any]], targets: list[float], dense: dict[str, float]) -> Any:
     fig, axes = new_figure(ncols=2, size=(5.0, 3.6))
     for key, ax, title in (("test_accuracy", axes[0][0], "test accuracy after gradual pruning"),
                            ("gap", axes[0][1], "train − test accuracy (generalisation gap)")):
         for method in METHODS:
+            if not any(r["method"] == method for r in rows):
+                continue
             stats = [mean_std([r[key] for r in rows if r["method"] == method and r["target"] == t]) for t in targets]
             ax.errorbar(targets, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                         label=LABELS[method])
-        ax.axhline(dense[1] if key == "test_accuracy" else dense[0] - dense[1], color="grey", linestyle="--",
+        gap = dense["train_accuracy"] - dense["test_accuracy"]
+        ax.axhline(dense["test_accuracy"] if key == "test_accuracy" else gap, color="grey", linestyle="--",
                    label="dense")
         ax.set_xlabel("target sparsity")
         ax.set_title(title, fontsize=9)
@@ -136,51 +254,76 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, help="a subset of the targets (output marked reduced)")
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="other seeds (output marked reduced if not the full run's)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (output marked reduced)")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                        help="recipe settings to choose on the validation split, "
+                             "e.g. pruning.woodfisher.damp=1e-3,1e-5")
+    parser.add_argument("--work-dir", type=Path,
+                        help="one JSON file per finished run here, reused when present (split the study over "
+                             "processes, resume it)")
     args = parser.parse_args()
     started = time.perf_counter()
-    eval_sizes: tuple[int | None, int]
+    sizes: tuple[int | None, int, int]
     if args.quick:
-        targets, seeds, budget, eval_sizes = [0.9], [0], QUICK, (500, 500)
+        targets, seeds, methods, budget = [0.9], [0], list(METHODS), QUICK
+        sizes = (500, 500, QUICK_VALIDATION_IMAGES)
     else:
-        targets, seeds, budget, eval_sizes = FULL_GRID["targets"], FULL_GRID["seeds"], FULL, (None, 5000)
-    targets, seeds = args.targets or targets, args.seeds or seeds
-    config = {"quick": args.quick, "budget": budget, "eval_sizes": eval_sizes}
-    units = UnitLog(args.out, "rq3_gradual", config, args.resume)
+        targets, seeds, methods, budget = FULL_GRID["targets"], FULL_GRID["seeds"], FULL_GRID["methods"], FULL
+        sizes = (None, 5000, VALIDATION_IMAGES)
+    targets, seeds, methods = args.targets or targets, args.seeds or seeds, args.methods or methods
+    grid = {key: values.split(",") for key, values in (item.split("=", 1) for item in args.grid)}
+    config = {"quick": args.quick, "budget": budget, "sizes": sizes, "validation_seed": VALIDATION_SEED}
+    units: UnitLog | CellStore = (CellStore(args.work_dir, config) if args.work_dir
+                                  else UnitLog(args.out, "rq3_gradual", config, args.resume))
     resumed = len(units.done)
-    if "dense" not in units.done:  # (train, test) accuracy of the dense model, logged like a run
-        dense_model = build_model(load_recipe(REPO / "recipes" / "default.yaml", [])[0].model)
-        units.done["dense"] = list(final_evaluation(dense_model, *eval_sizes))
+    if "dense" not in units.done:  # accuracy of the dense model, logged like a run
+        recipe = load_recipe(REPO / "recipes" / "default.yaml", [f"{k}={v}" for k, v in budget.items()])[0]
+        carved = carve_validation(build_data(recipe.data, recipe.seed), sizes[2])
+        units.done["dense"] = final_evaluation(build_model(recipe.model), carved, sizes[0], sizes[1])
         units.add("dense", units.done["dense"])
-    dense = (units.done["dense"][0], units.done["dense"][1])
-    jobs = [(method, target, seed) for target in targets for seed in seeds for method in METHODS]
-    workers = min(args.workers, sum(f"{m}|{t:g}|{s}" not in units.done for m, t, s in jobs))
+    dense = units.done["dense"]
+    jobs = [(method, target, seed, cfg) for target in targets for seed in seeds for method in METHODS
+            if method in methods for cfg in configurations(method, grid)]
+    todo = [job for job in jobs if f"{job[0]}|{job[1]:g}|{job[2]}|{config_name(job[3])}" not in units.done]
+    workers = min(args.workers, len(todo))
     with tempfile.TemporaryDirectory(prefix="wf-rq3-") as tmp:
         if workers > 1:
             # spawn: fresh interpreters, no forked OpenMP state; every run is deterministic whatever the order.
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, m, t, s, budget, Path(tmp), eval_sizes, units, 1) for m, t, s in jobs]
+                futures = [pool.submit(run_one, m, t, s, c, budget, Path(tmp), sizes, units, 1) for m, t, s, c in jobs]
                 rows = [f.result() for f in futures]
         else:
-            rows = [run_one(m, t, s, budget, Path(tmp), eval_sizes, units) for m, t, s in jobs]
+            rows = [run_one(m, t, s, c, budget, Path(tmp), sizes, units) for m, t, s, c in jobs]
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
-    reduced = None if args.quick else reduction(FULL_GRID, {"targets": targets, "seeds": seeds})
+    reduced = None if args.quick else reduction(FULL_GRID, {"targets": targets, "seeds": seeds, "methods": methods})
+    tried = {m: len(configurations(m, grid)) for m in methods}
     note = (f"Gradual pruning with recipes/default.yaml, only the method changed; reduced budget for the studies: "
             f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps "
             f"({steps} optimizer "
             f"steps; the default recipe has 1,800), pruning steps at epochs 0..{budget['pruning.schedule.end_epoch']}, "
-            f"N = {budget['pruning.woodfisher.num_grads']} gradients per WoodFisher step. Test accuracy on "
-            f"{'all 10,000' if eval_sizes[0] is None else f'{eval_sizes[0]:,}'} test images, train accuracy on "
-            f"{eval_sizes[1]:,} fixed training images (no augmentation); mean ± std over seeds."
-            + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n")
-    def mean_of(key: str, m: str, t: float) -> float:
-        return mean_std([r[key] for r in rows if r["method"] == m and r["target"] == t])[0]
+            f"N = {budget['pruning.woodfisher.num_grads']} gradients per WoodFisher and K-FAC step. Validation: "
+            f"{sizes[2]:,} training images held out of fine-tuning and the Fisher pool; "
+            + (f"configurations chosen on it ({', '.join(f'{LABELS[m]} {n}' for m, n in tried.items())}); "
+               if grid else "no setting was tuned (the recipe's, as given); ")
+            + f"test accuracy on {'all 10,000' if sizes[0] is None else f'{sizes[0]:,}'} test images, train "
+            f"accuracy on {sizes[1]:,} fixed training images of the runs' own (no augmentation); mean ± std over "
+            f"seeds." + (f" **Reduced run**: {reduced}." if reduced else "") + "\n\n")
+    chosen = chosen_rows(rows, targets)
 
-    summary = {f"{m}_{int(round(t * 100))}": mean_of("test_accuracy", m, t) for m in METHODS for t in targets}
-    summary.update({f"{m}_gap_{int(round(t * 100))}": mean_of("gap", m, t) for m in METHODS for t in targets})
+    def mean_of(key: str, m: str, t: float) -> float:
+        return mean_std([r[key] for r in chosen if r["method"] == m and r["target"] == t])[0]
+
+    present = [m for m in METHODS if m in methods]
+    summary = {f"{m}_{int(round(t * 100))}": mean_of("test_accuracy", m, t) for m in present for t in targets}
+    summary.update({f"{m}_gap_{int(round(t * 100))}": mean_of("gap", m, t) for m in present for t in targets})
+    summary.update({f"{m}_validation_{int(round(t * 100))}": mean_of("validation_accuracy", m, t)
+                    for m in present for t in targets})
     payload = {"quick": args.quick, "reduced": reduced, "resumed_units": resumed, "budget": budget, "targets": targets,
-               "seeds": seeds,
-               "dense": {"train_accuracy": dense[0], "test_accuracy": dense[1]}, "summary": summary, "rows": rows}
-    save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(rows, targets, dense),
+               "seeds": seeds, "methods": present, "grid": grid, "validation_images": sizes[2],
+               "dense": dense, "summary": summary, "chosen": {f"{r['method']}|{r['target']:g}": r["config"]
+                                                               for r in chosen},
+               "rows": rows}
+    save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(chosen, targets, dense),
                  started)
     units.finish()
 
