@@ -68,7 +68,7 @@ def run_one(recipe_path: Path, overrides: list[str], root: Path, verbose: bool) 
         "sparsity": m.sparsity,
         "dense_accuracy": m.initial_accuracy,
         "accuracy": m.final_accuracy,
-        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m.prune_reports],
+        "accuracy_after_each_step": [r.test_accuracy_after for r in m.prune_reports],
         "wall_s": wall,
         "prune_s": m.timings["prune_s"],
         "finetune_s": m.timings["finetune_s"],

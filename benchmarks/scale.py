@@ -77,7 +77,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                         spill_dir=None if spill is None else Path(spill))
     seconds = time.perf_counter() - started
     t = report.timings
-    plan = report.extra["fisher_plan"]
+    plan = report.details.fisher_plan
+    assert plan is not None  # a WoodFisher step records its plan
+    health = report.details.fisher_health  # promoted (float64) and repaired blocks
     out: dict[str, Any] = {
         "model": case["model"], "mode": case["mode"], "weights": sum(p.numel() for p in params.values()),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -90,7 +92,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                                       "budget_bytes", "peak_bytes", "baseline_bytes", "stats_bytes", "spill_bytes")}
         | {"groups": plan["groups"], "summary": plan["summary"]},
         "achieved_sparsity": report.achieved_sparsity,
-        "fisher_health": report.extra.get("fisher_health"),  # promoted (float64) and repaired blocks
+        "fisher_health": None if health is None else health.to_dict(),
     }
     if case.get("save_weights"):
         weights = {n: p.detach().clone() for n, p in params.items()}

@@ -68,8 +68,8 @@ def build_job(recipe_path: Path, sparsity: float | None, num_grads: int | None) 
     }
 
 
-def timed_step(job: dict[str, Any]) -> dict[str, float]:
-    """One prune_step on a fresh copy of the model; its phase timings in seconds."""
+def timed_step(job: dict[str, Any]) -> dict[str, Any]:
+    """One prune_step on a fresh copy of the model; its phase timings in seconds (and its gradient engine)."""
     from wf_pipeline.pruning import MaskSet, prune_step
 
     model = copy.deepcopy(job["model"])
@@ -80,7 +80,7 @@ def timed_step(job: dict[str, Any]) -> dict[str, float]:
     cpu = time.process_time() - cpu0
     t = report.timings
     statistics_s = t.get("accumulate", 0.0)
-    phases = {
+    phases: dict[str, Any] = {
         "total": t["total"],
         "gradients": t["gradients"],
         "statistics": statistics_s,
@@ -90,7 +90,7 @@ def timed_step(job: dict[str, Any]) -> dict[str, float]:
     phases["other"] = phases["total"] - sum(phases[k] for k in ("gradients", "statistics", "inverse", "update"))
     phases["achieved_sparsity"] = report.achieved_sparsity
     phases["cpu"] = cpu  # CPU-seconds of this process (all threads): the work, much less load-dependent than wall time
-    phases["engine"] = report.extra.get("gradient_engine", "")
+    phases["engine"] = report.details.gradient_engine or ""
     return phases
 
 

@@ -97,7 +97,7 @@ def prune_one(method: str, overrides: list[str], root: Path, verbose: bool,
         "params": exported.structure["params"],
         "channels_after": surgery.channels_after,
         "surgery_max_output_change": surgery.max_output_change,
-        "accuracy_after_each_step": [r["test_accuracy_after"] for r in m.prune_reports],
+        "accuracy_after_each_step": [r.test_accuracy_after for r in m.prune_reports],
         "wall_s": wall,  # of this process only when resumed
         "resumed": resumed,
         "prune_s": m.timings["prune_s"],

@@ -445,7 +445,7 @@ def test_kfac_applies_the_nonfinite_policy() -> None:
     assert all(torch.equal(p, before[n]) for n, p in params.items())
     report = prune_step(model, params, MaskSet.dense(params), 0.5, settings.replace(nonfinite="skip"),
                         lambda: [(xs, ys)])
-    assert report.extra["nonfinite_skipped"] == 1 and all(torch.isfinite(p).all() for p in params.values())
+    assert report.details.nonfinite_skipped == 1 and all(torch.isfinite(p).all() for p in params.values())
     assert any("1 non-finite gradient(s) skipped" in line for line in report.notices())
 
 

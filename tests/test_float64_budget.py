@@ -204,7 +204,8 @@ def test_most_blocks_in_float64_stay_within_the_plan_and_equal_the_in_memory_ste
             assert peak < 4 * B * B * (stop - start) + 8 * B * B * 2 * plan.segment_blocks + 2 * 10**6
     # The same pruning as with everything in memory.
     report, ref_masks = _in_memory_prune(reference, "woodfisher", 64, 64, plan.chunk_size, 0.7, scale=SCALE)
-    assert report.extra["fisher_health"]["promoted_blocks"] == health.promoted_blocks
+    assert report.details.fisher_health is not None
+    assert report.details.fisher_health.promoted_blocks == health.promoted_blocks
     _assert_same(reference, budgeted, ref_masks, masks)
     assert predicted == pytest.approx(report.predicted_loss_increase, rel=1e-6)
 

@@ -268,7 +268,7 @@ def test_prune_step_never_writes_a_nan_sample_into_the_weights(method: str, rout
     assert all(torch.equal(p, before[n]) for n, p in params.items()) and all(m.all() for m in masks.masks.values())
 
     report = prune_step(model, params, masks, 0.5, settings.replace(nonfinite="skip"), lambda: [(xs, ys)])
-    assert report.extra["nonfinite_skipped"] == 1 and report.num_grads == 12  # sample 5 replaced by sample 0 again
+    assert report.details.nonfinite_skipped == 1 and report.num_grads == 12  # sample 5 replaced by sample 0 again
     assert all(torch.isfinite(p).all() for p in params.values())
     assert report.achieved_sparsity == pytest.approx(0.5, abs=0.02)
 

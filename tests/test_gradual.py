@@ -171,7 +171,7 @@ def test_limited_data_caps_per_sample_gradients(tmp_path: Path) -> None:
     result = run_pruning_stage(recipe, run, build_model(recipe.model), build_data(recipe.data, recipe.seed),
                                torch.device("cpu"))
     assert result.metrics.prune_reports is not None and result.metrics.notes is not None
-    assert result.metrics.prune_reports[0]["num_grads"] == 20  # 2 samples x 10 classes
+    assert result.metrics.prune_reports[0].num_grads == 20  # 2 samples x 10 classes
     assert any("exceeds the Fisher pool" in note for note in result.metrics.notes)
 
 

@@ -79,17 +79,19 @@ def test_tiny_budget_many_passes_equal_the_in_memory_step(tmp_path: Path, method
     spill_dir = tmp_path if spill else None
     budget = _budget_for_passes(num_grads, block, spill_dir)
     model, masks, report = _prune(method, num_grads, block, budget, 16, spill_dir)
-    plan = report.extra["fisher_plan"]
+    plan = report.details.fisher_plan
+    assert plan is not None and report.details.fisher_plan_summary is not None
     assert plan["groups"] >= 4 and plan["revisit"] == ("disk" if spill else "recompute")
     if spill:  # one gradient pass, each group built from its rows read back from the run directory
         assert plan["gradient_spill"] and plan["gradient_passes"] == 1
     else:  # a pass per group, and again for the update
         assert not plan["gradient_spill"] and plan["gradient_passes"] >= 7
-    assert report.extra["fisher_plan_summary"].startswith("Fisher plan:")
+    assert report.details.fisher_plan_summary.startswith("Fisher plan:")
     assert not list(tmp_path.glob("fisher-spill-*"))  # spill files removed after the step
     # The same step with all statistics in memory at once, with the same gradient chunks.
     ref_model, ref_masks, ref_report = _prune(method, num_grads, block, 100.0, plan["chunk_size"], None)
-    assert ref_report.extra["fisher_plan"]["groups"] == 1 and ref_report.extra["fisher_plan"]["revisit"] == "none"
+    ref_plan = ref_report.details.fisher_plan
+    assert ref_plan is not None and ref_plan["groups"] == 1 and ref_plan["revisit"] == "none"
     for name in ref_masks.masks:
         assert torch.equal(ref_masks.masks[name], masks.masks[name]), name
     a = torch.cat([p.detach().reshape(-1) for p in _weights(ref_model).values()])

@@ -88,10 +88,10 @@ def test_prune_report_carries_fisher_health_and_no_warnings_when_nothing_is_repa
     x, y, _, _ = digits()
     report, _ = prune(small_mlp(), PruneSettings("woodfisher", num_grads=200, block_size=64, damp=1e-5),
                       pool(x, y, n=200))
-    health = report.extra["fisher_health"]
-    assert health["num_blocks"] > 0 and health["promoted_blocks"] >= 0
-    assert health["max_error_estimate"] <= health["rtol"]
-    assert report.extra["warnings"] == [] and report.extra["repaired_blocks"] == 0
+    health = report.details.fisher_health
+    assert health is not None and health.num_blocks > 0 and health.promoted_blocks >= 0
+    assert health.max_error_estimate <= health.rtol
+    assert report.details.warnings == [] and report.details.repaired_blocks == 0
 
 
 def test_repairs_beyond_the_recipe_threshold_fail_with_one_line_and_leave_the_model_alone() -> None:
@@ -108,10 +108,10 @@ def test_repairs_beyond_the_recipe_threshold_fail_with_one_line_and_leave_the_mo
     assert "\n" not in str(info.value) and "raise pruning.woodfisher.damp" in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     report, _ = prune(model, settings.replace(max_repair_jitter=1e30), pool(x, y, n=40, batch=20), loss_fn=scaled_loss)
-    health = report.extra["fisher_health"]
-    assert health["jittered_blocks"] > 0 and health["max_jitter"] > 1
-    assert health["effective_damp_max"] == pytest.approx(1e-5 * (1 + health["max_jitter"]))
-    assert any("extra damping" in line for line in report.extra["warnings"])
+    health = report.details.fisher_health
+    assert health is not None and health.jittered_blocks > 0 and health.max_jitter > 1
+    assert health.effective_damp_max == pytest.approx(1e-5 * (1 + health.max_jitter))
+    assert any("extra damping" in line for line in report.details.warnings or [])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -14,7 +14,11 @@ def _stage_dict() -> dict:
         "target_sparsity": None, "sparsity": 0.9, "model_sparsity": 0.85, "pruned_params": 900,
         "prunable_params": 1000, "per_layer_sparsity": {"conv.weight": 0.9, "fc.weight": 0.9},
         "schedule": [{"epoch": 0, "optimizer_step": 0, "target_sparsity": 0.5, "group": "convs"}],
-        "prune_reports": [{"num_grads": 20, "timings": {"total": 0.4}}], "epochs": 2, "steps_per_epoch": 3,
+        "prune_reports": [{"epoch": 0, "optimizer_step": 0, "event": 0, "group": "convs", "test_accuracy_after": 0.6,
+                           "target_sparsity": 0.5, "achieved_sparsity": 0.5, "timings": {"total": 0.4}, "num_grads": 20,
+                           "predicted_loss_increase": 0.01, "method": "woodfisher", "newly_pruned": 450,
+                           "extra": {"route": "fast", "sub_steps": 1}, "fully_pruned": []}],
+        "epochs": 2, "steps_per_epoch": 3,
         "world_size": 1, "timings": {"finetune_s": 1.0, "prune_s": 0.5, "eval_s": 0.25, "total_s": 2.0},
         "resumed": False, "resumed_from": [], "notes": ["a note"], "checkpoint": "checkpoints/gradual_state.pt",
     }
@@ -34,6 +38,7 @@ def test_compress_metrics_have_exactly_the_keys_metrics_json_always_had():
     assert data["timings"] == {"finetune_s": 1.0, "prune_s": 0.5, "eval_s": 0.25, "total_s": 2.0,
                                "export_s": 1.5, "validate_s": 2.5}
     assert metrics.extra == {} and metrics.ignored_keys == []
+    assert data["prune_reports"] == _stage_dict()["prune_reports"]  # typed entries, written as read
     assert RunMetrics.from_dict(json.loads(json.dumps(data))) == metrics
 
 

@@ -129,19 +129,6 @@ class InverseHealth:
             )
 
 
-def record_health(extra: dict[str, Any], health: InverseHealth) -> None:
-    """Fold an inverse's health into a pruning report's `extra` (summed over sub-steps).
-
-    Sets ``fisher_health`` (the counts), ``repaired_blocks`` and ``warnings`` (one line per kind of repair,
-    for the log and the run's history; empty when nothing was repaired).
-    """
-    if "fisher_health" in extra:
-        health = InverseHealth.from_dict(extra["fisher_health"]).merge(health)
-    extra["fisher_health"] = health.to_dict()
-    extra["repaired_blocks"] = health.repaired_blocks
-    extra["warnings"] = health.warnings()
-
-
 def _with_margin(x: float) -> str:
     """The power of ten at or above 10·x, for a hint whose value must hold for the steps still to come."""
     if not math.isfinite(x) or x <= 0:

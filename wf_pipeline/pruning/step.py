@@ -4,15 +4,13 @@ It is the single entry point of the one-shot sweep and the gradual schedule. It 
 parameters in place to a target sparsity, keeps already-pruned weights pruned, updates the
 :class:`MaskSet` and leaves every pruned weight exactly zero. Which method runs is the pruner's
 business (see :mod:`wf_pipeline.pruning.pruners`); this module only splits the step into
-``recompute_steps`` sub-steps and reports what happened.
+``recompute_steps`` sub-steps and reports what happened (:class:`PruneReport`, in :mod:`.step_report`).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,37 +20,7 @@ from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.pruners import Pruner, PruneView, StepContext, build_pruner
 from wf_pipeline.pruning.pruners.base import Batches, Progress, ReduceFn, eval_mode
 from wf_pipeline.pruning.settings import PruneSettings
-
-
-@dataclass
-class PruneReport:
-    """What a pruning step did. ``timings`` are seconds: gradients, inverse, obs, total (and, for the
-    gradient-based methods, accumulate: the part of inverse spent folding gradients into statistics)."""
-
-    target_sparsity: float
-    achieved_sparsity: float
-    per_layer_sparsity: dict[str, float]
-    timings: dict[str, float]
-    num_grads: int
-    predicted_loss_increase: float | None
-    method: str = ""
-    newly_pruned: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-    # Layers with every weight pruned after this step (layer collapse: the network is cut there).
-    fully_pruned: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def notices(self) -> list[str]:
-        """What the step repaired or skipped, one line each (Fisher blocks redone in float64 or given extra
-        damping, non-finite gradients left out): every command shows them and every run file records them."""
-        lines = [str(line) for line in self.extra.get("warnings") or []]
-        skipped = int(self.extra.get("nonfinite_skipped") or 0)
-        if skipped:
-            lines.append(f"Fisher gradients: {skipped} non-finite gradient(s) skipped and replaced by other samples "
-                         "(pruning.woodfisher.nonfinite: skip)")
-        return lines
+from wf_pipeline.pruning.step_report import PruneReport
 
 
 def prune_step(
@@ -105,7 +73,7 @@ def prune_step(
                 sub_target = start + (target_sparsity - start) * step / steps
                 predictions.append(pruner.prune(view, ctx, sub_target).predicted_loss_increase)
         if pruner.needs_gradients:
-            ctx.extra["sub_steps"] = steps
+            ctx.details.sub_steps = steps
     elif pruner.needs_gradients:
         predictions.append(0.0)
 
@@ -121,6 +89,6 @@ def prune_step(
         predicted_loss_increase=predicted,
         method=pruner.name,
         newly_pruned=zeros_after - zeros_before,
-        extra=ctx.extra,
+        details=ctx.details,
         fully_pruned=masks.fully_pruned(params),
     )

@@ -5,16 +5,26 @@ metrics.json has always had, and `from_dict()` reads any metrics.json (older run
 keys added later): keys it does not know, or whose value has an unexpected type, are kept in `extra`
 and written back unchanged, so a round trip never loses anything.
 
-The pruning stage and the pipeline produce it; reporting reads it. This module imports nothing from
-the stages.
+The pruning stage and the pipeline produce it; reporting reads it. Its prune_reports are typed
+:class:`PruneStepRecord` entries built on the pruning step's own report
+(:mod:`wf_pipeline.pruning.step_report`); besides that, this module imports nothing from the stages.
 """
 from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from wf_pipeline.pruning.step_report import (
+    PruneReport,
+    ReportFormatError,
+    StepDetails,
+    step_fields_from_dict,
+    step_fields_to_dict,
+    step_notices,
+)
 
 # Keys the pruning stage always writes, null included (e.g. target_sparsity of a grouped recipe).
 STAGE_KEYS = (
@@ -45,7 +55,7 @@ class RunMetrics:
     prunable_params: int | None = None
     per_layer_sparsity: dict[str, float] | None = None
     schedule: list[dict[str, Any]] | None = None  # {epoch, optimizer_step, target_sparsity[, group]}
-    prune_reports: list[dict[str, Any]] | None = None  # one per pruning step, as the pruner reports it
+    prune_reports: list[PruneStepRecord] | None = None  # one per pruning step, as the pruner reports it
     epochs: int | None = None
     steps_per_epoch: int | None = None
     world_size: int | None = None
@@ -72,7 +82,12 @@ class RunMetrics:
         known: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in data.items():
-            if key in hints and _matches(value, hints[key]):
+            if key in _READERS and key in hints:
+                try:
+                    known[key] = _READERS[key](value)
+                except ReportFormatError:
+                    extra[key] = value
+            elif key in hints and _matches(value, hints[key]):
                 known[key] = value
             else:
                 extra[key] = value
@@ -84,7 +99,7 @@ class RunMetrics:
         for name in _field_types():
             value = getattr(self, name)
             if value is not None or (name in STAGE_KEYS and self.method is not None):
-                out[name] = value
+                out[name] = _WRITERS[name](value) if name in _WRITERS and value is not None else value
         out.update(self.extra)
         return out
 
@@ -99,6 +114,84 @@ class RunMetrics:
         if self.timings is None:
             self.timings = {}
         self.timings[key] = seconds
+
+
+@dataclass
+class PruneStepRecord:
+    """One metrics.json prune_reports entry: where a pruning step ran, the accuracy right after it and the
+    step's PruneReport less its per-layer sparsity (details under "extra", as PruneReport.to_dict() has them)."""
+
+    epoch: float  # fractional with fractional schedules
+    optimizer_step: int | None = None
+    event: int | None = None  # the step's index in the stage's plan
+    group: str | None = None  # only with several pruning groups
+    test_accuracy_after: float | None = None  # on the monitor slice (the whole test set after the last step)
+    target_sparsity: float | None = None
+    achieved_sparsity: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: gradients, inverse, obs, total, ...
+    num_grads: int = 0  # gradients in the Fisher statistics (all ranks)
+    predicted_loss_increase: float | None = None  # None where the method does not predict it
+    method: str = ""
+    newly_pruned: int = 0  # weights (or channel entries) pruned by this step
+    details: StepDetails = field(default_factory=StepDetails)  # per method: Fisher route, dtype, health, plan
+    fully_pruned: list[str] = field(default_factory=list)  # layers left with no weight (layer collapse)
+
+    @classmethod
+    def of(cls, report: PruneReport, *, epoch: float, optimizer_step: int | None, event: int | None,
+           group: str | None, test_accuracy_after: float | None) -> PruneStepRecord:
+        return cls(epoch=epoch, optimizer_step=optimizer_step, event=event, group=group,
+                   test_accuracy_after=test_accuracy_after, target_sparsity=report.target_sparsity,
+                   achieved_sparsity=report.achieved_sparsity, timings=dict(report.timings),
+                   num_grads=report.num_grads, predicted_loss_increase=report.predicted_loss_increase,
+                   method=report.method, newly_pruned=report.newly_pruned, details=report.details,
+                   fully_pruned=list(report.fully_pruned))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as metrics.json has always held it (``group`` only with several pruning groups)."""
+        out: dict[str, Any] = {"epoch": self.epoch, "optimizer_step": self.optimizer_step, "event": self.event}
+        if self.group is not None:
+            out["group"] = self.group
+        out.update(test_accuracy_after=self.test_accuracy_after, target_sparsity=self.target_sparsity,
+                   achieved_sparsity=self.achieved_sparsity, **step_fields_to_dict(self))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "prune_reports entry") -> PruneStepRecord:
+        """Read an entry back; keys an older run did not write take the fields' defaults (None).
+
+        Raises ReportFormatError (naming the key) for a value of the wrong type or a missing epoch.
+        """
+        if not isinstance(data, Mapping):
+            raise ReportFormatError(f"{where}: expected an object, found {type(data).__name__}")
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for name in ("epoch", "optimizer_step", "event", "group", "test_accuracy_after", "target_sparsity",
+                     "achieved_sparsity"):
+            if name not in data:
+                if name == "epoch":
+                    raise ReportFormatError(f"{where}.epoch: missing")
+                continue
+            if not _matches(data[name], hints[name]):
+                raise ReportFormatError(f"{where}.{name}: unexpected value {data[name]!r:.40}")
+            values[name] = data[name]
+        return cls(**values, **step_fields_from_dict(data, where))
+
+    def notices(self) -> list[str]:
+        """The step's repairs and skips, one line each (as PruneReport.notices())."""
+        return step_notices(self.details)
+
+
+def _read_prune_reports(value: Any) -> list[PruneStepRecord] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ReportFormatError(f"prune_reports: expected a list, found {type(value).__name__}")
+    return [PruneStepRecord.from_dict(item, f"prune_reports[{i}]") for i, item in enumerate(value)]
+
+
+# Fields held as typed records: how metrics.json's value is read into them and written back.
+_READERS: dict[str, Callable[[Any], Any]] = {"prune_reports": _read_prune_reports}
+_WRITERS: dict[str, Callable[[Any], Any]] = {"prune_reports": lambda records: [r.to_dict() for r in records]}
 
 
 @functools.cache

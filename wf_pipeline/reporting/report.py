@@ -3,9 +3,10 @@
 It reads whatever the run directory holds (the run-directory contract is in README.md: "Run directory"
 under Usage; the report in docs/deployment.md) and leaves out, with a note, any piece that is missing
 or unreadable: a report of a half-finished run is still useful. metrics.json, validation.json and
-export.json are read back into the typed results that wrote them (RunMetrics, ValidationResult,
-ExportResult: see records.py), so every cell comes from a checked attribute. Both formats are rendered
-from the same list of blocks, so they never disagree.
+export.json are read back into the typed results that wrote them (RunMetrics with its PruneStepRecord
+prune reports and SurgeryResult channel surgery, ValidationResult, ExportResult: see records.py), so
+every cell comes from a checked attribute. Both formats are rendered from the same list of blocks, so
+they never disagree.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import yaml
 from wf_pipeline.deploy.model_stats import LayerStats, ModelStats
 from wf_pipeline.deploy.validate import ValidationResult
 from wf_pipeline.errors import WFError
+from wf_pipeline.pruning.structured.surgery import SurgeryResult
 from wf_pipeline.reporting import charts
-from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord, RunMetrics
+from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord, PruneStepRecord, RunMetrics
 from wf_pipeline.reporting.records import ExportRecord, RecordError, from_dict, read_export, read_validation
 from wf_pipeline.runtime import atomic_io
 
@@ -207,7 +209,7 @@ def _summary_section(run: RunData) -> Section:
     if m.sparsity is not None:
         rows.append(["channels removed" if channel else "achieved sparsity (masks)", _pct(m.sparsity)])
     if m.num_params is not None:
-        before = (m.channel_surgery or {}).get("params_before")
+        before = _surgery(run, m).params_before if channel and m.channel_surgery else None
         rows.append(["parameters (shipped model)",
                      _num(m.num_params) + (f" (dense {_num(before)})" if channel and before else "")])
     v = run.validation
@@ -243,6 +245,15 @@ def _summary_section(run: RunData) -> Section:
     else:
         section.blocks.append(Paragraph("No metrics.json or validation results in this run directory."))
     return section
+
+
+def _surgery(run: RunData, m: RunMetrics) -> SurgeryResult:
+    """metrics.json's channel_surgery as the SurgeryResult that wrote it (empty, with a note, if it does not fit)."""
+    try:
+        return from_dict(SurgeryResult, m.channel_surgery, where="metrics.json channel_surgery")
+    except RecordError as exc:
+        run.notes.append(f"metrics.json channel_surgery left out: {exc}")
+        return SurgeryResult()
 
 
 def _gates_section(run: RunData) -> Section | None:
@@ -331,11 +342,13 @@ def _oneshot_section(run: RunData) -> Section | None:
 def _training_section(run: RunData) -> Section | None:
     epochs = [r for r in run.history if isinstance(r, EpochRecord)]
     prunes = [r for r in run.history if isinstance(r, PruneRecord)]
-    if not epochs and not prunes:
+    steps = (run.metrics.prune_reports if run.metrics else None) or []
+    if not epochs and not prunes and not steps:
         return None
     section = Section("Training and pruning")
-    section.blocks.append(Image("training_curves.png", charts.training_curves_chart(epochs, prunes),
-                                "training and pruning curves"))
+    if epochs or prunes:
+        section.blocks.append(Image("training_curves.png", charts.training_curves_chart(epochs, prunes),
+                                    "training and pruning curves"))
     if prunes:
         rows = [
             [_num(p.epoch), _pct(p.target_sparsity), _pct(p.achieved_sparsity), _pct(p.test_accuracy_after),
@@ -348,7 +361,26 @@ def _training_section(run: RunData) -> Section | None:
     if notices:
         section.blocks.append(Paragraph("**Repairs and skips** (the pruning steps went on with them): "
                                         + "; ".join(notices)))
+    if steps:
+        section.blocks.append(Table(["step", "method", "newly pruned", "Fisher gradients", "predicted loss increase",
+                                     "curvature"], [_step_row(step) for step in steps]))
     return section
+
+
+def _step_row(step: PruneStepRecord) -> list[str]:
+    """One pruning step of metrics.json: what it pruned and how its curvature was computed."""
+    d = step.details
+    curvature = [part for part in (d.route, d.fisher_dtype) if part]
+    if d.gradient_engine:
+        curvature.append(f"{d.gradient_engine} gradients")
+    if d.repaired_blocks:
+        of = f" of {d.fisher_health.num_blocks}" if d.fisher_health else ""
+        curvature.append(f"{d.repaired_blocks}{of} blocks repaired")
+    if d.nonfinite_skipped:
+        curvature.append(f"{d.nonfinite_skipped} non-finite gradients skipped")
+    return [f"epoch {_num(step.epoch)}{f' ({step.group})' if step.group else ''}", step.method or "n/a",
+            _num(step.newly_pruned), _num(step.num_grads) if step.num_grads else "n/a",
+            _num(step.predicted_loss_increase, 3), ", ".join(curvature) or "n/a"]
 
 
 def _latency_section(run: RunData) -> Section | None:

@@ -90,9 +90,9 @@ def run_oneshot_sweep(
             sweep.results.append({"method": method, "sparsity": sparsity, "accuracy": accuracy, "loss": loss,
                                   "achieved_sparsity": report.achieved_sparsity, "prune_seconds": seconds,
                                   "per_layer_sparsity": report.per_layer_sparsity})
-            plan = report.extra.get("fisher_plan_summary")
+            plan = report.details.fisher_plan_summary
             if plan:
-                sweep.results[-1]["fisher_plan"] = report.extra["fisher_plan"]
+                sweep.results[-1]["fisher_plan"] = report.details.fisher_plan
             notices = report.notices()  # repairs and skips: in oneshot.json, oneshot.md and on the terminal
             if notices:
                 sweep.results[-1]["warnings"] = notices

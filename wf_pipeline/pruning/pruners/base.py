@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from wf_pipeline.pruning.masks import MaskSet
 from wf_pipeline.pruning.ranking import choose_pruned
 from wf_pipeline.pruning.settings import PruneSettings
+from wf_pipeline.pruning.step_report import StepDetails
 
 Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
 Progress = Callable[[str, int, int], None]
@@ -54,7 +55,7 @@ class StepContext:
     generator: torch.Generator | None = None
     timings: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "inverse": 0.0, "obs": 0.0})
     num_grads: int = 0  # gradients in the Fisher statistics built so far (all ranks)
-    extra: dict[str, Any] = field(default_factory=dict)
+    details: StepDetails = field(default_factory=StepDetails)  # what the method records for the step's report
     spill_dir: Path | None = None  # where statistics that do not fit the memory budget may be spilled
 
     def add_time(self, phase: str, seconds: float) -> None:
@@ -104,10 +105,10 @@ class PruneView:
 
 @dataclass
 class Update:
-    """What ``update`` did: how many units it pruned and the predicted loss increase (None if unknown)."""
+    """What ``update`` did: the predicted loss increase (None if unknown) and, for channels, how many went."""
 
     predicted_loss_increase: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    channels_removed: int | None = None  # channel pruners: channels newly removed
 
 
 class Pruner(ABC, Generic[Stats]):

@@ -27,7 +27,7 @@ class DiagonalFisherPruner(FlatPruner[DiagonalStats]):
         acc = DiagonalAccumulator(sum(view.sizes), dtype=settings.torch_dtype, device=view.device)
         accumulate_gradients(acc, view, ctx, settings)
         ctx.num_grads += acc.num_samples  # summed over ranks
-        ctx.extra["route"] = "diagonal"
+        ctx.details.route = "diagonal"
         return DiagonalStats(acc.fisher_diag(settings.damp))
 
     def score(self, view: PruneView, stats: DiagonalStats) -> Tensor:

@@ -3,8 +3,8 @@
 Every WoodFisher/WoodTaylor (sub-)step plans first (:mod:`wf_pipeline.fisher.plan`) within
 ``pruning.woodfisher.memory_budget_gb`` (default: half the memory available when the step starts), then
 builds the one Fisher object the pruner talks to (:func:`wf_pipeline.fisher.engine.build_fisher`; how it is
-stored is the plan's business). The plan goes to the step's report (``extra["fisher_plan"]``, one-line
-``extra["fisher_plan_summary"]``), with the gradient engine, the statistics' dtype and the inverse's health.
+stored is the plan's business). The plan goes to the step's report (``details.fisher_plan``, one-line
+``details.fisher_plan_summary``), with the gradient engine, the statistics' dtype and the inverse's health.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import torch
 
 from wf_pipeline.errors import WFError
-from wf_pipeline.fisher.conditioning import record_health
 from wf_pipeline.fisher.engine import FisherInverse, build_fisher, check_route, statistics_dtype
 from wf_pipeline.fisher.layout import BlockLayout
 from wf_pipeline.fisher.plan import FisherPlan, default_budget_bytes
@@ -52,8 +51,8 @@ def plan_step(view: PruneView, ctx: StepContext, settings: PruneSettings, job: F
     plan = plan_fisher_step(job, budget_bytes(settings, view.device), max_chunk=settings.chunk_size, vectors=vectors,
                             spill_root=ctx.spill_dir, allow_lowrank=allow_lowrank)
     ctx.batches = job.batches  # the probe drew the first batch; the wrapper replays it
-    ctx.extra["fisher_plan"] = {k: v for k, v in plan.to_dict().items() if k != "groups"} | {"groups": len(plan.groups)}
-    ctx.extra["fisher_plan_summary"] = plan.summary()
+    ctx.details.fisher_plan = {k: v for k, v in plan.to_dict().items() if k != "groups"} | {"groups": len(plan.groups)}
+    ctx.details.fisher_plan_summary = plan.summary()
     return plan
 
 
@@ -66,18 +65,17 @@ def collect_fisher(view: PruneView, ctx: StepContext, settings: PruneSettings, *
     job = make_job(view, ctx, settings, statistics_dtype(route, total, settings.block_size, settings.torch_dtype))
     plan = plan_step(view, ctx, settings, job, vectors=3 if with_grad_mean else 1,
                      allow_lowrank=route != "woodbury")  # the recursion has no low-rank form
-    ctx.extra["num_blocks"] = BlockLayout(view.sizes, settings.block_size).num_blocks
-    ctx.extra["route"] = route
+    ctx.details.num_blocks = BlockLayout(view.sizes, settings.block_size).num_blocks
+    ctx.details.route = route
     with booked(job.timings, ctx):
         fisher = build_fisher(job, plan, route=route, with_grad_mean=with_grad_mean,
                               max_jitter=settings.max_repair_jitter)
     ctx.num_grads += fisher.num_samples  # summed over ranks
-    ctx.extra["gradient_engine"] = job.engine
-    if job.skipped:
-        ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + job.skipped
-    ctx.extra["fisher_dtype"] = str(fisher.dtype).replace("torch.", "")
+    ctx.details.gradient_engine = job.engine
+    ctx.details.add_skipped(job.skipped)
+    ctx.details.fisher_dtype = str(fisher.dtype).replace("torch.", "")
     if fisher.health is not None:  # promotions and repairs: counts, jitter, warning lines
-        record_health(ctx.extra, fisher.health)
+        ctx.details.record_health(fisher.health)
     return fisher
 
 

@@ -65,9 +65,8 @@ def accumulate_gradients(acc: Accumulator, view: PruneView, ctx: StepContext, se
         reuse_output=True,  # each chunk is folded in before the next is computed
     )
     fold_timed(chunks, acc.add, ctx.add_time, ("inverse", "accumulate"))
-    ctx.extra["gradient_engine"] = stats.engine
-    if stats.skipped:
-        ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + stats.skipped
+    ctx.details.gradient_engine = stats.engine
+    ctx.details.add_skipped(stats.skipped)
     if ctx.reduce_fn is not None:
         t0 = time.perf_counter()
         acc.reduce(ctx.reduce_fn)

@@ -50,14 +50,13 @@ class KFACPruner(FlatPruner[KFACStats]):
         t0 = time.perf_counter()
         samples, skipped = take_finite_samples(ctx.model, ctx.batches, self.settings.num_grads, view.device,
                                                self.settings.nonfinite)
-        if skipped:
-            ctx.extra["nonfinite_skipped"] = ctx.extra.get("nonfinite_skipped", 0) + skipped
+        ctx.details.add_skipped(skipped)
         fisher_type = "true" if self.settings.fisher_type == "true" else "empirical"
         with torch.enable_grad():
             factors = kfac_factors(ctx.model, view.params, samples, fisher_type)
         ctx.add_time("inverse", time.perf_counter() - t0)
         ctx.num_grads += self.settings.num_grads
-        ctx.extra["route"] = "kfac"
+        ctx.details.route = "kfac"
         return KFACStats(factors)
 
     def score(self, view: PruneView, stats: KFACStats) -> Tensor:

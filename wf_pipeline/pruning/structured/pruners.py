@@ -69,7 +69,7 @@ class ChannelPruner(Pruner[Any]):
 
     def update(self, view: PruneView, stats: Any, chosen: Tensor) -> Update:
         self.remove(view, chosen)
-        return Update(predicted_loss_increase=None, extra={"channels_removed": int(chosen.sum())})
+        return Update(predicted_loss_increase=None, channels_removed=int(chosen.sum()))
 
     @torch.no_grad()
     def remove(self, view: PruneView, chosen: Tensor) -> None:
@@ -127,8 +127,8 @@ class ChannelWoodFisherPruner(ChannelPruner):
         ctx.add_time("gradients", timings.gradients)
         ctx.add_time("accumulate", timings.accumulate)
         ctx.add_time("inverse", timings.accumulate + timings.inverse)
-        ctx.extra["num_blocks"] = sum(f.blocks.num_blocks for f in fishers.values())
-        ctx.extra["block_sizes"] = sorted({f.blocks.block_size for f in fishers.values()})
+        ctx.details.num_blocks = sum(f.blocks.num_blocks for f in fishers.values())
+        ctx.details.block_sizes = sorted({f.blocks.block_size for f in fishers.values()})
         return GroupObsStats(fishers)
 
     def score(self, view: PruneView, stats: GroupObsStats) -> Tensor:
@@ -164,8 +164,8 @@ class ChannelWoodFisherPruner(ChannelPruner):
             predicted += cost
         self.remove(view, torch.zeros_like(chosen))  # zero every masked entry (producers, BN, consumers)
         if self.settings.update == "none":
-            return Update(predicted_loss_increase=None, extra={"channels_removed": int(chosen.sum())})
-        return Update(predicted_loss_increase=predicted, extra={"channels_removed": int(chosen.sum())})
+            return Update(predicted_loss_increase=None, channels_removed=int(chosen.sum()))
+        return Update(predicted_loss_increase=predicted, channels_removed=int(chosen.sum()))
 
 
 # ===================================================================== baselines

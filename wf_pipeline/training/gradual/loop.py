@@ -33,7 +33,7 @@ from wf_pipeline.errors import WFError
 from wf_pipeline.pruning import MaskSet, PruneSettings, PruneView, prune_step, select_prunable
 from wf_pipeline.pruning.pruners.registry import pruner_class
 from wf_pipeline.recipe.schema import Recipe
-from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord, RunMetrics
+from wf_pipeline.reporting.metrics import EpochRecord, PruneRecord, PruneStepRecord, RunMetrics
 from wf_pipeline.runtime.device import seed_everything
 from wf_pipeline.runtime.distributed import (
     SINGLE_PROCESS,
@@ -237,20 +237,19 @@ class _Stage:
         self.state.timings["prune_s"] += time.perf_counter() - t0
         is_last = self.state.events_done + 1 == len(self.events) and self.state.steps_done >= self.total_steps
         accuracy = self.evaluate(full=is_last)
-        where: dict[str, Any] = {"epoch": event.epoch, "optimizer_step": event.step, "event": event.index}
-        if len(self.groups) > 1:
-            where["group"] = group.name
-        self.state.reports.append({**where, "test_accuracy_after": accuracy,
-                                   **{k: v for k, v in report.to_dict().items() if k != "per_layer_sparsity"}})
+        group_name = group.name if len(self.groups) > 1 else None
+        # The checkpoint carries the entry as JSON (metrics() reads it back into a PruneStepRecord).
+        self.state.reports.append(PruneStepRecord.of(report, epoch=event.epoch, optimizer_step=event.step,
+                                                     event=event.index, group=group_name,
+                                                     test_accuracy_after=accuracy).to_dict())
         warnings = report.notices()  # Fisher repairs (float64 retries, added damping) and skipped gradients
         self._record(PruneRecord(
-            epoch=event.epoch, optimizer_step=event.step, event=event.index,
-            group=group.name if len(self.groups) > 1 else None, target_sparsity=report.target_sparsity,
-            achieved_sparsity=report.achieved_sparsity, test_accuracy_after=accuracy, timings=report.timings,
-            method=report.method, num_grads=report.num_grads, fisher_plan=report.extra.get("fisher_plan"),
-            warnings=list(warnings)).to_dict())
-        if "fisher_plan_summary" in report.extra:
-            self.reporter.message(report.extra["fisher_plan_summary"])
+            epoch=event.epoch, optimizer_step=event.step, event=event.index, group=group_name,
+            target_sparsity=report.target_sparsity, achieved_sparsity=report.achieved_sparsity,
+            test_accuracy_after=accuracy, timings=report.timings, method=report.method, num_grads=report.num_grads,
+            fisher_plan=report.details.fisher_plan, warnings=list(warnings)).to_dict())
+        if report.details.fisher_plan_summary is not None:
+            self.reporter.message(report.details.fisher_plan_summary)
         for line in warnings:
             self.reporter.message(f"warning: {line}")
             if self.dist.is_main:
@@ -394,7 +393,7 @@ class _Stage:
             schedule=[{"epoch": e.epoch, "optimizer_step": e.step, "target_sparsity": e.target,
                        **({"group": self.groups[e.group].name} if len(self.groups) > 1 else {})}
                       for e in self.events],
-            prune_reports=st.reports,
+            prune_reports=[PruneStepRecord.from_dict(r) for r in st.reports],
             epochs=self.epochs,
             steps_per_epoch=self.steps_per_epoch,
             world_size=self.dist.world_size,
