@@ -20,22 +20,22 @@ Ends with one JSON object on the last line of stdout.
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see wf_pipeline/__init__.py
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch  # noqa: E402
+import wf_pipeline  # first: it chooses OpenMP's wait (wf_pipeline/openmp_wait.py) before torch loads
 
-from benchmarks._shared import cpu_model, load_average, set_threads  # noqa: E402
+# isort: split
+import torch
+
+from benchmarks._shared import cpu_model, load_average, set_threads
 
 REFERENCE_STEP_S = 168.0  # research code, same job, quiet machine (shared README, 2026-11-25)
 TARGET_STEP_S = 3.4  # issue 12: >= 50x the reference on a quiet 2-core machine
@@ -141,7 +141,7 @@ def main() -> None:
 
     load_start = load_average()
     print(f"step: {'quick' if args.quick else 'full'} run, {args.threads} threads, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs ({cpu_model()}), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+          f"{os.cpu_count()} CPUs ({cpu_model()}), OpenMP wait: {wf_pipeline.OPENMP_WAIT}")
     print(f"  load average at start: {load_start:.2f} (the CPU is shared; timings move with it)")
     job = build_job(args.recipe, args.sparsity, args.num_grads)
     s = job["settings"]
@@ -185,7 +185,8 @@ def main() -> None:
     result = {
         "benchmark": "step",
         "mode": "quick" if args.quick else "full",
-        "machine": {"threads": args.threads, "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+        "machine": {"threads": args.threads, "openmp_wait": wf_pipeline.OPENMP_WAIT,
+                    "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
                     "load_average_start": load_start, "load_average_end": load_end},
         "job": {"recipe": job["recipe"], "model": "bundled ResNet-20 (Fashion-MNIST)",
                 "layers": len(job["param_names"]),
