@@ -355,8 +355,9 @@ def section_rq3(data: dict[str, Any], tables: list[MdTable]) -> tuple[str, str, 
             (a, x), (b, y) = d.cite(0, ours, test_col), d.cite(0, r, test_col)
             lead = float(a) - float(b)
             noise = max(d.std(0, ours, test_col), d.std(0, r, test_col))
-            context = ", ".join(f"{table.header[c]} {d.cite(0, ours, c)[0]} vs {d.cite(0, r, c)[0]}" for c in others)
-            cited = [x, y] + [d.cite(0, row, c)[1] for c in others for row in (ours, r)]
+            shown = [c for c in others if d.value(0, ours, c) is not None and d.value(0, r, c) is not None]
+            context = ", ".join(f"{table.header[c]} {d.cite(0, ours, c)[0]} vs {d.cite(0, r, c)[0]}" for c in shown)
+            cited = [x, y] + [d.cite(0, row, c)[1] for c in shown for row in (ours, r)]
             if lead <= 0:
                 d.say(f"at {target} WoodFisher is not more accurate than {method} ({a} vs {b}; {context})", cited)
             elif lead <= noise:

@@ -158,7 +158,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 # Columns that label a row or count something (not a measured result).
-LABEL_COLUMNS = frozenset({"block", "method", "target", "allocation", "samples per class", "N gradients", "seeds"})
+LABEL_COLUMNS = frozenset({"block", "method", "target", "allocation", "samples per class", "N gradients", "seeds",
+                           "chosen on validation"})
 _VALUE = re.compile(r"^([+-]?\d+(?:\.\d+)?)%?(?: ± (\d+(?:\.\d+)?))?$")
 
 
