@@ -159,6 +159,14 @@ def versus(d: Differ, t: int, c: int, ours: int, theirs: int, better: str, margi
     return None
 
 
+def beaten(d: Differ, t: int, c: int, ours: int, theirs: int, better: str,
+           margin: float = 0.0) -> tuple[tuple[str, Cited], tuple[str, Cited]] | None:
+    """:func:`versus`, with both cells cited when `theirs` wins: ``((their text, cell), (our text, cell))``."""
+    if versus(d, t, c, ours, theirs, better, margin) is None:
+        return None
+    return d.cite(t, theirs, c), d.cite(t, ours, c)
+
+
 RQ1_BETTER = {"inv err": "lower", "stat ρ": "higher", "single ρ": "higher", "single median rel err": "lower",
               "group ΔL 10%": "lower", "group ΔL 30%": "lower", "group ΔL 50%": "lower", "pred/actual 50%": "ratio"}
 RQ1_REFERENCES = ("exact Hessian H₊", "true Fisher")
@@ -200,8 +208,9 @@ def section_rq1(data: dict[str, Any], tables: list[MdTable]) -> tuple[str, str, 
             wins = []
             for column, better in RQ1_BETTER.items():
                 c = main.col(column)
-                if versus(d, 0, c, ours, theirs, better):
-                    wins.append((column, d.cite(0, theirs, c), d.cite(0, ours, c)))
+                cells = beaten(d, 0, c, ours, theirs, better)
+                if cells:
+                    wins.append((column, *cells))
             if wins:
                 d.say(f"on {block} {other} is better than WoodFisher in " + ", ".join(
                     f"{column} ({a} vs {b})" for column, (a, _), (b, _) in wins),
@@ -216,8 +225,9 @@ def section_rq1(data: dict[str, Any], tables: list[MdTable]) -> tuple[str, str, 
                 first, last = nt.col(f"{metric} N = {ns[0]}"), nt.col(f"{metric} N = {ns[-1]}")
                 for other in ("K-FAC", "diagonal Fisher"):
                     d.value(1, rows[(block, other)], last)  # compared in the main table (the same figure)
-                    if versus(d, 1, first, ours, rows[(block, other)], better):
-                        (a, x), (b, y) = d.cite(1, rows[(block, other)], first), d.cite(1, ours, first)
+                    cells = beaten(d, 1, first, ours, rows[(block, other)], better)
+                    if cells:
+                        (a, x), (b, y) = cells
                         d.say(f"at the pipeline's N = {ns[0]} on {block} {other} is better than WoodFisher in "
                               f"{metric} ({a} vs {b})", [x, y])
                 if first != last and versus(d, 1, first, ours, ours, better) is None:
@@ -400,8 +410,9 @@ def section_rq4(data: dict[str, Any], tables: list[MdTable]) -> tuple[str, str, 
         if r == ours:
             continue
         for c in range(1, len(table.header)):
-            if versus(d, 0, c, ours, r, "higher", margin=0.5):
-                (a, x), (b, y) = d.cite(0, r, c), d.cite(0, ours, c)
+            cells = beaten(d, 0, c, ours, r, "higher", margin=0.5)
+            if cells:
+                (a, x), (b, y) = cells
                 d.say(f"at {table.header[c]} the {label} allocation beats the global ranking ({a} vs {b})", [x, y])
     d.notes.append("one-shot only; the paper shows the automatic allocation for gradual pruning")
     return claim, "; ".join(measured) + ".", d
@@ -427,8 +438,9 @@ def section_rq5(data: dict[str, Any], tables: list[MdTable]) -> tuple[str, str, 
         for c, header in enumerate(table.header):
             if header in LABEL_COLUMNS:
                 continue
-            if versus(d, 0, c, r, magnitude, "higher", margin=-1e-9):  # magnitude at least as good
-                (a, x), (b, y) = d.cite(0, r, c), d.cite(0, magnitude, c)
+            cells = beaten(d, 0, c, r, magnitude, "higher", margin=-1e-9)  # magnitude at least as good
+            if cells:
+                (b, y), (a, x) = cells
                 d.say(f"with {k} samples per class {header} does not beat magnitude ({a} vs {b})", [x, y])
     return claim, "; ".join(measured) + ".", d
 
