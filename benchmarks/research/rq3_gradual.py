@@ -4,7 +4,9 @@ The default recipe (recipes/default.yaml: ResNet-20 on Fashion-MNIST, cubic sche
 dense) runs its whole pruning stage with WoodFisher, with global magnitude and with K-FAC OBS (the
 gradual second-order baseline), changing nothing but the method, at 90/95/98% and over seeds (the
 recipe's seed: data order and Fisher draws). To fit the studies' one-hour budget the fine-tuning
-budget is reduced (the table says by how much); every method gets exactly the same.
+budget is reduced by default (the table says by how much); ``--full`` runs the default recipe's own
+budget (its 1,800 optimizer steps, schedule and N) over 3 seeds and writes ``rq3_gradual_full.*``
+beside the reduced study. Every method gets exactly the same.
 
 Validation split: 5,000 training images are held out before anything runs (a fixed draw, the same
 for every run): fine-tuning and the Fisher pool use only the rest, so the split is disjoint from the
@@ -25,6 +27,7 @@ the table.
     python benchmarks/research/rq3_gradual.py           # 3 targets x 2 seeds x 3 methods, reduced budget
     python benchmarks/research/rq3_gradual.py --quick   # 90% only, 1 seed, a few optimizer steps
     python benchmarks/research/rq3_gradual.py --work-dir /tmp/rq3 --methods kfac --seeds 1   # one part
+    python benchmarks/research/rq3_gradual.py --full --work-dir results/rq3_full_cells --targets 0.98 --seeds 0
 """
 from __future__ import annotations
 
@@ -138,6 +141,22 @@ def final_evaluation(model: torch.nn.Module, carved: Carved, test_images: int | 
 
 
 FULL_GRID: dict[str, list[Any]] = {"targets": [0.9, 0.95, 0.98], "seeds": [0, 1], "methods": list(METHODS)}
+FULL_BUDGET_GRID: dict[str, list[Any]] = {**FULL_GRID, "seeds": [0, 1, 2]}
+# the settings the reduced budget changes; --full takes them from the default recipe itself
+BUDGET_FIELDS = ("finetune.epochs", "finetune.steps_per_epoch", "pruning.schedule.end_epoch",
+                 "pruning.woodfisher.num_grads")
+
+
+def recipe_budget() -> dict[str, Any]:
+    """The default recipe's own fine-tuning budget, schedule and N (what ``--full`` runs)."""
+    recipe = load_recipe(REPO / "recipes" / "default.yaml")[0]
+    values = {}
+    for key in BUDGET_FIELDS:
+        value: Any = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = value
+    return values
 
 
 def configurations(method: str, grid: dict[str, list[str]]) -> list[dict[str, str]]:
@@ -258,17 +277,22 @@ def main() -> None:
     parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                         help="recipe settings to choose on the validation split, "
                              "e.g. pruning.woodfisher.damp=1e-3,1e-5")
+    parser.add_argument("--full", action="store_true",
+                        help="the default recipe's whole budget (1,800 optimizer steps) over 3 seeds: hours; "
+                             "writes rq3_gradual_full.*; split it with --work-dir")
     parser.add_argument("--work-dir", type=Path,
                         help="one JSON file per finished run here, reused when present (split the study over "
                              "processes, resume it)")
     args = parser.parse_args()
     started = time.perf_counter()
     sizes: tuple[int | None, int, int]
+    full_grid = FULL_BUDGET_GRID if args.full else FULL_GRID
     if args.quick:
         targets, seeds, methods, budget = [0.9], [0], list(METHODS), QUICK
         sizes = (500, 500, QUICK_VALIDATION_IMAGES)
     else:
-        targets, seeds, methods, budget = FULL_GRID["targets"], FULL_GRID["seeds"], FULL_GRID["methods"], FULL
+        targets, seeds, methods = full_grid["targets"], full_grid["seeds"], full_grid["methods"]
+        budget = recipe_budget() if args.full else FULL
         sizes = (None, 5000, VALIDATION_IMAGES)
     targets, seeds, methods = args.targets or targets, args.seeds or seeds, args.methods or methods
     grid = {key: values.split(",") for key, values in (item.split("=", 1) for item in args.grid)}
@@ -295,9 +319,10 @@ def main() -> None:
         else:
             rows = [run_one(m, t, s, c, budget, Path(tmp), sizes, units) for m, t, s, c in jobs]
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
-    reduced = None if args.quick else reduction(FULL_GRID, {"targets": targets, "seeds": seeds, "methods": methods})
+    reduced = None if args.quick else reduction(full_grid, {"targets": targets, "seeds": seeds, "methods": methods})
     tried = {m: len(configurations(m, grid)) for m in methods}
-    note = (f"Gradual pruning with recipes/default.yaml, only the method changed; reduced budget for the studies: "
+    kind = "the default recipe's own budget" if args.full else "reduced budget for the studies"
+    note = (f"Gradual pruning with recipes/default.yaml, only the method changed; {kind}: "
             f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps "
             f"({steps} optimizer "
             f"steps; the default recipe has 1,800), pruning steps at epochs 0..{budget['pruning.schedule.end_epoch']}, "
@@ -323,8 +348,8 @@ def main() -> None:
                "dense": dense, "summary": summary, "chosen": {f"{r['method']}|{r['target']:g}": r["config"]
                                                                for r in chosen},
                "rows": rows}
-    save_outputs(args.out, "rq3_gradual", note + table(rows, targets, dense), payload, plot(chosen, targets, dense),
-                 started)
+    save_outputs(args.out, "rq3_gradual_full" if args.full else "rq3_gradual", note + table(rows, targets, dense),
+                 payload | {"full_budget": args.full}, plot(chosen, targets, dense), started)
     units.finish()
 
 
