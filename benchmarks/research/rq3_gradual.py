@@ -199,6 +199,8 @@ def run_one(method: str, target: float, seed: int, config: dict[str, str], budge
     row = {"method": method, "target": target, "seed": seed, "config": config, "sparsity": result.metrics.sparsity,
            **acc, "gap": acc["train_accuracy"] - acc["test_accuracy"],
            "accuracy_after_steps": [after_step(r) for r in result.metrics.prune_reports or []],
+           # where each method put the sparsity (global ranking sets it per layer): for the "why" of the table
+           "per_layer_sparsity": dict(result.metrics.per_layer_sparsity or {}),
            "wall_s": time.perf_counter() - started}
     units.add(key, row)
     log(f"  {method} -> {target:.0%} seed {seed} [{config_name(config)}]: validation {acc['validation_accuracy']:.4f}, "
