@@ -471,3 +471,20 @@ def test_research_blocks_are_generated_from_results() -> None:
     assert f"{run_all.BEGIN}\n{block}\n{run_all.END}" in doc.read_text()
     summary = run_all.summary_block(out, doc, REPO)
     assert f"{run_all.SUMMARY_BEGIN}\n{summary}\n{run_all.SUMMARY_END}" in (REPO / "README.md").read_text()
+
+
+def test_rq3_grid_value_equal_to_the_recipes_is_the_default_run() -> None:
+    """A grid over the damping that includes the recipe's own λ reuses the default runs (no duplicate run
+    under another name), and settings a method does not use give it only its default run."""
+    from benchmarks.research.rq3_gradual import configurations, recipe_budget, recipe_values
+
+    base = recipe_values(["pruning.woodfisher.damp", "finetune.optimizer.lr"], recipe_budget())
+    assert base["pruning.woodfisher.damp"] == 1e-3
+    grid = {"pruning.woodfisher.damp": ["1e-3", "0.01"]}
+    assert configurations("woodfisher", grid, base) == [{}, {"pruning.woodfisher.damp": "0.01"}]
+    assert configurations("magnitude", grid, base) == [{}]
+    both = {**grid, "finetune.optimizer.lr": ["0.02", "0.05"]}
+    assert len(configurations("woodfisher", both, base)) == 4
+    assert configurations("magnitude", both, base) == [{}, {"finetune.optimizer.lr": "0.05"}]
+    assert configurations("woodfisher", grid) == [{"pruning.woodfisher.damp": "1e-3"},
+                                                  {"pruning.woodfisher.damp": "0.01"}]  # no base: as given

@@ -149,20 +149,44 @@ BUDGET_FIELDS = ("finetune.epochs", "finetune.steps_per_epoch", "pruning.schedul
 
 def recipe_budget() -> dict[str, Any]:
     """The default recipe's own fine-tuning budget, schedule and N (what ``--full`` runs)."""
-    recipe = load_recipe(REPO / "recipes" / "default.yaml")[0]
-    values = {}
-    for key in BUDGET_FIELDS:
+    return recipe_values(list(BUDGET_FIELDS), {})
+
+
+def configurations(method: str, grid: dict[str, list[str]],
+                   base: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Every assignment of the grid's values that applies to `method` (one empty one without a grid).
+
+    A value equal to the recipe's own (`base`: key -> the value the runs get without the grid) is left out
+    of the assignment, so the recipe's setting is the "default" run, shared with runs without that grid.
+    """
+    keys = [k for k in grid if not k.startswith("pruning.woodfisher.") or method in USES_FISHER_SETTINGS]
+    out: list[dict[str, str]] = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        config = {k: v for k, v in zip(keys, values, strict=True) if not _same_value(v, (base or {}).get(k))}
+        if config not in out:
+            out.append(config)
+    return out
+
+
+def _same_value(given: str, current: Any) -> bool:
+    if current is None:
+        return False
+    try:
+        return float(given) == float(current)
+    except (TypeError, ValueError):
+        return str(given) == str(current)
+
+
+def recipe_values(keys: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """What each dotted recipe key is in the default recipe with the study's budget `overrides`."""
+    recipe = load_recipe(REPO / "recipes" / "default.yaml", [f"{k}={v}" for k, v in overrides.items()])[0]
+    values: dict[str, Any] = {}
+    for key in keys:
         value: Any = recipe
         for part in key.split("."):
-            value = getattr(value, part)
+            value = getattr(value, part, None)
         values[key] = value
     return values
-
-
-def configurations(method: str, grid: dict[str, list[str]]) -> list[dict[str, str]]:
-    """Every assignment of the grid's values that applies to `method` (one empty one without a grid)."""
-    keys = [k for k in grid if not k.startswith("pruning.woodfisher.") or method in USES_FISHER_SETTINGS]
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def config_name(config: dict[str, str]) -> str:
@@ -298,6 +322,7 @@ def main() -> None:
         sizes = (None, 5000, VALIDATION_IMAGES)
     targets, seeds, methods = args.targets or targets, args.seeds or seeds, args.methods or methods
     grid = {key: values.split(",") for key, values in (item.split("=", 1) for item in args.grid)}
+    base = recipe_values(list(grid), budget)  # a grid value equal to the recipe's is its default run
     config = {"quick": args.quick, "budget": budget, "sizes": sizes, "validation_seed": VALIDATION_SEED}
     units: UnitLog | CellStore = (CellStore(args.work_dir, config) if args.work_dir
                                   else UnitLog(args.out, "rq3_gradual", config, args.resume))
@@ -309,7 +334,7 @@ def main() -> None:
         units.add("dense", units.done["dense"])
     dense = units.done["dense"]
     jobs = [(method, target, seed, cfg) for target in targets for seed in seeds for method in METHODS
-            if method in methods for cfg in configurations(method, grid)]
+            if method in methods for cfg in configurations(method, grid, base)]
     todo = [job for job in jobs if f"{job[0]}|{job[1]:g}|{job[2]}|{config_name(job[3])}" not in units.done]
     workers = min(args.workers, len(todo))
     with tempfile.TemporaryDirectory(prefix="wf-rq3-") as tmp:
@@ -322,7 +347,7 @@ def main() -> None:
             rows = [run_one(m, t, s, c, budget, Path(tmp), sizes, units) for m, t, s, c in jobs]
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
     reduced = None if args.quick else reduction(full_grid, {"targets": targets, "seeds": seeds, "methods": methods})
-    tried = {m: len(configurations(m, grid)) for m in methods}
+    tried = {m: len(configurations(m, grid, base)) for m in methods}
     kind = "the default recipe's own budget" if args.full else "reduced budget for the studies"
     note = (f"Gradual pruning with recipes/default.yaml, only the method changed; {kind}: "
             f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps "
