@@ -534,8 +534,17 @@ def summary_block(out: Path, doc: Path | None = None, summary_dir: Path | None =
               f"N = {data['num_grads']:,} "
               f"(λ = {data['damp']:g}; {mode}); \"joint\"/\"independent\": the OBS update rule, the same for "
               f"both curvatures.")
-    rq3 = load(out, "rq3_gradual")
-    table = parse_tables((out / "rq3_gradual.md").read_text())[0]
+    lines.append(f"{legend} {gradual_sentence(out, 'rq3_gradual')}")
+    if (out / "rq3_gradual_full.json").is_file():  # the default recipe's own budget (possibly a part of the grid)
+        lines[-1] += " " + gradual_sentence(out, "rq3_gradual_full")
+    return "\n".join(lines)
+
+
+def gradual_sentence(out: Path, name: str) -> str:
+    """RQ3's test accuracies per target from `name`.md's table (WoodFisher vs magnitude vs K-FAC), and at how
+    many targets WoodFisher leads magnitude by more than the spread over seeds, in one sentence."""
+    rq3 = load(out, name)
+    table = parse_tables((out / f"{name}.md").read_text())[0]
     test_col = next(c for c, h in enumerate(table.header) if h.startswith("test accuracy"))
     by = {(row[table.col("method")], row[table.col("target")]): row[test_col] for row in table.rows}
     budget = rq3["budget"]
@@ -551,12 +560,13 @@ def summary_block(out: Path, doc: Path | None = None, summary_dir: Path | None =
                       f"{by[('global magnitude', target)]}"
                       + (f" vs K-FAC OBS {by[('K-FAC OBS', target)]}" if ("K-FAC OBS", target) in by else "")
                       for target in targets)
-    lines.append(f"{legend} After gradual pruning with fine-tuning (RQ3: {steps:,} optimizer steps"
-                 + ("" if rq3.get("full_budget") else ", reduced from the default recipe's 1,800")
-                 + f", {seeds} seeds{', quick run' if rq3.get('quick') else ''}), test accuracy (%): {gradual}. "
-                 f"WoodFisher leads global magnitude by more than the spread over seeds at {len(ahead)} of "
-                 f"{len(targets)} targets{' (' + ', '.join(ahead) + ')' if ahead else ''}.")
-    return "\n".join(lines)
+    budget_words = ("the default recipe's own budget" if rq3.get("full_budget")
+                    else "reduced from the default recipe's 1,800")
+    part = f"; a part of the study: {rq3['reduced']}" if rq3.get("full_budget") and rq3.get("reduced") else ""
+    return (f"After gradual pruning with fine-tuning (RQ3: {steps:,} optimizer steps, {budget_words}, {seeds} seeds"
+            f"{', quick run' if rq3.get('quick') else ''}{part}), test accuracy (%): {gradual}. "
+            f"WoodFisher leads global magnitude by more than the spread over seeds at {len(ahead)} of "
+            f"{len(targets)} targets{' (' + ', '.join(ahead) + ')' if ahead else ''}.")
 
 
 def replace_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:

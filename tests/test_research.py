@@ -488,3 +488,23 @@ def test_rq3_grid_value_equal_to_the_recipes_is_the_default_run() -> None:
     assert configurations("magnitude", both, base) == [{}, {"finetune.optimizer.lr": "0.05"}]
     assert configurations("woodfisher", grid) == [{"pruning.woodfisher.damp": "1e-3"},
                                                   {"pruning.woodfisher.damp": "0.01"}]  # no base: as given
+
+
+def test_summary_adds_the_full_budget_study_and_says_what_part_of_it_ran(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from benchmarks import run_all
+
+    for path in (REPO / "results").glob("rq3_gradual.*"):
+        shutil.copy(path, tmp_path / path.name)
+    data = json.loads((tmp_path / "rq3_gradual.json").read_text())
+    data |= {"full_budget": True, "reduced": "targets 0.95, 0.98 of the full 0.9, 0.95, 0.98",
+             "budget": {**data["budget"], "finetune.epochs": 10, "finetune.steps_per_epoch": 180}}
+    (tmp_path / "rq3_gradual_full.json").write_text(json.dumps(data))
+    shutil.copy(tmp_path / "rq3_gradual.md", tmp_path / "rq3_gradual_full.md")
+    reduced = run_all.gradual_sentence(tmp_path, "rq3_gradual")
+    full = run_all.gradual_sentence(tmp_path, "rq3_gradual_full")
+    assert "reduced from the default recipe's 1,800" in reduced and "a part of the study" not in reduced
+    assert "1,800 optimizer steps, the default recipe's own budget" in full
+    assert "a part of the study: targets 0.95, 0.98 of the full 0.9, 0.95, 0.98" in full
