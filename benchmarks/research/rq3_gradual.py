@@ -272,6 +272,64 @@ def table(rows: list[dict[str, Any]], targets: list[float], dense: dict[str, flo
     return markdown_table(header, body)
 
 
+def ablation_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
+    """Every configuration each method was run with (the grid), validation and test accuracy: empty without one."""
+    body: list[list[Any]] = []
+    for target in targets:
+        for method in METHODS:
+            mine = [r for r in rows if r["method"] == method and r["target"] == target]
+            names = list(dict.fromkeys(config_name(r["config"]) for r in mine))
+            if len(names) < 2:
+                continue
+            chosen = config_name(choose(rows, method, target)[0])
+            for name in names:
+                sel = [r for r in mine if config_name(r["config"]) == name]
+                body.append([LABELS[method], f"{target:.0%}", name + (" (chosen)" if name == chosen else ""),
+                             pm([r["validation_accuracy"] for r in sel]), pm([r["test_accuracy"] for r in sel]),
+                             len(sel)])
+    if not body:
+        return ""
+    header = ["method", "target", "configuration", "validation accuracy (%)", "test accuracy (%)", "seeds"]
+    return "\n\nEvery configuration tried (chosen on validation accuracy only):\n\n" + markdown_table(header, body)
+
+
+def after_steps_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
+    """Mean test accuracy right after each pruning step (the monitored test images, before fine-tuning resumes)
+    and at the end, for the chosen runs: how much each step costs and how much fine-tuning wins back."""
+    chosen = chosen_rows(rows, targets)
+    steps = max((len(r.get("accuracy_after_steps") or []) for r in chosen), default=0)
+    if not steps:
+        return ""
+    body: list[list[Any]] = []
+    for target in targets:
+        for method in METHODS:
+            sel = [r for r in chosen if r["method"] == method and r["target"] == target]
+            if sel:
+                cells = [pm([r["accuracy_after_steps"][k] for r in sel
+                             if len(r.get("accuracy_after_steps") or []) > k
+                             and r["accuracy_after_steps"][k] is not None]) for k in range(steps)]
+                body.append([LABELS[method], f"{target:.0%}", *cells, pm([r["test_accuracy"] for r in sel])])
+    header = ["method", "target", *[f"after step {k + 1}" for k in range(steps)], "final (all test images)"]
+    return ("\n\nTest accuracy (%) right after each pruning step (the run's monitored test images), then at the "
+            "end of fine-tuning:\n\n" + markdown_table(header, body))
+
+
+def allocation_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
+    """Mean sparsity (%) global ranking gave each layer, per method and target (chosen runs that recorded it)."""
+    chosen = [r for r in chosen_rows(rows, targets) if r.get("per_layer_sparsity")]
+    columns = [(m, t) for t in targets for m in METHODS
+               if any(r["method"] == m and r["target"] == t for r in chosen)]
+    if not columns:
+        return ""
+    layers = list(dict.fromkeys(name for r in chosen for name in r["per_layer_sparsity"]))
+    body = [[name, *[pm([r["per_layer_sparsity"][name] for r in chosen
+                         if r["method"] == m and r["target"] == t and name in r["per_layer_sparsity"]])
+                     for m, t in columns]] for name in layers]
+    header = ["layer", *[f"{LABELS[m]} {t:.0%}" for m, t in columns]]
+    return ("\n\nSparsity (%) of each layer as global ranking set it (mean ± std over the runs that recorded "
+            "it):\n\n" + markdown_table(header, body))
+
+
 def plot(rows: list[dict[str, Any]], targets: list[float], dense: dict[str, float]) -> Any:
     fig, axes = new_figure(ncols=2, size=(5.0, 3.6))
     for key, ax, title in (("test_accuracy", axes[0][0], "test accuracy after gradual pruning"),
@@ -375,7 +433,9 @@ def main() -> None:
                "dense": dense, "summary": summary, "chosen": {f"{r['method']}|{r['target']:g}": r["config"]
                                                                for r in chosen},
                "rows": rows}
-    save_outputs(args.out, "rq3_gradual_full" if args.full else "rq3_gradual", note + table(rows, targets, dense),
+    details = ablation_table(rows, targets) + after_steps_table(rows, targets) + allocation_table(rows, targets)
+    save_outputs(args.out, "rq3_gradual_full" if args.full else "rq3_gradual", note + table(rows, targets, dense)
+                 + (details if args.full else ""),
                  payload | {"full_budget": args.full}, plot(chosen, targets, dense), started)
     units.finish()
 
