@@ -49,7 +49,8 @@ class PrintReporter(NullReporter):
 
 
 def run_one(recipe_path: Path, overrides: list[str], root: Path, verbose: bool) -> dict[str, Any]:
-    recipe, _ = load_recipe(recipe_path, [*overrides, f"output.root={root}"])
+    # the accuracy right after each pruning step is part of the row (the default recipe measures only the ends)
+    recipe, _ = load_recipe(recipe_path, ["evaluation.monitor=pruning_steps", *overrides, f"output.root={root}"])
     seed_everything(recipe.seed, recipe.deterministic)
     device = resolve_device(recipe.device)
     data = build_data(recipe.data, recipe.seed)

@@ -70,8 +70,9 @@ def prune_one(method: str, overrides: list[str], root: Path, verbose: bool,
     """The structured recipe's pruning stage with `method`, surgery, ONNX export; the row and the file.
 
     With `resume` an interrupted stage in `root` continues from its last checkpoint."""
-    recipe, _ = load_recipe(RECIPE, [*overrides, f"pruning.method={method}", f"output.root={root}",
-                                     f"output.run_name={method}"])
+    # the accuracy right after each pruning step is part of the row (recipes measure only the ends by default)
+    recipe, _ = load_recipe(RECIPE, ["evaluation.monitor=pruning_steps", *overrides, f"pruning.method={method}",
+                                     f"output.root={root}", f"output.run_name={method}"])
     seed_everything(recipe.seed, recipe.deterministic)
     device = resolve_device(recipe.device)
     data = build_data(recipe.data, recipe.seed)

@@ -453,7 +453,7 @@ def test_repairs_are_in_the_terminal_log_report_and_oneshot(tmp_path: Path, caps
     root = tmp_path / "artifacts"
     args = sets(f"output.root={root}", "pruning.woodfisher.damp=1e-16", "pruning.woodfisher.max_repair_jitter=1e6",
                 "validate.repeats=1", "validate.warmup=0", "validate.batch_sizes=[1]", "data.test_subset=64",
-                "evaluation.monitor_samples=32")
+                "evaluation.monitor=all", "evaluation.monitor_samples=32")
     result = run_cli(capsys, monkeypatch, "compress", str(TINY), *args)
     assert result.code == 0, result.err
     terminal = " ".join((result.out + result.err).split())

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from tests.cli_helpers import run_cli
+from wf_pipeline.data import DataBundle
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny_digits.yaml"
@@ -15,10 +16,23 @@ TINY = REPO / "recipes" / "tiny_digits.yaml"
 
 def test_compress_end_to_end_then_validate_and_report(tmp_path: Path, capsys, monkeypatch) -> None:
     root = tmp_path / "artifacts"
+    # Every pass over the test set (a PyTorch evaluation or the test tensors validation takes) asks for its batches.
+    passes: list[int | None] = []
+    real_test_batches = DataBundle.test_batches
+
+    def counted(self: DataBundle, batch_size: int | None = None):  # noqa: ANN202
+        passes.append(batch_size)
+        return real_test_batches(self, batch_size)
+
+    monkeypatch.setattr(DataBundle, "test_batches", counted)
     # An impossible accuracy gate: the run completes, writes everything, and exits 1 naming the gate.
     result = run_cli(capsys, monkeypatch, "compress", str(TINY), "--set", f"output.root={root}",
                      "--set", "validate.gates.min_accuracy=0.9999")
     assert result.code == 1, result.err
+    # The default evaluates as documented (docs/recipes.md): the dense and the final model once each in PyTorch,
+    # then one pass in ONNX Runtime for the shipped model and the dense baseline together; the other pass is
+    # the pre-flight check's single batch of 2.
+    assert sorted(passes, key=str) == [2, None, None, None], passes
     assert "min_accuracy" in result.err
     run = root / "tiny-digits"
     for name in ("recipe.yaml", "environment.json", "metrics.json", "history.jsonl", "log.txt", "report.html",
@@ -30,6 +44,15 @@ def test_compress_end_to_end_then_validate_and_report(tmp_path: Path, capsys, mo
     assert abs(metrics["sparsity"] - 0.8) < 1e-3 and metrics["gates_passed"] is False
     assert {"prune_s", "finetune_s", "eval_s", "export_s", "validate_s"} <= set(metrics["timings"])
     assert "<h2>Time split" in (run / "report.html").read_text()
+    assert [e["kind"] for e in metrics["evaluations"]] == ["start", "epoch"]  # evaluation.monitor: none
+    assert [e["test_images"] for e in metrics["evaluations"]] == ["all 360 test images"] * 2
+    assert metrics["evaluations"][0]["accuracy"] == metrics["dense_accuracy"] == metrics["initial_accuracy"]
+    report_md = (run / "report.md").read_text()
+    assert "## Evaluations" in report_md and "`evaluation.monitor: none`" in report_md
+    for row in ("| before pruning | PyTorch | all 360 test images |",
+                "| validation: the shipped ONNX model | ONNX Runtime | all 360 test images |",
+                "| validation: the dense baseline ONNX model | ONNX Runtime | all 360 test images |"):
+        assert row in report_md, row
     export = json.loads((run / "export" / "export.json").read_text())
     assert export["pruned"]["sparsity_matches"] is True
     # The shipped file passes the full check, stores weights compactly and is smaller than its dense-storage twin.

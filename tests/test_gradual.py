@@ -19,6 +19,7 @@ from wf_pipeline.models import build_model
 from wf_pipeline.pruning.schedule import planned_targets
 from wf_pipeline.pruning.selection import select_prunable
 from wf_pipeline.recipe.loader import load_recipe
+from wf_pipeline.recipe.schema import Recipe
 from wf_pipeline.runtime.progress import NullReporter
 from wf_pipeline.runtime.rundir import RunDir
 from wf_pipeline.training.gradual import CHECKPOINT_NAME, plan_num_grads, run_pruning_stage
@@ -115,21 +116,45 @@ def test_stage_reaches_scheduled_sparsities(woodfisher_run: dict[str, Any]) -> N
         assert set(record["timings"]) >= {"gradients", "inverse", "obs", "total"}
     epochs = [r for r in history if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == list(range(recipe.finetune.epochs))
-    assert {"train_loss", "test_accuracy", "sparsity", "lr", "elapsed_s"} <= set(epochs[0])
+    assert {"train_loss", "train_accuracy", "sparsity", "lr", "elapsed_s"} <= set(epochs[0])
+    # the default (evaluation.monitor: none) measures the test accuracy only at the end
+    assert ["test_accuracy" in r for r in epochs] == [False] * (len(epochs) - 1) + [True]
+    assert all("test_accuracy_after" not in r for r in prunes)
     assert result.metrics.sparsity == pytest.approx(recipe.pruning.final_sparsity, abs=1.0 / n)
     assert result.metrics.final_accuracy == epochs[-1]["test_accuracy"]
     assert len(result.metrics.prune_reports) == len(plan)
     assert set(result.metrics.per_layer_sparsity) == set(result.masks.masks)
 
 
-def test_resuming_a_finished_stage_does_no_work_and_keeps_history(woodfisher_run: dict[str, Any]) -> None:
+def count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every PyTorch evaluation the pruning stage makes from now on, as its number of test images."""
+    from wf_pipeline.training.gradual import loop
+
+    calls: list[int] = []
+
+    def counting(model, batches, device):  # noqa: ANN001, ANN202
+        kept = list(batches)
+        calls.append(sum(len(y) for _, y in kept))
+        return real(model, kept, device)
+
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", counting)
+    return calls
+
+
+def test_resuming_a_finished_stage_does_no_work_and_keeps_history(woodfisher_run: dict[str, Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     recipe, run, first = woodfisher_run["recipe"], woodfisher_run["run"], woodfisher_run["result"]
     before = run.read_history()
     model = build_model(recipe.model)  # fresh weights: everything must come from the checkpoint
+    evaluations = count_evaluations(monkeypatch)
     again = run_pruning_stage(recipe, run, model, build_data(recipe.data, recipe.seed), torch.device("cpu"),
                               resume=True)
+    assert evaluations == []  # both accuracies come from the checkpoint: nothing evaluated twice
     assert run.read_history() == before
     assert again.metrics.final_accuracy == first.metrics.final_accuracy
+    assert again.metrics.initial_accuracy == first.metrics.initial_accuracy
+    assert again.metrics.evaluations == first.metrics.evaluations
     for name, mask in first.masks.masks.items():
         assert torch.equal(again.masks.masks[name], mask)
     for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values(), strict=True):
@@ -315,17 +340,51 @@ def test_groups_must_not_overlap_and_must_match(tmp_path: Path) -> None:
         _run_stage(recipe)
 
 
-def test_monitoring_uses_a_slice_and_the_end_the_whole_test_set(tmp_path: Path) -> None:
-    recipe = tiny_recipe(tmp_path, "evaluation.monitor_samples=50", "finetune.epochs=2", "finetune.steps_per_epoch=2",
-                         "pruning.schedule.end_epoch=1")
+def test_by_default_the_stage_evaluates_only_its_start_and_end_on_the_whole_test_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented default (docs/recipes.md, the schema): no decision reads an accuracy between the start
+    and the end, so the stage evaluates twice, the starting and the final model, each on the whole test set."""
+    assert Recipe().evaluation.monitor == "none"
+    recipe = tiny_recipe(tmp_path, "finetune.epochs=3", "finetune.steps_per_epoch=2", "pruning.schedule.end_epoch=2")
+    assert recipe.evaluation.monitor == "none"  # the tiny recipe keeps the default
+    full_size = len(build_data(recipe.data, recipe.seed).test_split)  # type: ignore[arg-type]
+    evaluations = count_evaluations(monkeypatch)
     run, result = _run_stage(recipe)
+    assert evaluations == [full_size, full_size]
+    listed = result.metrics.evaluations
+    assert listed is not None and [e["kind"] for e in listed] == ["start", "epoch"]
+    assert [e["test_images"] for e in listed] == [f"all {full_size:,} test images"] * 2
+    assert [e["accuracy"] for e in listed] == [result.metrics.initial_accuracy, result.metrics.final_accuracy]
     history = run.read_history()
-    for record in history[:-1]:
-        accuracy = record.get("test_accuracy", record.get("test_accuracy_after"))
-        assert round(accuracy * 50, 6).is_integer(), record  # measured on 50 images
+    assert [r.get("test_accuracy", r.get("test_accuracy_after")) for r in history] == \
+        [None] * (len(history) - 1) + [result.metrics.final_accuracy]
+
+
+# 2 epochs of 2 steps, pruning before steps 0 and 2: the kinds of evaluation each setting makes, in order
+@pytest.mark.parametrize("monitor, kinds", [
+    ("pruning_steps", ["start", "prune", "prune", "epoch"]),
+    ("epochs", ["start", "epoch", "epoch"]),
+    ("all", ["start", "prune", "epoch", "prune", "epoch"]),
+])
+def test_monitoring_uses_a_slice_and_the_end_the_whole_test_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 monitor: str, kinds: list[str]) -> None:
+    recipe = tiny_recipe(tmp_path, f"evaluation.monitor={monitor}", "evaluation.monitor_samples=50",
+                         "finetune.epochs=2", "finetune.steps_per_epoch=2", "pruning.schedule.end_epoch=1")
     data = build_data(recipe.data, recipe.seed)
     assert data.test_split is not None
     full_size = len(data.test_split)
     assert full_size > 50
+    evaluations = count_evaluations(monkeypatch)
+    run, result = _run_stage(recipe)
+    listed = result.metrics.evaluations
+    assert listed is not None
+    assert [e["kind"] for e in listed] == kinds
+    assert evaluations == [e["samples"] for e in listed] == [full_size] + [50] * (len(listed) - 2) + [full_size]
+    assert all(e["test_images"] == "the first 50 of 360 test images" for e in listed[1:-1])
+    history = run.read_history()
+    measured = [r.get("test_accuracy", r.get("test_accuracy_after")) for r in history]
+    assert sum(a is not None for a in measured) == len(listed) - 1  # every one but the start's is in the history
+    for accuracy in measured[:-1]:
+        assert accuracy is None or round(accuracy * 50, 6).is_integer()  # measured on 50 images
     assert history[-1]["test_accuracy"] == result.metrics.final_accuracy
     assert round(result.metrics.final_accuracy * full_size, 6).is_integer()

@@ -75,7 +75,7 @@ def test_full_report_embeds_every_chart_and_section(full_run):
     pngs = _embedded_pngs(text)
     assert len(pngs) == 5 and all(p.startswith(PNG_MAGIC) for p in pngs)
     for title in ("Key metrics", "Deployment gates", "Per-layer sparsity", "Accuracy vs sparsity",
-                  "Training and pruning", "Latency in ONNX Runtime", "Dense vs pruned", "Time split",
+                  "Training and pruning", "Evaluations", "Latency in ONNX Runtime", "Dense vs pruned", "Time split",
                   "ONNX export", "Environment"):
         assert f"<h2>{title}" in text
     assert "tiny-run" in text and "conv1.weight" in text
@@ -91,6 +91,9 @@ def test_full_report_embeds_every_chart_and_section(full_run):
     for relative in images:
         assert (full_run / relative).read_bytes().startswith(PNG_MAGIC)
     assert "| max_accuracy_drop | FAILED |" in md
+    # an older run's metrics.json lists no evaluations of its own: the report says so and lists validation's
+    assert "lists none of the stage's evaluations (a run made before they were listed)" in md
+    assert "| validation: the dense baseline ONNX model | ONNX Runtime | all 100 test images |" in md
     # the time split: five stages, then the rest of the 40 s run
     for row in ("| prune | 1.5 s | 3.8% |", "| fine-tune | 20.0 s | 50.0% |", "| evaluate | 5.0 s | 12.5% |",
                 "| export | 2.0 s | 5.0% |", "| validate | 3.0 s | 7.5% |", "| other | 8.5 s | 21.2% |",
@@ -165,6 +168,30 @@ def test_layers_pruned_to_100_percent_are_flagged(tmp_path, full_run):
     assert "**Warning**: 1 layer(s) pruned to 100% sparsity" in text and "features.4.conv.1.0.weight." in text
     assert "layer collapse" in text and "pruning.ranking: uniform" in text
     assert "layer collapse" not in write_report(full_run).read_text()  # 90% everywhere: nothing to flag
+
+
+def test_report_says_which_evaluations_were_on_which_images(tmp_path):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"name": "r", "evaluation": {"monitor": "none"}}))
+    evaluations = [
+        {"kind": "start", "label": "before pruning", "epoch": 0.0, "event": None, "runtime": "PyTorch",
+         "samples": 10000, "test_images": "all 10,000 test images", "accuracy": 0.9383, "seconds": 6.5},
+        {"kind": "epoch", "label": "after epoch 2/2 (the final model)", "epoch": 2, "event": None,
+         "runtime": "PyTorch", "samples": 10000, "test_images": "all 10,000 test images", "accuracy": 0.9151,
+         "seconds": 6.6},
+    ]
+    (tmp_path / "metrics.json").write_text(json.dumps({"method": "woodfisher", "initial_accuracy": 0.9383,
+                                                       "final_accuracy": 0.9151, "evaluations": evaluations}))
+    history = [{"kind": "prune", "epoch": 0, "target_sparsity": 0.5, "achieved_sparsity": 0.5},
+               {"kind": "epoch", "epoch": 0, "train_loss": 0.2, "train_accuracy": 0.93, "sparsity": 0.5},
+               {"kind": "epoch", "epoch": 1, "train_loss": 0.3, "train_accuracy": 0.9, "test_accuracy": 0.9151,
+                "sparsity": 0.5}]
+    (tmp_path / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "`evaluation.monitor: none`, so nothing in between" in md
+    assert "| before pruning | PyTorch | all 10,000 test images | 93.83% | 6.5 |" in md
+    assert "| after epoch 2/2 (the final model) | PyTorch | all 10,000 test images | 91.51% | 6.6 |" in md
+    assert "| 0 | 50.00% | 50.00% | not measured |" in md  # no accuracy right after the pruning step
 
 
 def test_missing_run_dir_raises(tmp_path):

@@ -11,6 +11,8 @@ def _stage_dict() -> dict:
     """The pruning stage's metrics as training/gradual/loop.py builds them (a grouped recipe: no single target)."""
     return {
         "method": "woodfisher", "structure": "unstructured", "initial_accuracy": 0.94, "final_accuracy": 0.91,
+        "evaluations": [{"kind": "start", "label": "before pruning", "epoch": 0.0, "event": None, "runtime": "PyTorch",
+                         "samples": 100, "test_images": "all 100 test images", "accuracy": 0.94, "seconds": 0.1}],
         "target_sparsity": None, "sparsity": 0.9, "model_sparsity": 0.85, "pruned_params": 900,
         "prunable_params": 1000, "per_layer_sparsity": {"conv.weight": 0.9, "fc.weight": 0.9},
         "schedule": [{"epoch": 0, "optimizer_step": 0, "target_sparsity": 0.5, "group": "convs"}],

@@ -93,9 +93,23 @@ def test_finished_run_is_not_redone_and_resume_survives_a_torn_journal(tmp_path:
     stale = [run / "export" / ".model.dense.onnx.k2j4x9q1.tmp", run / ".metrics.json.a8b7c6d5.tmp"]
     for path in stale:
         path.write_bytes(b"\0" * 1024)
+    from wf_pipeline.training.gradual import loop
+
+    evaluated: list[object] = []
+    real_evaluate = loop.evaluate
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        evaluated.append(args)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", counted)
     resumed = run_cli(capsys, monkeypatch, "compress", str(TINY), "--resume", *sets(f"output.root={root}", *QUICK))
     assert resumed.code == 0, resumed.err
     assert "Traceback" not in resumed.err
+    # the dense and final accuracies come from the checkpoint: no model is evaluated again in PyTorch
+    assert evaluated == []
+    before, after = json.loads(metrics_before), json.loads((run / "metrics.json").read_text())
+    assert after["dense_accuracy"] == before["dense_accuracy"] and after["evaluations"] == before["evaluations"]
     assert not any(path.exists() for path in stale)
     assert not list(run.rglob("*.tmp"))
     assert (run / "history.jsonl").read_text() == history_before  # torn line gone, nothing doubled

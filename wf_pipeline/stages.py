@@ -27,7 +27,6 @@ from wf_pipeline.runtime.atomic_io import torch_save, write_json
 from wf_pipeline.runtime.device import resolve_device, seed_everything
 from wf_pipeline.runtime.progress import NullReporter, PhaseProgress, Reporter
 from wf_pipeline.runtime.rundir import RunDir, open_run_dir, open_shared_run_dir
-from wf_pipeline.training.epoch import evaluate, test_images
 
 if TYPE_CHECKING:  # without importing ONNX Runtime at start-up
     from wf_pipeline.deploy.quantize import QuantizeResult
@@ -68,13 +67,12 @@ def run_compress(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
         data = build_data(recipe.data, recipe.seed)
         model = build_model(recipe.model).to(device)
         dense = copy.deepcopy(model).cpu()
-        dense_accuracy, _ = evaluate(model, data.test_batches(), device)
-        reporter.message(f"dense test accuracy: {dense_accuracy:.4f} on {test_images(data)}")
-        log.info("dense accuracy %.4f", dense_accuracy)
-        stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume,
-                                  initial_accuracy=dense_accuracy)  # already measured above
+        # The stage measures the dense model (its starting one) once, on the main rank, on the whole test set;
+        # a resumed run reads that accuracy from its checkpoint instead of measuring it again.
+        stage = run_pruning_stage(recipe, run, model, data, device, dist=dist, reporter=reporter, resume=resume)
         metrics = stage.metrics
-        metrics.dense_accuracy = dense_accuracy
+        metrics.dense_accuracy = metrics.initial_accuracy
+        log.info("dense accuracy %.4f", metrics.dense_accuracy)
         metrics.num_params = sum(p.numel() for p in stage.model.parameters())
         outcome = CompressOutcome(run.path, metrics)
         if dist.is_main:

@@ -495,12 +495,29 @@ class PruningConfig(Strict):
 
 
 class EvaluationConfig(Strict):
+    monitor: Literal["none", "pruning_steps", "epochs", "all"] = Field(
+        "none",
+        description="test-set evaluations between the start and the end of the pruning stage, for progress "
+        "lines, history.jsonl and the report's curves only (no decision of the run reads them): none (only the "
+        "starting model and the final one, both on the whole test set), pruning_steps (also right after every "
+        "pruning step), epochs (also after every fine-tuning epoch), all (both)",
+    )
     monitor_samples: int | None = Field(
         2000,
         ge=1,
-        description="test samples behind the accuracy tracked after each pruning step and epoch "
-        "(null: the whole test set each time); the final accuracy always uses the whole test set",
+        description="test samples behind each evaluation that `monitor` adds (null: the whole test set each "
+        "time); the starting and final accuracies always use the whole test set",
     )
+
+    @property
+    def after_pruning_steps(self) -> bool:
+        """The accuracy right after every pruning step is measured."""
+        return self.monitor in ("pruning_steps", "all")
+
+    @property
+    def after_epochs(self) -> bool:
+        """The accuracy after every fine-tuning epoch is measured."""
+        return self.monitor in ("epochs", "all")
 
 
 class ExportConfig(Strict):

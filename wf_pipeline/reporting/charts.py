@@ -77,13 +77,19 @@ def _timeline(epochs: list[int]) -> list[int]:
 
 
 def training_curves_chart(epoch_records: list[EpochRecord], prune_records: list[PruneRecord]) -> bytes:
-    """Test accuracy and train loss per epoch, sparsity on a second axis, pruning steps as vertical lines."""
+    """Test and train accuracy and train loss per epoch, sparsity on a second axis, pruning steps as vertical lines."""
     fig = Figure(figsize=(8, 4.2))
     ax_acc, ax_loss = fig.subplots(1, 2)
     x = [e + 1 for e in _timeline([r.epoch for r in epoch_records])]
     accuracy = [(xi, r.test_accuracy) for xi, r in zip(x, epoch_records, strict=True) if r.test_accuracy is not None]
     if accuracy:
         ax_acc.plot(*zip(*accuracy, strict=True), marker="o", color=ACCENT, label="test accuracy")
+    # measured on the training batches during the epoch (augmented): always there, test accuracy only where
+    # evaluation.monitor asks for it (and at the end)
+    train = [(xi, r.train_accuracy) for xi, r in zip(x, epoch_records, strict=True) if r.train_accuracy is not None]
+    if train:
+        ax_acc.plot(*zip(*train, strict=True), marker=".", linestyle="--", color=DENSE_COLOUR, alpha=0.8,
+                    label="train accuracy (during the epoch)")
     prune_points = [(p.epoch, p) for p in prune_records]
     for epoch, _ in prune_points:
         ax_acc.axvline(epoch, color=PRUNED_COLOUR, alpha=0.35, linestyle=":")

@@ -28,7 +28,8 @@ from wf_pipeline.pruning.step_report import (
 
 # Keys the pruning stage always writes, null included (e.g. target_sparsity of a grouped recipe).
 STAGE_KEYS = (
-    "method", "structure", "initial_accuracy", "final_accuracy", "target_sparsity", "sparsity", "model_sparsity",
+    "method", "structure", "initial_accuracy", "final_accuracy", "evaluations", "target_sparsity", "sparsity",
+    "model_sparsity",
     "pruned_params", "prunable_params", "per_layer_sparsity", "schedule", "prune_reports", "epochs",
     "steps_per_epoch", "world_size", "timings", "resumed", "resumed_from", "notes", "checkpoint",
 )
@@ -48,6 +49,9 @@ class RunMetrics:
     structure: str | None = None  # unstructured | channel
     initial_accuracy: float | None = None
     final_accuracy: float | None = None  # PyTorch test accuracy at the end (whole test set)
+    # the stage's test-set evaluations, in order: {kind (start | prune | epoch | end), label, epoch, event,
+    # runtime, samples, test_images (in words), accuracy, seconds}; evaluation.monitor decides the ones between
+    evaluations: list[dict[str, Any]] | None = None
     target_sparsity: float | None = None  # None with pruning groups (several targets) or method none
     sparsity: float | None = None  # achieved, over the prunable weights (channels with channel structure)
     model_sparsity: float | None = None  # zeros over all parameters
@@ -125,7 +129,8 @@ class PruneStepRecord:
     optimizer_step: int | None = None
     event: int | None = None  # the step's index in the stage's plan
     group: str | None = None  # only with several pruning groups
-    test_accuracy_after: float | None = None  # on the monitor slice (the whole test set after the last step)
+    # on the monitor slice (the whole test set after the last step); None where evaluation.monitor skips it
+    test_accuracy_after: float | None = None
     target_sparsity: float | None = None
     achieved_sparsity: float | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds: gradients, inverse, obs, total, ...
@@ -238,7 +243,8 @@ class EpochRecord:
     epoch: int
     train_loss: float | None = None
     train_accuracy: float | None = None
-    test_accuracy: float | None = None  # on the monitor slice during a stage, the whole test set at its end
+    # on the monitor slice during a stage, the whole test set at its end; None where evaluation.monitor skips it
+    test_accuracy: float | None = None
     test_loss: float | None = None  # dense training only
     sparsity: float | None = None
     lr: float | None = None

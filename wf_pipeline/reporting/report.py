@@ -351,7 +351,8 @@ def _training_section(run: RunData) -> Section | None:
                                     "training and pruning curves"))
     if prunes:
         rows = [
-            [_num(p.epoch), _pct(p.target_sparsity), _pct(p.achieved_sparsity), _pct(p.test_accuracy_after),
+            [_num(p.epoch), _pct(p.target_sparsity), _pct(p.achieved_sparsity),
+             _pct(p.test_accuracy_after) if p.test_accuracy_after is not None else "not measured",
              _num(p.timings.get("total"), 3) if p.timings else "n/a"]
             for p in prunes
         ]
@@ -438,6 +439,48 @@ def _export_section(run: RunData) -> Section | None:
     return section
 
 
+def _evaluations_section(run: RunData) -> Section | None:
+    """Every test-set evaluation of the run: when, which model, in which runtime, on which test images."""
+    m = run.metrics
+    stage = m.evaluations if m is not None and m.evaluations is not None else None
+    v = run.validation
+    if stage is None and v is None:
+        return None
+    rows: list[list[str]] = []
+    for entry in stage or []:
+        rows.append([str(entry.get("label", entry.get("kind", "?"))), str(entry.get("runtime", "PyTorch")),
+                     str(entry.get("test_images", "n/a")), _pct(entry.get("accuracy")), _num(entry.get("seconds"), 3)])
+    if v is not None and v.test_samples:
+        images = f"all {v.test_samples:,} test images"
+        rows.append(["validation: the shipped ONNX model", "ONNX Runtime", images, _pct(v.accuracy), "n/a"])
+        if v.baseline_accuracy is not None:
+            rows.append(["validation: the dense baseline ONNX model", "ONNX Runtime", images,
+                         _pct(v.baseline_accuracy), "n/a"])
+        if v.fp32_accuracy is not None:
+            rows.append(["validation: the FP32 source of the INT8 model", "ONNX Runtime", images,
+                         _pct(v.fp32_accuracy), "n/a"])
+    if v is not None and v.parity is not None:
+        where = (f"the first {v.parity.samples:,} test images" if v.parity.source == "test data"
+                 else f"{v.parity.samples:,} {v.parity.source}")
+        rows.append([f"validation: logits against {v.parity.reference} (parity)", "ONNX Runtime", where,
+                     f"top-1 agreement {_pct(v.parity.top1_agreement)}", "n/a"])
+    section = Section("Evaluations")
+    monitor = ((run.recipe or {}).get("evaluation") or {}).get("monitor")
+    text = ("Every test-set evaluation of the run, in order: which model, in which runtime, on which test images. "
+            "The pruning stage measures its starting and final models on the whole test set")
+    if monitor == "none":
+        text += ("; `evaluation.monitor: none`, so nothing in between (no decision of the run reads those "
+                 "accuracies; `pruning_steps`, `epochs` or `all` add them, on the first "
+                 "`evaluation.monitor_samples` test images)")
+    elif monitor is not None:
+        text += f"; `evaluation.monitor: {monitor}` adds the evaluations in between"
+    if stage is None:
+        text += ". This run's metrics.json lists none of the stage's evaluations (a run made before they were listed)"
+    section.blocks.append(Paragraph(text + ". The deployment gates use the ONNX Runtime accuracies."))
+    section.blocks.append(Table(["when", "runtime", "test images", "accuracy", "seconds"], rows))
+    return section
+
+
 STAGE_TIMINGS = (("prune_s", "prune"), ("finetune_s", "fine-tune"), ("eval_s", "evaluate"),
                  ("export_s", "export"), ("validate_s", "validate"))
 
@@ -457,8 +500,9 @@ def _time_split_section(run: RunData) -> Section | None:
         total = counted
     section = Section("Time split")
     section.blocks.append(Paragraph(
-        "Wall time of the run by stage. Evaluate is the test-set evaluation during pruning and fine-tuning; "
-        "other is set-up, data loading, the dense model's evaluation and checkpoints."))
+        "Wall time of the run by stage. Evaluate is the pruning stage's test-set evaluation in PyTorch (the "
+        "starting model, the final one and any that evaluation.monitor adds; see Evaluations), validate includes "
+        "the ONNX Runtime evaluations; other is set-up, data loading and checkpoints."))
     section.blocks.append(Image("time_split.png", charts.time_split_chart(stages), "time split by stage"))
     rows = [[label, f"{seconds:.1f} s", f"{100 * seconds / total:.1f}%" if total else "n/a"]
             for label, seconds in stages]
@@ -555,6 +599,7 @@ def build_sections(run: RunData) -> list[Section]:
         ("sparsity", _sparsity_section, "no per-layer sparsity (metrics.json / export/export.json missing)"),
         ("oneshot", _oneshot_section, "no oneshot/oneshot.json: accuracy-vs-sparsity chart left out"),
         ("training", _training_section, "no history.jsonl records: training curves left out"),
+        ("evaluations", _evaluations_section, None),
         ("latency", _latency_section, None),
         ("structure", _structure_section, None),
         ("time split", _time_split_section, "no stage timings in metrics.json: time split left out"),

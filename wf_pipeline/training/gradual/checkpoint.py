@@ -70,6 +70,8 @@ class StageState:
     elapsed_s: float = 0.0
     timings: dict[str, float] = field(default_factory=lambda: {"finetune_s": 0.0, "prune_s": 0.0, "eval_s": 0.0})
     resumed_from: list[dict[str, Any]] = field(default_factory=list)
+    # every test-set evaluation so far: kind, label, epoch, event, runtime, samples, test_images, accuracy, seconds
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageState:

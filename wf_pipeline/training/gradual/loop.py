@@ -6,8 +6,11 @@ events due at that step (:mod:`.plan`: fresh Fisher statistics and one step of t
 zero pruned weights, their gradients and their momentum at every step). Pruning can fall inside an
 epoch (fractional schedules), so an epoch may be trained in several segments.
 
-Accuracy is tracked on the first ``evaluation.monitor_samples`` test images after every pruning step
-and epoch; the last evaluation of the stage uses the whole test set.
+The stage measures the test accuracy of its starting model and of its final one, both on the whole
+test set. No decision of the stage reads an accuracy, so in between it evaluates only where the recipe
+asks (``evaluation.monitor``: after every pruning step, every epoch, both or neither; default neither),
+each time on the first ``evaluation.monitor_samples`` test images. Every evaluation is listed, with its
+images, in the metrics' ``evaluations``; the model is never evaluated twice unchanged.
 
 The stage is resumable: :mod:`.checkpoint` writes one checkpoint at the start, after every pruning
 step and after every epoch, so a run killed at any moment continues from the last checkpoint and ends
@@ -72,8 +75,8 @@ def run_pruning_stage(recipe: Recipe, run: RunDir, model: nn.Module, data: DataB
     """Gradually prune `model` by the recipe's schedule with fine-tuning, resumable from the run dir.
 
     `model` arrives with its starting (usually pretrained) weights; it is modified in place and
-    returned unwrapped. `initial_accuracy` (the caller's measured dense test accuracy) saves the
-    stage its own evaluation of the starting model. With ``resume=True`` the stage continues from
+    returned unwrapped. `initial_accuracy` (the caller's measured test accuracy of the starting model,
+    on the whole test set) saves the stage its own evaluation of it. With ``resume=True`` the stage continues from
     ``run.checkpoints/gradual_state.pt`` (or starts fresh when there is none yet); a finished stage
     resumes to its result without work, and history.jsonl is rewritten to the records before the
     stage plus the stage's own up to the checkpoint (later stages' records are dropped, since they
@@ -105,7 +108,7 @@ def run_pruning_stage(recipe: Recipe, run: RunDir, model: nn.Module, data: DataB
                 if stage.recipe.output.checkpoint_every_epoch or state.steps_done >= total_steps:
                     stage.save()
         if not state.last_evaluation_full:  # the stage's final accuracy is always on the whole test set
-            state.last_accuracy = stage.evaluate(full=True)
+            stage.evaluate(full=True, kind="end", label="end of the stage (the final model)")
         stage.masks.apply(stage.model)
         stage.save()
     finally:
@@ -181,8 +184,12 @@ class _Stage:
         seed_everything(self.recipe.seed, self.recipe.deterministic)
         self.state.steps_per_epoch = self.steps_per_epoch
         self.state.history_base = len(self.run.read_history()) if self.dist.is_main else 0
-        self.state.initial_accuracy = self.evaluate(full=True) if initial_accuracy is None else float(initial_accuracy)
-        self.state.last_accuracy = self.state.initial_accuracy
+        if initial_accuracy is None:
+            self.state.initial_accuracy = self.evaluate(full=True, kind="start", label="before pruning")
+            self.reporter.message(f"test accuracy before pruning: {self.state.initial_accuracy:.4f} "
+                                  f"on {self.images(full=True)}")
+        else:
+            self.state.initial_accuracy = self.state.last_accuracy = float(initial_accuracy)
         if any(g.pruner.needs_gradients for g in self.groups):
             self.reporter.message(f"Fisher pool: {fisher_pool_size(self.data)} samples; "
                                   f"{self.groups[0].settings.num_grads} gradients per process")
@@ -234,9 +241,14 @@ class _Stage:
         # Momentum and Adam moments at newly pruned positions must not push those weights back.
         self.masks.apply(self.model)
         self.masks.mask_optimizer_state(self.model, self.optimizer)
+        self.state.last_evaluation_full = False  # the model changed
         self.state.timings["prune_s"] += time.perf_counter() - t0
         is_last = self.state.events_done + 1 == len(self.events) and self.state.steps_done >= self.total_steps
-        accuracy = self.evaluate(full=is_last)
+        accuracy = None  # measured only where the recipe monitors pruning steps, or at the end of the stage
+        if is_last or self.recipe.evaluation.after_pruning_steps:
+            accuracy = self.evaluate(full=is_last, kind="prune", label=f"after pruning step {event.index + 1}"
+                                     f"/{len(self.events)}{_FINAL if is_last else ''}", epoch=event.epoch,
+                                     event=event.index)
         group_name = group.name if len(self.groups) > 1 else None
         # The checkpoint carries the entry as JSON (metrics() reads it back into a PruneStepRecord).
         self.state.reports.append(PruneStepRecord.of(report, epoch=event.epoch, optimizer_step=event.step,
@@ -255,10 +267,11 @@ class _Stage:
             if self.dist.is_main:
                 self.run.logger().warning("pruning step %d%s: %s", event.index,
                                           f" ({group.name})" if len(self.groups) > 1 else "", line)
+        measured = "" if accuracy is None else f": test accuracy {accuracy:.4f} on {self.images(full=is_last)}"
         self.reporter.message(
             f"pruned {group.name if len(self.groups) > 1 else ''}to {report.achieved_sparsity:.2%} "
-            f"(target {event.target:.2%}) at epoch {event.epoch:g} in {report.timings.get('total', 0.0):.1f}s: "
-            f"test accuracy {accuracy:.4f} on {self.images(full=is_last)}")
+            f"(target {event.target:.2%}) at epoch {event.epoch:g} in {report.timings.get('total', 0.0):.1f}s"
+            f"{measured}")
 
     def finetune_until(self, stop: int) -> None:
         """Train from the current step up to (not including) step `stop`, within one epoch."""
@@ -277,6 +290,7 @@ class _Stage:
         self._sync_buffers()
         self.state.epoch_tally.add(stats.loss, stats.accuracy, stats.steps)
         self.state.steps_done = stop
+        self.state.last_evaluation_full = False  # the model changed
         self.state.timings["finetune_s"] += time.perf_counter() - t0
 
     def close_epoch(self, epoch: int) -> None:
@@ -287,14 +301,17 @@ class _Stage:
             all_reduce_sum_(loss)
             loss /= self.dist.world_size
         is_last = self.state.steps_done >= self.total_steps and self.state.events_done == len(self.events)
-        accuracy = self.evaluate(full=is_last)
+        accuracy = None  # measured only where the recipe monitors epochs, or at the end of the stage
+        if is_last or self.recipe.evaluation.after_epochs:
+            accuracy = self.evaluate(full=is_last, kind="epoch", epoch=epoch + 1,
+                                     label=f"after epoch {epoch + 1}/{self.epochs}{_FINAL if is_last else ''}")
         self.state.epoch_tally = type(tally)()
         self._record(EpochRecord(epoch=epoch, train_loss=float(loss[0]), train_accuracy=float(loss[1]),
                                  test_accuracy=accuracy, sparsity=self.sparsity(),
                                  lr=self.optimizer.param_groups[0]["lr"], elapsed_s=self._elapsed()).to_dict())
+        measured = "" if accuracy is None else f"test accuracy {accuracy:.4f} on {self.images(full=is_last)}, "
         self.reporter.message(f"epoch {epoch + 1}/{self.epochs}: train loss {float(loss[0]):.4f}, "
-                              f"test accuracy {accuracy:.4f} on {self.images(full=is_last)}, "
-                              f"sparsity {self.sparsity():.2%}")
+                              f"{measured}sparsity {self.sparsity():.2%}")
 
     def save(self) -> None:
         if self.dist.is_main:
@@ -331,19 +348,27 @@ class _Stage:
         """The test images `evaluate(full)` measures, in words."""
         return test_images(self.data, None if full else self.recipe.evaluation.monitor_samples)
 
-    def evaluate(self, full: bool) -> float:
-        """Test accuracy of the unwrapped model, measured on the main rank and shared with all."""
+    def evaluate(self, full: bool, *, kind: str, label: str, epoch: float | None = None,
+                 event: int | None = None) -> float:
+        """Test accuracy of the unwrapped model, measured on the main rank and shared with all; listed in
+        the stage's evaluations (what was measured, when, on which images)."""
         t0 = time.perf_counter()
         limit = None if full else self.recipe.evaluation.monitor_samples
-        measured: float | None = None
+        measured: tuple[float, int] | None = None
         if self.dist.is_main:
-            measured, _ = evaluate(self.model, _first_samples(self.data.test_batches(), limit), self.device)
+            counted = _Counted(_first_samples(self.data.test_batches(), limit))
+            measured = (evaluate(self.model, counted, self.device)[0], counted.samples)
         shared = broadcast_object(measured)
         assert shared is not None  # the main rank measured it
-        accuracy = float(shared)
-        self.state.timings["eval_s"] += time.perf_counter() - t0
+        accuracy, samples = float(shared[0]), int(shared[1])
+        seconds = time.perf_counter() - t0
+        self.state.timings["eval_s"] += seconds
         self.state.last_accuracy = accuracy
         self.state.last_evaluation_full = full or limit is None
+        self.state.evaluations.append({
+            "kind": kind, "label": label, "epoch": self.state.steps_done / max(self.steps_per_epoch, 1)
+            if epoch is None else epoch, "event": event, "runtime": "PyTorch", "samples": samples,
+            "test_images": self.images(full), "accuracy": accuracy, "seconds": round(seconds, 3)})
         return accuracy
 
     def _sync_buffers(self) -> None:
@@ -398,11 +423,27 @@ class _Stage:
             steps_per_epoch=self.steps_per_epoch,
             world_size=self.dist.world_size,
             timings={**st.timings, "total_s": self._elapsed()},
+            evaluations=[dict(e) for e in st.evaluations],
             resumed=bool(st.resumed_from),
             resumed_from=st.resumed_from,
             notes=st.notes,
             checkpoint=str(self.checkpoint_path),
         )
+
+
+_FINAL = " (the final model)"
+
+
+class _Counted:
+    """Batches passed through, counting their samples."""
+
+    def __init__(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches, self.samples = batches, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.batches:
+            self.samples += len(y)
+            yield x, y
 
 
 def _first_samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
