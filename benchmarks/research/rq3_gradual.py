@@ -208,6 +208,8 @@ def run_one(method: str, target: float, seed: int, config: dict[str, str], budge
         return units.done[key]
     set_threads(threads)
     overrides = [f"{k}={v}" for k, v in {**budget, **config}.items()]
+    # the accuracy right after each pruning step (recipes monitor nothing by default; it changes no weight)
+    overrides += ["evaluation.monitor=pruning_steps"]
     overrides += [f"pruning.method={method}", f"pruning.final_sparsity={target}", f"seed={seed}",
                   f"output.root={root}", f"output.run_name={method}-{int(target * 1000)}-{seed}"]
     recipe, _ = load_recipe(REPO / "recipes" / "default.yaml", overrides)
