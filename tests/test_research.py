@@ -508,3 +508,16 @@ def test_summary_adds_the_full_budget_study_and_says_what_part_of_it_ran(tmp_pat
     assert "reduced from the default recipe's 1,800" in reduced and "a part of the study" not in reduced
     assert "1,800 optimizer steps, the default recipe's own budget" in full
     assert "a part of the study: targets 0.95, 0.98 of the full 0.9, 0.95, 0.98" in full
+
+
+def test_rq3_a_configuration_run_on_fewer_seeds_cannot_be_chosen() -> None:
+    from benchmarks.research.rq3_gradual import choose
+
+    def row(config: dict[str, str], seed: int, validation: float) -> dict:
+        return {"method": "woodfisher", "target": 0.98, "seed": seed, "config": config,
+                "validation_accuracy": validation}
+
+    rows = [row({}, s, 0.90) for s in range(3)] + [row({"pruning.woodfisher.damp": "0.01"}, 0, 0.99)]
+    assert choose(rows, "woodfisher", 0.98) == ({}, 2)  # the better mean is one seed only
+    rows += [row({"pruning.woodfisher.damp": "0.01"}, s, 0.99) for s in (1, 2)]
+    assert choose(rows, "woodfisher", 0.98) == ({"pruning.woodfisher.damp": "0.01"}, 2)

@@ -236,11 +236,14 @@ def run_one(method: str, target: float, seed: int, config: dict[str, str], budge
 
 def choose(rows: list[dict[str, Any]], method: str, target: float) -> tuple[dict[str, str], int]:
     """The configuration of `method` at `target` with the best mean validation accuracy over seeds (never test),
-    and how many were tried."""
+    and how many were tried. Only configurations run with as many seeds as the most-run one compete (a partly
+    run grid cannot win on fewer seeds)."""
     mine = [r for r in rows if r["method"] == method and r["target"] == target]
     names = {config_name(r["config"]): r["config"] for r in mine}
-    best = max(names, key=lambda n: (mean_std([r["validation_accuracy"] for r in mine
-                                               if config_name(r["config"]) == n])[0], n))
+    seeds = {n: len({r["seed"] for r in mine if config_name(r["config"]) == n}) for n in names}
+    complete = [n for n in names if seeds[n] == max(seeds.values())]
+    best = max(complete, key=lambda n: (mean_std([r["validation_accuracy"] for r in mine
+                                                  if config_name(r["config"]) == n])[0], n))
     return names[best], len(names)
 
 
@@ -366,6 +369,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="the default recipe's whole budget (1,800 optimizer steps) over 3 seeds: hours; "
                              "writes rq3_gradual_full.*; split it with --work-dir")
+    parser.add_argument("--no-run", action="store_true",
+                        help="with --work-dir: assemble the table from the runs already there, run nothing (the "
+                             "output names the missing ones)")
     parser.add_argument("--work-dir", type=Path,
                         help="one JSON file per finished run here, reused when present (split the study over "
                              "processes, resume it)")
@@ -396,6 +402,13 @@ def main() -> None:
     jobs = [(method, target, seed, cfg) for target in targets for seed in seeds for method in METHODS
             if method in methods for cfg in configurations(method, grid, base)]
     todo = [job for job in jobs if f"{job[0]}|{job[1]:g}|{job[2]}|{config_name(job[3])}" not in units.done]
+    missing = []
+    if args.no_run:  # assemble what the work folder holds; name what is missing
+        missing = [f"{LABELS[m]} {t:.0%} seed {s_} [{config_name(c)}]" for m, t, s_, c in todo]
+        jobs = [job for job in jobs if job not in todo]
+        todo = []
+        if missing:
+            log(f"[no-run] {len(missing)} runs of the grid are missing: {'; '.join(missing)}")
     workers = min(args.workers, len(todo))
     with tempfile.TemporaryDirectory(prefix="wf-rq3-") as tmp:
         if workers > 1:
@@ -407,12 +420,15 @@ def main() -> None:
             rows = [run_one(m, t, s, c, budget, Path(tmp), sizes, units) for m, t, s, c in jobs]
     steps = budget["finetune.epochs"] * budget["finetune.steps_per_epoch"]
     reduced = None if args.quick else reduction(full_grid, {"targets": targets, "seeds": seeds, "methods": methods})
+    if missing:
+        not_run = f"{len(missing)} runs of the grid not run yet: " + "; ".join(missing)
+        reduced = f"{reduced}; {not_run}" if reduced else not_run
     tried = {m: len(configurations(m, grid, base)) for m in methods}
     kind = "the default recipe's own budget" if args.full else "reduced budget for the studies"
     note = (f"Gradual pruning with recipes/default.yaml, only the method changed; {kind}: "
             f"{budget['finetune.epochs']} fine-tuning epochs of {budget['finetune.steps_per_epoch']} steps "
-            f"({steps} optimizer "
-            f"steps; the default recipe has 1,800), pruning steps at epochs 0..{budget['pruning.schedule.end_epoch']}, "
+            f"({steps} optimizer steps; the default recipe has 1,800), "
+            f"pruning steps at epochs 0..{budget['pruning.schedule.end_epoch']:g}, "
             f"N = {budget['pruning.woodfisher.num_grads']} gradients per WoodFisher and K-FAC step. Validation: "
             f"{sizes[2]:,} training images held out of fine-tuning and the Fisher pool; "
             + (f"configurations chosen on it ({', '.join(f'{LABELS[m]} {n}' for m, n in tried.items())}); "
