@@ -132,6 +132,7 @@ def timed_floor(job: dict[str, Any]) -> float:
     n, chunk = settings.num_grads * settings.grad_batch_size, settings.chunk_size * settings.grad_batch_size
     x, y = SampleStream(job["batches"], torch.device("cpu")).take(n)
     selected = set(job["param_names"])
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
         p.requires_grad_(name in selected)  # only the selected weights, as the gradient phase
     t0 = time.perf_counter()
@@ -139,8 +140,8 @@ def timed_floor(job: dict[str, Any]) -> float:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[i : i + chunk]), y[i : i + chunk]).backward()
     seconds = time.perf_counter() - t0
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags[name])
     return seconds
 
 

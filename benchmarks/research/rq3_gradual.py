@@ -66,7 +66,7 @@ from wf_pipeline.data import DataBundle, build_data  # noqa: E402
 from wf_pipeline.data.loaders import TensorBatches  # noqa: E402
 from wf_pipeline.data.sources import TensorSplit  # noqa: E402
 from wf_pipeline.models import build_model  # noqa: E402
-from wf_pipeline.recipe.loader import load_recipe  # noqa: E402
+from wf_pipeline.recipe.loader import load_recipe, parse_override  # noqa: E402
 from wf_pipeline.recipe.schema import DataConfig  # noqa: E402
 from wf_pipeline.runtime.device import seed_everything  # noqa: E402
 from wf_pipeline.runtime.rundir import RunDir  # noqa: E402
@@ -169,12 +169,17 @@ def configurations(method: str, grid: dict[str, list[str]],
 
 
 def _same_value(given: str, current: Any) -> bool:
+    """Whether the grid's text `given` names the value `current`, read as ``--set`` reads it (YAML: true, 0.01),
+    numbers compared as numbers (YAML reads 1e-3 as text)."""
     if current is None:
         return False
+    value = parse_override(f"grid={given}")[1]
+    if value == current:
+        return True
     try:
         return float(given) == float(current)
     except (TypeError, ValueError):
-        return str(given) == str(current)
+        return False
 
 
 def recipe_values(keys: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
